@@ -1,0 +1,17 @@
+"""Media errors carry the wire error code, so callers map them without knowing each failure."""
+
+from __future__ import annotations
+
+
+class MediaError(Exception):
+    """A media input that cannot be used.
+
+    ``code`` follows the wire protocol's error codes: 400 (malformed or
+    inconsistent with what was declared), 413 (too large) and 415
+    (unsupported or undecodable).
+    """
+
+    def __init__(self, code: int, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
