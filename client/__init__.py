@@ -1,0 +1,21 @@
+"""Duplex Python client."""
+
+from client.sdk import (
+    AuthError,
+    Client,
+    ConnectionLost,
+    DuplexError,
+    Message,
+    NotFoundError,
+    Session,
+)
+
+__all__ = [
+    "AuthError",
+    "Client",
+    "ConnectionLost",
+    "DuplexError",
+    "Message",
+    "NotFoundError",
+    "Session",
+]

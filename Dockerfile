@@ -1,0 +1,10 @@
+FROM python:3.11-slim
+WORKDIR /app
+COPY pyproject.toml README.md ./
+COPY server server
+COPY media media
+COPY vad vad
+COPY client client
+RUN pip install --no-cache-dir .
+EXPOSE 8000
+CMD ["duplex", "serve", "--host", "0.0.0.0"]

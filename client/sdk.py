@@ -1,0 +1,349 @@
+"""Python client for Duplex: async first, with a thin sync wrapper for scripts.
+
+One ``Client`` per server; ``await client.connect(...)`` opens a duplex session
+over one WebSocket. ``session.ask()`` is the simple path for text; the
+``send_*`` methods and ``events()`` expose the whole protocol.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import json
+import logging
+import uuid
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import urlencode, urlsplit, urlunsplit
+
+import httpx
+import websockets
+from websockets.asyncio.client import ClientConnection
+
+from server.protocol import parse_server_message
+
+log = logging.getLogger(__name__)
+
+
+class DuplexError(Exception):
+    """An ``error`` message from the server, or a failed request."""
+
+    def __init__(self, code: int, message: str, *, fatal: bool = False) -> None:
+        super().__init__(f"{code}: {message}")
+        self.code = code
+        self.message = message
+        self.fatal = fatal
+
+
+class AuthError(DuplexError):
+    """401: the token was missing or wrong."""
+
+
+class NotFoundError(DuplexError):
+    """404: no such session for this token."""
+
+
+class ConnectionLost(DuplexError):
+    """The connection closed while something was waiting for the server."""
+
+
+def error_for(code: int, message: str, *, fatal: bool = False) -> DuplexError:
+    cls = {401: AuthError, 404: NotFoundError}.get(code, DuplexError)
+    return cls(code, message, fatal=fatal)
+
+
+@dataclass
+class Message:
+    """An answer as it grows: ``content`` holds everything so far."""
+
+    content: str = ""
+    role: str = "assistant"
+    id: str = ""
+    reference: dict[str, Any] = field(default_factory=dict)
+    audio: bytearray = field(default_factory=bytearray)
+    finish_reason: str | None = None
+
+
+class Client:
+    def __init__(self, url: str = "ws://127.0.0.1:8000/v1/duplex", token: str | None = None):
+        self.url = url
+        self.token = token
+        parts = urlsplit(url)
+        scheme = "https" if parts.scheme == "wss" else "http"
+        self.http_base = urlunsplit((scheme, parts.netloc, "", "", ""))
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        self.http = httpx.AsyncClient(base_url=self.http_base, headers=headers, timeout=30)
+
+    async def __aenter__(self) -> Client:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        await self.http.aclose()
+
+    async def connect(
+        self,
+        *,
+        session_id: str | None = None,
+        on_event: Callable[[dict[str, Any]], None] | None = None,
+        **config: Any,
+    ) -> Session:
+        """Open a duplex session (new, or ``session_id`` continued); ``config`` is a
+        ``session.update`` config (mode, provider, instructions, variables, ...)."""
+        query = {"session_id": session_id} if session_id else {}
+        url = self.url + ("?" + urlencode(query) if query else "")
+        headers = {"Authorization": f"Bearer {self.token}"} if self.token else {}
+        ws = await websockets.connect(url, additional_headers=headers, max_size=None)
+        session = Session(self, ws, on_event)
+        await session._start()
+        if config:
+            await session.update(**config)
+        return session
+
+    async def _rest(self, method: str, path: str, **kwargs: Any) -> Any:
+        response = await self.http.request(method, path, **kwargs)
+        if response.status_code >= 400:
+            try:
+                detail = response.json().get("detail", response.text)
+            except ValueError:
+                detail = response.text
+            raise error_for(response.status_code, str(detail))
+        return response.json() if response.content else None
+
+
+class Session:
+    def __init__(
+        self,
+        client: Client,
+        ws: ClientConnection,
+        on_event: Callable[[dict[str, Any]], None] | None,
+    ) -> None:
+        self.client = client
+        self.ws = ws
+        self.id = ""
+        self.info: dict[str, Any] = {}
+        self._on_event = on_event
+        self._subscribers: list[asyncio.Queue[dict[str, Any] | None]] = []
+        self._waiters: list[tuple[Callable[[dict[str, Any]], bool], asyncio.Future[Any]]] = []
+        self._reader: asyncio.Task[None] | None = None
+        self._closed_error: DuplexError | None = None
+
+    async def _start(self) -> None:
+        first = await self._expect(lambda e: e["type"] in ("session.created", "error"), start=True)
+        if first["type"] == "error":
+            raise error_for(first["code"], first["message"], fatal=True)
+        self.id = first["session"]["id"]
+        self.info = first["session"]
+
+    # ---- receiving ------------------------------------------------------------------
+
+    async def _read(self) -> None:
+        try:
+            async for raw in self.ws:
+                parse_server_message(raw)  # typed validation: a bad message raises here
+                event = json.loads(raw)
+                self._dispatch(event)
+            self._closed_error = ConnectionLost(1000, "connection closed")
+        except websockets.ConnectionClosed as exc:
+            self._closed_error = ConnectionLost(exc.code or 1006, f"connection lost: {exc}")
+        except Exception as exc:
+            self._closed_error = ConnectionLost(1006, f"reader failed: {exc!r}")
+        finally:
+            for _, fut in self._waiters:
+                if not fut.done():
+                    fut.set_exception(self._closed_error or ConnectionLost(1006, "closed"))
+            self._waiters.clear()
+            for queue in self._subscribers:
+                queue.put_nowait(None)
+
+    def _dispatch(self, event: dict[str, Any]) -> None:
+        if event["type"] == "session.updated":
+            self.info = event["session"]
+        if self._on_event is not None:
+            self._on_event(event)
+        for queue in self._subscribers:
+            if queue.full():
+                queue.get_nowait()
+                log.warning("events() consumer too slow: oldest event dropped")
+            queue.put_nowait(event)
+        for matcher, fut in list(self._waiters):
+            if not fut.done() and matcher(event):
+                fut.set_result(event)
+
+    async def _expect(
+        self, matcher: Callable[[dict[str, Any]], bool], *, start: bool = False
+    ) -> dict[str, Any]:
+        fut: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
+        self._waiters.append((matcher, fut))
+        if start:
+            self._reader = asyncio.create_task(self._read())
+        elif self._reader is None or self._reader.done():
+            raise self._closed_error or ConnectionLost(1006, "not connected")
+        try:
+            return await fut
+        finally:
+            self._waiters = [(m, f) for m, f in self._waiters if f is not fut]
+
+    async def events(self, maxsize: int = 1000) -> AsyncIterator[dict[str, Any]]:
+        """Every server message from now on, as dicts with ``type`` and ``seq``."""
+        queue: asyncio.Queue[dict[str, Any] | None] = asyncio.Queue(maxsize)
+        self._subscribers.append(queue)
+        try:
+            while (event := await queue.get()) is not None:
+                yield event
+        finally:
+            self._subscribers.remove(queue)
+
+    # ---- sending --------------------------------------------------------------------
+
+    async def send(self, message: dict[str, Any]) -> None:
+        try:
+            await self.ws.send(json.dumps(message))
+        except websockets.ConnectionClosed as exc:
+            raise ConnectionLost(exc.code or 1006, f"connection lost: {exc}") from None
+
+    async def update(self, **config: Any) -> dict[str, Any]:
+        msg_id = uuid.uuid4().hex
+        waiter = asyncio.ensure_future(
+            self._expect(lambda e: e["type"] == "session.updated" or _is_error_for(e, msg_id))
+        )
+        await asyncio.sleep(0)
+        await self.send({"type": "session.update", "id": msg_id, "config": config})
+        event = await waiter
+        if event["type"] == "error":
+            raise error_for(event["code"], event["message"])
+        return event["session"]
+
+    async def send_text(self, text: str, *, final: bool = True, request_id: str | None = None):
+        message: dict[str, Any] = {"type": "input.text", "text": text, "final": final}
+        if request_id:
+            message["request_id"] = request_id
+        await self.send(message)
+
+    async def send_audio(self, pcm: bytes) -> None:
+        """PCM (or the configured codec's bytes) as one binary frame."""
+        try:
+            await self.ws.send(pcm)
+        except websockets.ConnectionClosed as exc:
+            raise ConnectionLost(exc.code or 1006, f"connection lost: {exc}") from None
+
+    async def send_frame(
+        self,
+        data: bytes,
+        mime_type: str = "image/jpeg",
+        *,
+        width: int | None = None,
+        height: int | None = None,
+    ) -> None:
+        message: dict[str, Any] = {
+            "type": "input.image",
+            "data": base64.b64encode(data).decode(),
+            "mime_type": mime_type,
+        }
+        if width and height:
+            message |= {"width": width, "height": height}
+        await self.send(message)
+
+    async def send_video(
+        self, data: bytes, mime_type: str, chunk_index: int, *, is_key_frame: bool | None = None
+    ) -> None:
+        message: dict[str, Any] = {
+            "type": "input.video",
+            "data": base64.b64encode(data).decode(),
+            "mime_type": mime_type,
+            "chunk_index": chunk_index,
+        }
+        if is_key_frame is not None:
+            message["is_key_frame"] = is_key_frame
+        await self.send(message)
+
+    async def commit(self, request_id: str | None = None) -> None:
+        await self.send(
+            {"type": "input.commit", **({"request_id": request_id} if request_id else {})}
+        )
+
+    async def cancel(self) -> None:
+        await self.send({"type": "response.cancel"})
+
+    async def report_playback(self, response_id: str, played_ms: float) -> None:
+        await self.send({"type": "playback", "response_id": response_id, "played_ms": played_ms})
+
+    async def send_tool_result(self, call_id: str, output: Any) -> None:
+        await self.send({"type": "tool.result", "call_id": call_id, "output": output})
+
+    # ---- asking ---------------------------------------------------------------------
+
+    def ask(self, question: str, stream: bool = True) -> Any:
+        """``stream=True``: an async iterator of growing ``Message``s; ``False``: an
+        awaitable of the whole ``Message``. Server errors raise ``DuplexError``."""
+        if stream:
+            return self._ask_stream(question)
+        return self._ask_whole(question)
+
+    async def _ask_whole(self, question: str) -> Message:
+        last = Message()
+        async for message in self._ask_stream(question):
+            last = message
+        return last
+
+    async def _ask_stream(self, question: str) -> AsyncIterator[Message]:
+        request_id = uuid.uuid4().hex
+        queue: asyncio.Queue[dict[str, Any] | None] = asyncio.Queue()
+        self._subscribers.append(queue)
+        try:
+            await self.send_text(question, request_id=request_id)
+            message = Message()
+            response_id = None
+            while (event := await queue.get()) is not None:
+                kind = event["type"]
+                if kind == "response.started" and event.get("request_id") == request_id:
+                    response_id = message.id = event["response_id"]
+                elif kind == "error" and (event.get("fatal") or response_id is None):
+                    raise error_for(
+                        event["code"], event["message"], fatal=event.get("fatal", False)
+                    )
+                elif response_id is None or event.get("response_id") != response_id:
+                    continue
+                elif kind == "chunk":
+                    if event.get("delta"):
+                        message.content += event["delta"]
+                    if event.get("media", {}).get("mime_type", "").startswith("audio/"):
+                        message.audio += base64.b64decode(event["media"]["data"])
+                    if event.get("metadata"):
+                        message.reference.update(event["metadata"])
+                    yield message
+                elif kind == "response.done":
+                    message.finish_reason = event["finish_reason"]
+                    yield message
+                    return
+            raise self._closed_error or ConnectionLost(1006, "connection closed")
+        finally:
+            self._subscribers.remove(queue)
+
+    # ---- REST -----------------------------------------------------------------------
+
+    async def messages(self) -> list[dict[str, Any]]:
+        body = await self.client._rest("GET", f"/v1/sessions/{self.id}/messages")
+        return body["messages"]
+
+    async def clear(self) -> None:
+        await self.client._rest("DELETE", f"/v1/sessions/{self.id}/messages")
+
+    async def fork(self) -> str:
+        """A new session id with an independent copy of this session's history."""
+        body = await self.client._rest("POST", f"/v1/sessions/{self.id}/fork")
+        return body["id"]
+
+    async def close(self) -> None:
+        await self.ws.close()
+        if self._reader is not None:
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._reader
+
+
+def _is_error_for(event: dict[str, Any], msg_id: str) -> bool:
+    return event["type"] == "error" and event.get("id") == msg_id

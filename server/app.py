@@ -1,0 +1,74 @@
+"""create_app(settings): the FastAPI app, its routes and the resources it owns."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from fastapi import FastAPI
+from fastapi.staticfiles import StaticFiles
+
+from server import http_api, ws
+from server.auth import TokenAuth
+from server.config import Settings
+from server.providers.catalog import ProviderCatalog
+from server.registry import SessionRegistry
+from server.session import SessionLimits, SessionServices
+from server.state.base import open_store
+from server.tools import ToolRegistry
+
+log = logging.getLogger("duplex")
+
+STATIC_DIR = Path(__file__).parent / "static"
+
+
+@dataclass
+class AppState:
+    settings: Settings
+    auth: TokenAuth
+    services: SessionServices
+    registry: SessionRegistry
+
+
+def create_app(settings: Settings | None = None, *, tools: ToolRegistry | None = None) -> FastAPI:
+    settings = settings or Settings()
+    auth = TokenAuth.from_settings(settings)
+    store = open_store(
+        settings.store_url,
+        ttl_s=settings.store_ttl_s,
+        max_sessions=settings.store_max_sessions,
+        max_messages=settings.store_max_messages,
+    )
+    services = SessionServices(
+        store=store,
+        providers=ProviderCatalog.from_settings(settings),
+        tools=tools or ToolRegistry(),
+        limits=SessionLimits(
+            output_queue_size=settings.output_queue_size,
+            output_stall_timeout_s=settings.output_stall_timeout_s,
+            max_pending_turns=settings.max_pending_turns,
+            max_image_pixels=settings.max_image_pixels,
+            tool_hop_limit=settings.tool_hop_limit,
+            client_tool_timeout_s=settings.client_tool_timeout_s,
+        ),
+    )
+    state = AppState(settings, auth, services, SessionRegistry())
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        if auth.generated:
+            log.warning("no API token configured; generated a dev token: %s", auth.generated)
+        yield
+        await services.providers.aclose()
+        await store.close()
+
+    app = FastAPI(title="Duplex", version="0.1.0", lifespan=lifespan)
+    app.state.duplex = state
+    app.include_router(http_api.router)
+    app.include_router(ws.router)
+    if STATIC_DIR.is_dir():
+        app.mount("/", StaticFiles(directory=STATIC_DIR, html=True), name="demo")
+    return app

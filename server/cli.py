@@ -1,0 +1,121 @@
+"""`duplex serve` runs the server; `duplex client` talks to one from a terminal."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import sys
+import time
+from typing import Any
+
+from server.config import Settings
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="duplex", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser("serve", help="run the server")
+    serve.add_argument("--host", help="bind address (default 127.0.0.1)")
+    serve.add_argument("--port", type=int, help="port (default 8000)")
+    serve.add_argument("--token", action="append", help="API token[:tenant]; repeatable")
+    serve.add_argument("--store", help="state store URL: memory:// or sqlite:///path")
+    serve.add_argument("--log-level", help="debug, info, warning, error")
+    serve.add_argument(
+        "--allow-anonymous", action="store_true", help="accept connections without a token"
+    )
+
+    client = sub.add_parser("client", help="connect, send, print the events as they arrive")
+    client.add_argument("--url", default="ws://127.0.0.1:8000/v1/duplex")
+    client.add_argument("--token", default=None)
+    client.add_argument("--session", help="continue this session id")
+    client.add_argument("--provider")
+    client.add_argument("--instructions")
+    client.add_argument("--text", action="append", help="a text turn; repeatable")
+    client.add_argument("--timeout", type=float, default=60.0)
+
+    args = parser.parse_args(argv)
+    if args.command == "serve":
+        return _serve(args)
+    return asyncio.run(_client(args))
+
+
+def _serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from server.app import create_app
+
+    overrides: dict[str, Any] = {}
+    if args.host:
+        overrides["host"] = args.host
+    if args.port:
+        overrides["port"] = args.port
+    if args.token:
+        overrides["api_tokens"] = ",".join(args.token)
+    if args.store:
+        overrides["store_url"] = args.store
+    if args.log_level:
+        overrides["log_level"] = args.log_level
+    if args.allow_anonymous:
+        overrides["allow_anonymous"] = True
+    settings = Settings(**overrides)
+    logging.basicConfig(
+        level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s"
+    )
+    app = create_app(settings)
+    generated = app.state.duplex.auth.generated
+    if generated:
+        print(f"Dev token (no token configured): {generated}", flush=True)
+        print(
+            f"Try: duplex client --url ws://{settings.host}:{settings.port}/v1/duplex "
+            f'--token {generated} --text "hello"',
+            flush=True,
+        )
+    uvicorn.run(
+        app,
+        host=settings.host,
+        port=settings.port,
+        log_level=settings.log_level.lower(),
+        ws_per_message_deflate=settings.ws_per_message_deflate,
+        # Room above our own limit, so oversize messages get a 413 error, not a dropped socket.
+        ws_max_size=settings.max_message_bytes * 2,
+    )
+    return 0
+
+
+async def _client(args: argparse.Namespace) -> int:
+    from client.sdk import Client, DuplexError
+
+    start = time.monotonic()
+
+    def show(event: dict[str, Any]) -> None:
+        line = {k: v for k, v in event.items() if k != "media"}
+        if "media" in event:
+            media = event["media"]
+            line["media"] = f"<{media.get('mime_type')} {len(media.get('data', ''))} b64 chars>"
+        print(
+            f"{time.monotonic() - start:7.3f}s {json.dumps(line, ensure_ascii=False)}", flush=True
+        )
+
+    config: dict[str, Any] = {}
+    if args.provider:
+        config["provider"] = args.provider
+    if args.instructions:
+        config["instructions"] = args.instructions
+    try:
+        async with Client(args.url, args.token) as client:
+            session = await client.connect(session_id=args.session, on_event=show, **config)
+            for text in args.text or []:
+                async with asyncio.timeout(args.timeout):
+                    await session.ask(text, stream=False)
+            await session.close()
+    except DuplexError as exc:
+        print(f"error {exc.code}: {exc.message}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

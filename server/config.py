@@ -1,0 +1,62 @@
+"""Settings: DUPLEX_* environment variables, overridable by `duplex serve` flags."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import AliasChoices, Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="DUPLEX_", extra="ignore")
+
+    host: str = "127.0.0.1"
+    port: int = 8000
+    log_level: str = "info"
+
+    # Auth: "token" or "token:tenant", comma separated; or a file with one such entry a line.
+    api_tokens: str = ""
+    tokens_file: Path | None = None
+    #: Accept connections without a token (tenant "anonymous"). Only by explicit choice.
+    allow_anonymous: bool = False
+
+    # State
+    store_url: str = "memory://"
+    store_ttl_s: float = 24 * 3600
+    store_max_sessions: int = 10_000
+    store_max_messages: int = 1_000
+
+    # Limits
+    max_message_bytes: int = 4 * 1024 * 1024
+    output_queue_size: int = 256
+    output_stall_timeout_s: float = 30.0
+    max_pending_turns: int = 4
+    max_image_pixels: int = 40_000_000
+    ws_per_message_deflate: bool = False
+
+    # Providers
+    default_provider: str = "echo"
+    #: Echo provider pacing: 1.0 streams reply audio at real time, 0 as fast as possible.
+    echo_pace: float = 1.0
+    openai_api_key: str | None = Field(
+        None, validation_alias=AliasChoices("DUPLEX_OPENAI_API_KEY", "OPENAI_API_KEY")
+    )
+    openai_base_url: str = "https://api.openai.com/v1"
+    openai_chat_model: str = "gpt-4o-mini"
+    openai_audio_input: bool = False
+    openai_realtime_url: str = "wss://api.openai.com/v1"
+    openai_realtime_model: str = "gpt-realtime"
+    gemini_api_key: str | None = Field(
+        None, validation_alias=AliasChoices("DUPLEX_GEMINI_API_KEY", "GEMINI_API_KEY")
+    )
+    gemini_base_url: str = "wss://generativelanguage.googleapis.com"
+    gemini_model: str = "models/gemini-live-2.5-flash-preview"
+    stt_base_url: str | None = None
+    stt_model: str = "gpt-4o-mini-transcribe"
+    tts_base_url: str | None = None
+    tts_model: str = "gpt-4o-mini-tts"
+
+    # Tools
+    tool_hop_limit: int = 5
+    client_tool_timeout_s: float = 30.0

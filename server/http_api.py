@@ -1,0 +1,169 @@
+"""REST and health endpoints. Session ids of another tenant answer 404, as unknown ones do."""
+
+from __future__ import annotations
+
+import time
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, HTTPException, Request, WebSocket, WebSocketDisconnect
+from pydantic import BaseModel, Field
+
+from server.protocol import Message, SessionConfig, new_id
+from server.state.base import SessionRecord
+
+router = APIRouter()
+
+
+def _app(request: Request) -> Any:
+    return request.app.state.duplex
+
+
+def tenant(request: Request) -> str:
+    found = _app(request).auth.tenant_for(
+        request.headers.get("authorization"), request.query_params.get("token")
+    )
+    if found is None:
+        raise HTTPException(401, "missing or invalid API token")
+    return found
+
+
+Tenant = Annotated[str, Depends(tenant)]
+
+
+async def _record(request: Request, tenant: str, session_id: str) -> SessionRecord:
+    record = await _app(request).services.store.get_session(session_id)
+    if record is None or record.tenant != tenant:
+        raise HTTPException(404, f"unknown session {session_id!r}")
+    return record
+
+
+@router.get("/healthz")
+async def healthz() -> dict[str, str]:
+    return {"status": "ok"}
+
+
+@router.get("/readyz")
+async def readyz(request: Request) -> dict[str, Any]:
+    app = _app(request)
+    await app.services.store.get_session("readyz-probe")  # the store answers
+    return {"status": "ready", "sessions": app.registry.count()}
+
+
+@router.websocket("/v1/ws/health")
+async def ws_health(ws: WebSocket) -> None:
+    """No auth: lets load balancers and clients check the WebSocket path end to end."""
+    await ws.accept()
+    await ws.send_json({"type": "hello", "service": "duplex", "time": time.time()})
+    try:
+        while True:
+            text = await ws.receive_text()
+            await ws.send_json({"type": "echo", "data": text, "time": time.time()})
+    except (WebSocketDisconnect, RuntimeError):
+        return
+
+
+class SessionCreate(BaseModel):
+    name: str = ""
+    variables: dict[str, str] = Field(default_factory=dict)
+    config: dict[str, Any] = Field(default_factory=dict)
+
+
+class SessionPatch(BaseModel):
+    name: str | None = None
+    variables: dict[str, str] | None = None
+
+
+def _session_view(record: SessionRecord) -> dict[str, Any]:
+    return {
+        "id": record.id,
+        "name": record.name,
+        "variables": record.variables,
+        "parent_id": record.parent_id,
+        "created_at": record.created_at,
+        "updated_at": record.updated_at,
+    }
+
+
+@router.post("/v1/sessions", status_code=201)
+async def create_session(request: Request, tenant: Tenant, body: SessionCreate) -> dict[str, Any]:
+    try:
+        config = SessionConfig().merged(body.config)
+    except ValueError as exc:
+        raise HTTPException(400, f"invalid session config: {exc}") from None
+    record = SessionRecord(
+        id=new_id("sess"),
+        tenant=tenant,
+        name=body.name,
+        variables=body.variables,
+        config=config.model_dump(),
+    )
+    await _app(request).services.store.create_session(record)
+    return _session_view(record)
+
+
+@router.get("/v1/sessions/{session_id}")
+async def get_session(request: Request, tenant: Tenant, session_id: str) -> dict[str, Any]:
+    return _session_view(await _record(request, tenant, session_id))
+
+
+@router.patch("/v1/sessions/{session_id}")
+async def patch_session(
+    request: Request, tenant: Tenant, session_id: str, body: SessionPatch
+) -> dict[str, Any]:
+    app = _app(request)
+    live = app.registry.get(tenant, session_id)
+    record = live.record if live is not None else await _record(request, tenant, session_id)
+    if body.name is not None:
+        record.name = body.name
+    if body.variables is not None:
+        record.variables.update(body.variables)
+    await app.services.store.update_session(record)
+    return _session_view(record)
+
+
+@router.get("/v1/sessions/{session_id}/messages")
+async def get_messages(request: Request, tenant: Tenant, session_id: str) -> dict[str, Any]:
+    await _record(request, tenant, session_id)
+    store = _app(request).services.store
+    messages = await store.load_messages(session_id)
+    partial = await store.load_events(session_id)
+    return {
+        "session_id": session_id,
+        "messages": [m.model_dump() for m in messages],
+        "in_progress": _in_progress(partial),
+    }
+
+
+def _in_progress(events: list[Any]) -> list[dict[str, Any]]:
+    """Responses whose stream was persisted but never completed (e.g. a crash)."""
+    by_response: dict[str, list[str]] = {}
+    for event in events:
+        if event.kind == "delta":
+            by_response.setdefault(event.response_id, []).append(event.data.get("text", ""))
+    return [
+        Message(
+            role="assistant", content="".join(parts), metadata={"response_id": rid, "partial": True}
+        ).model_dump()
+        for rid, parts in by_response.items()
+    ]
+
+
+@router.delete("/v1/sessions/{session_id}/messages", status_code=204)
+async def clear_messages(request: Request, tenant: Tenant, session_id: str) -> None:
+    await _record(request, tenant, session_id)
+    await _app(request).services.store.clear_messages(session_id)
+
+
+@router.post("/v1/sessions/{session_id}/fork", status_code=201)
+async def fork_session(request: Request, tenant: Tenant, session_id: str) -> dict[str, Any]:
+    source = await _record(request, tenant, session_id)
+    record = SessionRecord(
+        id=new_id("sess"),
+        tenant=tenant,
+        name=source.name,
+        variables=dict(source.variables),
+        config=dict(source.config),
+        parent_id=source.id,
+    )
+    await _app(request).services.store.fork(source.id, record)
+    return _session_view(record)

@@ -1,0 +1,132 @@
+"""Images and video from the client -> JPEG ImageFrames for providers, under the rate policy.
+
+Decoding runs in worker threads (PyAV releases the GIL), so one session's
+camera never stalls another session's audio.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import deque
+from collections.abc import Awaitable, Callable
+
+from media.image import ImageLimits, prepare_image
+from media.video import FramePolicy, VideoStream
+
+from media.errors import MediaError
+from server.protocol import ImageFrame, ProtocolError, VideoChunk
+
+#: Frames kept for the turn being collected (the newest win).
+MAX_PENDING_FRAMES = 8
+#: Video streams one session may have open at once (one decoder each).
+MAX_VIDEO_STREAMS = 2
+
+
+class FrameSource:
+    """Per session: validates and scales images, decodes video, applies the sampling
+    policy, and either collects frames for the next turn (VAD mode) or hands each
+    one on at once (``forward``, ASM mode)."""
+
+    def __init__(
+        self,
+        session: object,
+        forward: Callable[[ImageFrame], Awaitable[None]] | None = None,
+    ) -> None:
+        self.session = session
+        self.forward = forward
+        self.pending: deque[ImageFrame] = deque(maxlen=MAX_PENDING_FRAMES)
+        self.last: ImageFrame | None = None
+        self._streams: dict[str, VideoStream] = {}
+        self._last_accepted = -1e18
+        self._frame_num = 0
+        self.reconfigure()
+
+    def _now_ms(self) -> float:
+        return time.monotonic() * 1000
+
+    def reconfigure(self) -> None:
+        video = self.session.config.video  # type: ignore[attr-defined]
+        self.limits = ImageLimits(
+            max_dimension=video.max_dimension,
+            max_pixels=self.session.services.limits.max_image_pixels,  # type: ignore[attr-defined]
+        )
+        self.policy = FramePolicy(fps_speaking=video.fps_speaking, fps_idle=video.fps_idle)
+        for stream in self._streams.values():
+            stream.policy = self.policy
+            stream.limits = self.limits
+
+    async def add_image(self, frame: ImageFrame, *, speaking: bool) -> None:
+        try:
+            prepared = await asyncio.to_thread(
+                prepare_image, frame.data, frame.mime_type, self.limits, frame.width, frame.height
+            )
+        except MediaError as exc:
+            raise ProtocolError(exc.code, exc.message) from None
+        out = ImageFrame(
+            prepared.data,
+            prepared.mime_type,
+            prepared.width,
+            prepared.height,
+            frame.frame_num,
+            frame.timestamp,
+        )
+        await self._accept(out, speaking)
+
+    async def add_video(self, chunk: VideoChunk, *, speaking: bool, msg_id: str | None) -> None:
+        stream = self._streams.get(chunk.mime_type)
+        if stream is None:
+            if len(self._streams) >= MAX_VIDEO_STREAMS:
+                raise ProtocolError(415, f"at most {MAX_VIDEO_STREAMS} video streams per session")
+            try:
+                stream = VideoStream(chunk.mime_type, self.policy, self.limits)
+            except MediaError as exc:
+                raise ProtocolError(exc.code, exc.message) from None
+            self._streams[chunk.mime_type] = stream
+        result = await asyncio.to_thread(
+            stream.push,
+            chunk.chunk_index,
+            chunk.data,
+            now_ms=self._now_ms(),
+            speaking=speaking,
+            is_key_frame=chunk.is_key_frame,
+        )
+        for out in result.frames:
+            frame = ImageFrame(
+                out.data, "image/jpeg", out.width, out.height, out.chunk_index, out.timestamp_ms
+            )
+            await self._deliver(frame)
+        for notice in result.notices:
+            await self.session.emit_error(notice.code, notice.message, id=msg_id)  # type: ignore[attr-defined]
+
+    async def _accept(self, frame: ImageFrame, speaking: bool) -> None:
+        """Images pass at most at the policy's rate; within an interval the newest wins."""
+        fps = self.policy.fps_speaking if speaking else self.policy.fps_idle
+        now = self._now_ms()
+        if fps > 0 and now - self._last_accepted >= 1000 / fps:
+            self._last_accepted = now
+            await self._deliver(frame)
+        elif self.forward is None and self.pending:
+            self.pending[-1] = frame
+            self.last = frame
+        elif self.forward is None:
+            await self._deliver(frame)
+
+    async def _deliver(self, frame: ImageFrame) -> None:
+        self.last = frame
+        if self.forward is not None:
+            await self.forward(frame)
+        else:
+            self.pending.append(frame)
+
+    def take(self) -> list[ImageFrame]:
+        """The frames of the turn just ended; the last earlier frame when none came in it."""
+        frames = list(self.pending)
+        self.pending.clear()
+        if not frames and self.last is not None:
+            frames = [self.last]
+        return frames
+
+    def close(self) -> None:
+        self._streams.clear()
+        self.pending.clear()

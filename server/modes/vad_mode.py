@@ -1,0 +1,249 @@
+"""VAD mode: the server finds the user's turns and answers each with one provider call.
+
+Audio runs through ``AudioIngest`` (decode, resample, frame, webrtcvad, turn
+state machine). Text, frames and video attach to the turn in which they
+arrive. Turns are answered one at a time, in order; speech that starts while a
+reply streams interrupts it (barge-in).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+from typing import Any
+
+from media.errors import MediaError
+from server.media_inputs import FrameSource
+from server.modes.audio_ingest import VAD_RATE, AudioIngest
+from server.protocol import (
+    BAD_REQUEST,
+    PROVIDER_FAILED,
+    RATE_LIMITED,
+    TOO_LARGE,
+    AudioChunk,
+    ImageFrame,
+    ProtocolError,
+    ResponseDone,
+    ResponseStarted,
+    SessionConfig,
+    SpeechStarted,
+    SpeechStopped,
+    StreamChunk,
+    TextChunk,
+    TurnEnded,
+    VideoChunk,
+    chunk_event,
+    new_id,
+)
+from server.providers.base import AudioClip, ProviderError
+from server.session import DuplexSession, Mode
+from server.turn_runner import Turn, TurnRunner
+from vad import turns as vt
+
+MAX_TEXT_CHARS = 64_000
+
+
+@dataclass
+class _Active:
+    runner: TurnRunner
+    task: asyncio.Task[None] | None = None
+    cancel_reason: str = "cancelled"
+    played_ms: float | None = None
+
+
+class VadMode(Mode):
+    def __init__(self, session: DuplexSession) -> None:
+        super().__init__(session)
+        limits = session.services.limits
+        self._turns: asyncio.Queue[Turn] = asyncio.Queue(limits.max_pending_turns)
+        self._text: list[str] = []
+        self._text_chars = 0
+        self._frames = FrameSource(session)
+        self._ingest: AudioIngest | None = None
+        self._active: _Active | None = None
+        self._tool_waiters: dict[str, asyncio.Future[Any]] = {}
+        self._worker = session.spawn(self._work(), "turns")
+
+    # ---- input ----------------------------------------------------------------------
+
+    async def on_text(self, chunk: TextChunk, msg_id: str | None) -> None:
+        self._text_chars += len(chunk.text)
+        if self._text_chars > MAX_TEXT_CHARS:
+            self._text.clear()
+            self._text_chars = 0
+            raise ProtocolError(TOO_LARGE, f"turn text over {MAX_TEXT_CHARS} characters")
+        self._text.append(chunk.text)
+        if chunk.final:
+            await self._end_turn(Turn(turn_id=new_id("turn"), request_id=chunk.request_id))
+
+    async def on_audio(self, chunk: AudioChunk, msg_id: str | None) -> None:
+        if self._ingest is None:
+            cfg = self.session.config
+            self._ingest = AudioIngest(cfg.input_audio, cfg.turn_detection)
+        try:
+            result = self._ingest.push(chunk.pcm)
+        except MediaError as exc:
+            raise ProtocolError(exc.code, exc.message) from None
+        for event in result.events:
+            await self._on_turn_event(event)
+        if self._active is not None and self._barge_in_due():
+            await self._interrupt()
+
+    async def on_frame(self, frame: ImageFrame, msg_id: str | None) -> None:
+        await self._frames.add_image(frame, speaking=self._speaking())
+
+    async def on_video(self, chunk: VideoChunk, msg_id: str | None) -> None:
+        await self._frames.add_video(chunk, speaking=self._speaking(), msg_id=msg_id)
+
+    async def on_commit(self, request_id: str | None, msg_id: str | None) -> None:
+        ended = self._ingest.commit() if self._ingest is not None else None
+        turn = Turn(turn_id=new_id("turn"), request_id=request_id)
+        if ended is not None:
+            await self.session.emit(SpeechStopped(audio_end_ms=ended.end_ms))
+            turn = self._audio_turn(ended, request_id)
+        elif not self._text and not self._frames.pending:
+            raise ProtocolError(
+                BAD_REQUEST, "nothing to commit: no audio, text or frames since the last turn"
+            )
+        await self._end_turn(turn)
+
+    async def on_cancel(self, msg_id: str | None) -> None:
+        if self._active is None:
+            raise ProtocolError(BAD_REQUEST, "no response in progress")
+        self._cancel_active("cancelled")
+
+    async def on_playback(self, response_id: str, played_ms: float) -> None:
+        active = self._active
+        if active is not None and active.runner.response_id == response_id:
+            active.played_ms = played_ms
+
+    async def on_tool_result(self, call_id: str, output: Any, msg_id: str | None) -> None:
+        waiter = self._tool_waiters.pop(call_id, None)
+        if waiter is None or waiter.done():
+            raise ProtocolError(BAD_REQUEST, f"no tool call {call_id!r} is waiting for a result")
+        waiter.set_result(output)
+
+    async def reconfigure(self, old: SessionConfig) -> None:
+        new = self.session.config
+        if new.input_audio != old.input_audio or new.turn_detection != old.turn_detection:
+            self._ingest = None  # rebuilt on the next audio, with the new settings
+        self._frames.reconfigure()
+
+    async def close(self) -> None:
+        self._frames.close()
+        for waiter in self._tool_waiters.values():
+            waiter.cancel()
+
+    # ---- turns ----------------------------------------------------------------------
+
+    def _speaking(self) -> bool:
+        return self._ingest is not None and self._ingest.detector.state == "speaking"
+
+    def _barge_in_due(self) -> bool:
+        td = self.session.config.turn_detection
+        ingest = self._ingest
+        return (
+            td.interrupt
+            and td.type == "vad"
+            and ingest is not None
+            and ingest.detector.state in ("speaking", "stopping")
+            and ingest.detector.speech_ms >= td.min_barge_in_ms
+        )
+
+    async def _on_turn_event(self, event: vt.TurnEvent) -> None:
+        match event:
+            case vt.SpeechStarted():
+                await self.session.emit(SpeechStarted(audio_start_ms=event.start_ms))
+            case vt.SpeechStopped():
+                await self.session.emit(SpeechStopped(audio_end_ms=event.end_ms))
+            case vt.TurnEnded():
+                await self._end_turn(self._audio_turn(event, None))
+            case vt.TurnDiscarded():
+                self.session.log.debug("speech too short, no turn: %s", event)
+
+    def _audio_turn(self, ended: vt.TurnEnded, request_id: str | None) -> Turn:
+        return Turn(
+            turn_id=new_id("turn"),
+            audio=AudioClip(ended.audio.astype("<i2").tobytes(), VAD_RATE),
+            request_id=request_id,
+            audio_start_ms=ended.start_ms,
+            audio_end_ms=ended.end_ms,
+        )
+
+    async def _end_turn(self, turn: Turn) -> None:
+        """Close the turn being collected: attach its text and frames, queue it."""
+        turn.text = "".join(self._text)
+        self._text.clear()
+        self._text_chars = 0
+        turn.frames = self._frames.take()
+        await self.session.emit(
+            TurnEnded(
+                turn_id=turn.turn_id,
+                request_id=turn.request_id,
+                audio_start_ms=turn.audio_start_ms,
+                audio_end_ms=turn.audio_end_ms,
+            )
+        )
+        try:
+            self._turns.put_nowait(turn)
+        except asyncio.QueueFull:
+            raise ProtocolError(
+                RATE_LIMITED, "too many turns waiting for an answer; this one was dropped"
+            ) from None
+
+    async def _work(self) -> None:
+        while True:
+            turn = await self._turns.get()
+            await self._respond(turn)
+
+    async def _respond(self, turn: Turn) -> None:
+        session = self.session
+        provider = session.services.providers.get_unary(session.config.provider)
+        if provider is None:  # checked at update; kept for safety
+            await session.emit_error(BAD_REQUEST, f"unknown provider {session.config.provider!r}")
+            return
+        runner = TurnRunner(
+            session, provider, turn, output_rate=session.config.output_audio.sample_rate
+        )
+        active = self._active = _Active(runner)
+        await session.emit(
+            ResponseStarted(
+                response_id=runner.response_id, turn_id=turn.turn_id, request_id=turn.request_id
+            )
+        )
+        active.task = asyncio.ensure_future(self._stream(runner))
+        reason = "stop"
+        try:
+            await active.task
+            reason = runner.finish_reason or "stop"
+        except asyncio.CancelledError:
+            if asyncio.current_task().cancelling():  # type: ignore[union-attr]
+                raise  # the session is closing
+            reason = active.cancel_reason
+        except ProviderError as exc:
+            reason = "error"
+            await session.emit_error(exc.code or PROVIDER_FAILED, exc.message, fatal=exc.fatal)
+        finally:
+            self._active = None
+        if reason == "interrupted":
+            await session.emit(
+                chunk_event(StreamChunk(response_id=runner.response_id, interrupted=True))
+            )
+        await session.emit(
+            ResponseDone(response_id=runner.response_id, finish_reason=reason, usage=runner.usage)
+        )
+        await runner.record(reason, active.played_ms if reason == "interrupted" else None)
+
+    async def _stream(self, runner: TurnRunner) -> None:
+        async for chunk in runner.chunks():
+            await self.session.emit(chunk_event(chunk))
+
+    def _cancel_active(self, reason: str) -> None:
+        active = self._active
+        if active is not None and active.task is not None and not active.task.done():
+            active.cancel_reason = reason
+            active.task.cancel()
+
+    async def _interrupt(self) -> None:
+        self.session.log.info("barge-in: interrupting %s", self._active.runner.response_id)  # type: ignore[union-attr]
+        self._cancel_active("interrupted")

@@ -1,0 +1,163 @@
+"""Provider interfaces: what the modes call, what each model backend implements.
+
+Two shapes, because the products differ: a *unary* provider answers one turn
+per call (an LLM over HTTP, the echo provider), a *realtime* provider holds one
+long streaming session that takes input as it comes (OpenAI Realtime, Gemini
+Live). Providers know the protocol types only, never the session or socket.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from server.protocol import (
+    ErrorEvent,
+    ImageFrame,
+    Message,
+    ResponseDone,
+    ResponseStarted,
+    SessionConfig,
+    SpeechStarted,
+    SpeechStopped,
+    StreamChunk,
+    ToolSpec,
+    Transcript,
+)
+
+
+class ProviderError(Exception):
+    """A provider failure, reported to the client as ``error`` 502 (or the code given)."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        code: int = 502,
+        upstream_status: int | None = None,
+        upstream_code: str | None = None,
+        retry_after: float | None = None,
+        fatal: bool = False,
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        self.code = code
+        self.upstream_status = upstream_status
+        self.upstream_code = upstream_code
+        self.retry_after = retry_after
+        self.fatal = fatal
+
+
+@dataclass(frozen=True, slots=True)
+class AudioClip:
+    """Mono PCM s16le audio at ``sample_rate``."""
+
+    pcm: bytes
+    sample_rate: int
+
+    @property
+    def duration_ms(self) -> float:
+        return len(self.pcm) / 2 / self.sample_rate * 1000.0
+
+
+@dataclass
+class TurnRequest:
+    """Everything a unary provider needs to answer one user turn."""
+
+    session_id: str
+    turn_id: str
+    response_id: str
+    config: SessionConfig
+    instructions: str  # with {{variables}} substituted
+    history: list[Message]  # earlier messages, oldest first (tool messages included)
+    text: str = ""
+    audio: AudioClip | None = None
+    frames: list[ImageFrame] = field(default_factory=list)
+    tools: list[ToolSpec] = field(default_factory=list)
+
+
+class UnaryProvider(ABC):
+    """One streamed call per turn."""
+
+    name: str = "unary"
+
+    @abstractmethod
+    def stream(self, request: TurnRequest) -> AsyncIterator[StreamChunk]:
+        """Yield the reply as StreamChunks; the last carries ``finish_reason``.
+
+        Cancelling the consuming task must stop the upstream call promptly.
+        Failures raise ProviderError.
+        """
+
+    async def aclose(self) -> None:  # noqa: B027 - optional hook
+        """Release shared resources (HTTP pools)."""
+
+
+#: What a realtime session yields: output chunks plus the lifecycle it detected.
+RealtimeEvent = (
+    StreamChunk
+    | ResponseStarted
+    | ResponseDone
+    | SpeechStarted
+    | SpeechStopped
+    | Transcript
+    | ErrorEvent
+)
+
+
+@dataclass
+class RealtimeSetup:
+    """How to open a long streaming session."""
+
+    session_id: str
+    config: SessionConfig
+    instructions: str
+    tools: list[ToolSpec]
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+class RealtimeSession(ABC):
+    """One long provider session: input forwarded as it comes, events read back."""
+
+    @abstractmethod
+    async def send_audio(self, pcm: bytes) -> None:
+        """Mono PCM s16le at the provider's ``input_sample_rate``."""
+
+    @abstractmethod
+    async def send_image(self, frame: ImageFrame) -> None: ...
+
+    @abstractmethod
+    async def send_text(self, text: str) -> None:
+        """A complete user text turn; the provider answers it."""
+
+    @abstractmethod
+    async def commit(self) -> None:
+        """End the user's audio turn now (when our VAD or the client decides turns)."""
+
+    @abstractmethod
+    async def cancel_response(self) -> None: ...
+
+    @abstractmethod
+    async def truncate(self, response_id: str, audio_end_ms: float) -> None:
+        """The user heard only ``audio_end_ms`` of that response's audio."""
+
+    @abstractmethod
+    async def send_tool_result(self, call_id: str, name: str, output: str) -> None: ...
+
+    @abstractmethod
+    def events(self) -> AsyncIterator[RealtimeEvent]:
+        """Provider output, mapped to protocol types, until the session closes."""
+
+    @abstractmethod
+    async def close(self) -> None: ...
+
+
+class RealtimeProvider(ABC):
+    name: str = "realtime"
+    #: The rate the mode resamples input audio to before ``send_audio``.
+    input_sample_rate: int = 16000
+
+    @abstractmethod
+    async def connect(self, setup: RealtimeSetup) -> RealtimeSession: ...

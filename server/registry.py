@@ -1,0 +1,28 @@
+"""Live sessions per tenant: the REST API reaches a connected session through here."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+from server.session import DuplexSession
+
+
+class SessionRegistry:
+    def __init__(self) -> None:
+        self._live: dict[str, dict[str, DuplexSession]] = defaultdict(dict)
+
+    def add(self, tenant: str, session: DuplexSession) -> None:
+        self._live[tenant][session.id] = session
+
+    def remove(self, tenant: str, session: DuplexSession) -> None:
+        sessions = self._live.get(tenant)
+        if sessions is not None and sessions.get(session.id) is session:
+            del sessions[session.id]
+            if not sessions:
+                del self._live[tenant]
+
+    def get(self, tenant: str, session_id: str) -> DuplexSession | None:
+        return self._live.get(tenant, {}).get(session_id)
+
+    def count(self) -> int:
+        return sum(len(s) for s in self._live.values())

@@ -1,0 +1,534 @@
+"""Sessions, usable in-process without the server.
+
+``BaseSession`` holds identity, variables and history; ``DuplexSession`` takes
+streamed input and produces a stream of server messages through a bounded
+queue; ``UnarySession`` answers one message at a time. The socket layer
+(``ws.py``) only translates frames to calls on a ``DuplexSession``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import re
+import time
+from collections.abc import AsyncIterator, Awaitable
+from dataclasses import dataclass, field
+from typing import Any
+
+from pydantic import BaseModel, ValidationError
+
+from server.protocol import (
+    BAD_REQUEST,
+    INTERNAL,
+    NOT_FOUND,
+    RATE_LIMITED,
+    AudioChunk,
+    ClientMessage,
+    ErrorEvent,
+    ImageFrame,
+    InputAudio,
+    InputCommit,
+    InputImage,
+    InputText,
+    InputVideo,
+    Message,
+    Ping,
+    Playback,
+    Pong,
+    ProtocolError,
+    ResponseCancel,
+    SessionConfig,
+    SessionCreated,
+    SessionInfo,
+    SessionUpdate,
+    SessionUpdated,
+    StreamChunk,
+    TextChunk,
+    ToolResult,
+    VideoChunk,
+    describe_validation_error,
+    new_id,
+)
+from server.providers.catalog import ProviderCatalog
+from server.state.base import SessionRecord, StateStore
+from server.tools import ToolRegistry
+
+log = logging.getLogger(__name__)
+
+_VAR = re.compile(r"\{\{\s*([A-Za-z_][A-Za-z0-9_]*)\s*\}\}")
+
+
+def substitute(template: str, variables: dict[str, str]) -> str:
+    """Replace ``{{name}}`` with the variable's value; unknown names stay as written."""
+    return _VAR.sub(lambda m: variables.get(m.group(1), m.group(0)), template)
+
+
+class SessionLogger(logging.LoggerAdapter):
+    def process(self, msg: Any, kwargs: Any) -> tuple[Any, Any]:
+        return f"[{self.extra['session_id']}] {msg}", kwargs
+
+
+@dataclass
+class SessionLimits:
+    output_queue_size: int = 256
+    output_stall_timeout_s: float = 30.0
+    max_pending_turns: int = 4
+    max_image_pixels: int = 40_000_000
+    tool_hop_limit: int = 5
+    client_tool_timeout_s: float = 30.0
+
+
+@dataclass
+class SessionServices:
+    """What a session needs from the app: one object, passed down."""
+
+    store: StateStore
+    providers: ProviderCatalog
+    tools: ToolRegistry = field(default_factory=ToolRegistry)
+    limits: SessionLimits = field(default_factory=SessionLimits)
+
+
+class BaseSession:
+    """Identity, variables and history, backed by the state store."""
+
+    def __init__(self, record: SessionRecord, config: SessionConfig, services: SessionServices):
+        self.record = record
+        self.config = config
+        self.services = services
+        self.log = SessionLogger(log, {"session_id": record.id})
+
+    @property
+    def id(self) -> str:
+        return self.record.id
+
+    @property
+    def store(self) -> StateStore:
+        return self.services.store
+
+    @property
+    def variables(self) -> dict[str, str]:
+        return self.record.variables
+
+    async def set_var(self, name: str, value: str) -> None:
+        self.record.variables[name] = value
+        await self.store.update_session(self.record)
+
+    def get_var(self, name: str, default: str | None = None) -> str | None:
+        return self.record.variables.get(name, default)
+
+    def instructions(self) -> str:
+        return substitute(self.config.instructions, self.record.variables)
+
+    async def messages(self) -> list[Message]:
+        return await self.store.load_messages(self.id)
+
+    async def clear(self) -> None:
+        await self.store.clear_messages(self.id)
+
+    async def _fork_record(self) -> SessionRecord:
+        record = SessionRecord(
+            id=new_id("sess"),
+            tenant=self.record.tenant,
+            name=self.record.name,
+            variables=dict(self.record.variables),
+            config=self.config.model_dump(),
+            parent_id=self.id,
+        )
+        await self.store.fork(self.id, record)
+        return record
+
+    async def _save_record(self) -> None:
+        self.record.config = self.config.model_dump()
+        self.record.variables = dict(self.config.variables) | self.record.variables
+        await self.store.update_session(self.record)
+
+
+async def load_or_create_record(
+    store: StateStore, tenant: str, session_id: str | None, config: SessionConfig
+) -> SessionRecord:
+    """The tenant's session ``session_id`` (404 when unknown or foreign), or a new one."""
+    if session_id:
+        record = await store.get_session(session_id)
+        if record is None or record.tenant != tenant:
+            raise ProtocolError(NOT_FOUND, f"unknown session {session_id!r}", fatal=True)
+        return record
+    record = SessionRecord(id=new_id("sess"), tenant=tenant, config=config.model_dump())
+    await store.create_session(record)
+    return record
+
+
+_CLOSE = object()
+
+
+class DuplexSession(BaseSession):
+    """Streamed input in, a stream of server messages out.
+
+    Output policy: messages go through a queue of ``output_queue_size``. When it
+    is full, producers wait (the provider stream and input handling pause, so
+    memory stays bounded); if the consumer takes nothing for
+    ``output_stall_timeout_s`` the session ends with a fatal ``error`` 429.
+    """
+
+    def __init__(self, record: SessionRecord, config: SessionConfig, services: SessionServices):
+        super().__init__(record, config, services)
+        self._out: asyncio.Queue[Any] = asyncio.Queue(services.limits.output_queue_size)
+        self._seq = 0
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._closed = False
+        self.error: ErrorEvent | None = None
+        self.done = asyncio.Event()
+        self._mode: Mode = self._make_mode()
+
+    # ---- lifecycle ------------------------------------------------------------------
+
+    @classmethod
+    async def open(
+        cls,
+        services: SessionServices,
+        *,
+        tenant: str,
+        session_id: str | None = None,
+        config: SessionConfig | None = None,
+    ) -> DuplexSession:
+        """Create a new session, or continue ``session_id`` (the tenant's own only)."""
+        record = await load_or_create_record(
+            services.store, tenant, session_id, config or SessionConfig()
+        )
+        if session_id and config is None:
+            config = SessionConfig.model_validate(record.config or {})
+        session = cls(record, config or SessionConfig(), services)
+        await session.emit(SessionCreated(session=session.info()))
+        return session
+
+    def info(self) -> SessionInfo:
+        return SessionInfo(
+            id=self.id,
+            mode=self.config.mode,
+            provider=self.config.provider,
+            config=self.config.model_dump(),
+        )
+
+    async def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        with contextlib.suppress(Exception):
+            await self._mode.close()
+        for task in list(self._tasks):
+            task.cancel()
+        if self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._force_put(_CLOSE)
+        self.done.set()
+
+    @property
+    def closed(self) -> bool:
+        """True once the session ends or has failed (no more output is queued)."""
+        return self._closed or self.error is not None
+
+    async def fork(self) -> DuplexSession:
+        record = await self._fork_record()
+        session = DuplexSession(record, self.config.model_copy(deep=True), self.services)
+        await session.emit(SessionCreated(session=session.info()))
+        return session
+
+    # ---- output ---------------------------------------------------------------------
+
+    async def emit(self, message: BaseModel) -> None:
+        """Queue one server message (``seq`` is assigned when it is taken out)."""
+        if self.closed:
+            return
+        try:
+            async with asyncio.timeout(self.services.limits.output_stall_timeout_s):
+                await self._out.put(message)
+        except TimeoutError:
+            self.log.warning("output queue full for too long: closing")
+            await self.fail(RATE_LIMITED, "client is not reading: output queue full")
+
+    async def emit_error(
+        self, code: int, message: str, *, id: str | None = None, fatal: bool = False
+    ) -> None:
+        if fatal:
+            await self.fail(code, message, id=id)
+        else:
+            await self.emit(ErrorEvent(code=code, message=message, id=id))
+
+    async def fail(self, code: int, message: str, *, id: str | None = None) -> None:
+        """End the session with a fatal error, delivered ahead of the close.
+
+        The close runs in its own task: ``fail`` is often called from inside a task
+        the close must cancel and wait for.
+        """
+        if self.closed:
+            return
+        self.error = ErrorEvent(code=code, message=message, id=id, fatal=True)
+        self._force_put(self.error)
+        self._closer = asyncio.ensure_future(self.close())
+
+    def _force_put(self, item: Any) -> None:
+        while True:
+            try:
+                self._out.put_nowait(item)
+                return
+            except asyncio.QueueFull:
+                self._out.get_nowait()  # closing: the oldest unsent message goes
+
+    async def response(self) -> AsyncIterator[BaseModel]:
+        """Every server message, in order, each with its ``seq``; ends when the session does."""
+        while True:
+            item = await self._out.get()
+            if item is _CLOSE:
+                return
+            self._seq += 1
+            item.seq = self._seq
+            yield item
+
+    def spawn(self, coro: Awaitable[Any], name: str) -> asyncio.Task[Any]:
+        """A background task owned by the session: cancelled at close, faults are fatal."""
+        task = asyncio.ensure_future(coro)
+        task.set_name(f"{self.id}:{name}")
+        self._tasks.add(task)
+        task.add_done_callback(self._task_done)
+        return task
+
+    def _task_done(self, task: asyncio.Task[Any]) -> None:
+        self._tasks.discard(task)
+        if task.cancelled() or self._closed:
+            return
+        exc = task.exception()
+        if exc is not None:
+            self.log.error("task %s failed", task.get_name(), exc_info=exc)
+            self._failing = asyncio.ensure_future(
+                self.fail(INTERNAL, f"internal error: {type(exc).__name__}")
+            )
+
+    # ---- input ----------------------------------------------------------------------
+
+    async def handle(self, message: ClientMessage) -> None:
+        """Dispatch one parsed client message; bad input answers ``error``, never raises."""
+        try:
+            await self._dispatch(message)
+        except ProtocolError as exc:
+            await self.emit_error(exc.code, exc.message, id=message.id, fatal=exc.fatal)
+
+    async def _dispatch(self, message: ClientMessage) -> None:
+        match message:
+            case InputText():
+                await self.send_text(
+                    TextChunk(message.text, message.final, message.request_id), message.id
+                )
+            case InputAudio():
+                await self.send_chunk(
+                    AudioChunk(
+                        message.audio,
+                        self.config.input_audio.sample_rate,
+                        self.config.input_audio.channels,
+                    ),
+                    message.id,
+                )
+            case InputImage():
+                await self.send_frame(
+                    ImageFrame(
+                        message.data,
+                        message.mime_type,
+                        message.width,
+                        message.height,
+                        message.frame_num,
+                        message.timestamp,
+                    ),
+                    message.id,
+                )
+            case InputVideo():
+                await self.send_video_chunk(
+                    VideoChunk(
+                        message.data,
+                        message.mime_type,
+                        message.chunk_index,
+                        message.is_key_frame,
+                        message.timestamp,
+                        message.duration_ms,
+                        message.width,
+                        message.height,
+                    ),
+                    message.id,
+                )
+            case InputCommit():
+                await self.commit(message.request_id, message.id)
+            case ResponseCancel():
+                await self.cancel(message.id)
+            case Playback():
+                await self._mode.on_playback(message.response_id, message.played_ms)
+            case ToolResult():
+                await self._mode.on_tool_result(message.call_id, message.output, message.id)
+            case SessionUpdate():
+                await self.update(message.config, message.id)
+            case Ping():
+                await self.emit(Pong(id=message.id))
+
+    def _check_open(self) -> None:
+        if self.closed:
+            raise ProtocolError(BAD_REQUEST, "the session is closed", fatal=True)
+
+    async def send_text(self, chunk: TextChunk, msg_id: str | None = None) -> None:
+        self._check_open()
+        await self._mode.on_text(chunk, msg_id)
+
+    async def send_chunk(self, chunk: AudioChunk, msg_id: str | None = None) -> None:
+        self._check_open()
+        await self._mode.on_audio(chunk, msg_id)
+
+    async def send_frame(self, frame: ImageFrame, msg_id: str | None = None) -> None:
+        self._check_open()
+        await self._mode.on_frame(frame, msg_id)
+
+    async def send_video_chunk(self, chunk: VideoChunk, msg_id: str | None = None) -> None:
+        self._check_open()
+        await self._mode.on_video(chunk, msg_id)
+
+    async def commit(self, request_id: str | None = None, msg_id: str | None = None) -> None:
+        self._check_open()
+        await self._mode.on_commit(request_id, msg_id)
+
+    async def cancel(self, msg_id: str | None = None) -> None:
+        self._check_open()
+        await self._mode.on_cancel(msg_id)
+
+    async def update(self, patch: dict[str, Any], msg_id: str | None = None) -> None:
+        """Apply a ``session.update``: deep-merged, validated, then the mode adapts."""
+        try:
+            config = self.config.merged(patch)
+        except ValidationError as exc:
+            raise ProtocolError(
+                BAD_REQUEST, f"invalid session config: {describe_validation_error(exc)}"
+            ) from None
+        self._check_provider(config)
+        old = self.config
+        self.config = config
+        if "variables" in patch:
+            self.record.variables.update(config.variables)
+        await self._save_record()
+        if config.mode != old.mode:
+            await self._mode.close()
+            self._mode = self._make_mode()
+        else:
+            await self._mode.reconfigure(old)
+        await self.emit(SessionUpdated(session=self.info()))
+
+    def _check_provider(self, config: SessionConfig) -> None:
+        providers = self.services.providers
+        if config.mode == "vad" and providers.get_unary(config.provider) is None:
+            raise ProtocolError(
+                BAD_REQUEST,
+                f"provider {config.provider!r} cannot answer turns in vad mode "
+                f"(available: {', '.join(sorted(providers.unary))})",
+            )
+        if config.mode == "asm" and config.provider not in providers.realtime:
+            raise ProtocolError(
+                BAD_REQUEST,
+                f"provider {config.provider!r} is not a realtime provider "
+                f"(available: {', '.join(sorted(providers.realtime)) or 'none'})",
+            )
+
+    def _make_mode(self) -> Mode:
+        from server.modes.asm_mode import AsmMode
+        from server.modes.vad_mode import VadMode
+
+        return AsmMode(self) if self.config.mode == "asm" else VadMode(self)
+
+
+class Mode:
+    """What a session mode implements; the session forwards input to it."""
+
+    def __init__(self, session: DuplexSession) -> None:
+        self.session = session
+
+    async def on_text(self, chunk: TextChunk, msg_id: str | None) -> None:
+        raise NotImplementedError
+
+    async def on_audio(self, chunk: AudioChunk, msg_id: str | None) -> None:
+        raise NotImplementedError
+
+    async def on_frame(self, frame: ImageFrame, msg_id: str | None) -> None:
+        raise NotImplementedError
+
+    async def on_video(self, chunk: VideoChunk, msg_id: str | None) -> None:
+        raise NotImplementedError
+
+    async def on_commit(self, request_id: str | None, msg_id: str | None) -> None:
+        raise NotImplementedError
+
+    async def on_cancel(self, msg_id: str | None) -> None:
+        raise NotImplementedError
+
+    async def on_playback(self, response_id: str, played_ms: float) -> None:
+        raise NotImplementedError
+
+    async def on_tool_result(self, call_id: str, output: Any, msg_id: str | None) -> None:
+        raise NotImplementedError
+
+    async def reconfigure(self, old: SessionConfig) -> None:
+        """The config changed (same mode)."""
+
+    async def close(self) -> None:
+        """Stop background work; called once."""
+
+
+class UnarySession(BaseSession):
+    """One message in, one answer out: the same turn pipeline without a socket."""
+
+    @classmethod
+    async def open(
+        cls,
+        services: SessionServices,
+        *,
+        tenant: str,
+        session_id: str | None = None,
+        config: SessionConfig | None = None,
+    ) -> UnarySession:
+        record = await load_or_create_record(
+            services.store, tenant, session_id, config or SessionConfig()
+        )
+        if session_id and config is None:
+            config = SessionConfig.model_validate(record.config or {})
+        return cls(record, config or SessionConfig(), services)
+
+    async def execute_stream(self, role: str, content: str) -> AsyncIterator[StreamChunk]:
+        """Stream the answer to one message; history is stored when it ends."""
+        from server.turn_runner import Turn, TurnRunner
+
+        if role != "user":
+            await self.store.append_messages(self.id, [Message(role=role, content=content)])  # type: ignore[arg-type]
+            return
+        provider = self.services.providers.get_unary(self.config.provider)
+        if provider is None:
+            raise ProtocolError(BAD_REQUEST, f"unknown provider {self.config.provider!r}")
+        runner = TurnRunner(self, provider, Turn(turn_id=new_id("turn"), text=content))
+        reason = "error"
+        try:
+            async for chunk in runner.chunks():
+                yield chunk
+            reason = runner.finish_reason or "stop"
+        except asyncio.CancelledError:
+            reason = "cancelled"
+            raise
+        finally:
+            await asyncio.shield(runner.record(reason))
+
+    async def execute(self, role: str, content: str) -> Message:
+        """The whole answer as one assistant message."""
+        started = time.monotonic()
+        parts: list[str] = []
+        async for chunk in self.execute_stream(role, content):
+            if chunk.delta:
+                parts.append(chunk.delta)
+        return Message(
+            role="assistant",
+            content="".join(parts),
+            metadata={"elapsed_s": round(time.monotonic() - started, 3)},
+        )
+
+    async def fork(self) -> UnarySession:
+        record = await self._fork_record()
+        return UnarySession(record, self.config.model_copy(deep=True), self.services)

@@ -1,0 +1,97 @@
+"""The StateStore interface: conversations outlive connections (and, with a shared store, nodes).
+
+Callers only use this interface; ``open_store(url)`` picks the implementation,
+so adding a backend changes no caller.
+"""
+
+from __future__ import annotations
+
+import time
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import Any
+
+from server.protocol import Message
+
+
+@dataclass
+class SessionRecord:
+    """What a session is, apart from its messages."""
+
+    id: str
+    tenant: str
+    name: str = ""
+    variables: dict[str, str] = field(default_factory=dict)
+    config: dict[str, Any] = field(default_factory=dict)
+    parent_id: str | None = None
+    created_at: float = field(default_factory=time.time)
+    updated_at: float = field(default_factory=time.time)
+
+
+@dataclass
+class StreamEvent:
+    """A persisted piece of a response still streaming (text deltas, tool results)."""
+
+    response_id: str
+    kind: str  # "delta" | "tool_result"
+    data: dict[str, Any]
+    created_at: float = field(default_factory=time.time)
+
+
+class StateStore(ABC):
+    @abstractmethod
+    async def create_session(self, record: SessionRecord) -> None: ...
+
+    @abstractmethod
+    async def get_session(self, session_id: str) -> SessionRecord | None: ...
+
+    @abstractmethod
+    async def update_session(self, record: SessionRecord) -> None: ...
+
+    @abstractmethod
+    async def delete_session(self, session_id: str) -> None: ...
+
+    @abstractmethod
+    async def load_messages(self, session_id: str) -> list[Message]: ...
+
+    @abstractmethod
+    async def append_messages(self, session_id: str, messages: list[Message]) -> None: ...
+
+    @abstractmethod
+    async def clear_messages(self, session_id: str) -> None: ...
+
+    @abstractmethod
+    async def append_events(self, session_id: str, events: list[StreamEvent]) -> None:
+        """Persist stream events of a response in progress (readable after a crash)."""
+
+    @abstractmethod
+    async def load_events(self, session_id: str) -> list[StreamEvent]: ...
+
+    @abstractmethod
+    async def drop_events(self, session_id: str, response_id: str) -> None:
+        """Forget a response's stream events once it is compacted into a message."""
+
+    async def fork(self, source_id: str, record: SessionRecord) -> None:
+        """Create ``record`` with an independent copy of the source's messages."""
+        messages = await self.load_messages(source_id)
+        await self.create_session(record)
+        copies = [m.model_copy(deep=True) for m in messages]
+        if copies:
+            await self.append_messages(record.id, copies)
+
+    async def close(self) -> None:  # noqa: B027 - optional hook
+        """Release connections and files."""
+
+
+def open_store(url: str, *, ttl_s: float, max_sessions: int, max_messages: int) -> StateStore:
+    """A store from its URL: ``memory://`` or ``sqlite:///path``."""
+    scheme = url.split(":", 1)[0]
+    if scheme == "memory":
+        from server.state.memory import MemoryStore
+
+        return MemoryStore(ttl_s=ttl_s, max_sessions=max_sessions, max_messages=max_messages)
+    if scheme == "sqlite":
+        from server.state.sqlite import SqliteStore
+
+        return SqliteStore(url.removeprefix("sqlite://"), max_messages=max_messages)
+    raise ValueError(f"unsupported store URL {url!r} (use memory:// or sqlite:///path)")

@@ -1,0 +1,94 @@
+"""In-memory store with a sliding TTL and an LRU cap: the single-node default."""
+
+from __future__ import annotations
+
+import time
+from collections import OrderedDict, deque
+from dataclasses import dataclass, field, replace
+
+from server.protocol import Message
+from server.state.base import SessionRecord, StateStore, StreamEvent
+
+
+@dataclass
+class _Entry:
+    record: SessionRecord
+    messages: deque[Message]
+    events: list[StreamEvent] = field(default_factory=list)
+    touched: float = field(default_factory=time.monotonic)
+
+
+class MemoryStore(StateStore):
+    """Sessions expire ``ttl_s`` after their last use; past ``max_sessions`` the least
+    recently used go first; each keeps its last ``max_messages`` messages."""
+
+    def __init__(
+        self, *, ttl_s: float = 86400, max_sessions: int = 10_000, max_messages: int = 1000
+    ) -> None:
+        self._ttl = ttl_s
+        self._max_sessions = max_sessions
+        self._max_messages = max_messages
+        self._entries: OrderedDict[str, _Entry] = OrderedDict()
+
+    def _get(self, session_id: str) -> _Entry | None:
+        self._expire()
+        entry = self._entries.get(session_id)
+        if entry is not None:
+            entry.touched = time.monotonic()
+            self._entries.move_to_end(session_id)
+        return entry
+
+    def _expire(self) -> None:
+        deadline = time.monotonic() - self._ttl
+        while self._entries:
+            oldest_id, oldest = next(iter(self._entries.items()))
+            if oldest.touched >= deadline and len(self._entries) <= self._max_sessions:
+                break
+            del self._entries[oldest_id]
+
+    async def create_session(self, record: SessionRecord) -> None:
+        self._entries[record.id] = _Entry(replace(record), deque(maxlen=self._max_messages))
+        self._expire()
+
+    async def get_session(self, session_id: str) -> SessionRecord | None:
+        entry = self._get(session_id)
+        return replace(entry.record, variables=dict(entry.record.variables)) if entry else None
+
+    async def update_session(self, record: SessionRecord) -> None:
+        entry = self._get(record.id)
+        if entry is None:
+            await self.create_session(record)
+        else:
+            entry.record = replace(record, updated_at=time.time())
+
+    async def delete_session(self, session_id: str) -> None:
+        self._entries.pop(session_id, None)
+
+    async def load_messages(self, session_id: str) -> list[Message]:
+        entry = self._get(session_id)
+        return [m.model_copy() for m in entry.messages] if entry else []
+
+    async def append_messages(self, session_id: str, messages: list[Message]) -> None:
+        entry = self._get(session_id)
+        if entry is not None:
+            entry.messages.extend(m.model_copy() for m in messages)
+
+    async def clear_messages(self, session_id: str) -> None:
+        entry = self._get(session_id)
+        if entry is not None:
+            entry.messages.clear()
+            entry.events.clear()
+
+    async def append_events(self, session_id: str, events: list[StreamEvent]) -> None:
+        entry = self._get(session_id)
+        if entry is not None:
+            entry.events.extend(events)
+
+    async def load_events(self, session_id: str) -> list[StreamEvent]:
+        entry = self._get(session_id)
+        return list(entry.events) if entry else []
+
+    async def drop_events(self, session_id: str, response_id: str) -> None:
+        entry = self._get(session_id)
+        if entry is not None:
+            entry.events = [e for e in entry.events if e.response_id != response_id]

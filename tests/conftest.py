@@ -1,0 +1,93 @@
+"""Shared fixtures: a real uvicorn server on a loopback port, in a background thread."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+import uvicorn
+
+from server.app import create_app
+from server.config import Settings
+
+TOKEN = "test-token-a"
+OTHER_TOKEN = "test-token-b"
+
+
+@dataclass
+class RunningServer:
+    base: str  # http://127.0.0.1:PORT
+    app: Any
+
+    @property
+    def ws_url(self) -> str:
+        return self.base.replace("http", "ws", 1) + "/v1/duplex"
+
+
+def start_server(
+    settings: Settings, **app_kwargs: Any
+) -> tuple[RunningServer, uvicorn.Server, threading.Thread]:
+    app = create_app(settings, **app_kwargs)
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    config = uvicorn.Config(
+        app,
+        log_level="warning",
+        ws_per_message_deflate=False,
+        ws_max_size=settings.max_message_bytes * 2,
+        lifespan="on",
+    )
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=lambda: asyncio.run(server.serve(sockets=[sock])), daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 10
+    while not server.started:
+        if time.monotonic() > deadline or not thread.is_alive():
+            raise RuntimeError("server did not start")
+        time.sleep(0.01)
+    return RunningServer(f"http://127.0.0.1:{port}", app), server, thread
+
+
+def stop_server(server: uvicorn.Server, thread: threading.Thread) -> None:
+    server.should_exit = True
+    thread.join(timeout=10)
+
+
+def make_settings(**overrides: Any) -> Settings:
+    base: dict[str, Any] = {
+        "api_tokens": f"{TOKEN}:tenant-a,{OTHER_TOKEN}:tenant-b",
+        "echo_pace": 0.0,
+        "max_message_bytes": 256 * 1024,
+    }
+    base.update(overrides)
+    return Settings(**base)
+
+
+@pytest.fixture(scope="module")
+def live_server() -> Iterator[RunningServer]:
+    running, server, thread = start_server(make_settings())
+    yield running
+    stop_server(server, thread)
+
+
+@pytest.fixture
+def server_factory() -> Iterator[Any]:
+    """Start servers with custom settings inside one test; all stopped at the end."""
+    started: list[tuple[uvicorn.Server, threading.Thread]] = []
+
+    def start(**overrides: Any) -> RunningServer:
+        app_kwargs = overrides.pop("app_kwargs", {})
+        running, server, thread = start_server(make_settings(**overrides), **app_kwargs)
+        started.append((server, thread))
+        return running
+
+    yield start
+    for server, thread in started:
+        stop_server(server, thread)
