@@ -11,7 +11,7 @@ from pathlib import Path
 from fastapi import FastAPI
 from fastapi.staticfiles import StaticFiles
 
-from server import http_api, ws
+from server import chat_api, http_api, ws
 from server.auth import TokenAuth
 from server.config import Settings
 from server.providers.catalog import ProviderCatalog
@@ -53,6 +53,8 @@ def create_app(settings: Settings | None = None, *, tools: ToolRegistry | None =
             max_image_pixels=settings.max_image_pixels,
             tool_hop_limit=settings.tool_hop_limit,
             client_tool_timeout_s=settings.client_tool_timeout_s,
+            persist_interval_ms=settings.persist_interval_ms,
+            persist_min_chars=settings.persist_min_chars,
         ),
     )
     state = AppState(settings, auth, services, SessionRegistry())
@@ -69,6 +71,7 @@ def create_app(settings: Settings | None = None, *, tools: ToolRegistry | None =
     app.state.duplex = state
     app.include_router(http_api.router)
     app.include_router(ws.router)
+    app.include_router(chat_api.router)
     if STATIC_DIR.is_dir():
         app.mount("/", StaticFiles(directory=STATIC_DIR, html=True), name="demo")
     return app

@@ -57,6 +57,9 @@ class Settings(BaseSettings):
     tts_base_url: str | None = None
     tts_model: str = "gpt-4o-mini-tts"
 
+    persist_interval_ms: int = 200
+    persist_min_chars: int = 1024
+
     # Tools
     tool_hop_limit: int = 5
     client_tool_timeout_s: float = 30.0

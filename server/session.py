@@ -19,6 +19,7 @@ from typing import Any
 
 from pydantic import BaseModel, ValidationError
 
+from server.idempotency import TurnLocks
 from server.protocol import (
     BAD_REQUEST,
     INTERNAL,
@@ -78,6 +79,9 @@ class SessionLimits:
     max_image_pixels: int = 40_000_000
     tool_hop_limit: int = 5
     client_tool_timeout_s: float = 30.0
+    #: Streamed answers are persisted in batches: at least this often, or this many chars.
+    persist_interval_ms: int = 200
+    persist_min_chars: int = 1024
 
 
 @dataclass
@@ -88,6 +92,7 @@ class SessionServices:
     providers: ProviderCatalog
     tools: ToolRegistry = field(default_factory=ToolRegistry)
     limits: SessionLimits = field(default_factory=SessionLimits)
+    turn_locks: TurnLocks = field(default_factory=TurnLocks)
 
 
 class BaseSession:

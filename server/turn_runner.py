@@ -1,23 +1,31 @@
-"""One user turn against a unary provider: build the request, stream, record.
+"""One user turn against a unary provider: build the request, run tools, stream, record.
 
 Shared by VAD mode and ``UnarySession`` so that a turn is answered and stored
-the same way whichever door it came in by.
+the same way whichever door it came in by. While the answer streams, its text
+is persisted in batches as stream events (readable after a crash); at the end
+it is compacted into messages.
 """
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from media.audio import StreamResampler
-from server.protocol import ImageFrame, Media, Message, StreamChunk, new_id
+from server.protocol import ImageFrame, Media, Message, StreamChunk, ToolCall, new_id
 from server.providers.base import AudioClip, TurnRequest, UnaryProvider
+from server.state.base import StreamEvent
+from server.tools import run_tool_loop, with_tool_messages
 
 if TYPE_CHECKING:
     from server.session import BaseSession
+
+ClientTool = Callable[[ToolCall], Awaitable[Any]]
 
 
 @dataclass
@@ -33,7 +41,11 @@ class Turn:
 
 class TurnRunner:
     """Streams one response and remembers what was sent, so it can be stored
-    whole, or cut to what the user heard when it is interrupted."""
+    whole, or cut to what the user heard when it is interrupted.
+
+    Always call ``record()`` after ``chunks()``, whatever happened: it stores the
+    turn and releases the turn's ``request_id``.
+    """
 
     def __init__(
         self,
@@ -43,18 +55,26 @@ class TurnRunner:
         *,
         response_id: str | None = None,
         output_rate: int | None = None,
+        client_tool: ClientTool | None = None,
     ) -> None:
         self.session = session
         self.provider = provider
         self.turn = turn
         self.response_id = response_id or new_id("resp")
         self.output_rate = output_rate
-        self.text_parts: list[str] = []
+        self.client_tool = client_tool
+        self.hop_text: list[str] = []  # text of the current model call (after the last tools)
+        self.tool_messages: list[Message] = []  # complete tool exchanges, then the answer
         self.audio_ms_sent = 0.0
         self.finish_reason: str | None = None
         self.usage: dict[str, Any] | None = None
+        self.cached = False
         self._resampler: StreamResampler | None = None
         self._recorded = False
+        self._exit = AsyncExitStack()
+        self._unsaved: list[str] = []
+        self._last_flush = time.monotonic()
+        self._persisted_any = False
 
     async def request(self) -> TurnRequest:
         session = self.session
@@ -68,24 +88,83 @@ class TurnRunner:
             text=self.turn.text,
             audio=self.turn.audio,
             frames=list(self.turn.frames),
-            tools=list(session.config.tools) + session.services.tools.specs(),
+            tools=session.services.tools.merge_specs(session.config.tools),
         )
 
     async def chunks(self) -> AsyncIterator[StreamChunk]:
+        services = self.session.services
+        if self.turn.request_id:
+            await self._exit.enter_async_context(
+                services.turn_locks.hold(self.session.id, self.turn.request_id)
+            )
+            cached = await self._stored_answer(self.turn.request_id)
+            if cached is not None:
+                self.cached = True
+                self.finish_reason = cached.metadata.get("finish_reason", "stop")
+                yield StreamChunk(
+                    response_id=self.response_id,
+                    delta=cached.content,
+                    metadata={
+                        "cached": True,
+                        "original_response_id": cached.metadata.get("response_id"),
+                    },
+                )
+                yield StreamChunk(response_id=self.response_id, finish_reason=self.finish_reason)  # type: ignore[arg-type]
+                return
         request = await self.request()
-        async for chunk in self.provider.stream(request):
+        stream = run_tool_loop(
+            lambda extra: self.provider.stream(with_tool_messages(request, extra)),
+            services.tools,
+            client_tool=self.client_tool,
+            hop_limit=services.limits.tool_hop_limit,
+            new_messages=self.tool_messages,
+            turn_id=self.turn.turn_id,
+        )
+        async for chunk in stream:
             chunk.response_id = self.response_id
             if chunk.media is not None and chunk.media.mime_type == "audio/pcm":
                 chunk = self._to_output_rate(chunk)
                 if chunk.media is None:
                     continue
+            meta = chunk.metadata or {}
             if chunk.delta:
-                self.text_parts.append(chunk.delta)
+                self.hop_text.append(chunk.delta)
+                await self._persist_delta(chunk.delta)
+            elif meta.get("kind") == "tool_result":
+                self.hop_text.clear()
+                await self._persist_event("tool_result", meta)
             if chunk.finish_reason:
                 self.finish_reason = chunk.finish_reason
-            if chunk.metadata and "usage" in chunk.metadata:
-                self.usage = chunk.metadata["usage"]
+                self.usage = meta.get("usage") or None
             yield chunk
+        await self._flush()
+
+    async def _stored_answer(self, request_id: str) -> Message | None:
+        for message in reversed(await self.session.messages()):
+            if message.role == "assistant" and message.metadata.get("request_id") == request_id:
+                return message
+        return None
+
+    # ---- persistence while streaming --------------------------------------------------
+
+    async def _persist_delta(self, delta: str) -> None:
+        self._unsaved.append(delta)
+        limits = self.session.services.limits
+        due = (time.monotonic() - self._last_flush) * 1000 >= limits.persist_interval_ms
+        if due or sum(map(len, self._unsaved)) >= limits.persist_min_chars:
+            await self._flush()
+
+    async def _flush(self) -> None:
+        self._last_flush = time.monotonic()
+        if self._unsaved:
+            text, self._unsaved = "".join(self._unsaved), []
+            await self._persist_event("delta", {"text": text})
+
+    async def _persist_event(self, kind: str, data: dict[str, Any]) -> None:
+        self._persisted_any = True
+        await self.session.store.append_events(
+            self.session.id, [StreamEvent(self.response_id, kind, data)]
+        )
 
     def _to_output_rate(self, chunk: StreamChunk) -> StreamChunk:
         media = chunk.media
@@ -107,11 +186,20 @@ class TurnRunner:
         self.audio_ms_sent += len(media.data) / 2 / (media.sample_rate or rate) * 1000
         return chunk
 
+    # ---- recording ----------------------------------------------------------------------
+
     async def record(self, finish_reason: str, played_ms: float | None = None) -> None:
-        """Store the user's turn and the answer as far as it went (once)."""
+        """Store the user's turn and the answer as far as it went (once), then release."""
         if self._recorded:
             return
         self._recorded = True
+        try:
+            if not self.cached:
+                await self._store(finish_reason, played_ms)
+        finally:
+            await self._exit.aclose()
+
+    async def _store(self, finish_reason: str, played_ms: float | None) -> None:
         turn = self.turn
         user_meta: dict[str, Any] = {"turn_id": turn.turn_id}
         if turn.audio is not None:
@@ -120,37 +208,36 @@ class TurnRunner:
             user_meta["frames"] = len(turn.frames)
         if turn.request_id:
             user_meta["request_id"] = turn.request_id
-        assistant_meta: dict[str, Any] = {
-            "response_id": self.response_id,
-            "finish_reason": finish_reason,
-        }
+        meta: dict[str, Any] = {"response_id": self.response_id, "finish_reason": finish_reason}
         if self.audio_ms_sent:
-            assistant_meta["audio_ms"] = round(self.audio_ms_sent, 1)
+            meta["audio_ms"] = round(self.audio_ms_sent, 1)
         if played_ms is not None:
-            assistant_meta["played_ms"] = round(min(played_ms, self.audio_ms_sent), 1)
+            meta["played_ms"] = round(min(played_ms, self.audio_ms_sent), 1)
         if turn.request_id:
-            assistant_meta["request_id"] = turn.request_id
+            meta["request_id"] = turn.request_id
         if self.usage:
-            assistant_meta["usage"] = self.usage
-        await self.session.store.append_messages(
-            self.session.id,
-            [
-                Message(role="user", content=turn.text, metadata=user_meta),
-                Message(
-                    role="assistant",
-                    content=self.heard_text(played_ms),
-                    metadata=assistant_meta,
-                ),
-            ],
+            meta["usage"] = self.usage
+        # Complete tool exchanges go first; the loop's own final answer is replaced by
+        # ours, which knows how far the answer really went.
+        messages = [m for m in self.tool_messages if m.role == "tool" or "tool_calls" in m.metadata]
+        messages.append(
+            Message(role="assistant", content=self.heard_text(played_ms), metadata=meta)
         )
+        store = self.session.store
+        await store.append_messages(
+            self.session.id,
+            [Message(role="user", content=turn.text, metadata=user_meta), *messages],
+        )
+        if self._persisted_any:
+            await store.drop_events(self.session.id, self.response_id)
 
     def heard_text(self, played_ms: float | None) -> str:
-        """The text sent; when audio was cut short, the share of it the user heard.
+        """The text of the last model call; when its audio was cut short, the share heard.
 
         Text and audio of one reply run in parallel, so the words heard are taken
         to be the same fraction of the text as the audio played is of the audio sent.
         """
-        text = "".join(self.text_parts)
+        text = "".join(self.hop_text)
         if played_ms is None or not self.audio_ms_sent or played_ms >= self.audio_ms_sent:
             return text
         keep = int(len(text) * played_ms / self.audio_ms_sent)

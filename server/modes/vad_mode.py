@@ -30,6 +30,7 @@ from server.protocol import (
     SpeechStopped,
     StreamChunk,
     TextChunk,
+    ToolCall,
     TurnEnded,
     VideoChunk,
     chunk_event,
@@ -203,7 +204,11 @@ class VadMode(Mode):
             await session.emit_error(BAD_REQUEST, f"unknown provider {session.config.provider!r}")
             return
         runner = TurnRunner(
-            session, provider, turn, output_rate=session.config.output_audio.sample_rate
+            session,
+            provider,
+            turn,
+            output_rate=session.config.output_audio.sample_rate,
+            client_tool=self._client_tool,
         )
         active = self._active = _Active(runner)
         await session.emit(
@@ -233,6 +238,16 @@ class VadMode(Mode):
             ResponseDone(response_id=runner.response_id, finish_reason=reason, usage=runner.usage)
         )
         await runner.record(reason, active.played_ms if reason == "interrupted" else None)
+
+    async def _client_tool(self, call: ToolCall) -> Any:
+        """Wait for the client's ``tool.result`` (the call went out as ``chunk.tool_calls``)."""
+        waiter = asyncio.get_running_loop().create_future()
+        self._tool_waiters[call.id] = waiter
+        try:
+            async with asyncio.timeout(self.session.services.limits.client_tool_timeout_s):
+                return await waiter
+        finally:
+            self._tool_waiters.pop(call.id, None)
 
     async def _stream(self, runner: TurnRunner) -> None:
         async for chunk in runner.chunks():

@@ -84,7 +84,7 @@ class StateStore(ABC):
 
 
 def open_store(url: str, *, ttl_s: float, max_sessions: int, max_messages: int) -> StateStore:
-    """A store from its URL: ``memory://`` or ``sqlite:///path``."""
+    """A store from its URL: ``memory://`` or ``sqlite:///relative.db`` / ``sqlite:////abs.db``."""
     scheme = url.split(":", 1)[0]
     if scheme == "memory":
         from server.state.memory import MemoryStore
@@ -93,5 +93,6 @@ def open_store(url: str, *, ttl_s: float, max_sessions: int, max_messages: int) 
     if scheme == "sqlite":
         from server.state.sqlite import SqliteStore
 
-        return SqliteStore(url.removeprefix("sqlite://"), max_messages=max_messages)
+        # As in SQLAlchemy: sqlite:///relative.db, sqlite:////absolute/path.db
+        return SqliteStore(url.removeprefix("sqlite:///"), max_messages=max_messages)
     raise ValueError(f"unsupported store URL {url!r} (use memory:// or sqlite:///path)")

@@ -1,0 +1,132 @@
+"""Text-only doors to the same sessions: HTTP completions (SSE) and the chat WebSocket.
+
+Both use the envelope text clients already know from RAGFlow's API:
+``{code, message, data: {answer, reference, id, session_id}}``, with
+``{code: 0, message: "", data: true}`` closing a stream and
+``data.answer = "**ERROR**: ..."`` on failure.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi import APIRouter, HTTPException, Request, WebSocket, WebSocketDisconnect
+from fastapi.responses import StreamingResponse
+from pydantic import BaseModel, Field, ValidationError
+
+from server.http_api import Tenant
+from server.protocol import BAD_REQUEST, UNAUTHORIZED, ProtocolError, describe_validation_error
+from server.providers.base import ProviderError
+from server.session import UnarySession
+
+router = APIRouter()
+
+
+class CompletionRequest(BaseModel):
+    question: str = Field(min_length=1)
+    stream: bool = True
+
+
+class ChatRequest(BaseModel):
+    type: str
+    session_id: str | None = None
+    question: str = Field(min_length=1)
+    stream: bool = True
+
+
+def envelope(answer: str, response_id: str, session_id: str, **extra: Any) -> dict[str, Any]:
+    data = {"answer": answer, "reference": extra.pop("reference", {}), "id": response_id}
+    return {"code": 0, "message": "", "data": {**data, "session_id": session_id, **extra}}
+
+
+def error_envelope(code: int, message: str, session_id: str | None = None) -> dict[str, Any]:
+    return {
+        "code": code,
+        "message": message,
+        "data": {"answer": f"**ERROR**: {message}", "reference": {}, "session_id": session_id},
+    }
+
+
+DONE = {"code": 0, "message": "", "data": True}
+
+
+async def answer_events(session: UnarySession, question: str) -> AsyncIterator[dict[str, Any]]:
+    """Envelopes as the answer grows (each carries the whole answer so far and the delta),
+    ending with the stream terminator; failures become an error envelope."""
+    answer = ""
+    reference: dict[str, Any] = {}
+    response_id = ""
+    try:
+        async for chunk in session.execute_stream("user", question):
+            response_id = chunk.response_id
+            if chunk.metadata:
+                reference.update(chunk.metadata)
+            if chunk.delta:
+                answer += chunk.delta
+                yield envelope(answer, response_id, session.id, delta=chunk.delta)
+        yield envelope(answer, response_id, session.id, reference=reference, final=True)
+        yield DONE
+    except ProviderError as exc:
+        yield error_envelope(exc.code, exc.message, session.id)
+
+
+async def _open(request_app: Any, tenant: str, session_id: str | None) -> UnarySession:
+    return await UnarySession.open(request_app.services, tenant=tenant, session_id=session_id)
+
+
+@router.post("/v1/sessions/{session_id}/completions", response_model=None)
+async def completions(
+    request: Request, tenant: Tenant, session_id: str, body: CompletionRequest
+) -> Any:
+    try:
+        session = await _open(request.app.state.duplex, tenant, session_id)
+    except ProtocolError as exc:
+        raise HTTPException(exc.code, exc.message) from None
+    if body.stream:
+
+        async def sse() -> AsyncIterator[str]:
+            async for event in answer_events(session, body.question):
+                yield f"data: {json.dumps(event, ensure_ascii=False)}\n\n"
+
+        return StreamingResponse(sse(), media_type="text/event-stream")
+    last: dict[str, Any] = DONE
+    async for event in answer_events(session, body.question):
+        if event is not DONE:
+            last = event
+    if last["code"] != 0:
+        raise HTTPException(502, last["message"])
+    last["data"].pop("delta", None)
+    return last
+
+
+@router.websocket("/v1/ws/chat")
+async def chat_ws(ws: WebSocket) -> None:
+    app = ws.app.state.duplex
+    tenant = app.auth.tenant_for(ws.headers.get("authorization"), ws.query_params.get("token"))
+    await ws.accept()
+    if tenant is None:
+        await ws.send_json(error_envelope(UNAUTHORIZED, "missing or invalid API token"))
+        await ws.close(1008)
+        return
+    try:
+        while True:
+            raw = await ws.receive_text()
+            try:
+                req = ChatRequest.model_validate_json(raw)
+                if req.type != "chat":
+                    raise ProtocolError(BAD_REQUEST, f"unknown type {req.type!r}")
+                session = await _open(app, tenant, req.session_id)
+            except ValidationError as exc:
+                message = f"invalid request: {describe_validation_error(exc)}"
+                await ws.send_json(error_envelope(BAD_REQUEST, message))
+                continue
+            except ProtocolError as exc:
+                await ws.send_json(error_envelope(exc.code, exc.message))
+                continue
+            async for event in answer_events(session, req.question):
+                if req.stream or event is DONE or event["code"] != 0 or event["data"].get("final"):
+                    await ws.send_json(event)
+    except (WebSocketDisconnect, RuntimeError):
+        return

@@ -1,0 +1,201 @@
+"""SQLite store: one node keeps conversations across restarts (and crashes).
+
+The stdlib driver blocks, so every call runs on one dedicated thread that owns
+the connection; WAL journaling keeps writes cheap and readers unblocked.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sqlite3
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, TypeVar
+
+from server.protocol import Message
+from server.state.base import SessionRecord, StateStore, StreamEvent
+
+T = TypeVar("T")
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS sessions (
+    id TEXT PRIMARY KEY, tenant TEXT NOT NULL, name TEXT NOT NULL DEFAULT '',
+    variables TEXT NOT NULL, config TEXT NOT NULL, parent_id TEXT,
+    created_at REAL NOT NULL, updated_at REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS messages (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT, session_id TEXT NOT NULL, id TEXT NOT NULL,
+    role TEXT NOT NULL, content TEXT NOT NULL, created_at REAL NOT NULL, metadata TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS messages_by_session ON messages (session_id, seq);
+CREATE TABLE IF NOT EXISTS events (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT, session_id TEXT NOT NULL, response_id TEXT NOT NULL,
+    kind TEXT NOT NULL, data TEXT NOT NULL, created_at REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS events_by_session ON events (session_id, seq);
+"""
+
+
+class SqliteStore(StateStore):
+    """``max_messages``: the most recent messages a session loads (all are kept on disk)."""
+
+    def __init__(self, path: str, *, max_messages: int = 1000) -> None:
+        self.path = path
+        self.max_messages = max_messages
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="duplex-sqlite")
+        self._db: sqlite3.Connection | None = None
+
+    def _conn(self) -> sqlite3.Connection:
+        if self._db is None:
+            if self.path not in ("", ":memory:"):
+                Path(self.path).parent.mkdir(parents=True, exist_ok=True)
+            db = sqlite3.connect(self.path or ":memory:", check_same_thread=False)
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute("PRAGMA synchronous=NORMAL")
+            db.executescript(_SCHEMA)
+            self._db = db
+        return self._db
+
+    async def _run(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        def call() -> T:
+            db = self._conn()
+            with db:  # one transaction per call
+                return fn(db)
+
+        return await asyncio.get_running_loop().run_in_executor(self._pool, call)
+
+    # ---- sessions -----------------------------------------------------------------------
+
+    async def create_session(self, record: SessionRecord) -> None:
+        await self._run(lambda db: _put_session(db, record, replace=False))
+
+    async def update_session(self, record: SessionRecord) -> None:
+        record.updated_at = time.time()
+        await self._run(lambda db: _put_session(db, record, replace=True))
+
+    async def get_session(self, session_id: str) -> SessionRecord | None:
+        row = await self._run(
+            lambda db: db.execute(
+                "SELECT id, tenant, name, variables, config, parent_id, created_at, updated_at "
+                "FROM sessions WHERE id = ?",
+                (session_id,),
+            ).fetchone()
+        )
+        if row is None:
+            return None
+        return SessionRecord(
+            id=row[0],
+            tenant=row[1],
+            name=row[2],
+            variables=json.loads(row[3]),
+            config=json.loads(row[4]),
+            parent_id=row[5],
+            created_at=row[6],
+            updated_at=row[7],
+        )
+
+    async def delete_session(self, session_id: str) -> None:
+        def delete(db: sqlite3.Connection) -> None:
+            for table, column in (("events", "session_id"), ("messages", "session_id")):
+                db.execute(f"DELETE FROM {table} WHERE {column} = ?", (session_id,))
+            db.execute("DELETE FROM sessions WHERE id = ?", (session_id,))
+
+        await self._run(delete)
+
+    # ---- messages -----------------------------------------------------------------------
+
+    async def load_messages(self, session_id: str) -> list[Message]:
+        rows = await self._run(
+            lambda db: db.execute(
+                "SELECT id, role, content, created_at, metadata FROM ("
+                " SELECT * FROM messages WHERE session_id = ? ORDER BY seq DESC LIMIT ?"
+                ") ORDER BY seq",
+                (session_id, self.max_messages),
+            ).fetchall()
+        )
+        return [
+            Message(id=r[0], role=r[1], content=r[2], created_at=r[3], metadata=json.loads(r[4]))
+            for r in rows
+        ]
+
+    async def append_messages(self, session_id: str, messages: list[Message]) -> None:
+        rows = [
+            (session_id, m.id, m.role, m.content, m.created_at, json.dumps(m.metadata))
+            for m in messages
+        ]
+        await self._run(
+            lambda db: db.executemany(
+                "INSERT INTO messages (session_id, id, role, content, created_at, metadata) "
+                "VALUES (?, ?, ?, ?, ?, ?)",
+                rows,
+            )
+        )
+
+    async def clear_messages(self, session_id: str) -> None:
+        def clear(db: sqlite3.Connection) -> None:
+            db.execute("DELETE FROM messages WHERE session_id = ?", (session_id,))
+            db.execute("DELETE FROM events WHERE session_id = ?", (session_id,))
+
+        await self._run(clear)
+
+    # ---- stream events ------------------------------------------------------------------
+
+    async def append_events(self, session_id: str, events: list[StreamEvent]) -> None:
+        rows = [
+            (session_id, e.response_id, e.kind, json.dumps(e.data), e.created_at) for e in events
+        ]
+        await self._run(
+            lambda db: db.executemany(
+                "INSERT INTO events (session_id, response_id, kind, data, created_at) "
+                "VALUES (?, ?, ?, ?, ?)",
+                rows,
+            )
+        )
+
+    async def load_events(self, session_id: str) -> list[StreamEvent]:
+        rows = await self._run(
+            lambda db: db.execute(
+                "SELECT response_id, kind, data, created_at FROM events "
+                "WHERE session_id = ? ORDER BY seq",
+                (session_id,),
+            ).fetchall()
+        )
+        return [StreamEvent(r[0], r[1], json.loads(r[2]), r[3]) for r in rows]
+
+    async def drop_events(self, session_id: str, response_id: str) -> None:
+        await self._run(
+            lambda db: db.execute(
+                "DELETE FROM events WHERE session_id = ? AND response_id = ?",
+                (session_id, response_id),
+            )
+        )
+
+    async def close(self) -> None:
+        def close_db() -> None:
+            if self._db is not None:
+                self._db.close()
+                self._db = None
+
+        await asyncio.get_running_loop().run_in_executor(self._pool, close_db)
+        self._pool.shutdown(wait=True)
+
+
+def _put_session(db: sqlite3.Connection, r: SessionRecord, *, replace: bool) -> Any:
+    verb = "INSERT OR REPLACE" if replace else "INSERT"
+    return db.execute(
+        f"{verb} INTO sessions (id, tenant, name, variables, config, parent_id, created_at, "
+        "updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+        (
+            r.id,
+            r.tenant,
+            r.name,
+            json.dumps(r.variables),
+            json.dumps(r.config),
+            r.parent_id,
+            r.created_at,
+            r.updated_at,
+        ),
+    )
