@@ -8,6 +8,8 @@ from client.sdk import (
     Message,
     NotFoundError,
     Session,
+    SyncClient,
+    SyncSession,
 )
 
 __all__ = [
@@ -18,4 +20,6 @@ __all__ = [
     "Message",
     "NotFoundError",
     "Session",
+    "SyncClient",
+    "SyncSession",
 ]

@@ -347,3 +347,54 @@ class Session:
 
 def _is_error_for(event: dict[str, Any], msg_id: str) -> bool:
     return event["type"] == "error" and event.get("id") == msg_id
+
+
+class SyncClient:
+    """Blocking wrapper for scripts: the async client runs on a private event loop thread."""
+
+    def __init__(self, url: str = "ws://127.0.0.1:8000/v1/duplex", token: str | None = None):
+        import threading
+
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
+        self._thread.start()
+        self._client = self._call(_make_client(url, token))
+
+    def _call(self, coro: Any, timeout: float | None = None) -> Any:
+        return asyncio.run_coroutine_threadsafe(coro, self._loop).result(timeout)
+
+    def connect(self, **kwargs: Any) -> SyncSession:
+        return SyncSession(self, self._call(self._client.connect(**kwargs)))
+
+    def close(self) -> None:
+        self._call(self._client.aclose())
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(timeout=5)
+
+    def __enter__(self) -> SyncClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+async def _make_client(url: str, token: str | None) -> Client:
+    return Client(url, token)  # httpx's client must be made on the loop that uses it
+
+
+class SyncSession:
+    """The blocking face of ``Session``: the same methods, without ``await``."""
+
+    def __init__(self, owner: SyncClient, session: Session) -> None:
+        self._owner = owner
+        self.session = session
+        self.id = session.id
+
+    def ask(self, question: str, timeout: float | None = 120) -> Message:
+        return self._owner._call(self.session.ask(question, stream=False), timeout)
+
+    def __getattr__(self, name: str) -> Any:
+        method = getattr(self.session, name)
+        if not asyncio.iscoroutinefunction(method):
+            return method
+        return lambda *a, **k: self._owner._call(method(*a, **k))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import hmac
 import secrets
 from dataclasses import dataclass
@@ -29,7 +30,8 @@ class TokenAuth:
         tokens: dict[str, str] = {}
         for entry in entries:
             token, _, tenant = entry.strip().partition(":")
-            tokens[token] = tenant or f"tenant-{token[:6]}"
+            # Without a tenant name, a digest names it: logs never show the token itself.
+            tokens[token] = tenant or "tenant-" + hashlib.sha256(token.encode()).hexdigest()[:10]
         generated = None
         if not tokens and not settings.allow_anonymous:
             generated = "dev-" + secrets.token_urlsafe(18)

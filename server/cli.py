@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import logging
 import sys
-import time
 from typing import Any
 
+from client.terminal import add_arguments as add_client_arguments
+from client.terminal import run as run_client
 from server.config import Settings
 
 
@@ -28,18 +28,12 @@ def main(argv: list[str] | None = None) -> int:
     )
 
     client = sub.add_parser("client", help="connect, send, print the events as they arrive")
-    client.add_argument("--url", default="ws://127.0.0.1:8000/v1/duplex")
-    client.add_argument("--token", default=None)
-    client.add_argument("--session", help="continue this session id")
-    client.add_argument("--provider")
-    client.add_argument("--instructions")
-    client.add_argument("--text", action="append", help="a text turn; repeatable")
-    client.add_argument("--timeout", type=float, default=60.0)
+    add_client_arguments(client)
 
     args = parser.parse_args(argv)
     if args.command == "serve":
         return _serve(args)
-    return asyncio.run(_client(args))
+    return asyncio.run(run_client(args))
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -82,38 +76,6 @@ def _serve(args: argparse.Namespace) -> int:
         # Room above our own limit, so oversize messages get a 413 error, not a dropped socket.
         ws_max_size=settings.max_message_bytes * 2,
     )
-    return 0
-
-
-async def _client(args: argparse.Namespace) -> int:
-    from client.sdk import Client, DuplexError
-
-    start = time.monotonic()
-
-    def show(event: dict[str, Any]) -> None:
-        line = {k: v for k, v in event.items() if k != "media"}
-        if "media" in event:
-            media = event["media"]
-            line["media"] = f"<{media.get('mime_type')} {len(media.get('data', ''))} b64 chars>"
-        print(
-            f"{time.monotonic() - start:7.3f}s {json.dumps(line, ensure_ascii=False)}", flush=True
-        )
-
-    config: dict[str, Any] = {}
-    if args.provider:
-        config["provider"] = args.provider
-    if args.instructions:
-        config["instructions"] = args.instructions
-    try:
-        async with Client(args.url, args.token) as client:
-            session = await client.connect(session_id=args.session, on_event=show, **config)
-            for text in args.text or []:
-                async with asyncio.timeout(args.timeout):
-                    await session.ask(text, stream=False)
-            await session.close()
-    except DuplexError as exc:
-        print(f"error {exc.code}: {exc.message}", file=sys.stderr)
-        return 1
     return 0
 
 

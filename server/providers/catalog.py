@@ -17,8 +17,13 @@ class ProviderCatalog:
 
     @classmethod
     def from_settings(cls, settings: Settings) -> ProviderCatalog:
+        from server.providers.openai_realtime import OpenAIRealtimeProvider
+
         catalog = cls()
         catalog.unary["echo"] = EchoProvider(pace=settings.echo_pace)
+        catalog.realtime["openai-realtime"] = lambda: OpenAIRealtimeProvider(
+            settings.openai_api_key, settings.openai_realtime_url, settings.openai_realtime_model
+        )
         return catalog
 
     def names(self) -> list[str]:
