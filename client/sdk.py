@@ -149,7 +149,7 @@ class Session:
                 self._dispatch(event)
             self._closed_error = ConnectionLost(1000, "connection closed")
         except websockets.ConnectionClosed as exc:
-            self._closed_error = ConnectionLost(exc.code or 1006, f"connection lost: {exc}")
+            self._closed_error = ConnectionLost(_close_code(exc), f"connection lost: {exc}")
         except Exception as exc:
             self._closed_error = ConnectionLost(1006, f"reader failed: {exc!r}")
         finally:
@@ -204,7 +204,7 @@ class Session:
         try:
             await self.ws.send(json.dumps(message))
         except websockets.ConnectionClosed as exc:
-            raise ConnectionLost(exc.code or 1006, f"connection lost: {exc}") from None
+            raise ConnectionLost(_close_code(exc), f"connection lost: {exc}") from None
 
     async def update(self, **config: Any) -> dict[str, Any]:
         msg_id = uuid.uuid4().hex
@@ -229,7 +229,7 @@ class Session:
         try:
             await self.ws.send(pcm)
         except websockets.ConnectionClosed as exc:
-            raise ConnectionLost(exc.code or 1006, f"connection lost: {exc}") from None
+            raise ConnectionLost(_close_code(exc), f"connection lost: {exc}") from None
 
     async def send_frame(
         self,
@@ -398,3 +398,7 @@ class SyncSession:
         if not asyncio.iscoroutinefunction(method):
             return method
         return lambda *a, **k: self._owner._call(method(*a, **k))
+
+
+def _close_code(exc: websockets.ConnectionClosed) -> int:
+    return exc.rcvd.code if exc.rcvd is not None else 1006
