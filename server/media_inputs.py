@@ -11,10 +11,9 @@ import time
 from collections import deque
 from collections.abc import Awaitable, Callable
 
-from media.video import FramePolicy, VideoStream
-
 from media.errors import MediaError
 from media.image import ImageLimits, prepare_image
+from media.video import FramePolicy, VideoStream
 from server.protocol import ImageFrame, ProtocolError, VideoChunk
 
 #: Frames kept for the turn being collected (the newest win).

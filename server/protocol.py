@@ -173,6 +173,10 @@ class SessionConfig(_Strict):
     turn_detection: TurnDetectionConfig = Field(default_factory=TurnDetectionConfig)
     video: VideoConfig = Field(default_factory=VideoConfig)
     tools: list[ToolSpec] = Field(default_factory=list)
+    #: VAD mode: transcribe each spoken turn first (the transcript is the user's text).
+    stt: bool = False
+    #: VAD mode: speak the reply text (sentence by sentence, while it streams).
+    tts: bool = False
     #: Pass-through options for the provider (e.g. temperature); documented per provider.
     provider_options: dict[str, Any] = Field(default_factory=dict)
 

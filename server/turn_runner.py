@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import AsyncExitStack
+from contextlib import AsyncExitStack, aclosing
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -56,6 +56,7 @@ class TurnRunner:
         response_id: str | None = None,
         output_rate: int | None = None,
         client_tool: ClientTool | None = None,
+        on_transcript: Callable[[str], Awaitable[None]] | None = None,
     ) -> None:
         self.session = session
         self.provider = provider
@@ -63,6 +64,7 @@ class TurnRunner:
         self.response_id = response_id or new_id("resp")
         self.output_rate = output_rate
         self.client_tool = client_tool
+        self.on_transcript = on_transcript
         self.hop_text: list[str] = []  # text of the current model call (after the last tools)
         self.tool_messages: list[Message] = []  # complete tool exchanges, then the answer
         self.audio_ms_sent = 0.0
@@ -111,6 +113,13 @@ class TurnRunner:
                 )
                 yield StreamChunk(response_id=self.response_id, finish_reason=self.finish_reason)  # type: ignore[arg-type]
                 return
+        catalog = services.providers
+        config = self.session.config
+        if config.stt and self.turn.audio is not None and catalog.stt is not None:
+            transcript = await catalog.stt.transcribe(self.turn.audio)
+            self.turn.text = " ".join(part for part in (self.turn.text, transcript) if part)
+            if self.on_transcript is not None:
+                await self.on_transcript(transcript)
         request = await self.request()
         stream = run_tool_loop(
             lambda extra: self.provider.stream(with_tool_messages(request, extra)),
@@ -120,24 +129,35 @@ class TurnRunner:
             new_messages=self.tool_messages,
             turn_id=self.turn.turn_id,
         )
-        async for chunk in stream:
-            chunk.response_id = self.response_id
-            if chunk.media is not None and chunk.media.mime_type == "audio/pcm":
-                chunk = self._to_output_rate(chunk)
-                if chunk.media is None:
-                    continue
-            meta = chunk.metadata or {}
-            if chunk.delta:
-                self.hop_text.append(chunk.delta)
-                await self._persist_delta(chunk.delta)
-            elif meta.get("kind") == "tool_result":
-                self.hop_text.clear()
-                await self._persist_event("tool_result", meta)
-            if chunk.finish_reason:
-                self.finish_reason = chunk.finish_reason
-                self.usage = meta.get("usage") or None
-            yield chunk
+        if config.tts and catalog.tts is not None:
+            stream = catalog.tts(config.voice).speak_stream(stream)
+        async with aclosing(stream):
+            async for chunk in stream:
+                if await self._track(chunk):
+                    yield chunk
         await self._flush()
+
+    async def _track(self, chunk: StreamChunk) -> bool:
+        """Bookkeeping for one outgoing chunk (in place): audio rate, text, persistence.
+        False when nothing is left to send (audio the resampler is still holding)."""
+        chunk.response_id = self.response_id
+        if chunk.media is not None and chunk.media.mime_type == "audio/pcm":
+            chunk.media = self._to_output_rate(chunk.media)
+            if chunk.media is None and chunk.model_dump(exclude_none=True).keys() <= {
+                "response_id"
+            }:
+                return False
+        meta = chunk.metadata or {}
+        if chunk.delta:
+            self.hop_text.append(chunk.delta)
+            await self._persist_delta(chunk.delta)
+        elif meta.get("kind") == "tool_result":
+            self.hop_text.clear()
+            await self._persist_event("tool_result", meta)
+        if chunk.finish_reason:
+            self.finish_reason = chunk.finish_reason
+            self.usage = meta.get("usage") or None
+        return True
 
     async def _stored_answer(self, request_id: str) -> Message | None:
         for message in reversed(await self.session.messages()):
@@ -166,25 +186,23 @@ class TurnRunner:
             self.session.id, [StreamEvent(self.response_id, kind, data)]
         )
 
-    def _to_output_rate(self, chunk: StreamChunk) -> StreamChunk:
-        media = chunk.media
-        assert media is not None
+    def _to_output_rate(self, media: Media) -> Media | None:
+        """Reply audio at the session's output rate (None while the resampler fills)."""
         rate = media.sample_rate or 24000
         if self.output_rate and rate != self.output_rate:
             if self._resampler is None:
                 self._resampler = StreamResampler(rate, 1, self.output_rate, 1)
             pcm = self._resampler.push(np.frombuffer(media.data, dtype="<i2"))
             if pcm.size == 0:
-                return chunk.model_copy(update={"media": None})
+                return None
             media = Media(
                 mime_type="audio/pcm",
                 data=pcm.astype("<i2").tobytes(),
                 sample_rate=self.output_rate,
                 channels=1,
             )
-            chunk = chunk.model_copy(update={"media": media})
         self.audio_ms_sent += len(media.data) / 2 / (media.sample_rate or rate) * 1000
-        return chunk
+        return media
 
     # ---- recording ----------------------------------------------------------------------
 

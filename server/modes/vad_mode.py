@@ -31,6 +31,7 @@ from server.protocol import (
     StreamChunk,
     TextChunk,
     ToolCall,
+    Transcript,
     TurnEnded,
     VideoChunk,
     chunk_event,
@@ -209,6 +210,7 @@ class VadMode(Mode):
             turn,
             output_rate=session.config.output_audio.sample_rate,
             client_tool=self._client_tool,
+            on_transcript=lambda text: session.emit(Transcript(turn_id=turn.turn_id, text=text)),
         )
         active = self._active = _Active(runner)
         await session.emit(

@@ -5,25 +5,62 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+import httpx
+
 from server.config import Settings
 from server.providers.base import RealtimeProvider, UnaryProvider
 from server.providers.echo import EchoProvider
+from server.providers.speech_stages import SpeechToText, TextToSpeech
 
 
 @dataclass
 class ProviderCatalog:
     unary: dict[str, UnaryProvider] = field(default_factory=dict)
     realtime: dict[str, Callable[[], RealtimeProvider]] = field(default_factory=dict)
+    #: Optional STT/TTS stages for VAD mode (``stt``/``tts`` in the session config).
+    stt: SpeechToText | None = None
+    tts: Callable[[str | None], TextToSpeech] | None = None
+    http: httpx.AsyncClient | None = None
 
     @classmethod
     def from_settings(cls, settings: Settings) -> ProviderCatalog:
+        from server.providers.gemini_live import GeminiLiveProvider
+        from server.providers.openai_chat import OpenAIChatProvider
         from server.providers.openai_realtime import OpenAIRealtimeProvider
 
-        catalog = cls()
+        http = httpx.AsyncClient(timeout=httpx.Timeout(60, connect=10))
+        catalog = cls(http=http)
         catalog.unary["echo"] = EchoProvider(pace=settings.echo_pace)
+        catalog.unary["openai-chat"] = OpenAIChatProvider(
+            base_url=settings.openai_base_url,
+            api_key=settings.openai_api_key,
+            model=settings.openai_chat_model,
+            audio_input=settings.openai_audio_input,
+            client=http,
+        )
         catalog.realtime["openai-realtime"] = lambda: OpenAIRealtimeProvider(
             settings.openai_api_key, settings.openai_realtime_url, settings.openai_realtime_model
         )
+        catalog.realtime["gemini-live"] = lambda: GeminiLiveProvider(
+            settings.gemini_api_key, settings.gemini_base_url, settings.gemini_model
+        )
+        catalog.stt = SpeechToText(
+            settings.stt_base_url or settings.openai_base_url,
+            settings.openai_api_key,
+            settings.stt_model,
+            client=http,
+        )
+
+        def tts(voice: str | None) -> TextToSpeech:
+            return TextToSpeech(
+                settings.tts_base_url or settings.openai_base_url,
+                settings.openai_api_key,
+                settings.tts_model,
+                voice or "alloy",
+                client=http,
+            )
+
+        catalog.tts = tts
         return catalog
 
     def names(self) -> list[str]:
@@ -39,3 +76,5 @@ class ProviderCatalog:
     async def aclose(self) -> None:
         for provider in self.unary.values():
             await provider.aclose()
+        if self.http is not None:
+            await self.http.aclose()
