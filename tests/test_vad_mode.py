@@ -116,18 +116,23 @@ async def test_barge_in_interrupts_and_cuts_the_stored_answer(server_factory, co
     assert answer["metadata"]["audio_ms"] < len(speech) / 16, "audio stopped early"
 
 
-async def test_short_backchannel_does_not_interrupt(server_factory):
+@pytest.mark.parametrize(
+    "turn_detection",
+    [{"min_barge_in_ms": 800}, {"interrupt": False}],
+    ids=["short-backchannel", "interrupt-off"],
+)
+async def test_speech_over_the_reply_that_must_not_interrupt(server_factory, turn_detection):
     server = server_factory(echo_pace=1.0)
     speech = synth("Tell me a long story about the sea", "en", 150)
     async with connect(server, TOKEN) as c:
         await c.recv()
-        await c.send(
-            {"type": "session.update", "config": {"turn_detection": {"min_barge_in_ms": 800}}}
-        )
+        await c.send({"type": "session.update", "config": {"turn_detection": turn_detection}})
         await c.recv()
         await _stream(c, np.concatenate([speech, SILENCE_1S]))
         await c.until("response.started", timeout=20)
-        await _stream(c, np.concatenate([speech[:6400], SILENCE_1S]))  # 0.4 s "mm-hm"
+        # 0.4 s "mm-hm" (or, with interrupt off, a whole sentence)
+        talk = speech[:6400] if "min_barge_in_ms" in turn_detection else speech
+        await _stream(c, np.concatenate([talk, SILENCE_1S]))
         events = await c.until("response.done", timeout=20)
     assert events[-1]["finish_reason"] == "stop"
     assert not any(e.get("interrupted") for e in events)
