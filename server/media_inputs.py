@@ -10,11 +10,15 @@ import asyncio
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING
 
 from media.errors import MediaError
 from media.image import ImageLimits, prepare_image
-from media.video import FramePolicy, VideoStream
+from media.video import FramePolicy, VideoPushResult, VideoStream
 from server.protocol import ImageFrame, ProtocolError, VideoChunk
+
+if TYPE_CHECKING:
+    from server.session import DuplexSession
 
 #: Frames kept for the turn being collected (the newest win).
 MAX_PENDING_FRAMES = 8
@@ -29,7 +33,7 @@ class FrameSource:
 
     def __init__(
         self,
-        session: object,
+        session: DuplexSession,
         forward: Callable[[ImageFrame], Awaitable[None]] | None = None,
     ) -> None:
         self.session = session
@@ -45,10 +49,10 @@ class FrameSource:
         return time.monotonic() * 1000
 
     def reconfigure(self) -> None:
-        video = self.session.config.video  # type: ignore[attr-defined]
+        video = self.session.config.video
         self.limits = ImageLimits(
             max_dimension=video.max_dimension,
-            max_pixels=self.session.services.limits.max_image_pixels,  # type: ignore[attr-defined]
+            max_pixels=self.session.services.limits.max_image_pixels,
         )
         self.policy = FramePolicy(fps_speaking=video.fps_speaking, fps_idle=video.fps_idle)
         for stream in self._streams.values():
@@ -88,15 +92,26 @@ class FrameSource:
             chunk.data,
             now_ms=self._now_ms(),
             speaking=speaking,
-            is_key_frame=chunk.is_key_frame,
+            timestamp_ms=chunk.timestamp,
+            width=chunk.width,
+            height=chunk.height,
         )
+        await self._take_result(result, msg_id)
+
+    async def poll(self, *, speaking: bool) -> None:
+        """Collect frames that came due since the last chunk (called at a turn's end)."""
+        for stream in self._streams.values():
+            result = await asyncio.to_thread(stream.poll, now_ms=self._now_ms(), speaking=speaking)
+            await self._take_result(result, None)
+
+    async def _take_result(self, result: VideoPushResult, msg_id: str | None) -> None:
         for out in result.frames:
             frame = ImageFrame(
                 out.data, "image/jpeg", out.width, out.height, out.chunk_index, out.timestamp_ms
             )
             await self._deliver(frame)
         for notice in result.notices:
-            await self.session.emit_error(notice.code, notice.message, id=msg_id)  # type: ignore[attr-defined]
+            await self.session.emit_error(notice.code, notice.message, id=msg_id)
 
     async def _accept(self, frame: ImageFrame, speaking: bool) -> None:
         """Images pass at most at the policy's rate; within an interval the newest wins."""

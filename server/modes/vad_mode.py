@@ -9,7 +9,8 @@ reply streams interrupts it (barge-in).
 from __future__ import annotations
 
 import asyncio
-from dataclasses import dataclass
+import contextlib
+from dataclasses import dataclass, field
 from typing import Any
 
 from media.errors import MediaError
@@ -43,6 +44,9 @@ from server.turn_runner import Turn, TurnRunner
 from vad import turns as vt
 
 MAX_TEXT_CHARS = 64_000
+#: After an interruption, how long to wait for the client's last ``playback`` report
+#: (it is sent when playback stops, so it crosses the interruption on the wire).
+PLAYBACK_GRACE_S = 0.3
 
 
 @dataclass
@@ -51,6 +55,7 @@ class _Active:
     task: asyncio.Task[None] | None = None
     cancel_reason: str = "cancelled"
     played_ms: float | None = None
+    reported: asyncio.Event = field(default_factory=asyncio.Event)
 
 
 class VadMode(Mode):
@@ -88,8 +93,8 @@ class VadMode(Mode):
             raise ProtocolError(exc.code, exc.message) from None
         for event in result.events:
             await self._on_turn_event(event)
-        if self._active is not None and self._barge_in_due():
-            await self._interrupt()
+        if self._streaming() is not None and self._barge_in_due():
+            self._interrupt()
 
     async def on_frame(self, frame: ImageFrame, msg_id: str | None) -> None:
         await self._frames.add_image(frame, speaking=self._speaking())
@@ -110,7 +115,7 @@ class VadMode(Mode):
         await self._end_turn(turn)
 
     async def on_cancel(self, msg_id: str | None) -> None:
-        if self._active is None:
+        if self._streaming() is None:
             raise ProtocolError(BAD_REQUEST, "no response in progress")
         self._cancel_active("cancelled")
 
@@ -118,6 +123,7 @@ class VadMode(Mode):
         active = self._active
         if active is not None and active.runner.response_id == response_id:
             active.played_ms = played_ms
+            active.reported.set()
 
     async def on_tool_result(self, call_id: str, output: Any, msg_id: str | None) -> None:
         waiter = self._tool_waiters.pop(call_id, None)
@@ -177,6 +183,7 @@ class VadMode(Mode):
         turn.text = "".join(self._text)
         self._text.clear()
         self._text_chars = 0
+        await self._frames.poll(speaking=False)
         turn.frames = self._frames.take()
         await self.session.emit(
             TurnEnded(
@@ -225,21 +232,30 @@ class VadMode(Mode):
             reason = runner.finish_reason or "stop"
         except asyncio.CancelledError:
             if asyncio.current_task().cancelling():  # type: ignore[union-attr]
-                raise  # the session is closing
+                await runner.record("cancelled")  # the session is closing: keep what was said
+                raise
             reason = active.cancel_reason
         except ProviderError as exc:
             reason = "error"
             await session.emit_error(exc.code or PROVIDER_FAILED, exc.message, fatal=exc.fatal)
+        try:
+            if reason == "interrupted":
+                active.reported.clear()
+                await session.emit(
+                    chunk_event(StreamChunk(response_id=runner.response_id, interrupted=True))
+                )
+            await session.emit(
+                ResponseDone(
+                    response_id=runner.response_id, finish_reason=reason, usage=runner.usage
+                )
+            )
+            if reason == "interrupted":
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(PLAYBACK_GRACE_S):
+                        await active.reported.wait()
         finally:
             self._active = None
-        if reason == "interrupted":
-            await session.emit(
-                chunk_event(StreamChunk(response_id=runner.response_id, interrupted=True))
-            )
-        await session.emit(
-            ResponseDone(response_id=runner.response_id, finish_reason=reason, usage=runner.usage)
-        )
-        await runner.record(reason, active.played_ms if reason == "interrupted" else None)
+            await runner.record(reason, active.played_ms if reason == "interrupted" else None)
 
     async def _client_tool(self, call: ToolCall) -> Any:
         """Wait for the client's ``tool.result`` (the call went out as ``chunk.tool_calls``)."""
@@ -256,11 +272,20 @@ class VadMode(Mode):
             await self.session.emit(chunk_event(chunk))
 
     def _cancel_active(self, reason: str) -> None:
-        active = self._active
-        if active is not None and active.task is not None and not active.task.done():
+        active = self._streaming()
+        if active is not None and active.task is not None:
             active.cancel_reason = reason
             active.task.cancel()
 
-    async def _interrupt(self) -> None:
-        self.session.log.info("barge-in: interrupting %s", self._active.runner.response_id)  # type: ignore[union-attr]
-        self._cancel_active("interrupted")
+    def _streaming(self) -> _Active | None:
+        """The response whose stream is still running, if any."""
+        active = self._active
+        if active is not None and active.task is not None and not active.task.done():
+            return active
+        return None
+
+    def _interrupt(self) -> None:
+        active = self._streaming()
+        if active is not None:
+            self.session.log.info("barge-in: interrupting %s", active.runner.response_id)
+            self._cancel_active("interrupted")

@@ -1,0 +1,206 @@
+"""The browser demo (server/static) in real headless Chromium, against a real server.
+
+Chromium's fake microphone plays a WAV of two spoken turns, so the whole audio path runs
+as it would for a user: getUserMedia -> AudioWorklet -> binary PCM frames -> server VAD ->
+turn events and echo replies -> Web Audio playback -> `playback` reports.
+
+The echo provider streams reply audio at twice real time, so the page holds seconds of
+audio queued ahead of what it has played; the first turn is long, so the second turn
+talks over the first reply while it still streams. On the interruption the page must
+drop that queue at once rather than play it out.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import re
+import wave
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from tests.conftest import TOKEN
+from tests.speech import SAMPLE_RATE, resample, rms, synth
+
+CHROMIUM = Path("/usr/bin/chromium")
+ARTIFACTS = Path(__file__).resolve().parents[1] / "test-artifacts"
+WAV_RATE = 48000
+INPUT_RATES = {8000, 16000, 24000, 32000, 44100, 48000}
+
+# The first turn is long (about 7 s of speech), so its echo still streams when the second
+# turn starts 2 s after it: that is the barge-in.
+TURN_1 = (
+    "Could you tell me the weather for tomorrow? I would like to book a table for two. "
+    "Remind me to call my sister tonight."
+)
+TURN_2 = "Set a timer for fifteen minutes."
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(not CHROMIUM.exists(), reason="needs Chromium at /usr/bin/chromium"),
+]
+
+
+def write_mic_wav(path: Path) -> None:
+    """1 s silence, turn 1, 2 s silence, turn 2, 4 s silence: 16-bit mono PCM at 48 kHz."""
+    level = 32768 * 10 ** (-20 / 20)  # a comfortable -20 dBFS RMS speaking level
+
+    def speech(text: str) -> np.ndarray:
+        clip = synth(text, voice="en-us", speed=150).astype(np.float64)
+        return clip * level / rms(clip)
+
+    def silence(seconds: float) -> np.ndarray:
+        return np.zeros(int(seconds * SAMPLE_RATE))
+
+    parts = [silence(1), speech(TURN_1), silence(2), speech(TURN_2), silence(4)]
+    audio = np.clip(np.round(np.concatenate(parts)), -32768, 32767).astype(np.int16)
+    with wave.open(str(path), "wb") as w:
+        w.setnchannels(1)
+        w.setsampwidth(2)
+        w.setframerate(WAV_RATE)
+        w.writeframes(resample(audio, SAMPLE_RATE, WAV_RATE).astype("<i2").tobytes())
+
+
+def test_browser_demo_voice_text_and_camera(server_factory: Any, tmp_path: Path) -> None:
+    from playwright.sync_api import expect, sync_playwright
+
+    wav = tmp_path / "mic.wav"
+    write_mic_wav(wav)
+    server = server_factory(echo_pace=0.5)  # reply audio at twice real time
+    ARTIFACTS.mkdir(exist_ok=True)
+
+    # The page's WebSocket traffic in order, as the browser saw it: ("out"|"in", message).
+    wire: list[tuple[str, dict[str, Any]]] = []
+    sent_binary: list[int] = []  # sizes of the audio frames
+
+    def on_sent(payload: str | bytes) -> None:
+        if isinstance(payload, bytes):
+            sent_binary.append(len(payload))
+        else:
+            wire.append(("out", json.loads(payload)))
+
+    def on_received(payload: str | bytes) -> None:
+        wire.append(("in", json.loads(payload)))
+
+    def sent(kind: str) -> list[dict[str, Any]]:
+        return [m for d, m in wire if d == "out" and m["type"] == kind]
+
+    def watch(ws: Any) -> None:
+        ws.on("framesent", on_sent)
+        ws.on("framereceived", on_received)
+
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(
+            executable_path=str(CHROMIUM),
+            headless=True,
+            args=[
+                "--no-sandbox",
+                "--use-fake-ui-for-media-stream",
+                "--use-fake-device-for-media-stream",
+                f"--use-file-for-fake-audio-capture={wav}",
+                "--disable-gpu",
+                "--disable-background-networking",
+                "--disable-component-update",
+                "--disable-sync",
+                "--no-first-run",
+            ],
+        )
+        try:
+            page = browser.new_page(viewport={"width": 1100, "height": 900})
+            console: list[str] = []
+            page.on("console", lambda m: console.append(f"{m.type}: {m.text}"))
+            page.on("pageerror", lambda e: console.append(f"pageerror: {e}"))
+            page.on("websocket", watch)
+            page.set_default_timeout(20_000)
+
+            page.goto(f"{server.base}/?token={TOKEN}")
+            expect(page.locator("#token")).to_have_value(TOKEN)  # prefilled from the URL
+            page.click("#connect")
+            expect(page.locator("#status")).to_have_attribute("data-state", "connected")
+
+            # Right after session.created the page declares its capture format.
+            update = sent("session.update")[0]
+            rate = update["config"]["input_audio"]["sample_rate"]
+            assert rate in INPUT_RATES
+            assert update["config"]["input_audio"]["format"] == "pcm16"
+            assert update["config"]["output_audio"] == {"sample_rate": 24000}
+
+            page.click("#mic")
+            expect(page.locator("#mic")).to_have_attribute("aria-pressed", "true")
+
+            # The server finds both turns of the WAV and echoes each one.
+            turns = page.locator('.event[data-type="turn.ended"]')
+            turns.nth(1).wait_for()
+            expect(turns.first).to_contain_text(re.compile(r"\d+ ms – \d+ ms"))
+            heard = page.locator(".reply").filter(
+                has_text=re.compile(r"Heard \d+\.\d\d s of audio")
+            )
+            expect(heard.first).to_be_visible()
+            expect(page.locator('.event[data-type="speech.started"]').first).to_be_visible()
+
+            # The second turn barges in on the first reply: the page stops its playback and
+            # reports how much of that reply was heard.
+            cut = page.locator('.event[data-type="chunk.interrupted"]').first
+            expect(cut).to_be_visible()
+            cut_id = cut.get_attribute("data-response-id")
+            expect(page.locator(f'.reply[data-response-id="{cut_id}"]')).to_have_attribute(
+                "data-finish-reason", "interrupted"
+            )
+            page.click("#mic")  # the fake microphone loops; stop it before the text turn
+            expect(page.locator("#mic")).to_have_attribute("aria-pressed", "false")
+
+            # Microphone audio went out as binary frames of 20 ms at the declared rate.
+            assert sent_binary, "no audio frames were sent"
+            assert set(sent_binary) == {rate * 20 // 1000 * 2}
+            # The cut reply's playback was reported while it played, and stopped at the cut:
+            # the audio still queued would otherwise have gone on being reported every
+            # 250 ms. After the cut come at most the final report and one periodic report
+            # racing the interruption message; the final amount heard is less than the page
+            # had received (the queue was dropped, not played out).
+            cut_at = next(i for i, (d, m) in enumerate(wire) if d == "in" and m.get("interrupted"))
+            reports = [
+                (i, m["played_ms"])
+                for i, (d, m) in enumerate(wire)
+                if d == "out" and m["type"] == "playback" and m["response_id"] == cut_id
+            ]
+            assert any(i < cut_at and played > 0 for i, played in reports), reports
+            assert len([i for i, _ in reports if i > cut_at]) <= 2, reports
+            received_ms = sum(
+                len(base64.b64decode(m["media"]["data"])) / 2 / 24  # PCM16 at 24 kHz
+                for d, m in wire
+                if d == "in" and m.get("response_id") == cut_id and "media" in m
+            )
+            assert 0 < reports[-1][1] < received_ms, (reports, received_ms)
+
+            # Camera: the fake camera's frames go out as JPEG and reach the next turn.
+            page.click("#camera")
+            expect(page.locator("#frames")).not_to_have_attribute("data-count", "0")
+            image = sent("input.image")[0]
+            assert image["mime_type"] == "image/jpeg" and image["width"] > 0
+
+            # Text turn through the text box.
+            page.fill("#text-input", "hello from the browser")
+            page.click("#send")
+            reply = page.locator('.reply[data-request-id="text-1"]')
+            expect(reply).to_contain_text("You said: “hello from the browser”")
+            expect(reply).to_contain_text(re.compile(r"Saw \d+ frame\(s\): \d+x\d+ image/jpeg"))
+            expect(reply).to_have_attribute("data-finish-reason", "stop")
+
+            expect(page.locator(".entry.error")).to_have_count(0)
+            assert not [c for c in console if c.startswith(("error", "pageerror"))], console
+            page.screenshot(path=str(ARTIFACTS / "demo.png"), full_page=True)
+
+            page.click("#connect")  # Disconnect
+            expect(page.locator("#status")).to_have_attribute("data-state", "closed")
+            expect(page.locator("#status")).to_contain_text("closed (1000")
+
+            # A wrong token: the server's error is shown with its code, then the close code.
+            page.goto(f"{server.base}/?token=not-a-token")
+            page.click("#connect")
+            expect(page.locator('.entry.error[data-code="401"]')).to_contain_text("token")
+            expect(page.locator("#status")).to_contain_text("closed (1008")
+        finally:
+            browser.close()
