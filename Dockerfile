@@ -5,6 +5,6 @@ COPY server server
 COPY media media
 COPY vad vad
 COPY client client
-RUN pip install --no-cache-dir .
+RUN pip install --no-cache-dir ".[redis]"
 EXPOSE 8000
 CMD ["duplex", "serve", "--host", "0.0.0.0"]

@@ -12,10 +12,15 @@ from server.state.base import SessionRecord, StreamEvent, open_store
 from server.state.memory import MemoryStore
 
 
-@pytest.fixture(params=["memory", "sqlite"])
+@pytest.fixture(params=["memory", "sqlite", "redis"])
 async def store(request, tmp_path):
-    url = "memory://" if request.param == "memory" else f"sqlite:///{tmp_path}/s.db"
+    if request.param == "redis":
+        url = request.getfixturevalue("redis_url")
+    else:
+        url = "memory://" if request.param == "memory" else f"sqlite:///{tmp_path}/s.db"
     s = open_store(url, ttl_s=60, max_sessions=100, max_messages=50)
+    if request.param == "redis":
+        await s._redis.flushdb()
     yield s
     await s.close()
 
@@ -91,3 +96,22 @@ async def test_sqlite_survives_reopen(tmp_path):
 def test_unknown_store_url():
     with pytest.raises(ValueError, match="unsupported store URL"):
         open_store("mongo://x", ttl_s=1, max_sessions=1, max_messages=1)
+
+
+async def test_two_replicas_share_a_conversation_through_redis(server_factory, redis_url):
+    """Scale-out: a session started on one server continues on another."""
+    from tests.conftest import TOKEN
+    from tests.wsutil import connect, reply_text
+
+    first = server_factory(store_url=redis_url)
+    second = server_factory(store_url=redis_url)
+    async with connect(first, TOKEN) as c:
+        session_id = (await c.recv())["session"]["id"]
+        await c.ask("said on the first replica")
+    async with connect(second, TOKEN, query=f"session_id={session_id}") as c:
+        assert (await c.recv())["session"]["id"] == session_id
+        assert "second" in reply_text(await c.ask("and the second"))
+    store = open_store(redis_url, ttl_s=60, max_sessions=1, max_messages=50)
+    contents = [m.content for m in await store.load_messages(session_id)]
+    await store.close()
+    assert contents[0] == "said on the first replica" and contents[2] == "and the second"

@@ -84,7 +84,8 @@ class StateStore(ABC):
 
 
 def open_store(url: str, *, ttl_s: float, max_sessions: int, max_messages: int) -> StateStore:
-    """A store from its URL: ``memory://`` or ``sqlite:///relative.db`` / ``sqlite:////abs.db``."""
+    """A store from its URL: ``memory://``, ``sqlite:///relative.db`` / ``sqlite:////abs.db``,
+    or ``redis://host:port/db`` (shared by replicas)."""
     scheme = url.split(":", 1)[0]
     if scheme == "memory":
         from server.state.memory import MemoryStore
@@ -95,4 +96,10 @@ def open_store(url: str, *, ttl_s: float, max_sessions: int, max_messages: int) 
 
         # As in SQLAlchemy: sqlite:///relative.db, sqlite:////absolute/path.db
         return SqliteStore(url.removeprefix("sqlite:///"), max_messages=max_messages)
-    raise ValueError(f"unsupported store URL {url!r} (use memory:// or sqlite:///path)")
+    if scheme in ("redis", "rediss", "unix"):
+        from server.state.redis import RedisStore
+
+        return RedisStore(url, ttl_s=ttl_s, max_messages=max_messages)
+    raise ValueError(
+        f"unsupported store URL {url!r} (use memory://, sqlite:///path or redis://host:port/db)"
+    )
