@@ -316,7 +316,8 @@ def _decode_image(kind: str, data: bytes) -> av.VideoFrame:
     try:
         frames = decoder.decode(av.Packet(data)) or decoder.decode(None)
     except Exception as exc:  # av.error.* and anything else the codec raises
-        raise MediaError(415, f"{kind} data cannot be decoded: {exc}") from exc
+        reason = getattr(exc, "strerror", None) or type(exc).__name__
+        raise MediaError(415, f"{kind} data cannot be decoded ({reason})") from exc
     if not frames or frames[0].is_corrupt:
         raise MediaError(415, f"{kind} data cannot be decoded")
     return frames[0]

@@ -210,10 +210,12 @@ class VideoStream:
         self._newest_ms: float | None = None
         # Newest decoded frame, in display order (the decoder's output order).
         self._latest: tuple[av.VideoFrame, _Sample] | None = None
+        self._unconfirmed: list[tuple[av.VideoFrame, _Sample]] = []
         self._gop_decoded = False  # self._latest belongs to the current GOP
         self._emitted: _Sample | None = None
         self._last_emit_ms: float | None = None
         self._incident = False
+        self._last_notice: dict[int, str] = {}
         self._declared_size: tuple[int | None, int | None] | None = None
         self._size_reported: tuple[object, ...] = ()
 
@@ -413,7 +415,7 @@ class VideoStream:
         """Decode just the keyframe, draining the decoder if it holds the frame back."""
         assert self._decoder is not None and self._key is not None
         key = self._key
-        self._decoder.flush()
+        self._flush_decoder()
         try:
             decoded = self._decoder.decode(key)
             if not any(sample is key for _, sample in decoded):
@@ -432,7 +434,7 @@ class VideoStream:
             return
         batch = self._rest if self._synced else [self._key, *self._rest]
         if not self._synced:
-            self._decoder.flush()
+            self._flush_decoder()
         self._rest, self._rest_bytes = [], 0
         self._synced = True
         for sample in batch:
@@ -447,18 +449,29 @@ class VideoStream:
     def _accept(
         self, decoded: list[tuple[av.VideoFrame, _Sample]], result: VideoPushResult
     ) -> bool:
-        # The decoder was flushed before this GOP's keyframe went in, so whatever it
-        # outputs belongs to this GOP, in display order: the last frame is the newest.
-        # A frame flagged corrupt may be output after frames decoded later that refer
-        # to it (B-frames): those are dropped too, only frames decoded before it stay.
+        """Keep the newest confirmed frame; on a corrupt one, restart at the next keyframe.
+
+        The decoder was flushed before this GOP's keyframe went in, so what it
+        outputs belongs to this GOP, in display order. A frame is usable once
+        every frame decoded before it has come out (``confirmed_below``), and
+        only if it was decoded before any frame flagged corrupt.
+        """
+        assert self._decoder is not None
         self.stats.frames_decoded += len(decoded)
         bad = next((sample for frame, sample in decoded if frame.is_corrupt), None)
-        usable = [(f, s) for f, s in decoded if bad is None or s.seq < bad.seq]
-        if usable:
-            self._latest = usable[-1]
+        waiting = self._unconfirmed + [
+            (frame, sample) for frame, sample in decoded if bad is None or sample.seq < bad.seq
+        ]
+        floor = self._decoder.confirmed_below()
+        if bad is not None:
+            floor = min(floor, bad.seq)
+        confirmed = [item for item in waiting if item[1].seq < floor]
+        self._unconfirmed = [item for item in waiting if item[1].seq >= floor]
+        if confirmed:
+            self._latest = confirmed[-1]
             self._gop_decoded = True
             self._incident = False
-            self._check_size(usable[-1][0].width, usable[-1][0].height, result)
+            self._check_size(self._latest[0].width, self._latest[0].height, result)
         if bad is not None:
             message = "corrupt video data; resuming at the next keyframe"
             self._corrupt(result, MediaError(415, message))
@@ -480,6 +493,11 @@ class VideoStream:
             self._decoder.reset()
         self._forget_gop()
 
+    def _flush_decoder(self) -> None:
+        assert self._decoder is not None
+        self._decoder.flush()
+        self._unconfirmed = []
+
     # -- state
 
     def _discontinuity(self, reset_demuxer: bool = True) -> None:
@@ -494,14 +512,18 @@ class VideoStream:
         self._synced = self._gop_decoded = False
         self._awaiting_key = True
         if self._decoder is not None:
-            self._decoder.flush()
+            self._flush_decoder()
 
     def _notify(self, result: VideoPushResult, error: MediaError) -> None:
+        """Report a problem once: 415s once per incident, others unless just said."""
         if error.code == 415:
             self.stats.errors += 1
             if self._incident:
                 return
             self._incident = True
+        elif self._last_notice.get(error.code) == error.message:
+            return  # e.g. the same oversized picture at every keyframe
+        self._last_notice[error.code] = error.message
         result.notices.append(error)
 
 
@@ -590,12 +612,19 @@ class _Break:
 
 
 class _Decoder:
-    """One codec context for the stream; errors come out as MediaError."""
+    """One codec context for the stream; errors come out as MediaError.
+
+    It also knows which packets went in and have not come out yet: with
+    B-frames a picture is output after pictures decoded later that refer to
+    it, so a frame is only *confirmed* once everything decoded before it has
+    come out unflagged (see ``confirmed_below``).
+    """
 
     def __init__(self, codec: str, max_pixels: int) -> None:
         self.codec = codec
         self._max_pixels = max_pixels
         self._meta: OrderedDict[int, _Sample] = OrderedDict()
+        self._inside: set[int] = set()
         self._ctx = self._open()
 
     def _open(self) -> av.CodecContext:
@@ -603,8 +632,7 @@ class _Decoder:
         ctx.thread_count = 1  # many streams per core beat one fast stream; also no frame delay
         # max_pixels: the decoder refuses larger pictures (H.264 sizes come from the SPS).
         # err_detect=explode: H.264 reports a damaged slice when it is decoded instead of
-        # concealing it and flagging the picture only when it is output, possibly after
-        # B-frames that refer to it were already output.
+        # concealing it and flagging the picture only when it is output.
         ctx.options = {"max_pixels": str(self._max_pixels), "err_detect": "explode"}
         return ctx
 
@@ -614,18 +642,31 @@ class _Decoder:
         self._meta[sample.seq] = sample
         while len(self._meta) > _FRAME_META:
             self._meta.popitem(last=False)
+        self._inside.add(sample.seq)
         return self._run(packet)
 
     def drain(self) -> list[tuple[av.VideoFrame, _Sample]]:
         frames = self._run(None)
-        self._ctx.flush_buffers()
+        self.flush()
         return frames
 
     def flush(self) -> None:
         self._ctx.flush_buffers()  # a no-op on a context not opened yet
+        self._inside.clear()
 
     def reset(self) -> None:
         self._ctx = self._open()
+        self._inside.clear()
+
+    def confirmed_below(self) -> float:
+        """Frames with a lower seq cannot refer to a picture still inside the decoder."""
+        if not self._ctx.has_b_frames or not self._inside:
+            return math.inf
+        # A packet that never yields a picture must not hold everything back:
+        # reordering never spans more than 16 pictures.
+        newest = max(self._inside)
+        self._inside = {seq for seq in self._inside if seq > newest - 16}
+        return min(self._inside)
 
     def _run(self, packet: av.Packet | None) -> list[tuple[av.VideoFrame, _Sample]]:
         try:
@@ -647,6 +688,7 @@ class _Decoder:
         for frame in frames:
             sample = self._meta.get(frame.pts) if frame.pts is not None else None
             if sample is not None:
+                self._inside.discard(sample.seq)
                 out.append((frame, sample))
         return out
 
@@ -666,32 +708,144 @@ def _nal_spans(data: bytes) -> Iterator[tuple[int, int, int]]:
 
 
 class _H264Params:
-    """Remembers SPS/PPS so a keyframe can always be decoded on its own.
+    """Per-stream H.264 bookkeeping done at demux time, before any decoding.
 
-    Needed when a decoder is reset mid-stream (after corruption) and the
-    encoder sends parameter sets only once, or when they live in the
-    container (avcC) rather than in the samples.
+    Remembers SPS/PPS so a keyframe can always be decoded on its own (after a
+    decoder reset, or when they live in the container's avcC). And follows
+    ``frame_num``: a reference picture that goes missing (a lost or garbled
+    chunk swallowing whole frames) makes it jump, which the decoder itself
+    papers over by repeating old pictures without flagging anything.
     """
 
     def __init__(self, sps: list[bytes] | None = None, pps: list[bytes] | None = None) -> None:
         self._sps = sps or []
         self._pps = pps or []
+        self._order: _SpsOrder | None = _sps_order(self._sps[-1]) if self._sps else None
+        self._prev_frame_num: int | None = None
+
+    def forget_order(self) -> None:
+        """After a discontinuity: nothing to compare the next frame_num with."""
+        self._prev_frame_num = None
 
     def sample(self, annexb: bytes, **fields: object) -> _Sample:
+        """The access unit as a sample; _FramesMissing if frame_num says frames were lost."""
         types = set()
         sps, pps = [], []
+        first_slice: tuple[int, int] | None = None
         for nal_type, begin, end in _nal_spans(annexb):
             types.add(nal_type)
             if nal_type == 7:
                 sps.append(annexb[begin:end])
             elif nal_type == 8:
                 pps.append(annexb[begin:end])
-        self._sps = sps or self._sps
+            elif nal_type in (1, 5) and first_slice is None:
+                first_slice = (begin, end)
+        if sps:
+            self._sps, self._order = sps, _sps_order(sps[-1])
         self._pps = pps or self._pps
         key = 5 in types
+        if first_slice is not None:
+            self._follow_frame_num(annexb[first_slice[0] : first_slice[1]], key)
         if key and not (sps and pps) and self._sps and self._pps:
             annexb = b"".join(b"\x00\x00\x00\x01" + nal for nal in self._sps + self._pps) + annexb
         return _Sample(annexb, "h264", key, **fields)  # type: ignore[arg-type]
+
+    def _follow_frame_num(self, slice_nal: bytes, key: bool) -> None:
+        order = self._order
+        if order is None or order.gaps_allowed:
+            return
+        try:
+            bits = _Bits(_unescape(slice_nal[1:32]))
+            bits.ue(), bits.ue(), bits.ue()  # first_mb_in_slice, slice_type, pps_id
+            if order.separate_colour_planes:
+                bits.u(2)
+            frame_num = bits.u(order.frame_num_bits)
+        except _Corrupt:
+            return
+        previous = self._prev_frame_num
+        if not key and previous is not None:
+            following = (previous + 1) % (1 << order.frame_num_bits)
+            if frame_num not in (previous, following):
+                self._prev_frame_num = None
+                raise _FramesMissing(f"frame_num jumps from {previous} to {frame_num}")
+        if slice_nal[0] & 0x60:  # nal_ref_idc: a reference picture advances the count
+            self._prev_frame_num = frame_num
+
+
+@dataclass(frozen=True)
+class _SpsOrder:
+    frame_num_bits: int
+    separate_colour_planes: bool
+    gaps_allowed: bool
+
+
+class _Bits:
+    """Big-endian bit reader with Exp-Golomb codes (H.264 7.2, 9.1)."""
+
+    def __init__(self, data: bytes) -> None:
+        self._value = int.from_bytes(data, "big")
+        self._length = 8 * len(data)
+        self._pos = 0
+
+    def u(self, n: int) -> int:
+        if self._pos + n > self._length:
+            raise _Corrupt("bitstream ends early")
+        self._pos += n
+        return (self._value >> (self._length - self._pos)) & ((1 << n) - 1)
+
+    def ue(self) -> int:
+        zeros = 0
+        while self.u(1) == 0:
+            zeros += 1
+            if zeros > 31:
+                raise _Corrupt("invalid Exp-Golomb code")
+        return (1 << zeros) - 1 + self.u(zeros)
+
+    def se(self) -> int:
+        code = self.ue()
+        return (code + 1) // 2 if code & 1 else -(code // 2)
+
+
+def _unescape(nal: bytes) -> bytes:
+    return nal.replace(b"\x00\x00\x03", b"\x00\x00")
+
+
+_HIGH_PROFILES = frozenset({100, 110, 122, 244, 44, 83, 86, 118, 128, 138, 139, 134, 135})
+
+
+def _sps_order(sps: bytes) -> _SpsOrder | None:
+    """The SPS fields frame_num depends on (H.264 7.3.2.1.1), or None if unreadable."""
+    try:
+        bits = _Bits(_unescape(sps[1:]))
+        profile = bits.u(8)
+        bits.u(16)  # constraint flags, level_idc
+        bits.ue()  # seq_parameter_set_id
+        separate = False
+        if profile in _HIGH_PROFILES:
+            chroma_format = bits.ue()
+            if chroma_format == 3:
+                separate = bool(bits.u(1))
+            bits.ue(), bits.ue(), bits.u(1)  # bit depths, qpprime_y_zero_transform_bypass
+            if bits.u(1):  # seq_scaling_matrix_present_flag
+                for index in range(8 if chroma_format != 3 else 12):
+                    if bits.u(1):
+                        last = following = 8
+                        for _ in range(16 if index < 6 else 64):
+                            if following:
+                                following = (last + bits.se() + 256) % 256
+                            last = following or last
+        frame_num_bits = bits.ue() + 4
+        poc_type = bits.ue()
+        if poc_type == 0:
+            bits.ue()
+        elif poc_type == 1:
+            bits.u(1), bits.se(), bits.se()
+            for _ in range(bits.ue()):
+                bits.se()
+        bits.ue()  # max_num_ref_frames
+        return _SpsOrder(frame_num_bits, separate, bool(bits.u(1)))
+    except _Corrupt:
+        return None
 
 
 def _avcc_to_annexb(data: bytes, length_size: int) -> bytes:
@@ -788,6 +942,10 @@ class _Corrupt(Exception):
     """Container or bitstream data that cannot be right."""
 
 
+class _FramesMissing(_Corrupt):
+    """The bitstream says frames are missing; the container framing may be fine."""
+
+
 class _Bytes:
     """A growing byte buffer read from the front; tracks the stream offset consumed.
 
@@ -796,13 +954,16 @@ class _Bytes:
     from the point where it noticed, which may lie past the next sync point.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, max_marked: int = 16 * 1024 * 1024) -> None:
         self._buf = bytearray()
         self._pos = 0
         self._mark: int | None = None
+        self._max_marked = max_marked
         self.consumed = 0
 
     def extend(self, data: bytes) -> None:
+        if self._mark is not None and self._pos - self._mark > self._max_marked:
+            self._mark = None
         keep = self._pos if self._mark is None else min(self._pos, self._mark)
         if keep > 65536 and keep * 2 > len(self._buf):
             del self._buf[:keep]
@@ -872,13 +1033,21 @@ class _AnnexB:
             return [
                 _Break(MediaError(415, "unparseable H.264 data; resuming at the next keyframe"))
             ]
-        return [
-            self._params.sample(bytes(p), pts_ms=pts_ms, time_ms=time_ms, chunk_index=chunk)
-            for p in packets
-        ]
+        out: list[_Item] = []
+        for packet in packets:
+            try:
+                out.append(
+                    self._params.sample(
+                        bytes(packet), pts_ms=pts_ms, time_ms=time_ms, chunk_index=chunk
+                    )
+                )
+            except _FramesMissing as exc:
+                out.append(_Break(MediaError(415, f"H.264 frames missing ({exc})")))
+        return out
 
     def reset(self) -> None:
         self._parser = av.CodecContext.create("h264", "r")
+        self._params.forget_order()
 
 
 def _make_demuxer(
@@ -921,6 +1090,14 @@ _SKIP = frozenset({
     0x9A, 0x9D, 0x53B8, 0x53C0, 0x53B9, 0xB0, 0xBA, 0x54AA, 0x54BB, 0x54CC, 0x54DD, 0x54B0,
     0x54BA, 0x54B2, 0x54B3, 0x2EB524, 0x2FB523, 0x2383E3, 0x55B0, 0x7670,
 })
+# Once clusters flow, only top-level, Cluster and BlockGroup elements may appear: the
+# many one-byte IDs of track headers are then noise, which is how desync is noticed early.
+_CLUSTER_LEVEL = frozenset({
+    _EBML, _SEGMENT, _INFO, _TRACKS, _CLUSTER, 0x114D9B74, 0x1C53BB6B, 0x1043A770, 0x1254C367,
+    0x1941A469, _VOID, _CRC32, _TIMESTAMP, 0x5854, 0xA7, 0xAB, _SIMPLE_BLOCK, _BLOCK_GROUP, 0xAF,
+    _BLOCK, 0xA2, 0x75A1, 0x9B, 0xFA, 0xFB, 0xFD, 0xA4, 0x75A2, 0x8E, 0xC8,
+})
+_TINY = frozenset({_TIMESTAMP, 0xA7, 0xAB, 0x9B, 0xFA, 0xFB, 0xFD, _CRC32})  # integers, CRC
 # fmt: on
 _MKV_CODECS = {"V_VP8": "vp8", "V_VP9": "vp9", "V_MPEG4/ISO/AVC": "h264"}
 
@@ -962,7 +1139,7 @@ class _WebM:
         self._max_frame = max_frame_bytes
         self._declared_codec = declared_codec
         self._header_lost_reported = False
-        self._buf = _Bytes()
+        self._buf = _Bytes(2 * max_frame_bytes)
         self._skip = 0
         self._resync = False
         self._tracks: list[_MkvTrack] = []
@@ -980,6 +1157,7 @@ class _WebM:
         self._skip = 0
         self._resync = True
         self._cluster_ts = None
+        self._params.forget_order()
 
     def feed(self, data: bytes, chunk: int, pts_ms: float | None, time_ms: float) -> list[_Item]:
         self._buf.extend(data)
@@ -1011,6 +1189,10 @@ class _WebM:
             return self._desync(out, "invalid element header")
         size, size_length, unknown = size_info
         header = id_length + size_length
+        if self._chosen and eid not in _CLUSTER_LEVEL:
+            return self._desync(out, f"unexpected element 0x{eid:X} among clusters")
+        if eid in _TINY and size > 8:
+            return self._desync(out, f"implausible size for element 0x{eid:X}")
         if eid in _ENTER:
             if unknown and eid not in (_SEGMENT, _CLUSTER):
                 return self._desync(out, "unknown size where none is allowed")
@@ -1042,7 +1224,8 @@ class _WebM:
             self._restart(out)
             return True
         if eid in _SKIP:
-            buf.mark(False)
+            if size > self._max_frame:  # else keep the last block's mark: this may be noise
+                buf.mark(False)
             buf.skip(header)
             self._skip = size
             return True
@@ -1156,6 +1339,8 @@ class _WebM:
                 out.append(self._params.sample(annexb, **fields))
             else:
                 out.append(_vp_sample(self._video_codec, payload, **fields))
+        except _FramesMissing as exc:
+            out.append(_Break(MediaError(415, f"H.264 frames missing ({exc})")))
         except _Corrupt as exc:  # a frame that cannot be one: the block boundaries are off
             return self._desync(out, f"frame does not parse: {exc}")
         return True
@@ -1191,6 +1376,7 @@ class _WebM:
         )
         self._buf.rewind()  # the last block's size may have swallowed the next cluster
         self._buf.skip(1)
+        self._params.forget_order()
         self._skip = 0
         self._resync = True
         self._cluster_ts = None
@@ -1280,7 +1466,7 @@ class _Fmp4:
 
     def __init__(self, max_frame_bytes: int) -> None:
         self._max_frame = max_frame_bytes
-        self._buf = _Bytes()
+        self._buf = _Bytes(2 * max_frame_bytes)
         self._skip = 0
         self._resync = False
         self._lost = False  # bytes were lost: absolute file offsets no longer match ours
@@ -1300,6 +1486,7 @@ class _Fmp4:
         self._lost = True
         self._samples.clear()
         self._mdat_end = None
+        self._params.forget_order()
 
     def feed(self, data: bytes, chunk: int, pts_ms: float | None, time_ms: float) -> list[_Item]:
         self._buf.extend(data)
@@ -1554,6 +1741,8 @@ class _Fmp4:
             self._samples.popleft()
             try:
                 out.append(self._sample(buf.take(size), pts_ms))
+            except _FramesMissing as exc:
+                out.append(_Break(MediaError(415, f"H.264 frames missing ({exc})")))
             except _Corrupt as exc:  # offsets no longer match the data: bytes were lost
                 return self._desync(out, f"sample does not parse: {exc}")
         buf.mark(False)
@@ -1581,6 +1770,7 @@ class _Fmp4:
         )
         self._buf.rewind()  # rescan from the sample that did not fit
         self._buf.skip(1)
+        self._params.forget_order()
         self._skip = 0
         self._resync = True
         self._lost = True
