@@ -51,7 +51,7 @@ class Settings(BaseSettings):
         None, validation_alias=AliasChoices("DUPLEX_GEMINI_API_KEY", "GEMINI_API_KEY")
     )
     gemini_base_url: str = "wss://generativelanguage.googleapis.com"
-    gemini_model: str = "models/gemini-live-2.5-flash-preview"
+    gemini_model: str = "models/gemini-2.5-flash-native-audio-preview-12-2025"
     stt_base_url: str | None = None
     stt_model: str = "gpt-4o-mini-transcribe"
     tts_base_url: str | None = None

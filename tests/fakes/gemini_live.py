@@ -325,7 +325,10 @@ class _FakeConnection:
                 await task
 
     async def _setup(self) -> None:
-        msg = json.loads(await self.ws.recv())
+        try:
+            msg = json.loads(await self.ws.recv())
+        except json.JSONDecodeError:
+            raise _Refused(1007, INVALID_ARGUMENT) from None
         self.index = 0
         self.record.messages.append(msg)
         setup = msg.get("setup") if isinstance(msg, dict) else None

@@ -1,0 +1,103 @@
+"""ASM mode over a real server, against the fake Gemini Live service."""
+
+from __future__ import annotations
+
+import asyncio
+
+import numpy as np
+
+from tests.conftest import TOKEN
+from tests.fakes.gemini_live import FakeGeminiLive
+from tests.wsutil import connect
+
+RATE = 16000
+CHUNK = RATE // 50  # 20 ms
+
+
+def quiet_chunk(level: int) -> bytes:
+    """Below the fake's activity threshold; the level makes every chunk unique."""
+    return (np.arange(CHUNK) % 5 + level).astype("<i2").tobytes()
+
+
+def tone(ms: int) -> bytes:
+    t = np.arange(RATE * ms // 1000) / RATE
+    return (np.sin(2 * np.pi * 300 * t) * 8000).astype("<i2").tobytes()
+
+
+def gemini_server(server_factory, fake: FakeGeminiLive, **extra):
+    return server_factory(gemini_base_url=fake.base_url, gemini_api_key=fake.api_key, **extra)
+
+
+async def open_gemini(c, **config) -> None:
+    await c.recv()
+    await c.send(
+        {"type": "session.update", "config": {"mode": "asm", "provider": "gemini-live", **config}}
+    )
+    assert (await c.recv())["type"] == "session.updated"
+
+
+async def test_spoken_turn_answered_with_audio_and_transcript(server_factory):
+    async with FakeGeminiLive() as fake:
+        server = gemini_server(server_factory, fake)
+        async with connect(server, TOKEN) as c:
+            await open_gemini(c)
+            speech = tone(400) + b"\x00" * (RATE * 2 // 2)  # 0.4 s of "speech", 0.5 s quiet
+            for i in range(0, len(speech), CHUNK * 2):
+                await c.send(speech[i : i + CHUNK * 2])
+            events = await c.until("response.done", timeout=15)
+        assert any(e["type"] == "transcript" and e["text"] == fake.user_transcript for e in events)
+        audio = [e for e in events if e["type"] == "chunk" and e.get("media")]
+        assert audio and all(a["media"]["sample_rate"] == 24000 for a in audio)
+        said = "".join(e.get("delta", "") for e in events if e["type"] == "chunk")
+        assert fake.reply_text in said
+        assert events[-1]["finish_reason"] == "stop"
+        setup = fake.connections[0].setup
+        assert setup["realtimeInputConfig"]["automaticActivityDetection"]["disabled"] is False
+
+
+async def test_text_in_text_out(server_factory):
+    async with FakeGeminiLive() as fake:
+        server = gemini_server(server_factory, fake)
+        async with connect(server, TOKEN) as c:
+            await open_gemini(c, instructions="Be brief.")
+            await c.send({"type": "input.text", "text": "Hello?", "final": True})
+            events = await c.until("response.done", timeout=15)
+        assert "Hello?" in "".join(e.get("delta", "") for e in events)
+        setup = fake.connections[0].setup
+        assert setup["systemInstruction"]["parts"][0]["text"] == "Be brief."
+
+
+async def test_go_away_then_resume_loses_no_input(server_factory):
+    fake = FakeGeminiLive(
+        scenario="go_away", go_away_after=10, go_away_time_left_s=0.2, resumption_every=4
+    )
+    async with fake:
+        server = gemini_server(server_factory, fake)
+        sent = [quiet_chunk(level) for level in range(1, 61)]
+        async with connect(server, TOKEN) as c:
+            await open_gemini(c)
+            for chunk in sent:  # at real time, so input keeps coming across the reconnection
+                await c.send(chunk)
+                await asyncio.sleep(0.02)
+            await fake.wait_until(
+                lambda: len(fake.connections) == 2 and set(sent) <= set(fake.session_audio()),
+                timeout=15,
+            )
+        assert len(fake.connections) == 2, "the goAway made the provider reconnect"
+        second = fake.connections[1]
+        assert second.resumed_from is not None
+        received = fake.received_audio()
+        seen: set[bytes] = set()
+        unique = [x for x in received if not (x in seen or seen.add(x))]
+        assert unique == sent, "every chunk arrived, in order, across both connections"
+
+
+async def test_wrong_key_is_reported_clearly(server_factory):
+    async with FakeGeminiLive() as fake:
+        server = server_factory(gemini_base_url=fake.base_url, gemini_api_key="wrong")
+        async with connect(server, TOKEN) as c:
+            await open_gemini(c)
+            await c.send({"type": "input.text", "text": "Hi", "final": True})
+            error = (await c.until("error", timeout=10))[-1]
+        assert error["code"] == 502 and error["fatal"]
+        assert "key" in error["message"].lower()
