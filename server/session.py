@@ -132,6 +132,21 @@ class BaseSession:
     async def clear(self) -> None:
         await self.store.clear_messages(self.id)
 
+    @staticmethod
+    async def _load(
+        services: SessionServices,
+        tenant: str,
+        session_id: str | None,
+        config: SessionConfig | None,
+    ) -> tuple[SessionRecord, SessionConfig]:
+        """The record and config of a new session, or of ``session_id`` continued."""
+        record = await load_or_create_record(
+            services.store, tenant, session_id, config or SessionConfig()
+        )
+        if session_id and config is None:
+            config = SessionConfig.model_validate(record.config or {})
+        return record, config or SessionConfig()
+
     async def _fork_record(self) -> SessionRecord:
         record = SessionRecord(
             id=new_id("sess"),
@@ -198,12 +213,7 @@ class DuplexSession(BaseSession):
         config: SessionConfig | None = None,
     ) -> DuplexSession:
         """Create a new session, or continue ``session_id`` (the tenant's own only)."""
-        record = await load_or_create_record(
-            services.store, tenant, session_id, config or SessionConfig()
-        )
-        if session_id and config is None:
-            config = SessionConfig.model_validate(record.config or {})
-        session = cls(record, config or SessionConfig(), services)
+        session = cls(*await cls._load(services, tenant, session_id, config), services)
         await session.emit(SessionCreated(session=session.info()))
         return session
 
@@ -492,12 +502,8 @@ class UnarySession(BaseSession):
         session_id: str | None = None,
         config: SessionConfig | None = None,
     ) -> UnarySession:
-        record = await load_or_create_record(
-            services.store, tenant, session_id, config or SessionConfig()
-        )
-        if session_id and config is None:
-            config = SessionConfig.model_validate(record.config or {})
-        return cls(record, config or SessionConfig(), services)
+        """Create a new session, or continue ``session_id`` (the tenant's own only)."""
+        return cls(*await cls._load(services, tenant, session_id, config), services)
 
     async def execute_stream(self, role: str, content: str) -> AsyncIterator[StreamChunk]:
         """Stream the answer to one message; history is stored when it ends."""

@@ -32,12 +32,11 @@ import inspect
 import json
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from server.protocol import FinishReason, Message, StreamChunk, ToolCall, ToolSpec
-from server.providers.base import TurnRequest
+from server.providers.base import TurnRequest, closing_stream
 
 logger = logging.getLogger(__name__)
 
@@ -369,7 +368,7 @@ async def run_tool_loop(
         text_parts: list[str] = []
         calls: list[ToolCall] = []
         finish: str | None = None
-        async with _closing(call_model(list(messages))) as stream:
+        async with closing_stream(call_model(list(messages))) as stream:
             async for chunk in stream:
                 if chunk.tool_calls:
                     calls.extend(chunk.tool_calls)
@@ -476,23 +475,6 @@ def _assistant_message(text: str, turn_id: str | None) -> Message:
         content=text,
         metadata={"turn_id": turn_id} if turn_id is not None else {},
     )
-
-
-@asynccontextmanager
-async def _closing(
-    iterator: AsyncIterator[StreamChunk],
-) -> AsyncIterator[AsyncIterator[StreamChunk]]:
-    """Like ``contextlib.aclosing`` but also for iterators without ``aclose``.
-
-    Closing the upstream generator is what ends its HTTP request at once, even
-    when we stop between two of its chunks.
-    """
-    try:
-        yield iterator
-    finally:
-        aclose = getattr(iterator, "aclose", None)
-        if aclose is not None:
-            await aclose()
 
 
 def _has_payload(chunk: StreamChunk) -> bool:

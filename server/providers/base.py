@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -26,6 +27,21 @@ from server.protocol import (
     ToolSpec,
     Transcript,
 )
+
+
+@asynccontextmanager
+async def closing_stream(iterator: AsyncIterator[Any]) -> AsyncIterator[AsyncIterator[Any]]:
+    """Like ``contextlib.aclosing`` but also for iterators without ``aclose``.
+
+    Closing the upstream generator is what ends its HTTP request at once, even
+    when we stop between two of its chunks.
+    """
+    try:
+        yield iterator
+    finally:
+        aclose = getattr(iterator, "aclose", None)
+        if aclose is not None:
+            await aclose()
 
 
 class ProviderError(Exception):

@@ -15,13 +15,13 @@ import asyncio
 import logging
 import re
 from collections.abc import AsyncIterator
-from contextlib import aclosing, asynccontextmanager
+from contextlib import aclosing
 from typing import Any
 
 import httpx
 
 from server.protocol import Media, StreamChunk
-from server.providers.base import AudioClip, ProviderError
+from server.providers.base import AudioClip, ProviderError, closing_stream
 from server.providers.openai_chat import provider_error_from_response, wav_bytes
 
 logger = logging.getLogger(__name__)
@@ -269,7 +269,7 @@ class TextToSpeech(_HTTPStage):
     ) -> None:
         splitter = SentenceSplitter(self.min_sentence_chars)
         response_id = ""
-        async with _closing(chunks):
+        async with closing_stream(chunks):
             async for chunk in chunks:
                 response_id = chunk.response_id or response_id
                 if chunk.delta:
@@ -342,23 +342,6 @@ class TextToSpeech(_HTTPStage):
                             ),
                         )
                     )
-
-
-@asynccontextmanager
-async def _closing(
-    iterator: AsyncIterator[StreamChunk],
-) -> AsyncIterator[AsyncIterator[StreamChunk]]:
-    """Like ``contextlib.aclosing`` but also for iterators without ``aclose``.
-
-    Closing the upstream generator is what ends its HTTP request at once, even
-    when we stop between two of its chunks.
-    """
-    try:
-        yield iterator
-    finally:
-        aclose = getattr(iterator, "aclose", None)
-        if aclose is not None:
-            await aclose()
 
 
 def _first_error(group: BaseExceptionGroup) -> BaseException:
