@@ -19,6 +19,7 @@ from fractions import Fraction
 
 import av
 import numpy as np
+from av.video.reformatter import VideoReformatter
 
 from media.errors import MediaError
 
@@ -154,7 +155,7 @@ def prepare_image(
         raise MediaError(415, "animated WebP is not supported; send a still image")
     shown_w, shown_h = _displayed_size(header)
     _check_declared_size(width, height, header)
-    frame = _decode_image(actual, data)
+    frame = _decode_image(actual, data, limits.max_pixels)
     if (frame.width, frame.height) != (header.width, header.height):
         raise MediaError(
             415,
@@ -172,14 +173,25 @@ def prepare_image(
     return PreparedImage(out, out_w, out_h, shown_w, shown_h, passthrough=False)
 
 
-def frame_to_jpeg(frame: av.VideoFrame, max_dimension: int, quality: int) -> tuple[bytes, int, int]:
-    """Downscale (aspect kept) and JPEG-encode a decoded frame in one swscale pass."""
+def frame_to_jpeg(
+    frame: av.VideoFrame,
+    max_dimension: int,
+    quality: int,
+    reformatter: VideoReformatter | None = None,
+) -> tuple[bytes, int, int]:
+    """Downscale (aspect kept) and JPEG-encode a decoded frame in one swscale pass.
+
+    A caller converting many same-sized frames (a video stream) passes its own
+    ``reformatter``, which keeps the swscale context instead of rebuilding it
+    for every frame (about 1 ms of 1.5 at 640x480).
+    """
     out_w, out_h = fit_within(frame.width, frame.height, max_dimension)
+    scaler = reformatter or VideoReformatter()
     if _has_alpha(frame):
-        rgba = frame.reformat(out_w, out_h, "rgba", interpolation=_INTERPOLATION).to_ndarray()
-        return encode_jpeg(_over_white(rgba), quality), out_w, out_h
-    scaled = frame.reformat(
-        out_w, out_h, "yuv420p", interpolation=_INTERPOLATION, dst_color_range="JPEG"
+        rgba = scaler.reformat(frame, out_w, out_h, "rgba", interpolation=_INTERPOLATION)
+        return encode_jpeg(_over_white(rgba.to_ndarray()), quality), out_w, out_h
+    scaled = scaler.reformat(
+        frame, out_w, out_h, "yuv420p", interpolation=_INTERPOLATION, dst_color_range="JPEG"
     )
     return encode_jpeg(scaled, quality), out_w, out_h
 
@@ -307,12 +319,13 @@ def _check_declared_size(width: int | None, height: int | None, header: _Header)
     raise MediaError(400, f"declared {declared} but image is {shown[0]}x{shown[1]}")
 
 
-def _decode_image(kind: str, data: bytes) -> av.VideoFrame:
+def _decode_image(kind: str, data: bytes, max_pixels: int) -> av.VideoFrame:
     decoder = av.CodecContext.create(_DECODERS[kind], "r")
     decoder.thread_count = 1
-    if kind == JPEG:
-        # mjpeg conceals truncated scans by default; "explode" makes it say so.
-        decoder.options = {"err_detect": "explode"}
+    # max_pixels backs the header check: a WebP whose VP8 data is larger than its VP8X
+    # canvas must not get the decoder to allocate it. mjpeg conceals truncated scans by
+    # default; err_detect=explode makes it say so.
+    decoder.options = {"max_pixels": str(max_pixels), "err_detect": "explode"}
     try:
         frames = decoder.decode(av.Packet(data)) or decoder.decode(None)
     except Exception as exc:  # av.error.* and anything else the codec raises

@@ -19,10 +19,18 @@ that lives across chunks.
 Decoding follows use, not input: frames are decoded only when one is due,
 and a keyframe is decoded alone whenever it is at most one sampling interval
 older than the newest frame received (see ``VideoStream`` for the rule).
+
+Damage is caught before it reaches a provider: container framing is checked
+(element IDs valid at their level, sizes, frame headers), H.264 ``frame_num``
+gaps reveal lost reference frames, the decoder runs with
+``err_detect=explode``, and with B-frames a frame is only sent once every
+frame decoded before it has come out clean.
 """
 
 from __future__ import annotations
 
+import hashlib
+import logging
 import math
 import struct
 from collections import OrderedDict, deque
@@ -30,9 +38,12 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import av
+from av.video.reformatter import VideoReformatter
 
 from media.errors import MediaError
 from media.image import ImageLimits, frame_to_jpeg
+
+_log = logging.getLogger(__name__)
 
 H264 = "video/h264"
 WEBM = "video/webm"
@@ -192,10 +203,10 @@ class VideoStream:
         self.policy = policy or FramePolicy()
         self.limits = limits or ImageLimits()
         self.stats = VideoStats()
-        self._reorder = _Reorder(
-            first_chunk_index, reorder_window, reorder_timeout_ms, 4 * self.limits.max_bytes
-        )
+        self._reorder_args = (first_chunk_index, reorder_window, reorder_timeout_ms)
+        self._reorder = _Reorder(*self._reorder_args, 4 * self.limits.max_bytes)
         self._demux = _make_demuxer(self.container, self.limits, self._declared_codec)
+        self._first_digest: bytes | None = None
         self._first_chunk = True
         self._refusing = False
         self._codec_checked = False
@@ -213,6 +224,7 @@ class VideoStream:
         self._unconfirmed: list[tuple[av.VideoFrame, _Sample]] = []
         self._gop_decoded = False  # self._latest belongs to the current GOP
         self._emitted: _Sample | None = None
+        self._scaler = VideoReformatter()  # keeps its swscale context from frame to frame
         self._last_emit_ms: float | None = None
         self._incident = False
         self._last_notice: dict[int, str] = {}
@@ -263,19 +275,52 @@ class VideoStream:
                 ),
             )
             payload = None  # its place in the order is kept, its bytes are lost
+        if payload is not None and chunk_index == self._reorder_args[0]:
+            self._maybe_restart(payload)
         events, accepted = self._reorder.add(chunk_index, payload, timestamp_ms, now_ms)
         if not accepted:
             self.stats.chunks_ignored += 1
-        self._run(events, now_ms, result)
-        self._maybe_emit(now_ms, speaking, result)
+        self._guarded(events, now_ms, speaking, result)
         return result
+
+    def _maybe_restart(self, data: bytes) -> None:
+        """The first index again, with other bytes that start a recording: a new recording.
+
+        (MediaRecorder stopped and started again.) The same bytes again are a
+        duplicate, and ignored like any other.
+        """
+        digest = hashlib.blake2b(data, digest_size=16).digest()
+        if self._first_digest is None:
+            self._first_digest = digest
+            return
+        if digest == self._first_digest or sniff_video(data) != self.container:
+            return
+        self._first_digest = digest
+        self._reorder = _Reorder(*self._reorder_args, 4 * self.limits.max_bytes)
+        self._demux = _make_demuxer(self.container, self.limits, self._declared_codec)
+        self._first_chunk = self._refusing = False
+        self._forget_gop()
 
     def poll(self, *, now_ms: float, speaking: bool) -> VideoPushResult:
         """Give up on overdue missing chunks and send a frame if one is due."""
         result = VideoPushResult()
-        self._run(self._reorder.expire(now_ms), now_ms, result)
-        self._maybe_emit(now_ms, speaking, result)
+        self._guarded(self._reorder.expire(now_ms), now_ms, speaking, result)
         return result
+
+    def _guarded(
+        self, events: list[_Event], now_ms: float, speaking: bool, result: VideoPushResult
+    ) -> None:
+        """Process and sample; a fault of ours costs the stream a keyframe, not the session."""
+        try:
+            self._run(events, now_ms, result)
+            self._maybe_emit(now_ms, speaking, result)
+        except Exception as exc:  # client bytes reached a path no test covered: log it
+            _log.exception("video stream %s: unexpected failure", self.mime_type)
+            self._notify(result, MediaError(415, f"video data could not be processed ({exc!r})"))
+            self._demux.reset()
+            if self._decoder is not None:
+                self._decoder.reset()
+            self._forget_gop()
 
     # -- chunk and sample intake
 
@@ -386,7 +431,7 @@ class VideoStream:
         frame, sample = picked
         try:
             jpeg, width, height = frame_to_jpeg(
-                frame, self.limits.max_dimension, self.limits.jpeg_quality
+                frame, self.limits.max_dimension, self.limits.jpeg_quality, self._scaler
             )
         except Exception as exc:  # a frame the scaler or encoder rejects
             self._corrupt(result, MediaError(415, f"video frame cannot be converted: {exc}"))
@@ -872,6 +917,8 @@ def _parse_avcc(config: bytes) -> tuple[int, list[bytes], list[bytes]]:
     lists: list[list[bytes]] = [[], []]
     i = 5
     for which, mask in ((0, 0x1F), (1, 0xFF)):
+        if i >= len(config):
+            raise _Corrupt("bad avcC record")
         count = config[i] & mask
         i += 1
         for _ in range(count):
@@ -1018,12 +1065,15 @@ class _AnnexB:
     """Raw H.264: FFmpeg's parser splits access units across chunk boundaries.
 
     The parser emits an access unit once the next one starts, so the last
-    frame of a chunk comes out with the next chunk.
+    frame of a chunk comes out with the next chunk. It buffers until it finds
+    an access unit boundary, so bytes without any are dropped past a bound.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, max_frame_bytes: int) -> None:
+        self._max_unit = 2 * max_frame_bytes
         self._parser = av.CodecContext.create("h264", "r")
         self._params = _H264Params()
+        self._unparsed = 0  # bytes fed since the parser last produced an access unit
 
     def feed(self, data: bytes, chunk: int, pts_ms: float | None, time_ms: float) -> list[_Item]:
         try:
@@ -1033,21 +1083,24 @@ class _AnnexB:
             return [
                 _Break(MediaError(415, "unparseable H.264 data; resuming at the next keyframe"))
             ]
+        self._unparsed = len(data) if packets else self._unparsed + len(data)
         out: list[_Item] = []
         for packet in packets:
+            fields = {"pts_ms": pts_ms, "time_ms": time_ms, "chunk_index": chunk}
             try:
-                out.append(
-                    self._params.sample(
-                        bytes(packet), pts_ms=pts_ms, time_ms=time_ms, chunk_index=chunk
-                    )
-                )
+                out.append(self._params.sample(bytes(packet), **fields))
             except _FramesMissing as exc:
                 out.append(_Break(MediaError(415, f"H.264 frames missing ({exc})")))
+        if self._unparsed > self._max_unit:
+            self.reset()
+            message = f"no H.264 access unit in {self._max_unit} bytes; is this Annex B?"
+            out.append(_Break(MediaError(415, message)))
         return out
 
     def reset(self) -> None:
         self._parser = av.CodecContext.create("h264", "r")
         self._params.forget_order()
+        self._unparsed = 0
 
 
 def _make_demuxer(
@@ -1057,7 +1110,7 @@ def _make_demuxer(
         return _WebM(limits.max_bytes, declared_codec)
     if container == MP4:
         return _Fmp4(limits.max_bytes)
-    return _AnnexB()
+    return _AnnexB(limits.max_bytes)
 
 
 # EBML / Matroska element IDs (RFC 9559), marker bits included.
@@ -1146,6 +1199,7 @@ class _WebM:
         self._video: _MkvTrack | None = None
         self._video_codec: str | None = None
         self._chosen = False
+        self._guessed = False  # the video track was found without the Tracks header
         self._length_size = 4
         self._params = _H264Params()
         self._scale_ns = 1_000_000
@@ -1265,8 +1319,9 @@ class _WebM:
         """A new EBML header: a new recording, possibly with other tracks and codec."""
         if self._tracks or self._cluster_ts is not None:
             out.append(_Break(None))
-        self._tracks, self._video, self._chosen = [], None, False
+        self._tracks, self._video, self._chosen, self._guessed = [], None, False, False
         self._scale_ns, self._cluster_ts = 1_000_000, None
+        self._header_lost_reported = False
 
     def _choose_track(self, out: list[_Item]) -> None:
         if self._chosen or not self._tracks:
@@ -1302,7 +1357,8 @@ class _WebM:
         video = self._video
         guessing = video is None and not self._tracks and self._can_guess(out)
         if not guessing and (video is None or number != video.number):
-            if self._chosen and all(number != t.number for t in self._tracks):
+            known = self._guessed or any(number == t.number for t in self._tracks)
+            if self._chosen and not known:
                 return self._desync(out, f"block for unknown track {number}")
             buf.skip(header)
             self._skip = size
@@ -1362,7 +1418,7 @@ class _WebM:
         if not key:
             return False
         self._tracks = [_MkvTrack(number, 1, "V_VP8" if codec == "vp8" else "V_VP9")]
-        self._chosen = False
+        self._chosen, self._guessed = False, True  # other tracks stay unknown: no desync on them
         self._choose_track(out)
         return True
 
@@ -1419,9 +1475,6 @@ class _Mp4Track:
     timescale: int = 0
     entry: bytes = b""
     entry_body: bytes = b""
-    width: int = 0
-    height: int = 0
-    defaults: tuple[int, int, int] = (0, 0, 0)  # trex duration, size, flags
 
 
 def _boxes(data: bytes, start: int = 0, end: int | None = None) -> Iterator[tuple[bytes, int, int]]:
@@ -1469,12 +1522,14 @@ class _Fmp4:
         self._buf = _Bytes(2 * max_frame_bytes)
         self._skip = 0
         self._resync = False
-        self._lost = False  # bytes were lost: absolute file offsets no longer match ours
+        self._origin = 0  # where the current recording's byte 0 is, in our byte count
+        self._lost = False  # bytes were lost since: absolute offsets no longer match ours
         self._track: _Mp4Track | None = None
         self._codec: str | None = None
         self._length_size = 4
         self._params = _H264Params()
         self._next_dts = 0
+        self._trex: dict[int, tuple[int, int, int]] = {}  # per track: default duration, size, flags
         self._samples: deque[tuple[int, int, float]] = deque()
         self._mdat_end: float | None = None
         self._chunk, self._time_ms = 0, 0.0
@@ -1518,11 +1573,13 @@ class _Fmp4:
             size, header = struct.unpack(">Q", head[8:16])[0], 16
         start = buf.consumed
         if kind == b"mdat":
+            if 0 < size < header:
+                return self._desync(out, "mdat smaller than its header")
             buf.skip(header)
             self._mdat_end = math.inf if size == 0 else start + size
-            if size and size < header:
-                return self._desync(out, "mdat smaller than its header")
             return True
+        if kind == b"ftyp":  # a recording starts here: its absolute offsets count from here
+            self._origin, self._lost = start, False
         if size < header or size > _MAX_SKIP_BYTES:
             return self._desync(out, f"implausible size for box {kind!r}")
         if kind in (b"moov", b"moof"):
@@ -1562,7 +1619,7 @@ class _Fmp4:
         if video is None:
             out.append(_Break(MediaError(415, "the MP4 data has no video track")))
             return
-        video.defaults = trex.get(video.track_id, (0, 0, 0))
+        self._trex, self._next_dts = trex, 0
         entry = video.entry.decode("latin-1")
         if entry in ("avc1", "avc3"):
             found = _child(video.entry_body, 78, len(video.entry_body), b"avcC")
@@ -1599,20 +1656,18 @@ class _Fmp4:
                         if stsd:
                             for entry, b4, e4 in _boxes(box, stsd[0] + 8, stsd[1]):
                                 track.entry, track.entry_body = entry, box[b4:e4]
-                                if e4 - b4 >= 28:
-                                    track.width, track.height = struct.unpack(
-                                        ">HH", box[b4 + 24 : b4 + 28]
-                                    )
                                 break
         return track
 
     def _moof(self, box: bytes, header: int, moof_start: int, out: list[_Item]) -> None:
+        """Locate this fragment's video samples (offset, size, pts) in our byte count."""
         track = self._track
         self._samples.clear()
         if track is None:
             return
         previous_end = moof_start
-        samples: list[tuple[int, int, float]] = []
+        ours: list[tuple[int, int, float]] = []
+        absolute: list[list[tuple[int, int, float]]] = []  # samples placed by base_data_offset
         trafs = [(begin, end) for kind, begin, end in _boxes(box, header) if kind == b"traf"]
         for index, (begin, end) in enumerate(trafs):
             tfhd = _child(box, begin, end, b"tfhd")
@@ -1621,58 +1676,54 @@ class _Fmp4:
             t0 = tfhd[0]
             flags = int.from_bytes(box[t0 + 1 : t0 + 4], "big")
             track_id = struct.unpack(">I", box[t0 + 4 : t0 + 8])[0]
+            mine = track_id == track.track_id
             at = t0 + 8
             base: int | None = None
             if flags & 0x01:
-                base = struct.unpack(">Q", box[at : at + 8])[0]
+                base = self._origin + struct.unpack(">Q", box[at : at + 8])[0]
                 at += 8
-                if self._lost and track_id == track.track_id:
-                    out.append(
-                        _Break(
-                            MediaError(
-                                415, "MP4 fragment addressed by absolute offset after lost data"
-                            )
-                        )
-                    )
-                    return
             if flags & 0x02:
                 at += 4
-            duration, size, sample_flags = track.defaults
+            duration, size, _flags = self._trex.get(track_id, (0, 0, 0))
             if flags & 0x08:
                 duration = struct.unpack(">I", box[at : at + 4])[0]
                 at += 4
             if flags & 0x10:
                 size = struct.unpack(">I", box[at : at + 4])[0]
                 at += 4
-            del sample_flags  # keyframes are read from the bitstream, not trusted from flags
             if base is None:
                 base = moof_start if (flags & 0x020000 or index == 0) else previous_end
-            dts = self._next_dts if track_id == track.track_id else 0
+            dts = self._next_dts if mine else 0
             tfdt = _child(box, begin, end, b"tfdt")
-            if tfdt is not None and track_id == track.track_id:
+            if tfdt is not None and mine:
                 if box[tfdt[0]] == 1:
                     dts = struct.unpack(">Q", box[tfdt[0] + 4 : tfdt[0] + 12])[0]
                 else:
                     dts = struct.unpack(">I", box[tfdt[0] + 4 : tfdt[0] + 8])[0]
+            samples: list[tuple[int, int, float]] = []
             position = base
             for child, b2, _e2 in _boxes(box, begin, end):
-                if child != b"trun":
-                    continue
-                position, dts = self._trun(
-                    box,
-                    b2,
-                    base,
-                    position,
-                    dts,
-                    duration,
-                    size,
-                    samples if track_id == track.track_id else None,
-                )
+                if child == b"trun":
+                    position, dts = self._trun(
+                        box, b2, base, position, dts, duration, size, samples
+                    )
             previous_end = position
-            if track_id == track.track_id:
+            if flags & 0x01:
+                absolute.append(samples)
+            if mine:
                 self._next_dts = dts
-        samples.sort()
-        self._samples.extend(samples)
+                ours = samples
+        if absolute and self._lost:
+            # Offsets are the file's, and bytes were lost: our count no longer matches.
+            # The mdat follows the moof (8-byte header), so its first sample re-anchors it.
+            first = min((pos for samples in absolute for pos, _, _ in samples), default=None)
+            if first is not None:
+                shift = moof_start + len(box) + 8 - first
+                self._origin += shift
+                self._lost = False
+                for samples in absolute:
+                    samples[:] = [(pos + shift, size, pts) for pos, size, pts in samples]
+        self._samples.extend(sorted(ours))
 
     def _trun(
         self,
@@ -1683,8 +1734,9 @@ class _Fmp4:
         dts: int,
         duration: int,
         size: int,
-        samples: list[tuple[int, int, float]] | None,
+        samples: list[tuple[int, int, float]],
     ) -> tuple[int, int]:
+        """Append the run's (offset, size, pts) to ``samples``; return the end offset and dts."""
         version = box[at]
         flags = int.from_bytes(box[at + 1 : at + 4], "big")
         count = struct.unpack(">I", box[at + 4 : at + 8])[0]
@@ -1710,8 +1762,7 @@ class _Fmp4:
                     sample_size = int.from_bytes(value, "big")
                 elif bit == 0x800:
                     cts = int.from_bytes(value, "big", signed=version == 1)
-            if samples is not None:
-                samples.append((position, sample_size, (dts + cts) * 1000 / timescale))
+            samples.append((position, sample_size, (dts + cts) * 1000 / timescale))
             position += sample_size
             dts += sample_duration
         return position, dts
