@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -14,6 +15,7 @@ from fastapi.staticfiles import StaticFiles
 from server import chat_api, http_api, ws
 from server.auth import TokenAuth
 from server.config import Settings
+from server.modes import asm_mode, vad_mode  # noqa: F401 - imported now, not on the first call
 from server.providers.catalog import ProviderCatalog
 from server.registry import SessionRegistry
 from server.session import SessionLimits, SessionServices
@@ -63,6 +65,9 @@ def create_app(settings: Settings | None = None, *, tools: ToolRegistry | None =
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         if auth.generated:
             log.warning("no API token configured; generated a dev token: %s", auth.generated)
+        # Everything loaded so far lives for the whole run: keep it out of the GC's
+        # full collections, which otherwise pause every session at once.
+        gc.freeze()
         yield
         await services.providers.aclose()
         await store.close()

@@ -256,6 +256,11 @@ class DuplexSession(BaseSession):
         if self.closed:
             return
         try:
+            self._out.put_nowait(message)  # the common case: no timer to arm
+            return
+        except asyncio.QueueFull:
+            pass
+        try:
             async with asyncio.timeout(self.services.limits.output_stall_timeout_s):
                 await self._out.put(message)
         except TimeoutError:

@@ -636,6 +636,7 @@ class GeminiLiveSession(RealtimeSession):
                     open_timeout=None,
                     close_timeout=p.close_timeout_s,
                     max_size=32 * 1024 * 1024,
+                    compression=None,  # base64 audio barely compresses; deflate costs CPU
                 )
                 await ws.send(json.dumps({"setup": body}, separators=(",", ":")))
                 while True:

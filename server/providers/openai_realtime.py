@@ -500,6 +500,7 @@ class OpenAIRealtimeSession(RealtimeSession):
                 open_timeout=self._connect_timeout,
                 max_size=16 * 2**20,
                 close_timeout=2,
+                compression=None,  # base64 audio barely compresses; deflate costs CPU
             )
         except InvalidStatus as exc:
             raise _handshake_error(exc, self._url) from None

@@ -1,0 +1,547 @@
+"""Sessions per core: N real-time audio sessions against one server process on one core.
+
+Run: ``python -m bench.bench_capacity`` (``--quick`` for a short curve). Prints markdown.
+
+Set-up (2-core machine): the server (``python -m server.cli serve``, default settings, so
+``DUPLEX_ECHO_PACE=1``: the echo provider replies with the user's audio at real time) is
+pinned to CPU 0 and restarted for every N. The load generator is another process
+(``--worker``), pinned to CPU 1: one asyncio loop holding all N connections. Each
+session streams one of a few espeak-ng conversations (pink noise, 20 dB SNR) as 20 ms
+binary messages at real time; the session starts are spread over ``--stagger`` seconds,
+so sends are spread over the 20 ms period and turns do not end together.
+
+Per session and turn, as in bench_turns: the message that ends each turn is known
+offline (``AudioIngest``), and the end-of-turn overhead is its send time to the arrival
+of ``turn.ended``. Audio integrity: every ``turn.ended`` must carry the offline
+``audio_end_ms`` (the server's input clock is exact, so a dropped or duplicated message
+shows up as a mismatch) and every turn whose last message was sent must arrive.
+
+The generator checks itself, so the server is never blamed for the client's lag:
+send lag (actual send time minus the real-time schedule), the lag of its own event loop
+(a 5 ms sleeper's oversleep: it delays the time-stamps of arrivals by as much), and its
+CPU use and CPU wait. Both processes' CPU wait (schedstat run delay: runnable, but
+another process held the core) shows how much of the machine other work took.
+
+Verdicts: **pass** when the end-of-turn p99 is < 50 ms, no turn is missing or
+mismatched, no error arrives and the audio went out on time (send lag p99 < 20 ms);
+**FAIL** when the server is the cause: a turn is missing or mismatched, or the p99 stays
+>= 50 ms after subtracting the generator's loop lag p99, or the sends were held back
+while the generator's own loop was on time (the server stopped reading: backpressure);
+**inconclusive** otherwise (the generator was late). The curve stops after two
+consecutive FAILs (``--all`` runs every point). A point that does not pass while the
+server waited over 10% of the window for its core is run once more, and the run in
+which it waited less is reported.
+
+``--profile N`` samples the server with py-spy (``pip install py-spy``) during the
+steady part of the run at N sessions and prints where its time goes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import collections
+import heapq
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from websockets.asyncio.client import ClientConnection
+
+from bench.bench_turns import MSG_MS, Plan, conversations, plan_for
+from bench.bench_ws import (
+    ROOT,
+    ServerProc,
+    header,
+    machine_line,
+    md_table,
+    open_ws,
+    pct,
+    pin_self,
+    schedstat,
+    start_duplex,
+)
+
+SERVER_CPU, CLIENT_CPU = 0, 1
+PERIOD = MSG_MS / 1000
+CURVE = (25, 50, 75, 100, 150, 200, 300, 400, 500)
+QUICK_CURVE = (25, 50, 100, 200)
+
+
+# ---- the load generator (runs in the worker process) ----------------------------------------
+
+
+@dataclass
+class SessionStats:
+    """What one simulated client sent and saw; kept minimal, the generator must be cheap."""
+
+    plan: int
+    start: float
+    sent: int = 0
+    sent_at: dict[int, float] = field(default_factory=dict)  # trigger index -> send time
+    turns: list[tuple[float, float | None]] = field(default_factory=list)  # (arrival, end_ms)
+    starts: int = 0
+    errors: list[str] = field(default_factory=list)
+    chunk_lateness: list[float] = field(default_factory=list)
+    reply_first: float | None = None
+    reply_ms: float = 0.0
+
+
+@dataclass
+class WorkerResult:
+    """One point of the curve, as the worker reports it (JSON on its stdout)."""
+
+    n: int
+    connect_s: float
+    wall_s: float
+    expected: int
+    received: int
+    mismatched: int
+    missing: int
+    errors: int
+    eot: list[float]
+    send_lag_p50: float
+    send_lag_p99: float
+    send_lag_max: float
+    loop_lag_p99: float
+    loop_lag_max: float
+    gen_cpu: float  # fraction of its core the generator used
+    gen_wait: float  # fraction of the time it was runnable but waiting for the core
+    reply_lag_p99: float
+    sends: int
+
+
+async def _reader(ws: ClientConnection, s: SessionStats) -> None:
+    """Cheap per-message handling: audio chunks are never JSON-parsed."""
+    try:
+        async for raw in ws:
+            now = time.perf_counter()
+            if not isinstance(raw, str):
+                continue
+            if raw.endswith('"type":"chunk"}'):
+                i = raw.find('"data":"', 0, 120)
+                if i < 0:
+                    continue
+                j = raw.index('"', i + 8)
+                ms = (j - i - 8) * 3 / 4 / 2 / 24.0  # base64 PCM16 at 24 kHz -> ms
+                if s.reply_first is None:
+                    s.reply_first, s.reply_ms = now, 0.0
+                s.chunk_lateness.append(max(0.0, now - s.reply_first - s.reply_ms / 1000))
+                s.reply_ms += ms
+                continue
+            event = json.loads(raw)
+            kind = event.get("type")
+            if kind == "turn.ended":
+                s.turns.append((now, event.get("audio_end_ms")))
+            elif kind == "speech.started":
+                s.starts += 1
+            elif kind == "response.started":
+                s.reply_first = None
+            elif kind == "error":
+                s.errors.append(f"{event.get('code')}: {event.get('message')}")
+    except Exception as exc:  # a dropped connection is a finding, not a crash
+        s.errors.append(f"connection: {type(exc).__name__}: {exc}")
+
+
+async def _loop_probe(lags: list[float], stop: asyncio.Event) -> None:
+    while not stop.is_set():
+        t = time.perf_counter()
+        await asyncio.sleep(0.005)
+        lags.append(time.perf_counter() - t - 0.005)
+
+
+def _mark(word: str) -> None:
+    """Tell the orchestrator where the run is (it samples the server's CPU in between)."""
+    print(word, flush=True)
+
+
+async def run_worker(
+    url_port: int, n: int, duration: float, stagger: float, plans: list[Plan]
+) -> WorkerResult:
+    url = f"ws://127.0.0.1:{url_port}/v1/duplex"
+    t_conn = time.perf_counter()
+    sockets: list[ClientConnection] = []
+    sem = asyncio.Semaphore(32)
+
+    async def one() -> ClientConnection:
+        async with sem:
+            return await open_ws(url, True)
+
+    sockets = list(await asyncio.gather(*(one() for _ in range(n))))
+    connect_s = time.perf_counter() - t_conn
+    per_session = int(duration / PERIOD)
+    t0 = time.perf_counter() + 0.5
+    stats = [SessionStats(plan=k % len(plans), start=t0 + stagger * k / n) for k in range(n)]
+    triggers = [{idx: j for j, (idx, _, _) in enumerate(p.turns)} for p in plans]
+    readers = [asyncio.create_task(_reader(ws, s)) for ws, s in zip(sockets, stats, strict=True)]
+    stop = asyncio.Event()
+    loop_lags: list[float] = []
+    probe = asyncio.create_task(_loop_probe(loop_lags, stop))
+    send_lags: list[float] = []
+    heap = [(s.start, k) for k, s in enumerate(stats)]
+    heapq.heapify(heap)
+    run0, wait0 = schedstat()
+    loop = asyncio.get_running_loop()
+    loop.call_later(0.5, _mark, "START")
+    loop.call_later(0.5 + stagger, _mark, "STEADY")
+    tail = False
+    while heap:
+        due, k = heap[0]
+        now = time.perf_counter()
+        if due > now:
+            await asyncio.sleep(due - now)
+            continue
+        heapq.heappop(heap)
+        s = stats[k]
+        plan = plans[s.plan]
+        i = s.sent
+        j = triggers[s.plan].get(i)
+        now = time.perf_counter()
+        if j is not None:
+            s.sent_at[j] = now
+        send_lags.append(now - due)
+        try:
+            await sockets[k].send(plan.messages[i])
+        except Exception as exc:
+            s.errors.append(f"send: {type(exc).__name__}")
+            continue
+        s.sent += 1
+        if s.sent < min(per_session, len(plan.messages)):
+            heapq.heappush(heap, (due + PERIOD, k))
+        elif not tail:
+            tail = True
+            _mark("TAIL")
+    # Let the last turns arrive, then stop.
+    deadline = time.perf_counter() + 3.0
+    while time.perf_counter() < deadline:
+        if all(len(s.turns) >= len(s.sent_at) for s in stats):
+            break
+        await asyncio.sleep(0.05)
+    wall = time.perf_counter() - t0
+    run1, wait1 = schedstat()
+    stop.set()
+    await probe
+    for task in readers:
+        task.cancel()
+    await asyncio.gather(*(ws.close() for ws in sockets), return_exceptions=True)
+
+    eot: list[float] = []
+    expected = received = mismatched = missing = errors = 0
+    lateness: list[float] = []
+    for s in stats:
+        plan = plans[s.plan]
+        expected += len(s.sent_at)
+        received += len(s.turns)
+        errors += len(s.errors)
+        lateness += s.chunk_lateness
+        for j, sent in sorted(s.sent_at.items()):
+            if j >= len(s.turns):
+                missing += 1
+                continue
+            arrived, end_ms = s.turns[j]
+            mismatched += end_ms != plan.turns[j][2]
+            eot.append(arrived - sent)
+    return WorkerResult(
+        n=n,
+        connect_s=connect_s,
+        wall_s=wall,
+        expected=expected,
+        received=received,
+        mismatched=mismatched,
+        missing=missing,
+        errors=errors,
+        eot=eot,
+        send_lag_p50=pct(send_lags, 50),
+        send_lag_p99=pct(send_lags, 99),
+        send_lag_max=max(send_lags, default=0.0),
+        loop_lag_p99=pct(loop_lags, 99),
+        loop_lag_max=max(loop_lags, default=0.0),
+        gen_cpu=(run1 - run0) / wall,
+        gen_wait=(wait1 - wait0) / wall,
+        reply_lag_p99=pct(lateness, 99),
+        sends=len(send_lags),
+    )
+
+
+def worker_main(args: argparse.Namespace) -> None:
+    plans = load_plans(args)
+    result = asyncio.run(run_worker(args.port, args.worker, args.duration, args.stagger, plans))
+    print("RESULT " + json.dumps(asdict(result)), flush=True)
+
+
+def load_plans(args: argparse.Namespace) -> list[Plan]:
+    return [plan_for(c.audio) for c in conversations(args.conversations, args.turns)]
+
+
+# ---- orchestration ----------------------------------------------------------------------------
+
+
+@dataclass
+class Point:
+    """A worker's result plus what the orchestrator saw of the server process."""
+
+    n: int
+    result: dict[str, Any]
+    server_cpu: float  # fraction of one core over the steady window
+    server_wait: float  # fraction of that window it was runnable but waiting (others' load)
+    verdict: str
+    log_tail: list[str]
+
+
+def warm_up(server: ServerProc, plans: list[Plan]) -> None:
+    """One short session, so the first-connection imports are not in the measurement."""
+
+    async def go() -> None:
+        ws = await open_ws(server, True)
+        for msg in plans[0].messages[:100]:
+            await ws.send(msg)
+        await ws.send('{"type":"ping","id":"warm"}')
+        async for raw in ws:
+            if '"pong"' in str(raw):
+                break
+        await ws.close()
+
+    asyncio.run(go())
+
+
+def run_point(args: argparse.Namespace, n: int, plans: list[Plan], profile: bool) -> Point:
+    server = start_duplex({"DUPLEX_ECHO_PACE": "1"}, SERVER_CPU)
+    spy: subprocess.Popen[bytes] | None = None
+    raw_path = Path(tempfile.gettempdir()) / f"duplex-capacity-{n}.txt"
+    try:
+        warm_up(server, plans)
+        argv = [sys.executable, "-m", "bench.bench_capacity", "--worker", str(n)]
+        argv += ["--port", str(server.port), "--duration", str(args.duration)]
+        argv += ["--stagger", str(args.stagger), "--conversations", str(args.conversations)]
+        argv += ["--turns", str(args.turns)]
+        cpu_count = os.cpu_count() or 1
+
+        def pin() -> None:
+            if CLIENT_CPU < cpu_count:
+                os.sched_setaffinity(0, {CLIENT_CPU})
+
+        worker = subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.PIPE, text=True, preexec_fn=pin)
+        assert worker.stdout is not None
+        result: dict[str, Any] = {}
+        cpu0 = wait0 = t0 = cpu = wait = 0.0
+        for line in worker.stdout:
+            word = line.strip()
+            if word == "STEADY":  # every session is streaming
+                (cpu0, wait0), t0 = schedstat(server.pid), time.perf_counter()
+                if profile and shutil.which("py-spy"):
+                    seconds = max(2, int(args.duration - args.stagger - 1))
+                    spy_argv = ["py-spy", "record", "--pid", str(server.pid), "-d", str(seconds)]
+                    spy_argv += ["-r", "200", "-f", "raw", "-o", str(raw_path)]
+                    spy = subprocess.Popen(
+                        spy_argv,
+                        stdout=subprocess.DEVNULL,
+                        stderr=subprocess.DEVNULL,
+                    )
+            elif word == "TAIL" and t0:  # the first session has finished
+                (cpu1, wait1), dt = schedstat(server.pid), time.perf_counter() - t0
+                cpu, wait = (cpu1 - cpu0) / dt, (wait1 - wait0) / dt
+            elif word.startswith("RESULT "):
+                result = json.loads(word[7:])
+        worker.wait(timeout=60)
+        if spy is not None:
+            spy.wait(timeout=60)
+        if not result:
+            raise RuntimeError(f"worker for N={n} failed (exit {worker.returncode})")
+    finally:
+        server.stop()
+    verdict = judge(result)
+    if verdict != "pass" and wait > 0.10:
+        verdict += f" (server waited {wait * 100:.0f}% for its core)"
+    return Point(n, result, cpu, wait, verdict, server.log[-5:])
+
+
+def kept_up(p: Point) -> bool:
+    """The server processed audio as it came (so CPU per session-second is its real cost)."""
+    r = p.result
+    return bool(p.server_cpu) and r["missing"] == 0 and pct(r["eot"], 50) < 0.100
+
+
+def judge(r: dict[str, Any]) -> str:
+    """pass / FAIL (the server's doing) / inconclusive (the generator was late)."""
+    eot_p99 = pct(r["eot"], 99)
+    loop_lag = r["loop_lag_p99"]
+    clean = r["missing"] == 0 and r["mismatched"] == 0 and r["errors"] == 0
+    if clean and r["expected"] > 0 and eot_p99 < 0.050 and r["send_lag_p99"] < 0.020:
+        return "pass"
+    if not clean or eot_p99 - loop_lag >= 0.050:
+        return "FAIL"
+    if r["send_lag_p99"] >= 0.020 and loop_lag < 0.010:
+        return "FAIL"  # sends held back by a server that stopped reading
+    return "inconclusive"
+
+
+def summarize_profile(path: Path, top: int = 25) -> str:
+    """Inclusive share of the server's hot-path functions, and self time by package."""
+    incl: collections.Counter[str] = collections.Counter()
+    by_pkg: collections.Counter[str] = collections.Counter()
+    total = 0
+    for line in path.read_text().splitlines():
+        if not line.strip():
+            continue
+        stack, count = line.rsplit(" ", 1)
+        n = int(count)
+        frames = [re.sub(r":\d+\)$", ")", f) for f in stack.split(";")]
+        total += n
+        for f in set(frames):
+            incl[f] += n
+        leaf = frames[-1]
+        m = re.search(r"\(([^)]*)\)$", leaf)
+        file = m.group(1) if m else "?"
+        pkg = file.split("/")[0] if "/" in file else file
+        by_pkg[pkg] += n
+    if not total:
+        return "(no samples)"
+    skip = ("<module>", "_run_module_as_main", "_run_code", "run (", "Runner.run", "run_forever")
+    rows = [
+        [f"`{name}`", f"{count / total * 100:.1f}%"]
+        for name, count in incl.most_common(200)
+        if not any(s in name for s in skip) and count / total < 0.97
+    ][:top]
+    pkgs = [[f"`{k}`", f"{v / total * 100:.1f}%"] for k, v in by_pkg.most_common(12)]
+    return (
+        f"{total} samples (py-spy, 200 Hz, idle excluded).\n\nInclusive:\n\n"
+        + md_table(["function (file)", "share"], rows)
+        + "\n\nSelf time by top-level package or file:\n\n"
+        + md_table(["package", "self share"], pkgs)
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="short runs, a short curve")
+    parser.add_argument("--n", type=int, nargs="*", help=f"session counts (default {CURVE})")
+    parser.add_argument("--duration", type=float, default=15.0, help="seconds each session")
+    parser.add_argument("--stagger", type=float, default=3.0, help="session starts spread (s)")
+    parser.add_argument("--conversations", type=int, default=4)
+    parser.add_argument("--turns", type=int, default=10, help="turns per conversation")
+    parser.add_argument("--all", action="store_true", help="do not stop after two failures")
+    parser.add_argument("--profile", type=int, help="py-spy the server at this N")
+    parser.add_argument("--worker", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        worker_main(args)
+        return
+    if args.quick:
+        args.duration, args.stagger = 10.0, 2.0
+    curve = args.n or (QUICK_CURVE if args.quick else CURVE)
+    if args.profile and args.profile not in curve:
+        curve = sorted({*curve, args.profile})
+    pin_self(CLIENT_CPU)
+    plans = load_plans(args)
+    points: list[Point] = []
+    fails = 0  # consecutive FAILs
+    for n in curve:
+        point = run_point(args, n, plans, profile=args.profile == n)
+        if point.verdict != "pass" and point.server_wait > 0.10:
+            # Another process held the server's core: measure this N once more.
+            again = run_point(args, n, plans, profile=args.profile == n)
+            point = min(point, again, key=lambda p: p.server_wait)
+            point.verdict += " (best of 2)"
+        points.append(point)
+        print(f"N={n}: {point.verdict}", file=sys.stderr, flush=True)
+        fails = fails + 1 if point.verdict.startswith("FAIL") else 0
+        if fails >= 2 and not args.all and args.profile not in [c for c in curve if c > n]:
+            break
+    print(
+        header(
+            "Sessions per core (bench/bench_capacity.py)", ["bench.bench_capacity", *sys.argv[1:]]
+        )
+    )
+    print(machine_line())
+    print(
+        f"\nServer pinned to CPU {SERVER_CPU}, load generator (one asyncio process) to CPU "
+        f"{CLIENT_CPU}. Each session: {args.duration:g} s of 20 ms PCM16 16 kHz messages at "
+        f"real time, starts spread over {args.stagger:g} s; {args.conversations} "
+        f"conversations of {args.turns} turns; echo replies at real time.\n"
+    )
+    rows = []
+    for p in points:
+        r = p.result
+        rows.append(
+            [
+                p.n,
+                f"{r['received']}/{r['expected']}",
+                pct(r["eot"], 50) * 1000,
+                pct(r["eot"], 99) * 1000,
+                f"{r['mismatched']}/{r['missing']}/{r['errors']}",
+                f"{p.server_cpu * 100:.0f}%",
+                f"{p.server_wait * 100:.0f}%",
+                p.server_cpu * 1000 / p.n if kept_up(p) else "n/a (behind)",
+                f"{p.n / p.server_cpu:.0f}" if kept_up(p) else "n/a",
+                r["send_lag_p99"] * 1000,
+                r["loop_lag_p99"] * 1000,
+                f"{r['gen_cpu'] * 100:.0f}% / {r['gen_wait'] * 100:.0f}%",
+                r["reply_lag_p99"] * 1000,
+                p.verdict,
+            ]
+        )
+    print(
+        md_table(
+            [
+                "N",
+                "turns got/expected",
+                "EOT p50 ms",
+                "EOT p99 ms",
+                "mismatch/missing/errors",
+                "server CPU",
+                "server CPU wait",
+                "server CPU ms per session-s",
+                "N at 100% CPU",
+                "send lag p99 ms",
+                "gen loop lag p99 ms",
+                "gen CPU / wait",
+                "reply audio lag p99 ms",
+                "verdict",
+            ],
+            rows,
+        )
+    )
+    print(
+        "\nEOT: end-of-turn overhead (trigger message sent -> turn.ended received). "
+        "server CPU: share of one core over the steady window (all sessions streaming); "
+        "CPU wait: share of that window the server was runnable but another process held "
+        "its core (schedstat run delay). 'N at 100% CPU' = N / server CPU: the projection "
+        "of the measured per-session cost to a full core (an upper bound; latency grows "
+        "well before). gen: the load generator (its own loop lag and CPU)."
+    )
+    costs = [p.server_cpu / p.n for p in points if kept_up(p)]
+    if costs:
+        lo, hi = min(costs), max(costs)
+        print(
+            f"\nServer CPU per real-time session where it kept up: {lo * 1000:.1f}-"
+            f"{hi * 1000:.1f} ms per second of audio ({lo * 50e3:.0f}-{hi * 50e3:.0f} µs per "
+            f"20 ms message, replies included), so one core holds at most "
+            f"{1 / hi:.0f}-{1 / lo:.0f} sessions at 100% CPU."
+        )
+    passing = [p.n for p in points if p.verdict == "pass"]
+    best = max(passing, default=0)
+    print(
+        f"\nLargest N with EOT p99 < 50 ms and no audio lost or late: **{best}** "
+        f"(target >= 500: {'met' if best >= 500 else 'NOT met'})."
+    )
+    for p in points:
+        if p.n == args.profile:
+            raw = Path(tempfile.gettempdir()) / f"duplex-capacity-{p.n}.txt"
+            if raw.exists():
+                print(f"\n### Server profile at N={p.n}\n")
+                print(summarize_profile(raw))
+            else:
+                print("\n(py-spy not found or produced nothing: pip install py-spy)")
+
+
+if __name__ == "__main__":
+    main()
