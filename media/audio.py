@@ -6,6 +6,8 @@ declared format, 413 too large, 415 unsupported or undecodable.
 
 Pipeline: ``make_decoder`` (Opus in WebM/Ogg, G.711) -> int16 PCM -> ``PcmFramer``
 (``StreamResampler`` over libswresample, then fixed-size frames at the VAD rate).
+The Opus containers are demuxed by ``media.webm`` and ``media.ogg``, the packets
+decoded by ``media.opus``; ``OpusStreamDecoder`` here ties them together.
 """
 
 from __future__ import annotations
@@ -13,7 +15,6 @@ from __future__ import annotations
 import io
 import math
 import wave
-import zlib
 from fractions import Fraction
 from typing import Protocol
 
@@ -21,16 +22,19 @@ import av
 import numpy as np
 from av.error import BlockingIOError as _AvAgain
 from av.error import EOFError as _AvEOF
-from av.error import FFmpegError
 from av.filter import Graph
 
+from media.ebml import EBML_MAGIC
 from media.errors import MediaError
+from media.ogg import OggOpusDemuxer
+from media.opus import OPUS_RATE, OpusEvent, OpusPacketDecoder
+from media.opus import parse_opus_head as parse_opus_head  # re-exported
+from media.webm import WebmOpusDemuxer
 
 SUPPORTED_RATES: tuple[int, ...] = (8000, 16000, 24000, 32000, 44100, 48000)
 SUPPORTED_CHANNELS: tuple[int, ...] = (1, 2)
 FRAME_MS_CHOICES: tuple[int, ...] = (10, 20, 30)
 INPUT_FORMATS: tuple[str, ...] = ("pcm16", "opus", "mulaw", "alaw")
-OPUS_RATE = 48000
 # Floor for audio_level_dbfs: silence would be -inf, which JSON cannot carry.
 MIN_DBFS = -120.0
 
@@ -407,517 +411,8 @@ class G711Decoder:
 
 # --- Opus ----------------------------------------------------------------------------
 
+# The FFmpeg Opus decoder: libopus where the wheel has it, else FFmpeg's own (float output).
 _OPUS_CODEC = "libopus" if "libopus" in av.codecs_available else "opus"
-_MAX_PACKET = 1 << 16  # Opus packets are <= 61,440 bytes (48 frames x 1275 + TOC).
-
-
-def parse_opus_head(head: bytes) -> tuple[int, int]:
-    """Validate an OpusHead (RFC 7845 §5.1); returns (channels, pre_skip)."""
-    if len(head) < 19 or head[:8] != b"OpusHead":
-        raise MediaError(415, "Opus stream header is not a valid OpusHead")
-    if head[8] >> 4:
-        raise MediaError(415, f"unsupported OpusHead version {head[8]}")
-    channels, family = head[9], head[18]
-    if family != 0 or channels not in (1, 2):
-        raise MediaError(
-            415,
-            f"unsupported Opus channel mapping (family {family}, {channels} channels); "
-            "only mono and stereo",
-        )
-    return channels, int.from_bytes(head[10:12], "little")
-
-
-def _remix(pcm: np.ndarray, src: int, dst: int) -> np.ndarray:
-    if src == dst:
-        return pcm
-    if src == 2:  # stereo -> mono: average
-        return ((pcm[0::2].astype(np.int32) + pcm[1::2]) >> 1).astype(np.int16)
-    return np.repeat(pcm, 2)  # mono -> stereo
-
-
-class _OpusStream:
-    """One Opus logical stream: OpusHead -> PyAV decoder; packets -> int16 at 48 kHz.
-
-    libavcodec applies the OpusHead pre-skip itself (extradata sets the codec delay).
-    """
-
-    def __init__(self, head: bytes, out_channels: int) -> None:
-        self.channels, self.pre_skip = parse_opus_head(head)
-        self._out_channels = out_channels
-        self._ctx = av.CodecContext.create(_OPUS_CODEC, "r")
-        self._ctx.extradata = head
-        self.out_total = 0  # per-channel samples emitted (after pre-skip)
-        self.start_granule: int | None = None  # Ogg only (RFC 7845 §4.5)
-
-    def decode(self, packet: bytes) -> np.ndarray:
-        try:
-            frames = self._ctx.decode(av.Packet(packet))
-        except FFmpegError as e:
-            raise MediaError(415, f"undecodable Opus packet ({len(packet)} bytes): {e}") from None
-        parts = []
-        for f in frames:
-            if f.layout.nb_channels != self.channels:
-                raise MediaError(415, "Opus decoder output does not match the OpusHead channels")
-            if f.format.name == "s16":
-                pcm = np.frombuffer(f.planes[0], dtype=np.int16, count=f.samples * self.channels)
-            else:  # float output (FFmpeg's native decoder)
-                x = f.to_ndarray().reshape(-1, f.samples) if f.format.is_planar else f.to_ndarray()
-                x = x.T.ravel() if f.format.is_planar else x.ravel()
-                pcm = np.clip(np.rint(x * 32768.0), -32768, 32767).astype(np.int16)
-            parts.append(pcm)
-        pcm = parts[0] if len(parts) == 1 else np.concatenate(parts or [np.empty(0, np.int16)])
-        self.out_total += pcm.size // self.channels
-        return _remix(pcm, self.channels, self._out_channels)
-
-
-class _Corrupt(Exception):
-    """Internal: container structure is broken at the current position."""
-
-    def __init__(self, message: str, code: int = 415) -> None:
-        super().__init__(message)
-        self.code = code
-
-
-# Ogg (RFC 3533): CRC-32 with polynomial 0x04C11DB7, MSB-first, init 0, no final xor, over
-# the page with its CRC field zeroed. zlib.crc32 is the bit-reflected variant, so feed it
-# bit-reversed bytes (init/xor cancelled) and bit-reverse the result: C speed.
-_BITREV8 = bytes(int(f"{i:08b}"[::-1], 2) for i in range(256))
-
-
-def _ogg_crc(page: bytes) -> int:
-    data = (page[:22] + b"\0\0\0\0" + page[26:]).translate(_BITREV8)
-    reflected = zlib.crc32(data, 0xFFFFFFFF) ^ 0xFFFFFFFF
-    return int(f"{reflected:032b}"[::-1], 2)
-
-
-_Event = tuple  # ("head", bytes) | ("packet", bytes, trim) | ("granule", int, bool)
-
-
-class _OggDemuxer:
-    """Incremental Ogg parser for one Opus logical stream.
-
-    Bytes accumulate until a whole page is present (<= 65,307 bytes), then the page is
-    CRC-checked: corrupt or truncated data is detected page by page, and resync scans
-    for the next "OggS" whose page checks out. A new BOS page carrying an OpusHead
-    starts a new stream (chained Ogg, or a client restarting its recorder).
-    """
-
-    def __init__(self) -> None:
-        self._buf = bytearray()
-        self._serial: int | None = None
-        self._seq = -1
-        self._packet_no = 0
-        self._partial: bytearray | None = None
-        self._synced = True
-        self._resynced = False
-        self._complained_no_head = False
-
-    def feed(self, data: bytes, events: list[_Event], errors: list[MediaError]) -> None:
-        buf = self._buf
-        buf += data
-        pos = 0
-        while len(buf) - pos >= 27:
-            if buf[pos : pos + 4] != b"OggS" or buf[pos + 4] != 0:
-                if self._synced:
-                    errors.append(MediaError(415, "corrupt Ogg data: lost page sync, resyncing"))
-                    self._synced, self._resynced = False, True
-                nxt = buf.find(b"OggS", pos + 1)
-                if nxt < 0:
-                    pos = len(buf) - 3
-                    break
-                pos = nxt
-                continue
-            header_len = 27 + buf[pos + 26]
-            if len(buf) - pos < header_len:
-                break
-            total = header_len + sum(buf[pos + 27 : pos + header_len])
-            if len(buf) - pos < total:
-                break
-            page = bytes(buf[pos : pos + total])
-            if _ogg_crc(page) != int.from_bytes(page[22:26], "little"):
-                if self._synced:
-                    errors.append(MediaError(415, "corrupt Ogg page (CRC mismatch), resyncing"))
-                    self._synced, self._resynced = False, True
-                pos += 1
-                continue
-            self._synced = True
-            pos += total
-            self._page(page, events, errors)
-        del buf[:pos]
-
-    def _page(self, page: bytes, events: list[_Event], errors: list[MediaError]) -> None:
-        flags = page[5]
-        granule = int.from_bytes(page[6:14], "little", signed=True)
-        serial = int.from_bytes(page[14:18], "little")
-        seq = int.from_bytes(page[18:22], "little")
-        lacing = page[27 : 27 + page[26]]
-        body = page[27 + page[26] :]
-        if not lacing:
-            return
-        if flags & 0x02:  # BOS: a new logical stream
-            if not body.startswith(b"OpusHead"):
-                return  # some other codec's stream; not ours
-            self._serial, self._seq, self._packet_no, self._partial = serial, seq - 1, 0, None
-        if serial != self._serial:
-            if self._serial is None and not self._complained_no_head:
-                errors.append(MediaError(415, "Ogg stream has no Opus header (OpusHead) page"))
-                self._complained_no_head = True
-            return
-        continued = bool(flags & 0x01)
-        if seq != self._seq + 1:
-            if not self._resynced:  # a resync was already reported for this gap
-                errors.append(MediaError(415, f"{seq - self._seq - 1} Ogg page(s) missing"))
-            self._partial = None
-        self._resynced = False
-        self._seq = seq
-        if self._partial is not None and not continued:
-            self._partial = None  # the previous page promised a continuation that never came
-        skip_first = continued and self._partial is None
-        packet = self._partial if self._partial is not None else bytearray()
-        completed = False
-        pos = 0
-        for lv in lacing:
-            packet += body[pos : pos + lv]
-            pos += lv
-            if lv == 255:
-                continue
-            if skip_first:
-                skip_first = False
-            else:
-                self._emit(bytes(packet), events)
-                completed = True
-            packet = bytearray()
-        self._partial = packet if (lacing and lacing[-1] == 255 and not skip_first) else None
-        if self._partial is not None and len(self._partial) > _MAX_PACKET:
-            errors.append(MediaError(413, f"Ogg packet exceeds {_MAX_PACKET} bytes; dropped"))
-            self._partial = None
-        if completed and granule != -1 and self._packet_no > 2:
-            events.append(("granule", granule, bool(flags & 0x04)))
-
-    def _emit(self, packet: bytes, events: list[_Event]) -> None:
-        n, self._packet_no = self._packet_no, self._packet_no + 1
-        if n == 0:
-            events.append(("head", packet))
-        elif n >= 2:  # n == 1 is OpusTags
-            events.append(("packet", packet, 0))
-
-
-# Matroska / WebM element IDs (RFC 9559), marker bits kept as in the byte stream.
-_EBML, _SEGMENT, _CLUSTER, _TRACKS = 0x1A45DFA3, 0x18538067, 0x1F43B675, 0x1654AE6B
-_SIMPLE_BLOCK, _BLOCK_GROUP, _BLOCK, _DISCARD_PADDING = 0xA3, 0xA0, 0xA1, 0x75A2
-_TRACK_ENTRY, _TRACK_NUMBER, _CODEC_ID, _CODEC_PRIVATE, _DOC_TYPE = 0xAE, 0xD7, 0x86, 0x63A2, 0x4282
-_WEBM_ENTER = frozenset({_SEGMENT, _CLUSTER})  # masters we walk into (may be unknown-size)
-_WEBM_READ = frozenset({_EBML, _TRACKS, _SIMPLE_BLOCK, _BLOCK_GROUP})  # buffered and parsed
-# Known elements we step over without buffering, with the largest size we believe: a
-# garbage size on a misread ID must trigger resync, not swallow the stream.
-_WEBM_SKIP: dict[int, int] = {
-    0x114D9B74: 1 << 20,  # SeekHead
-    0x1549A966: 1 << 20,  # Info
-    0x1254C367: 1 << 26,  # Tags
-    0x1C53BB6B: 1 << 26,  # Cues
-    0x1043A770: 1 << 26,  # Chapters
-    0x1941A469: 1 << 26,  # Attachments
-    0xEC: 1 << 20,  # Void
-    0xBF: 4,  # CRC-32
-    0xE7: 8,  # Cluster Timestamp
-    0xA7: 8,  # Position
-    0xAB: 8,  # PrevSize
-    0x5854: 1 << 10,  # SilentTracks
-    0xAF: 1 << 16,  # EncryptedBlock
-}
-_MAX_BLOCK = 1 << 16  # a (Simple)Block/BlockGroup; Opus never needs more
-_MAX_HEADER_ELEMENT = 1 << 20  # EBML header / Tracks
-_EBML_MAGIC = _EBML.to_bytes(4, "big")
-_CLUSTER_MAGIC = _CLUSTER.to_bytes(4, "big")
-
-
-def _vint(
-    buf: bytes | bytearray, pos: int, max_len: int, keep_marker: bool
-) -> tuple[int, int] | None:
-    """EBML variable-length integer at ``pos`` -> (value, length); None if incomplete.
-
-    Unknown size (all value bits set) is returned as -1.
-    """
-    if pos >= len(buf):
-        return None
-    first = buf[pos]
-    length = 9 - first.bit_length() if first else 9
-    if length > max_len:
-        raise _Corrupt(f"invalid EBML {'ID' if keep_marker else 'size'} byte 0x{first:02x}")
-    if pos + length > len(buf):
-        return None
-    value = int.from_bytes(buf[pos : pos + length], "big")
-    if keep_marker:
-        return value, length
-    value &= (1 << (7 * length)) - 1
-    return (-1 if value == (1 << (7 * length)) - 1 else value), length
-
-
-def _children(body: bytes):
-    """Iterate (id, payload) over a fully buffered master element's children."""
-    pos = 0
-    while pos < len(body):
-        eid = _vint(body, pos, 4, True)
-        if eid is None:
-            raise _Corrupt("truncated child element")
-        size = _vint(body, pos + eid[1], 8, False)
-        if size is None or size[0] < 0:
-            raise _Corrupt("truncated or unknown-size child element")
-        start = pos + eid[1] + size[1]
-        if start + size[0] > len(body):
-            raise _Corrupt("child element overruns its parent")
-        yield eid[0], body[start : start + size[0]]
-        pos = start + size[0]
-
-
-class _WebmDemuxer:
-    """Incremental WebM/Matroska parser extracting one Opus track's frames.
-
-    Walks the element stream flat: Segment and Cluster (unknown-size in MediaRecorder
-    output) are entered; EBML header, Tracks and blocks are buffered whole (bounded) and
-    parsed; other known elements are skipped by size without buffering. An unknown
-    element ID means corruption: report it and resync at the next Cluster, EBML header
-    or plausible SimpleBlock of our track. Opus payloads carry no checksum, so garbage
-    inside a block is only caught if libopus rejects it.
-    """
-
-    def __init__(self) -> None:
-        self._buf = bytearray()
-        self._skip = 0
-        self._synced = True
-        self._track: int | None = None
-        self._tracks: set[int] = set()
-        self._complained_no_head = False
-
-    def mid_element(self) -> bool:
-        """True if an in-sync stream stopped inside an element (data would be lost)."""
-        return self._synced and bool(self._buf or self._skip)
-
-    def feed(self, data: bytes, events: list[_Event], errors: list[MediaError]) -> None:
-        buf = self._buf
-        buf += data
-        pos = 0
-        while pos < len(buf):
-            if self._skip:
-                step = min(self._skip, len(buf) - pos)
-                pos += step
-                self._skip -= step
-                continue
-            if not self._synced:
-                pos, found = self._resync(pos)
-                if not found:
-                    break
-                self._synced = True
-            try:
-                step = self._element(buf, pos, events, errors)
-            except _Corrupt as e:
-                errors.append(MediaError(e.code, f"corrupt WebM data ({e}), resyncing"))
-                self._synced = False
-                pos += 1
-                continue
-            if step is None:
-                break
-            pos += step
-        del buf[:pos]
-
-    def _element(
-        self, buf: bytearray, pos: int, events: list[_Event], errors: list[MediaError]
-    ) -> int | None:
-        """Handle the element at ``pos``; returns bytes consumed, None if more data needed."""
-        eid = _vint(buf, pos, 4, True)
-        if eid is None:
-            return None
-        size = _vint(buf, pos + eid[1], 8, False)
-        if size is None:
-            return None
-        ident, header = eid[0], eid[1] + size[1]
-        if ident in _WEBM_ENTER:
-            return header
-        if size[0] < 0:
-            raise _Corrupt(f"unknown size on element 0x{ident:x}")
-        if ident in _WEBM_SKIP:
-            if size[0] > _WEBM_SKIP[ident]:
-                raise _Corrupt(f"implausible size {size[0]} for element 0x{ident:x}")
-            self._skip = size[0]
-            return header
-        if ident not in _WEBM_READ:
-            raise _Corrupt(f"unexpected element 0x{ident:x}")
-        limit = _MAX_HEADER_ELEMENT if ident in (_EBML, _TRACKS) else _MAX_BLOCK
-        if size[0] > limit:
-            raise _Corrupt(f"element 0x{ident:x} of {size[0]} bytes exceeds {limit}", 413)
-        if ident == _SIMPLE_BLOCK and size[0] < 4:
-            raise _Corrupt(f"SimpleBlock of {size[0]} bytes")
-        if ident in (_SIMPLE_BLOCK, _BLOCK_GROUP) and not self._plausible_block(
-            buf, pos + header, ident
-        ):
-            raise _Corrupt("block for an unknown track")
-        if len(buf) - pos < header + size[0]:
-            return None
-        body = bytes(buf[pos + header : pos + header + size[0]])
-        try:
-            self._parse(ident, body, events, errors)
-        except IndexError:
-            raise _Corrupt(f"truncated element 0x{ident:x}") from None
-        return header + size[0]
-
-    def _plausible_block(self, buf: bytearray, start: int, ident: int) -> bool:
-        """Early check on a block's track number, so garbage sizes do not stall the stream."""
-        if not self._tracks:
-            return True  # reported as "data before header" once parsed
-        if ident == _BLOCK_GROUP:
-            return start >= len(buf) or buf[start] in (_BLOCK, 0xEC, 0xBF)
-        track = _vint(buf, start, 8, False)
-        return track is None or track[0] in self._tracks
-
-    def _parse(
-        self, ident: int, body: bytes, events: list[_Event], errors: list[MediaError]
-    ) -> None:
-        if ident == _EBML:
-            doctype = dict(_children(body)).get(_DOC_TYPE, b"").rstrip(b"\0")
-            if doctype not in (b"webm", b"matroska"):
-                raise _Corrupt(f"EBML DocType {doctype!r} is not webm/matroska")
-            self._track, self._tracks, self._complained_no_head = None, set(), False
-        elif ident == _TRACKS:
-            self._parse_tracks(body, events, errors)
-        elif self._track is None:
-            if not self._complained_no_head:
-                errors.append(MediaError(415, "WebM audio data before its Tracks header"))
-                self._complained_no_head = True
-        elif ident == _SIMPLE_BLOCK:
-            self._block(body, 0, events)
-        else:  # BlockGroup
-            block, padding_ns = None, 0
-            for cid, payload in _children(body):
-                if cid == _BLOCK:
-                    block = payload
-                elif cid == _DISCARD_PADDING:
-                    padding_ns = int.from_bytes(payload, "big", signed=True)
-            if block is not None:
-                self._block(block, max(0, round(padding_ns * OPUS_RATE / 1e9)), events)
-
-    def _parse_tracks(self, body: bytes, events: list[_Event], errors: list[MediaError]) -> None:
-        codecs = []
-        self._tracks = set()
-        self._track = None
-        head = b""
-        for cid, entry in _children(body):
-            if cid != _TRACK_ENTRY:
-                continue
-            fields = dict(_children(entry))
-            number = int.from_bytes(fields.get(_TRACK_NUMBER, b""), "big")
-            codec = fields.get(_CODEC_ID, b"").rstrip(b"\0").decode("ascii", "replace")
-            self._tracks.add(number)
-            codecs.append(codec)
-            if codec == "A_OPUS" and self._track is None:
-                self._track, head = number, fields.get(_CODEC_PRIVATE, b"")
-        if self._track is None:
-            errors.append(
-                MediaError(415, f"WebM stream has no Opus audio track (codecs: {codecs})")
-            )
-            self._complained_no_head = True  # its blocks are not "before the header"
-        else:
-            events.append(("head", head))
-
-    def _block(self, body: bytes, trim: int, events: list[_Event]) -> None:
-        track, n = _vint(body, 0, 8, False) or (None, 0)
-        if track != self._track:
-            return
-        pos = n + 3  # 16-bit relative timestamp, flags
-        lacing = (body[n + 2] >> 1) & 0x03
-        frames = self._unlace(body, pos, lacing)
-        for i, frame in enumerate(frames):
-            events.append(("packet", frame, trim if i == len(frames) - 1 else 0))
-
-    @staticmethod
-    def _unlace(body: bytes, pos: int, lacing: int) -> list[bytes]:
-        if lacing == 0:
-            return [body[pos:]]
-        count = body[pos] + 1
-        pos += 1
-        sizes: list[int] = []
-        if lacing == 1:  # Xiph lacing
-            for _ in range(count - 1):
-                size = 0
-                while body[pos] == 255:
-                    size += 255
-                    pos += 1
-                size += body[pos]
-                pos += 1
-                sizes.append(size)
-        elif lacing == 3:  # EBML lacing: first size, then signed differences
-            first = _vint(body, pos, 8, False)
-            if first is None:
-                raise _Corrupt("truncated EBML lacing")
-            sizes.append(first[0])
-            pos += first[1]
-            for _ in range(count - 2):
-                diff = _vint(body, pos, 8, False)
-                if diff is None:
-                    raise _Corrupt("truncated EBML lacing")
-                sizes.append(sizes[-1] + diff[0] - ((1 << (7 * diff[1] - 1)) - 1))
-                pos += diff[1]
-        else:  # fixed-size lacing
-            if (len(body) - pos) % count:
-                raise _Corrupt("fixed lacing does not divide the block")
-            sizes = [(len(body) - pos) // count] * (count - 1)
-        sizes.append(len(body) - pos - sum(sizes))
-        if min(sizes) < 0:
-            raise _Corrupt("lace sizes overrun the block")
-        frames = []
-        for size in sizes:
-            frames.append(body[pos : pos + size])
-            pos += size
-        return frames
-
-    def _resync(self, pos: int) -> tuple[int, bool]:
-        """Scan for a Cluster, EBML header or a SimpleBlock of our track whose successor
-        element also looks valid; returns (position, found)."""
-        buf = self._buf
-        while True:
-            cands = [
-                p
-                for p in (
-                    buf.find(_CLUSTER_MAGIC, pos),
-                    buf.find(_EBML_MAGIC, pos),
-                    buf.find(b"\xa3", pos) if self._track is not None else -1,
-                )
-                if p >= 0
-            ]
-            if not cands:
-                return max(pos, len(buf) - 3), False
-            p = min(cands)
-            if buf[p] != 0xA3 or buf[p : p + 4] in (_CLUSTER_MAGIC, _EBML_MAGIC):
-                return p, True
-            verdict = self._check_block_candidate(p)
-            if verdict is None:  # need more data to judge, unless a sure sync point follows
-                later = [
-                    q for q in (buf.find(_CLUSTER_MAGIC, p), buf.find(_EBML_MAGIC, p)) if q >= 0
-                ]
-                return (min(later), True) if later else (p, False)
-            if verdict:
-                return p, True
-            pos = p + 1
-
-    def _check_block_candidate(self, p: int) -> bool | None:
-        buf = self._buf
-        try:
-            size = _vint(buf, p + 1, 8, False)
-            if size is None:
-                return None
-            if not 4 <= size[0] <= _MAX_BLOCK:
-                return False
-            track = _vint(buf, p + 1 + size[1], 8, False)
-            if track is None:
-                return None
-            if track[0] != self._track:
-                return False
-            nxt = p + 1 + size[1] + size[0]
-            eid = _vint(buf, nxt, 4, True)
-            if eid is None:
-                return None
-            return eid[0] in _WEBM_ENTER or eid[0] in _WEBM_READ or eid[0] in _WEBM_SKIP
-        except _Corrupt:
-            return False
 
 
 class OpusStreamDecoder:
@@ -944,15 +439,15 @@ class OpusStreamDecoder:
             raise MediaError(400, f"unsupported input channels {channels!r}; supported: 1 or 2")
         self.channels = channels
         self.container: str | None = None
-        self._demux: _OggDemuxer | _WebmDemuxer | None = None
+        self._demux: OggOpusDemuxer | WebmOpusDemuxer | None = None
         self._prefix = b""
-        self._stream: _OpusStream | None = None
+        self._stream: OpusPacketDecoder | None = None
         self._carry: list[np.ndarray] = []
 
     def push(self, data: bytes) -> np.ndarray:
         out, self._carry = self._carry, []
         errors: list[MediaError] = []
-        events: list[_Event] = []
+        events: list[OpusEvent] = []
         data = bytes(data)
         kind = _sniff(data)
         if (
@@ -961,7 +456,7 @@ class OpusStreamDecoder:
             and (kind != self.container or kind == "webm")
         ):
             if (
-                isinstance(self._demux, _WebmDemuxer)
+                isinstance(self._demux, WebmOpusDemuxer)
                 and kind == "webm"
                 and self._demux.mid_element()
             ):
@@ -972,8 +467,11 @@ class OpusStreamDecoder:
         if self._demux is None:
             data = self._detect(data, errors)
         if self._demux is not None and data:
-            self._demux.feed(data, events, errors)
+            self._demux.feed(data, events)
+        errors += [event[1] for event in events if event[0] == "error"]
         for event in events:
+            if event[0] == "error":
+                continue
             try:
                 self._handle(event, out)
             except MediaError as e:
@@ -1010,14 +508,14 @@ class OpusStreamDecoder:
             )
             return b""
         self.container = kind
-        self._demux = _OggDemuxer() if kind == "ogg" else _WebmDemuxer()
+        self._demux = OggOpusDemuxer() if kind == "ogg" else WebmOpusDemuxer()
         self._stream = None
         return data
 
-    def _handle(self, event: _Event, out: list[np.ndarray]) -> None:
+    def _handle(self, event: OpusEvent, out: list[np.ndarray]) -> None:
         if event[0] == "head":
             self._stream = None  # stays None if this header is invalid
-            self._stream = _OpusStream(event[1], self.channels)
+            self._stream = OpusPacketDecoder(event[1], self.channels, _OPUS_CODEC)
             return
         stream = self._stream
         if stream is None:
@@ -1046,7 +544,7 @@ class OpusStreamDecoder:
 def _sniff(data: bytes) -> str | None:
     if data[:4] == b"OggS":
         return "ogg"
-    if data[:4] == _EBML_MAGIC:
+    if data[:4] == EBML_MAGIC:
         return "webm"
     return None
 

@@ -15,3 +15,15 @@ class MediaError(Exception):
         super().__init__(message)
         self.code = code
         self.message = message
+
+
+class Corrupt(Exception):
+    """Container or bitstream data that cannot be right (raised and caught inside media/).
+
+    The parsers turn it into a ``MediaError`` with ``code``: 415, or 413 for an element
+    larger than they accept.
+    """
+
+    def __init__(self, message: str, code: int = 415) -> None:
+        super().__init__(message)
+        self.code = code
