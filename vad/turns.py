@@ -5,20 +5,21 @@
 * quiet: no speech. A voiced frame moves to *starting* and marks the onset.
 * starting: voiced time is counted, and `start_ms` of it opens the turn. SpeechStarted
   is dated at the onset, not at the moment of decision. A pause gives the candidate up
-  (back to quiet, no event) after `start_ms`, or after `stop_ms` once it holds 100 ms of
+  (back to quiet, no event) after `start_ms`, or after `stop_ms` once it holds 80 ms of
   speech. So a noise blip dies quickly, but "What | time" survives its stop closure.
 * speaking: a non-voiced frame moves to *stopping*.
 * stopping: a voiced frame returns to *speaking* with no event, so pauses shorter than
   `stop_ms` never split a turn. `stop_ms` of non-speech ends the turn: SpeechStopped,
   then TurnEnded, or TurnDiscarded if it held less than `min_speech_ms` of speech.
 
-When a turn opens and when it ends, its edges are moved outward over adjacent frames that
-stand out from the noise in some frequency band (`SpeechDetector.speech_run`). This
-catches the weak fricatives that the per-frame gate loses under noise.
+When a turn opens, leading noise blips are dropped from it. Then both edges move outward
+over adjacent frames that stand out from the noise before the turn in some frequency band
+(`SpeechDetector.band_levels`, `edge_threshold`). This catches the weak fricatives that
+the per-frame gate loses under noise.
 
 Time is counted in samples of whole frames. Times are exact (float ms since the first
-frame), and results do not depend on how the caller chunked the audio. Audio lives in one
-ring buffer, sized for `pre_roll_ms + max_turn_ms` plus a little history, which bounds
+frame), and results do not depend on how the caller chunked the audio. At most
+`pre_roll_ms + max_turn_ms` of audio (plus a little history) is kept, which bounds
 memory and every turn's audio.
 """
 
@@ -26,6 +27,7 @@ from __future__ import annotations
 
 import enum
 import math
+from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -35,11 +37,10 @@ from vad.detector import SpeechDetector
 
 _MAX_MS = 600_000  # ten minutes: a larger setting is a unit mistake, not a use case
 _BLOCK_FRAMES = 50  # push_many classifies and buffers at most this many frames at a time
-_SUBSTANTIAL_MS = 100  # a starting candidate with this much speech survives longer pauses
-_BLIP_GAP_MS = 40  # a short leading run this far from the next one may be a noise blip
+_SUBSTANTIAL_MS = 80  # a starting candidate with this much speech survives longer pauses
 _EDGE_MS = 300  # how far a turn edge may move outward
-_NOISE_REF_MS = 500  # audio before that, used as the noise reference for the edges
-_MIN_REF_FRAMES = 5  # fewer frames make no usable noise statistics
+_NOISE_REF_MS = 200  # audio before that: the noise reference for the edges
+_MIN_NOISE_FRAMES = 5  # fewer make no usable noise statistics for the edges
 
 
 @dataclass(frozen=True)
@@ -69,6 +70,8 @@ class TurnConfig:
 
 
 class TurnState(enum.StrEnum):
+    """Where the state machine is; the values are the names used in the docs."""
+
     QUIET = "quiet"
     STARTING = "starting"
     SPEAKING = "speaking"
@@ -152,15 +155,16 @@ class TurnDetector:
         self._min_speech = samples(config.min_speech_ms)
         self._max_turn = samples(config.max_turn_ms)
         self._substantial = samples(_SUBSTANTIAL_MS)
-        self._blip_gap = samples(_BLIP_GAP_MS)
         self._edge_frames = max(1, samples(_EDGE_MS) // fs)
         self._ref_frames = max(1, samples(_NOISE_REF_MS) // fs)
-        # `_keep` bounds any turn's audio; the ring also holds the edge history and room
-        # to write one block ahead of the frame being decided.
+        # `_keep` bounds any turn's audio. The buffer also holds the history the turn edges
+        # look at, and the block being decided, which is written before its frames step.
         self._keep = self._pre + self._max_turn + fs
-        history = (self._edge_frames + self._ref_frames + _BLOCK_FRAMES) * fs
-        self._cap = self._keep + history
-        self._ring = np.zeros(self._cap, dtype=np.int16)
+        self._cap = self._keep + (self._edge_frames + self._ref_frames + _BLOCK_FRAMES) * fs
+        # Recent audio as the pushed blocks, as bytes, oldest first: no big ring buffer to
+        # allocate and fault in, and cheaper to copy than arrays.
+        self._blocks: deque[bytes] = deque()
+        self._blocks_start = 0  # sample index of the first sample of `_blocks[0]`
         self._pos = 0  # samples consumed
         self._state = TurnState.QUIET
         self._onset = 0  # first sample of the turn
@@ -168,7 +172,7 @@ class TurnDetector:
         self._silence = 0  # current run of non-speech samples
         self._last_voiced_end = 0
         self._last_audio_end = 0  # where the previous turn's audio ended
-        self._noise_ref: np.ndarray | None = None  # frames before the open turn
+        self._edge_threshold: np.ndarray | None = None  # per band, from before the turn
         self._runs: list[list[int]] = []
         self._next_id = 1
 
@@ -188,10 +192,10 @@ class TurnDetector:
 
     def push(self, frame: np.ndarray) -> list[TurnEvent]:
         """Consume one frame of `detector.frame_samples` int16 samples."""
-        if not isinstance(frame, np.ndarray) or frame.ndim != 1:
+        if not isinstance(frame, np.ndarray) or frame.dtype != np.int16 or frame.ndim != 1:
+            got = f"{frame.dtype} {frame.shape}" if isinstance(frame, np.ndarray) else frame
             raise ValueError(
-                f"frame must be a 1-D int16 array of {self._fs} samples, "
-                f"got {getattr(frame, 'shape', type(frame).__name__)}"
+                f"frame must be a 1-D int16 array of {self._fs} samples, got {got!r:.60}"
             )
         return self._push_block(frame.reshape(1, -1))
 
@@ -209,6 +213,10 @@ class TurnDetector:
             frames = np.stack(frames)
         if frames.ndim != 2:
             raise ValueError(f"frames must be an (n, {self._fs}) int16 array")
+        if len(frames) == 0:
+            return []
+        if len(frames) <= _BLOCK_FRAMES:
+            return self._push_block(frames)
         events: list[TurnEvent] = []
         for i in range(0, len(frames), _BLOCK_FRAMES):
             events += self._push_block(frames[i : i + _BLOCK_FRAMES])
@@ -253,30 +261,52 @@ class TurnDetector:
     def _push_block(self, frames: np.ndarray) -> list[TurnEvent]:
         decisions = self.detector.classify(frames)  # validates dtype and shape
         pos = self._pos
-        self._write(frames.reshape(-1))
+        self._write(frames)
+        # Steady states, the bulk of any stream, skip the per-frame loop.
+        fs, state = self._fs, self._state
+        if state is TurnState.QUIET and True not in decisions:
+            return []
+        span = len(decisions) * fs
+        if self._pos - self._onset < self._max_turn:
+            if state is TurnState.SPEAKING and False not in decisions:
+                self._voiced += span
+                self._last_voiced_end = self._pos
+                return []
+            if (
+                state is TurnState.STOPPING
+                and True not in decisions
+                and self._silence + span < self._stop
+            ):
+                self._silence += span
+                return []
         events: list[TurnEvent] = []
-        fs = self._fs
         for voiced in decisions:
-            if voiced or self._state is not TurnState.QUIET:
-                events += self._step(voiced, pos)
+            events += self._step(voiced, pos)
             pos += fs
         return events
 
-    def _write(self, samples: np.ndarray) -> None:
-        n = len(samples)
-        i = self._pos % self._cap
-        head = min(n, self._cap - i)
-        self._ring[i : i + head] = samples[:head]
-        self._ring[: n - head] = samples[head:]
-        self._pos += n
+    def _write(self, frames: np.ndarray) -> None:
+        block = frames.tobytes()  # an immutable copy: the caller may reuse its buffer
+        self._blocks.append(block)
+        self._pos += len(block) // 2
+        while self._pos - self._blocks_start - len(self._blocks[0]) // 2 >= self._cap:
+            self._blocks_start += len(self._blocks.popleft()) // 2
 
     def _read(self, start: int, end: int) -> np.ndarray:
-        if end <= start:
+        """Samples [start, end), which must lie within the last `_cap` samples."""
+        pieces = []
+        block_end = self._pos
+        for block in reversed(self._blocks):  # reads are mostly of recent audio
+            block_start = block_end - len(block) // 2
+            if block_start < end:
+                samples = np.frombuffer(block, dtype=np.int16)
+                pieces.append(samples[max(start - block_start, 0) : end - block_start])
+            if block_start <= start:
+                break
+            block_end = block_start
+        if not pieces:
             return np.zeros(0, dtype=np.int16)
-        i, j = start % self._cap, end % self._cap
-        if i < j:
-            return self._ring[i:j].copy()
-        return np.concatenate((self._ring[i:], self._ring[:j]))
+        return pieces[0].copy() if len(pieces) == 1 else np.concatenate(pieces[::-1])
 
     def _step(self, voiced: bool, start: int) -> list[TurnEvent]:
         """Advance by one frame that starts at sample `start`."""
@@ -303,6 +333,8 @@ class TurnDetector:
                 return [SpeechStarted(self._onset * self._ms_per_sample), *self._check_max(end)]
             self._state = TurnState.SPEAKING
             return self._check_max(end)
+        if state is TurnState.QUIET:
+            return []
         self._silence += self._fs
         if state is TurnState.STARTING:
             patience = self._stop if self._voiced >= self._substantial else self._start
@@ -322,45 +354,46 @@ class TurnDetector:
     def _frames(self, start: int, n: int) -> np.ndarray:
         return self._read(start, start + n * self._fs).reshape(n, self._fs)
 
+    def _hot(self, start: int, n: int) -> list[bool]:
+        """Which of `n` frames from sample `start` stand out of the noise in some band."""
+        levels = self.detector.band_levels(self._frames(start, n))
+        return (levels > self._edge_threshold).any(axis=1).tolist()
+
     def _refine_onset(self) -> None:
-        """Set the noise reference, drop leading blips, then move the onset back over weak
-        speech the gate missed."""
-        fs = self._fs
+        """Learn the noise before the turn, drop leading blips, then move the onset back
+        over weak speech the gate missed. One FFT covers all the frames involved."""
+        fs, runs = self._fs, self._runs
         earliest = max(self._pos - self._cap, self._last_audio_end, 0)
         ref_end = self._onset - min(self._edge_frames, (self._onset - earliest) // fs) * fs
         n_ref = min(self._ref_frames, (ref_end - earliest) // fs)
-        if n_ref < _MIN_REF_FRAMES:
-            self._noise_ref = None  # too close to the stream start or the previous turn
-            return
-        self._noise_ref = self._frames(ref_end - n_ref * fs, n_ref)
-        onset = self._skip_blips()
-        n_edge = min(self._edge_frames, (onset - earliest) // fs)
-        before = self._frames(onset - n_edge * fs, n_edge)[::-1]  # nearest to the onset first
-        self._onset = onset - self.detector.speech_run(before, self._noise_ref) * fs
-
-    def _skip_blips(self) -> int:
-        """Onset without leading noise blips: short runs, apart from the next run, in which
-        no band stands out of the noise. Needed in pink noise, whose swings pass the gate
-        now and then and would otherwise date the onset up to `start_ms` early."""
-        runs, fs = self._runs, self._fs
-        while (
-            len(runs) > 1
-            and runs[0][1] - runs[0][0] < self._substantial
-            and runs[1][0] - runs[0][1] >= self._blip_gap
-        ):
-            blip = self._frames(runs[0][0], (runs[0][1] - runs[0][0]) // fs)
-            if self.detector.speech_run(blip, self._noise_ref):
+        self._edge_threshold = None
+        if n_ref < _MIN_NOISE_FRAMES:
+            return  # too close to the stream start or the previous turn to know the noise
+        # Noise, then everything up to the first run that is surely speech.
+        first_real = next((r for r in runs if r[1] - r[0] >= self._substantial), runs[-1])
+        n_rest = (first_real[0] - ref_end) // fs
+        levels = self.detector.band_levels(self._frames(ref_end - n_ref * fs, n_ref + n_rest))
+        self._edge_threshold = threshold = self.detector.edge_threshold(levels[:n_ref])
+        hot = (levels[n_ref:] > threshold).any(axis=1).tolist()  # frames from `ref_end`
+        # Leading blips: short runs (a gap follows, by definition) with no band standing
+        # out. Pink noise swings through the gate now and then; without this they would
+        # date the onset up to `start_ms` early.
+        while runs[0] is not first_real:
+            if any(hot[(runs[0][0] - ref_end) // fs : (runs[0][1] - ref_end) // fs]):
                 break
             runs.pop(0)
-        return runs[0][0]
+        onset = runs[0][0]
+        i = (onset - ref_end) // fs
+        lookback = hot[max(0, i - self._edge_frames) : i][::-1]  # nearest to the onset first
+        self._onset = onset - _run_length(lookback) * fs
 
     def _refined_end(self, now: int) -> int:
         """End of speech, moved forward over weak speech (a final /s/) the gate missed."""
         end = self._last_voiced_end
         n = min(self._edge_frames, (now - end) // self._fs)
-        if self._noise_ref is None or n <= 0:
+        if self._edge_threshold is None or n <= 0:
             return end
-        return end + self.detector.speech_run(self._frames(end, n), self._noise_ref) * self._fs
+        return end + _run_length(self._hot(end, n)) * self._fs
 
     def _end(self, forced: bool, now: int) -> list[TurnEvent]:
         end = self._refined_end(now)
@@ -393,4 +426,16 @@ class TurnDetector:
         self._state = TurnState.QUIET
         self._voiced = 0
         self._silence = 0
-        self._noise_ref = None
+        self._edge_threshold = None
+
+
+def _run_length(hot: list[bool]) -> int:
+    """Length of the leading run of True in `hot`, which may hold one False inside (a stop
+    closure between a fricative and its vowel)."""
+    run = 0
+    for i, h in enumerate(hot):
+        if h:
+            run = i + 1
+        elif i > run:  # a second False in a row
+            break
+    return run

@@ -1,0 +1,204 @@
+"""SpeechDetector: config validation, frame checks, noise rejection, speech detection."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import webrtcvad
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from tests.speech import (
+    NOISES,
+    SAMPLE_RATE,
+    frames_of,
+    make_conversation,
+    make_noise,
+    resample,
+    rms,
+    synth,
+)
+from vad.detector import DetectorConfig, SpeechDetector
+
+FULL_SCALE = 32768
+
+
+@pytest.fixture(scope="session")
+def speech_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("speech")
+
+
+def noise_at(kind: str, level_dbfs: float, seconds: float, seed: int = 1) -> np.ndarray:
+    x = make_noise(kind, int(SAMPLE_RATE * seconds), np.random.default_rng(seed))
+    x = x / rms(x) * FULL_SCALE * 10 ** (level_dbfs / 20)
+    return np.clip(np.round(x), -32768, 32767).astype(np.int16)
+
+
+def voiced_mask(n_frames: int, spans: list[tuple[float, float]], frame_ms: int = 20) -> np.ndarray:
+    centres = np.arange(n_frames) * frame_ms + frame_ms / 2
+    mask = np.zeros(n_frames, dtype=bool)
+    for start, end in spans:
+        mask |= (centres >= start) & (centres < end)
+    return mask
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"sample_rate": 44100}, "sample_rate"),
+        ({"frame_ms": 25}, "frame_ms"),
+        ({"aggressiveness": 4}, "aggressiveness"),
+        ({"aggressiveness": -1}, "aggressiveness"),
+        ({"margin_db": -1.0}, "margin_db"),
+        ({"spread_factor": 11.0}, "spread_factor"),
+        ({"override_db": -3.0}, "override_db"),
+        ({"floor_window_ms": 100}, "floor_window_ms"),
+        ({"noise_target_dbfs": 6.0}, "noise_target_dbfs"),
+        ({"min_level_dbfs": -120.0}, "min_level_dbfs"),
+    ],
+)
+def test_config_rejects_nonsense(kwargs: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        DetectorConfig(**kwargs)
+
+
+def test_detector_rejects_non_config() -> None:
+    with pytest.raises(ValueError, match="DetectorConfig"):
+        SpeechDetector({"sample_rate": 16000})  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("rate", "frame_ms", "samples"), [(8000, 10, 80), (16000, 20, 320), (48000, 30, 1440)]
+)
+def test_frame_samples(rate: int, frame_ms: int, samples: int) -> None:
+    det = SpeechDetector(DetectorConfig(sample_rate=rate, frame_ms=frame_ms))
+    assert det.frame_samples == samples == det.config.frame_samples
+
+
+@pytest.mark.parametrize(
+    "frame",
+    [
+        np.zeros(319, dtype=np.int16),
+        np.zeros(321, dtype=np.int16),
+        np.zeros(320, dtype=np.float32),
+        np.zeros((1, 320), dtype=np.int16),
+        bytes(640),
+        [0] * 320,
+    ],
+    ids=["short", "long", "float32", "2-D", "bytes", "list"],
+)
+def test_is_speech_rejects_bad_frames(frame: object) -> None:
+    with pytest.raises(ValueError, match="320"):
+        SpeechDetector().is_speech(frame)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    "frames",
+    [np.zeros((3, 160), dtype=np.int16), np.zeros(320, dtype=np.int16), np.zeros((2, 320))],
+    ids=["wrong width", "1-D", "float64"],
+)
+def test_classify_rejects_bad_blocks(frames: np.ndarray) -> None:
+    with pytest.raises(ValueError, match="320"):
+        SpeechDetector().classify(frames)
+
+
+def test_digital_silence_is_never_speech() -> None:
+    det = SpeechDetector()
+    assert det.noise_floor_db == -np.inf
+    assert not any(det.classify(np.zeros((100, 320), dtype=np.int16)))
+    assert det.noise_floor_db < -85
+
+
+@pytest.mark.parametrize("kind", NOISES)
+def test_loud_stationary_noise_is_rejected(kind: str) -> None:
+    """At -25 dBFS webrtcvad alone calls most of these frames speech; we call almost none."""
+    frames = frames_of(noise_at(kind, -25.0, 10.0), 320)
+    vad = webrtcvad.Vad(DetectorConfig().aggressiveness)
+    bare = np.mean([vad.is_speech(f.tobytes(), SAMPLE_RATE) for f in frames])
+    ours = np.mean(SpeechDetector().classify(frames))
+    assert bare > 0.7
+    assert ours < 0.02
+
+
+@pytest.mark.parametrize("level", [-50.0, -35.0, -20.0])
+def test_noise_floor_tracks_noise_level(level: float) -> None:
+    det = SpeechDetector()
+    det.classify(frames_of(noise_at("white", level, 3.0), 320))
+    # Minimum statistics sit a little below the mean level of the noise.
+    assert level - 3.0 < det.noise_floor_db <= level
+
+
+def test_noise_floor_falls_at_once_and_rises_within_a_window() -> None:
+    det = SpeechDetector()
+    det.classify(frames_of(noise_at("white", -30.0, 3.0), 320))
+    det.classify(frames_of(noise_at("white", -50.0, 0.1, seed=2), 320))
+    assert det.noise_floor_db < -49  # fast down: a few frames suffice
+    louder = frames_of(noise_at("white", -30.0, 3.0, seed=3), 320)
+    decisions = det.classify(louder)
+    # Slow up: a 20 dB louder noise passes for speech until the quiet minimum leaves the
+    # floor window (2 s, moving in 0.4 s blocks), then no more.
+    assert det.noise_floor_db > -33
+    assert any(decisions[:50])
+    assert not any(decisions[125:])
+
+
+def test_speech_frames_are_detected(speech_cache: Path) -> None:
+    conv = make_conversation(3, n_turns=2, cache_dir=speech_cache)
+    frames = frames_of(conv.audio, 320)
+    decisions = np.array(SpeechDetector().classify(frames))
+    voiced = voiced_mask(len(frames), conv.phrases)
+    silent = ~voiced_mask(len(frames), [(a - 300, b + 300) for a, b in conv.turns])
+    assert decisions[voiced].mean() > 0.75
+    assert not decisions[silent].any()
+
+
+@pytest.mark.parametrize("kind", NOISES)
+def test_speech_in_5db_noise(kind: str, speech_cache: Path) -> None:
+    conv = make_conversation(4, n_turns=2, noise=kind, snr_db=5.0, cache_dir=speech_cache)
+    frames = frames_of(conv.audio, 320)
+    decisions = np.array(SpeechDetector().classify(frames))
+    voiced = voiced_mask(len(frames), conv.phrases)
+    gaps = ~voiced_mask(len(frames), [(a - 300, b + 300) for a, b in conv.turns])
+    assert decisions[voiced].mean() > 0.4  # turn logic bridges the rest
+    assert decisions[gaps].mean() < 0.05  # isolated frames, which never open a turn
+
+
+@pytest.mark.parametrize(("rate", "frame_ms"), [(8000, 10), (32000, 30), (48000, 20)])
+def test_other_rates_and_frame_lengths(rate: int, frame_ms: int, speech_cache: Path) -> None:
+    speech = resample(
+        synth("Could you tell me the weather for tomorrow?", "en", 165, speech_cache),
+        SAMPLE_RATE,
+        rate,
+    )
+    pad = np.zeros(rate // 2, dtype=np.int16)
+    audio = np.concatenate([pad, speech, pad])
+    det = SpeechDetector(DetectorConfig(sample_rate=rate, frame_ms=frame_ms))
+    decisions = np.array(det.classify(frames_of(audio, det.frame_samples)))
+    per_s = 1000 // frame_ms
+    speech_part = decisions[per_s // 2 : per_s // 2 + len(speech) * per_s // rate]
+    assert speech_part.mean() > 0.6
+    assert not decisions[: per_s // 2].any()
+
+
+@pytest.fixture(scope="session")
+def noisy_frames(speech_cache: Path) -> np.ndarray:
+    audio = make_conversation(7, n_turns=2, noise="pink", snr_db=10.0, cache_dir=speech_cache)
+    return frames_of(audio.audio, 320)[:600]
+
+
+@settings(max_examples=25, deadline=None)
+@given(sizes=st.lists(st.integers(min_value=1, max_value=40), min_size=1, max_size=60))
+def test_classify_is_independent_of_chunking(noisy_frames: np.ndarray, sizes: list[int]) -> None:
+    """Decisions depend on the frames only, not on how they were grouped into calls."""
+    frames = noisy_frames
+    expected = SpeechDetector().classify(frames)
+    det, got, i = SpeechDetector(), [], 0
+    for size in sizes * (len(frames) // sum(sizes) + 1):
+        if i >= len(frames):
+            break
+        got += det.classify(frames[i : i + size])
+        i += size
+    single = SpeechDetector()
+    assert got == expected == [single.is_speech(f) for f in frames]

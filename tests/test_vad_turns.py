@@ -1,0 +1,341 @@
+"""TurnDetector on synthetic conversations: turn boundaries, chunking, edge cases."""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from tests.speech import (
+    ENGLISH_VOICES,
+    NOISES,
+    SAMPLE_RATE,
+    VOICES,
+    Conversation,
+    frames_of,
+    make_conversation,
+    make_noise,
+    rms,
+    synth,
+)
+from vad.detector import DetectorConfig, SpeechDetector
+from vad.turns import (
+    SpeechStarted,
+    SpeechStopped,
+    TurnConfig,
+    TurnDetector,
+    TurnDiscarded,
+    TurnEnded,
+    TurnEvent,
+    TurnState,
+)
+
+ONSET_TOLERANCE_MS = 100.0
+END_TOLERANCE_MS = 350.0  # weak final consonants vanish under 5 dB noise
+FRAME = 320
+
+
+@pytest.fixture(scope="session")
+def speech_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("speech")
+
+
+def detector(**turn_kwargs: int) -> TurnDetector:
+    return TurnDetector(TurnConfig(**turn_kwargs), SpeechDetector())
+
+
+def run(td: TurnDetector, audio: np.ndarray) -> list[TurnEvent]:
+    return td.push_many(frames_of(audio, td.detector.frame_samples)) + td.flush()
+
+
+def ended(events: list[TurnEvent]) -> list[TurnEnded]:
+    return [e for e in events if isinstance(e, TurnEnded)]
+
+
+def ms(n: int) -> np.ndarray:
+    """n ms of digital silence."""
+    return np.zeros(n * SAMPLE_RATE // 1000, dtype=np.int16)
+
+
+def assert_turns_match(conv: Conversation, events: list[TurnEvent]) -> None:
+    turns = ended(events)
+    found = [(round(t.start_ms), round(t.end_ms)) for t in turns]
+    truth = [(round(a), round(b)) for a, b in conv.turns]
+    assert len(turns) == len(conv.turns), f"found {found}, truth {truth}"
+    for turn, (start, end) in zip(turns, conv.turns, strict=True):
+        assert abs(turn.start_ms - start) <= ONSET_TOLERANCE_MS, f"found {found}, truth {truth}"
+        assert abs(turn.end_ms - end) <= END_TOLERANCE_MS, f"found {found}, truth {truth}"
+    kinds = [type(e) for e in events]
+    assert kinds == [SpeechStarted, SpeechStopped, TurnEnded] * len(conv.turns)
+
+
+# -- conversations --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("snr_db", [20.0, 10.0, 5.0])
+@pytest.mark.parametrize("noise", NOISES)
+@pytest.mark.parametrize("seed", [1, 2])
+def test_turns_in_noise(seed: int, noise: str, snr_db: float, speech_cache: Path) -> None:
+    """Every voice and speed at random; phrase pauses of 120-300 ms, gaps of 1.5-2.5 s."""
+    conv = make_conversation(seed, n_turns=3, noise=noise, snr_db=snr_db, cache_dir=speech_cache)
+    assert_turns_match(conv, run(detector(), conv.audio))
+
+
+@pytest.mark.parametrize("speed", [130, 165, 200])
+@pytest.mark.parametrize("voice", VOICES)
+def test_each_voice_and_speed_clean(voice: str, speed: int, speech_cache: Path) -> None:
+    conv = make_conversation(11, n_turns=2, voices=[voice], speeds=[speed], cache_dir=speech_cache)
+    assert_turns_match(conv, run(detector(), conv.audio))
+
+
+@pytest.mark.parametrize("pause_ms", [120.0, 200.0, 300.0])
+def test_short_pauses_do_not_end_a_turn(pause_ms: float, speech_cache: Path) -> None:
+    conv = make_conversation(
+        21,
+        n_turns=2,
+        voices=ENGLISH_VOICES,
+        noise="white",
+        snr_db=10.0,
+        pause_ms=(pause_ms, pause_ms),
+        max_phrases=3,
+        cache_dir=speech_cache,
+    )
+    assert len(conv.phrases) > len(conv.turns)  # some turns really have pauses
+    assert_turns_match(conv, run(detector(), conv.audio))
+
+
+def test_gaps_over_1300_ms_end_a_turn(speech_cache: Path) -> None:
+    conv = make_conversation(
+        22, n_turns=4, gap_ms=(1310.0, 1350.0), noise="pink", snr_db=10.0, cache_dir=speech_cache
+    )
+    assert_turns_match(conv, run(detector(), conv.audio))
+
+
+# -- chunking ---------------------------------------------------------------------------
+
+
+def reframe(audio: np.ndarray, sizes: list[int], frame: int = FRAME) -> Iterator[np.ndarray]:
+    """Cut `audio` into chunks of the given sizes (cycled), then into whole frames,
+    carrying the remainder to the next chunk, as a network framer must."""
+    rest = np.zeros(0, dtype=np.int16)
+    i = k = 0
+    while i < len(audio):
+        chunk = audio[i : i + sizes[k % len(sizes)]]
+        i, k = i + len(chunk), k + 1
+        rest = np.concatenate([rest, chunk])
+        n = len(rest) // frame
+        yield rest[: n * frame].reshape(n, frame)
+        rest = rest[n * frame :]
+
+
+@pytest.fixture(scope="session")
+def chunking_audio(speech_cache: Path) -> np.ndarray:
+    conv = make_conversation(5, n_turns=2, noise="pink", snr_db=10.0, cache_dir=speech_cache)
+    return conv.audio
+
+
+@pytest.fixture(scope="session")
+def reference_events(chunking_audio: np.ndarray) -> list[TurnEvent]:
+    td = detector()
+    events = [e for frame in frames_of(chunking_audio, FRAME) for e in td.push(frame)]
+    return events + td.flush()
+
+
+@settings(max_examples=30, deadline=None)
+@given(sizes=st.lists(st.integers(min_value=1, max_value=8000), min_size=1, max_size=20))
+def test_reframing_yields_the_same_frames(chunking_audio: np.ndarray, sizes: list[int]) -> None:
+    got = np.concatenate(list(reframe(chunking_audio, sizes)))
+    assert np.array_equal(got, frames_of(chunking_audio, FRAME))
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    sizes=st.lists(st.integers(min_value=1, max_value=8000), min_size=1, max_size=20),
+    as_list=st.booleans(),
+)
+def test_events_do_not_depend_on_chunking(
+    chunking_audio: np.ndarray,
+    reference_events: list[TurnEvent],
+    sizes: list[int],
+    as_list: bool,
+) -> None:
+    """Frame by frame, or random network chunks re-framed with a remainder, as 2-D arrays
+    or lists of frames: the same events, with the same times and audio."""
+    assert len(ended(reference_events)) == 2
+    td, events = detector(), []
+    for frames in reframe(chunking_audio, sizes):
+        events += td.push_many(list(frames) if as_list else frames)
+    assert events + td.flush() == reference_events
+
+
+# -- turn mechanics -------------------------------------------------------------------
+
+
+def continuous_speech(seconds: float, cache: Path) -> np.ndarray:
+    texts = ["Tell me a short story about a fox.", "Send the report to the whole team."]
+    clips, total = [], 0
+    while total < seconds * SAMPLE_RATE:
+        clip = synth(texts[len(clips) % 2], "en-us", 165, cache)
+        clips.append(clip)
+        total += len(clip)
+    return np.concatenate(clips)[: int(seconds * SAMPLE_RATE)]
+
+
+def test_max_turn_forces_an_end(speech_cache: Path) -> None:
+    audio = np.concatenate([ms(1000), continuous_speech(7.0, speech_cache), ms(1500)])
+    cfg = TurnConfig(max_turn_ms=2000, pre_roll_ms=300)
+    events = run(TurnDetector(cfg, SpeechDetector()), audio)
+    turns = ended(events)
+    assert len(turns) >= 3
+    assert turns[0].forced and turns[1].forced and not turns[-1].forced
+    bound = (cfg.max_turn_ms + cfg.pre_roll_ms + 20) * SAMPLE_RATE // 1000
+    for turn in turns:
+        assert len(turn.audio) <= bound
+        assert turn.end_ms - turn.start_ms <= cfg.max_turn_ms + 20
+    # Consecutive turns share no audio, and lose none while the talking goes on.
+    for a, b in itertools.pairwise(turns):
+        a_end = a.audio_start_ms + len(a.audio) * 1000 / SAMPLE_RATE
+        assert b.audio_start_ms == a_end if a.forced else b.audio_start_ms >= a_end
+    assert [t.turn_id for t in turns] == list(range(1, len(turns) + 1))
+
+
+def click(n_ms: int) -> np.ndarray:
+    t = np.arange(n_ms * SAMPLE_RATE // 1000) / SAMPLE_RATE
+    return (8000 * np.sin(2 * np.pi * 900 * t) * np.hanning(len(t))).astype(np.int16)
+
+
+def test_min_speech_discards_a_short_sound() -> None:
+    audio = np.concatenate([ms(1000), click(120), ms(1500)])
+    events = run(detector(start_ms=40, min_speech_ms=300), audio)
+    assert [type(e) for e in events] == [SpeechStarted, SpeechStopped, TurnDiscarded]
+    assert events[2].start_ms == events[0].start_ms  # type: ignore[union-attr]
+    # With the defaults the same click never even opens a turn.
+    assert run(detector(), audio) == []
+
+
+def test_pre_roll_is_in_the_turn_audio(speech_cache: Path) -> None:
+    phrase = synth("Could you tell me the weather for tomorrow?", "en", 165, speech_cache)
+    audio = np.concatenate([ms(1000), phrase, ms(1500)])
+    (turn,) = ended(run(detector(pre_roll_ms=300), audio))
+    assert abs(turn.start_ms - 1000) <= 40
+    assert turn.audio_start_ms == turn.start_ms - 300
+    first = round(turn.audio_start_ms * SAMPLE_RATE / 1000)
+    assert np.array_equal(turn.audio, audio[first : first + len(turn.audio)])
+    # Speech, plus up to pre_roll_ms of context after its end.
+    assert turn.audio_start_ms + len(turn.audio) * 1000 / SAMPLE_RATE <= turn.end_ms + 300
+    assert len(turn.audio) * 1000 / SAMPLE_RATE >= 300 + len(phrase) * 1000 / SAMPLE_RATE - 40
+
+
+@pytest.mark.parametrize("noise", [None, *NOISES])
+def test_noise_alone_gives_no_events(noise: str | None) -> None:
+    if noise is None:
+        audio = ms(5000)
+    else:
+        x = make_noise(noise, 10 * SAMPLE_RATE, np.random.default_rng(3))
+        audio = np.round(x / rms(x) * 3300).astype(np.int16)  # -20 dBFS
+    td = detector()
+    assert run(td, audio) == []
+    assert td.state is TurnState.QUIET and td.speech_ms == 0.0
+
+
+def test_state_clock_and_speech_ms(speech_cache: Path) -> None:
+    phrase = synth("That sounds like a good plan.", "en", 165, speech_cache)
+    audio = np.concatenate([ms(600), phrase, ms(1200)])
+    td, states, events = detector(), [], []
+    for frame in frames_of(audio, FRAME):
+        events += td.push(frame)
+        states.append(td.state.value)
+        if td.state is TurnState.SPEAKING:
+            assert td.speech_ms >= 200
+    assert td.clock_ms == len(frames_of(audio, FRAME)) * 20
+    # The states come in order, each at least once.
+    order = [s for i, s in enumerate(states) if i == 0 or s != states[i - 1]]
+    assert order[:2] == ["quiet", "starting"] and order[-1] == "quiet"
+    assert {"speaking", "stopping"} <= set(order)
+    started, stopped, turn = events
+    assert isinstance(started, SpeechStarted) and isinstance(stopped, SpeechStopped)
+    assert isinstance(turn, TurnEnded)
+    assert turn.start_ms == started.start_ms and turn.end_ms == stopped.end_ms
+    assert started.start_ms % 20 == 0 and stopped.end_ms % 20 == 0  # whole frames
+
+
+def test_flush_ends_an_open_turn(speech_cache: Path) -> None:
+    phrase = synth("Remind me to call my sister tonight.", "en-us", 165, speech_cache)
+    td = detector()
+    events = td.push_many(frames_of(np.concatenate([ms(600), phrase]), FRAME))
+    assert [type(e) for e in events] == [SpeechStarted]
+    flushed = td.flush()
+    assert [type(e) for e in flushed] == [SpeechStopped, TurnEnded]
+    assert td.state is TurnState.QUIET
+    assert td.flush() == []
+
+
+def test_commit_takes_all_audio_since_the_last_turn(speech_cache: Path) -> None:
+    phrase = synth("Okay.", "en", 165, speech_cache)
+    td = detector()
+    assert td.commit() is None  # nothing yet
+    first = td.push_many(frames_of(np.concatenate([ms(500), phrase, ms(1200)]), FRAME))
+    (vad_turn,) = ended(first)
+    td.push_many(frames_of(ms(600), FRAME))  # silence: push-to-talk ignores the VAD
+    turn = td.commit()
+    assert turn is not None and turn.turn_id == vad_turn.turn_id + 1 and not turn.forced
+    vad_audio_end = vad_turn.audio_start_ms + len(vad_turn.audio) * 1000 / SAMPLE_RATE
+    assert turn.start_ms == turn.audio_start_ms == vad_audio_end
+    assert turn.end_ms == td.clock_ms
+    assert len(turn.audio) == (turn.end_ms - turn.start_ms) * SAMPLE_RATE / 1000
+    assert td.commit() is None  # no new audio since
+
+
+def test_commit_is_bounded_by_max_turn() -> None:
+    td = detector(max_turn_ms=1000, pre_roll_ms=100)
+    td.push_many(frames_of(ms(5000), FRAME))
+    turn = td.commit()
+    assert turn is not None
+    assert len(turn.audio) <= (1000 + 100 + 20) * SAMPLE_RATE // 1000
+    assert turn.end_ms == 5000
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"start_ms": -1}, "start_ms"),
+        ({"stop_ms": 0}, "stop_ms"),
+        ({"pre_roll_ms": 700_000}, "pre_roll_ms"),
+        ({"min_speech_ms": 1.5}, "min_speech_ms"),
+        ({"max_turn_ms": True}, "max_turn_ms"),
+        ({"max_turn_ms": 500}, "max_turn_ms"),
+    ],
+)
+def test_turn_config_rejects_nonsense(kwargs: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        TurnConfig(**kwargs)
+
+
+def test_detector_argument_checks() -> None:
+    with pytest.raises(ValueError, match="TurnConfig"):
+        TurnDetector({"stop_ms": 500}, SpeechDetector())  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="SpeechDetector"):
+        TurnDetector(TurnConfig(), object())  # type: ignore[arg-type]
+    td = detector()
+    with pytest.raises(ValueError, match="320"):
+        td.push(np.zeros(160, dtype=np.int16))
+    with pytest.raises(ValueError, match="320"):
+        td.push(np.zeros(320, dtype=np.float32))
+    with pytest.raises(ValueError, match="320"):
+        td.push_many([np.zeros(320, dtype=np.int16), np.zeros(100, dtype=np.int16)])
+    assert td.push_many([]) == [] and td.clock_ms == 0
+
+
+def test_other_frame_sizes(speech_cache: Path) -> None:
+    phrase = synth("Show me pictures of the mountains.", "en+f3", 165, speech_cache)
+    audio = np.concatenate([ms(800), phrase, ms(1500)])
+    for frame_ms in (10, 30):
+        det = SpeechDetector(DetectorConfig(frame_ms=frame_ms))
+        (turn,) = ended(run(TurnDetector(TurnConfig(), det), audio))
+        assert abs(turn.start_ms - 800) <= ONSET_TOLERANCE_MS
+        assert turn.start_ms % frame_ms == 0
