@@ -138,7 +138,7 @@ class TurnDetectionConfig(_Strict):
     type: Literal["vad", "manual"] = "vad"
     aggressiveness: int = Field(3, ge=0, le=3)
     start_ms: int = Field(200, ge=10, le=5000)
-    stop_ms: int = Field(700, ge=100, le=10000)
+    stop_ms: int = Field(800, ge=100, le=10000)
     pre_roll_ms: int = Field(300, ge=0, le=2000)
     min_speech_ms: int = Field(200, ge=0, le=5000)
     max_turn_ms: int = Field(30000, ge=1000, le=300000)

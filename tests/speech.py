@@ -11,6 +11,10 @@ the voiced phrase extents only, so pauses and gaps do not flatter the SNR.
 
 Everything is deterministic for a given seed. Synthesis results can be cached in a directory
 (``cache_dir``), e.g. a pytest session temp dir; caching is optional because espeak-ng is fast.
+
+API: ``synth(text, voice, speed) -> int16 16 kHz``; ``make_conversation(seed, n_turns,
+voices, speeds, noise, snr_db) -> Conversation(audio, turns, phrases, texts, speakers)``;
+``make_noise``/``mix_at_snr`` for noise alone; ``resample``, ``trim``, ``frames_of``.
 """
 
 from __future__ import annotations

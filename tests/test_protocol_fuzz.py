@@ -49,7 +49,7 @@ field_names = st.sampled_from(
 )
 typed_messages = st.builds(
     lambda kind, fields: {"type": kind, **fields},
-    st.sampled_from(sorted(CLIENT_MESSAGE_TYPES) + ["bogus", ""]),
+    st.sampled_from([*sorted(CLIENT_MESSAGE_TYPES), "bogus", ""]),
     st.dictionaries(field_names, json_values, max_size=4),
 )
 frames = st.one_of(

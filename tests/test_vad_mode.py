@@ -154,7 +154,9 @@ async def test_manual_turns_and_commit(live_server):
         assert ended["audio_end_ms"] - ended["audio_start_ms"] >= len(speech) / 16
         await c.send({"type": "input.commit"})
         err = await c.recv()
-        assert err["type"] == "error" and err["code"] == 400 and "nothing to commit" in err["message"]
+        assert (
+            err["type"] == "error" and err["code"] == 400 and "nothing to commit" in err["message"]
+        )
 
 
 async def test_bad_audio_is_refused_without_losing_audio(live_server, conversation):
@@ -173,9 +175,7 @@ async def test_bad_audio_is_refused_without_losing_audio(live_server, conversati
         assert len(ended) == len(conversation.turns)
         for event, (onset, _) in zip(ended, conversation.turns, strict=True):
             assert abs(event["audio_start_ms"] - onset) <= 100, "no audio lost: times unchanged"
-        await c.send(
-            {"type": "session.update", "config": {"input_audio": {"sample_rate": 22050}}}
-        )
+        await c.send({"type": "session.update", "config": {"input_audio": {"sample_rate": 22050}}})
         err = await c.recv()
         assert err["code"] == 400 and "sample_rate" in err["message"]
         await c.send({"type": "input.audio", "audio": "not base64!"})
@@ -189,7 +189,10 @@ async def test_stereo_48k_input_is_resampled(live_server, conversation):
     async with connect(live_server, TOKEN) as c:
         await c.recv()
         await c.send(
-            {"type": "session.update", "config": {"input_audio": {"sample_rate": 48000, "channels": 2}}}
+            {
+                "type": "session.update",
+                "config": {"input_audio": {"sample_rate": 48000, "channels": 2}},
+            }
         )
         await c.recv()
         await _stream(c, stereo)

@@ -1,7 +1,7 @@
 """Frame-level speech detection: webrtcvad behind an adaptive noise floor.
 
 webrtcvad alone fails in steady noise. Its noise model only works near its expected levels,
-so loud white, pink or hum noise (-30 dBFS) counts as speech 50-100% of the time. And it
+so loud white, pink or hum noise (-25 dBFS) counts as speech 80-100% of the time. And it
 has no idea what "louder than the room" means. So we track the room ourselves:
 
 * Noise floor: the lowest frame energy over the last `floor_window_ms`. This is the
@@ -212,7 +212,7 @@ class SpeechDetector:
         n, nbytes, nsamp, process, handle, rate, min_energy, block = self._consts
         a, b = self._floors
         blk0, blk1 = a.block, b.block
-        fl0, gate0, loud0, fl1, gate1, loud1 = a.floor, a.gate, a.loud, b.floor, b.gate, b.loud
+        fl0, gate0, loud0, fl1, gate1, loud1 = self._thresholds()
         shift = self._shift
         pcm = (frames >> shift).tobytes() if shift else frames.tobytes()
         out = []
@@ -224,14 +224,7 @@ class SpeechDetector:
             blk1.append(e1)
             if e0 < fl0 or e1 < fl1:  # a new minimum: the floor falls at once
                 self._lower(e0, e1)
-                fl0, gate0, loud0, fl1, gate1, loud1 = (
-                    a.floor,
-                    a.gate,
-                    a.loud,
-                    b.floor,
-                    b.gate,
-                    b.loud,
-                )
+                fl0, gate0, loud0, fl1, gate1, loud1 = self._thresholds()
                 if self._shift != shift:
                     shift = self._shift
                     pcm = (frames >> shift).tobytes() if shift else frames.tobytes()
@@ -244,18 +237,15 @@ class SpeechDetector:
             if len(blk0) == block:
                 self._close_block()
                 blk0, blk1 = a.block, b.block
-                fl0, gate0, loud0, fl1, gate1, loud1 = (
-                    a.floor,
-                    a.gate,
-                    a.loud,
-                    b.floor,
-                    b.gate,
-                    b.loud,
-                )
+                fl0, gate0, loud0, fl1, gate1, loud1 = self._thresholds()
                 if self._shift != shift:
                     shift = self._shift
                     pcm = (frames >> shift).tobytes() if shift else frames.tobytes()
         return out
+
+    def _thresholds(self) -> tuple[float, float, float, float, float, float]:
+        a, b = self._floors
+        return a.floor, a.gate, a.loud, b.floor, b.gate, b.loud
 
     def _lower(self, e0: float, e1: float) -> None:
         for f, e in ((self._floors[0], e0), (self._floors[1], e1)):

@@ -280,9 +280,24 @@ class TurnDetector:
                 self._silence += span
                 return []
         events: list[TurnEvent] = []
+        speaking, stopping = TurnState.SPEAKING, TurnState.STOPPING
         for voiced in decisions:
-            events += self._step(voiced, pos)
-            pos += fs
+            end = pos + fs
+            state = self._state
+            # The common cases of `_step`, inlined: no state change, no event.
+            if state is speaking and voiced and end - self._onset < self._max_turn:
+                self._voiced += fs
+                self._last_voiced_end = end
+            elif (
+                state is stopping
+                and not voiced
+                and self._silence + fs < self._stop
+                and end - self._onset < self._max_turn
+            ):
+                self._silence += fs
+            else:
+                events += self._step(voiced, pos)
+            pos = end
         return events
 
     def _write(self, frames: np.ndarray) -> None:
