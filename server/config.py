@@ -36,7 +36,6 @@ class Settings(BaseSettings):
     ws_per_message_deflate: bool = False
 
     # Providers
-    default_provider: str = "echo"
     #: Echo provider pacing: 1.0 streams reply audio at real time, 0 as fast as possible.
     echo_pace: float = 1.0
     openai_api_key: str | None = Field(

@@ -42,7 +42,6 @@ class FrameSource:
         self.last: ImageFrame | None = None
         self._streams: dict[str, VideoStream] = {}
         self._last_accepted = -1e18
-        self._frame_num = 0
         self.reconfigure()
 
     def _now_ms(self) -> float:

@@ -25,8 +25,6 @@ from pydantic import (
     ValidationError,
 )
 
-PROTOCOL_VERSION = 1
-
 
 def _b64decode(value: Any) -> bytes:
     if isinstance(value, bytes):

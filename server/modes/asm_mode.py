@@ -201,9 +201,6 @@ class AsmMode(Mode):
 
     # ---- input ----------------------------------------------------------------------
 
-    def _own_turns(self) -> bool:
-        return self.session.config.turn_detection.provider_vad in ("duplex", "none")
-
     async def on_audio(self, chunk: AudioChunk, msg_id: str | None) -> None:
         rt = await self._provider()
         if self._ingest is None:

@@ -63,9 +63,6 @@ class ProviderCatalog:
         catalog.tts = tts
         return catalog
 
-    def names(self) -> list[str]:
-        return sorted({*self.unary, *self.realtime})
-
     def get_unary(self, name: str) -> UnaryProvider | None:
         return self.unary.get(name)
 

@@ -8,11 +8,11 @@ client can see every input travel through the whole pipeline without a model.
 from __future__ import annotations
 
 import asyncio
-import math
 from collections.abc import AsyncIterator
 
 import numpy as np
 
+from media.audio import audio_level_dbfs
 from server.protocol import Media, StreamChunk
 from server.providers.base import TurnRequest, UnaryProvider
 
@@ -38,7 +38,7 @@ class EchoProvider(UnaryProvider):
             pcm = np.frombuffer(request.audio.pcm, dtype="<i2")
             lines.append(
                 f"Heard {request.audio.duration_ms / 1000:.2f} s of audio "
-                f"at {_level_dbfs(pcm):.1f} dBFS."
+                f"at {audio_level_dbfs(pcm):.1f} dBFS."
             )
         if request.frames:
             sizes = ", ".join(
@@ -71,10 +71,3 @@ def _split_deltas(text: str, words_per_delta: int = 3) -> list[str]:
         " ".join(words[i : i + words_per_delta]) + (" " if i + words_per_delta < len(words) else "")
         for i in range(0, len(words), words_per_delta)
     ]
-
-
-def _level_dbfs(pcm: np.ndarray) -> float:
-    if pcm.size == 0:
-        return -math.inf
-    rms = float(np.sqrt(np.mean(pcm.astype(np.float64) ** 2)))
-    return 20 * math.log10(max(rms, 1e-9) / 32768.0)
