@@ -20,6 +20,7 @@ from typing import Any
 from pydantic import BaseModel, ValidationError
 
 from server.idempotency import TurnLocks
+from server.logs import SessionLog
 from server.protocol import (
     BAD_REQUEST,
     INTERNAL,
@@ -66,11 +67,6 @@ def substitute(template: str, variables: dict[str, str]) -> str:
     return _VAR.sub(lambda m: variables.get(m.group(1), m.group(0)), template)
 
 
-class SessionLogger(logging.LoggerAdapter):
-    def process(self, msg: Any, kwargs: Any) -> tuple[Any, Any]:
-        return f"[{self.extra['session_id']}] {msg}", kwargs
-
-
 @dataclass
 class SessionLimits:
     output_queue_size: int = 256
@@ -102,7 +98,7 @@ class BaseSession:
         self.record = record
         self.config = config
         self.services = services
-        self.log = SessionLogger(log, {"session_id": record.id})
+        self.log = SessionLog(log, record.id)
 
     @property
     def id(self) -> str:

@@ -14,11 +14,9 @@ from contextlib import AsyncExitStack, aclosing
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
-
-from media.audio import StreamResampler
-from server.protocol import ImageFrame, Media, Message, StreamChunk, ToolCall, new_id
+from server.protocol import ImageFrame, Message, StreamChunk, ToolCall, new_id
 from server.providers.base import AudioClip, TurnRequest, UnaryProvider
+from server.reply_audio import ReplyAudio
 from server.state.base import StreamEvent
 from server.tools import run_tool_loop, with_tool_messages
 
@@ -62,16 +60,14 @@ class TurnRunner:
         self.provider = provider
         self.turn = turn
         self.response_id = response_id or new_id("resp")
-        self.output_rate = output_rate
+        self.audio = ReplyAudio(output_rate)
         self.client_tool = client_tool
         self.on_transcript = on_transcript
         self.hop_text: list[str] = []  # text of the current model call (after the last tools)
         self.tool_messages: list[Message] = []  # complete tool exchanges, then the answer
-        self.audio_ms_sent = 0.0
         self.finish_reason: str | None = None
         self.usage: dict[str, Any] | None = None
         self.cached = False
-        self._resampler: StreamResampler | None = None
         self._recorded = False
         self._exit = AsyncExitStack()
         self._unsaved: list[str] = []
@@ -142,7 +138,7 @@ class TurnRunner:
         False when nothing is left to send (audio the resampler is still holding)."""
         chunk.response_id = self.response_id
         if chunk.media is not None and chunk.media.mime_type == "audio/pcm":
-            chunk.media = self._to_output_rate(chunk.media)
+            chunk.media = self.audio.convert(chunk.media)
             if chunk.media is None and chunk.model_dump(exclude_none=True).keys() <= {
                 "response_id"
             }:
@@ -186,24 +182,6 @@ class TurnRunner:
             self.session.id, [StreamEvent(self.response_id, kind, data)]
         )
 
-    def _to_output_rate(self, media: Media) -> Media | None:
-        """Reply audio at the session's output rate (None while the resampler fills)."""
-        rate = media.sample_rate or 24000
-        if self.output_rate and rate != self.output_rate:
-            if self._resampler is None:
-                self._resampler = StreamResampler(rate, 1, self.output_rate, 1)
-            pcm = self._resampler.push(np.frombuffer(media.data, dtype="<i2"))
-            if pcm.size == 0:
-                return None
-            media = Media(
-                mime_type="audio/pcm",
-                data=pcm.astype("<i2").tobytes(),
-                sample_rate=self.output_rate,
-                channels=1,
-            )
-        self.audio_ms_sent += len(media.data) / 2 / (media.sample_rate or rate) * 1000
-        return media
-
     # ---- recording ----------------------------------------------------------------------
 
     async def record(self, finish_reason: str, played_ms: float | None = None) -> None:
@@ -227,10 +205,10 @@ class TurnRunner:
         if turn.request_id:
             user_meta["request_id"] = turn.request_id
         meta: dict[str, Any] = {"response_id": self.response_id, "finish_reason": finish_reason}
-        if self.audio_ms_sent:
-            meta["audio_ms"] = round(self.audio_ms_sent, 1)
+        if self.audio.ms_sent:
+            meta["audio_ms"] = round(self.audio.ms_sent, 1)
         if played_ms is not None:
-            meta["played_ms"] = round(min(played_ms, self.audio_ms_sent), 1)
+            meta["played_ms"] = round(min(played_ms, self.audio.ms_sent), 1)
         if turn.request_id:
             meta["request_id"] = turn.request_id
         if self.usage:
@@ -256,8 +234,8 @@ class TurnRunner:
         to be the same fraction of the text as the audio played is of the audio sent.
         """
         text = "".join(self.hop_text)
-        if played_ms is None or not self.audio_ms_sent or played_ms >= self.audio_ms_sent:
+        if played_ms is None or not self.audio.ms_sent or played_ms >= self.audio.ms_sent:
             return text
-        keep = int(len(text) * played_ms / self.audio_ms_sent)
+        keep = int(len(text) * played_ms / self.audio.ms_sent)
         cut = text.rfind(" ", 0, keep + 1)
         return text[: cut if cut > 0 else keep]

@@ -24,7 +24,6 @@ from server.protocol import (
     AudioChunk,
     ErrorEvent,
     ImageFrame,
-    Media,
     Message,
     ProtocolError,
     ResponseDone,
@@ -42,17 +41,17 @@ from server.protocol import (
     new_id,
 )
 from server.providers.base import ProviderError, RealtimeSession, RealtimeSetup
+from server.reply_audio import ReplyAudio
 from server.session import DuplexSession, Mode
 from vad import turns as vt
 
 
 class _Response:
-    def __init__(self, response_id: str) -> None:
+    def __init__(self, response_id: str, out_rate: int) -> None:
         self.response_id = response_id
         self.text: list[str] = []
-        self.audio_ms = 0.0
+        self.audio = ReplyAudio(out_rate)
         self.played_ms: float | None = None
-        self.resampler: StreamResampler | None = None
 
 
 class AsmMode(Mode):
@@ -104,9 +103,7 @@ class AsmMode(Mode):
         session = self.session
         match event:
             case ResponseStarted():
-                self._current = self._responses.setdefault(
-                    event.response_id, _Response(event.response_id)
-                )
+                self._current = self._response(event.response_id)
                 await session.emit(event)
             case StreamChunk():
                 await self._on_chunk(event)
@@ -129,38 +126,26 @@ class AsmMode(Mode):
             case ErrorEvent():
                 await session.emit_error(event.code, event.message, fatal=event.fatal)
 
+    def _response(self, response_id: str) -> _Response:
+        """The response's state, made on its first event (not built per chunk)."""
+        response = self._responses.get(response_id)
+        if response is None:
+            out_rate = self.session.config.output_audio.sample_rate
+            response = self._responses[response_id] = _Response(response_id, out_rate)
+        return response
+
     async def _on_chunk(self, chunk: StreamChunk) -> None:
-        response = self._responses.setdefault(chunk.response_id, _Response(chunk.response_id))
+        response = self._response(chunk.response_id)
         if chunk.media is not None and chunk.media.mime_type == "audio/pcm":
-            chunk = self._to_output_rate(response, chunk)
-            if chunk.media is None:
-                return
+            media = response.audio.convert(chunk.media)
+            if media is None:
+                return  # the resampler is still filling
+            chunk = chunk.model_copy(update={"media": media})
         if chunk.delta:
             response.text.append(chunk.delta)
         await self.session.emit(chunk_event(chunk))
         if chunk.tool_calls:
             await self._run_tools(chunk.tool_calls)
-
-    def _to_output_rate(self, response: _Response, chunk: StreamChunk) -> StreamChunk:
-        media = chunk.media
-        assert media is not None
-        rate = media.sample_rate or 24000
-        out_rate = self.session.config.output_audio.sample_rate
-        if rate != out_rate:
-            if response.resampler is None:
-                response.resampler = StreamResampler(rate, 1, out_rate, 1)
-            pcm = response.resampler.push(np.frombuffer(media.data, dtype="<i2"))
-            if pcm.size == 0:
-                return chunk.model_copy(update={"media": None})
-            media = Media(
-                mime_type="audio/pcm",
-                data=pcm.astype("<i2").tobytes(),
-                sample_rate=out_rate,
-                channels=1,
-            )
-            chunk = chunk.model_copy(update={"media": media})
-        response.audio_ms += len(media.data) / 2 / out_rate * 1000
-        return chunk
 
     async def _run_tools(self, calls: list[ToolCall]) -> None:
         registry = self.session.services.tools
@@ -190,8 +175,8 @@ class AsmMode(Mode):
         if response is None:
             return
         meta: dict[str, Any] = {"response_id": response_id, "finish_reason": finish_reason}
-        if response.audio_ms:
-            meta["audio_ms"] = round(response.audio_ms, 1)
+        if response.audio.ms_sent:
+            meta["audio_ms"] = round(response.audio.ms_sent, 1)
         if response.played_ms is not None:
             meta["played_ms"] = round(response.played_ms, 1)
         await self.session.store.append_messages(

@@ -27,7 +27,7 @@ import logging
 import re
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Iterator, MutableMapping
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import quote
@@ -36,6 +36,7 @@ from websockets.asyncio.client import ClientConnection
 from websockets.asyncio.client import connect as ws_connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus, InvalidURI, WebSocketException
 
+from server.logs import SessionLog
 from server.protocol import (
     ErrorEvent,
     FinishReason,
@@ -75,15 +76,6 @@ _REFUSED_CLOSE_CODES = frozenset({1002, 1003, 1007, 1008, 1009, 1010})
 _GO_AWAY_MARGIN_S = 0.5
 _API_KEY_INVALID = "API_KEY_INVALID"
 _QUOTA_EXHAUSTED = "RESOURCE_EXHAUSTED"
-
-
-class _SessionLog(logging.LoggerAdapter):  # type: ignore[type-arg]
-    """Prefixes every record with the Duplex session id, so one session's story can be grepped."""
-
-    def process(
-        self, msg: Any, kwargs: MutableMapping[str, Any]
-    ) -> tuple[Any, MutableMapping[str, Any]]:
-        return f"[{(self.extra or {}).get('session_id')}] {msg}", kwargs
 
 
 # --------------------------------------------------------------------------------------
@@ -428,7 +420,7 @@ class GeminiLiveSession(RealtimeSession):
         self._model = setup.config.model or provider.model
         self._manual = manual_activity(setup)
         self._modality = response_modality(setup)
-        self._log = _SessionLog(logger, {"session_id": setup.session_id})
+        self._log = SessionLog(logger, setup.session_id)
 
         self._queue: asyncio.Queue[RealtimeEvent | None] = asyncio.Queue()
         self._send_lock = asyncio.Lock()  # one writer; replay and live sends keep seq order

@@ -301,7 +301,39 @@ _FINISH = {
 }
 
 
-class OpenAIChatProvider(UnaryProvider):
+class OpenAIHTTPClient:
+    """Client handling shared by every OpenAI-compatible HTTP caller (chat, STT, TTS):
+    use the caller's ``httpx.AsyncClient`` (the server shares one), or own one and
+    close it in ``aclose``."""
+
+    def __init__(
+        self,
+        base_url: str,
+        api_key: str | None,
+        timeout_s: float,
+        client: httpx.AsyncClient | None,
+    ) -> None:
+        self.base_url = base_url.rstrip("/")
+        self.api_key = api_key
+        self._timeout = httpx.Timeout(timeout_s, connect=min(10.0, timeout_s))
+        self._client = client
+        self._owns_client = client is None
+
+    def _http(self) -> httpx.AsyncClient:
+        if self._client is None:
+            self._client = httpx.AsyncClient(timeout=self._timeout)
+        return self._client
+
+    def _auth_headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
+
+    async def aclose(self) -> None:
+        if self._owns_client and self._client is not None:
+            await self._client.aclose()
+            self._client = None
+
+
+class OpenAIChatProvider(OpenAIHTTPClient, UnaryProvider):
     """Streams one turn from ``{base_url}/chat/completions``.
 
     Text deltas are yielded as they arrive; tool calls are accumulated and
@@ -321,30 +353,13 @@ class OpenAIChatProvider(UnaryProvider):
         timeout_s: float = 60,
         client: httpx.AsyncClient | None = None,
     ) -> None:
-        self.base_url = base_url.rstrip("/")
-        self.api_key = api_key
+        super().__init__(base_url, api_key, timeout_s, client)
         self.model = model
         self.audio_input = audio_input
         self.timeout_s = timeout_s
-        self._timeout = httpx.Timeout(timeout_s, connect=min(10.0, timeout_s))
-        self._client = client
-        self._owns_client = client is None
-
-    def _http(self) -> httpx.AsyncClient:
-        if self._client is None:
-            self._client = httpx.AsyncClient(timeout=self._timeout)
-        return self._client
-
-    async def aclose(self) -> None:
-        if self._owns_client and self._client is not None:
-            await self._client.aclose()
-            self._client = None
 
     def headers(self) -> dict[str, str]:
-        headers = {"Accept": "text/event-stream"}
-        if self.api_key:
-            headers["Authorization"] = f"Bearer {self.api_key}"
-        return headers
+        return {"Accept": "text/event-stream", **self._auth_headers()}
 
     def build_body(self, request: TurnRequest) -> dict[str, Any]:
         body: dict[str, Any] = {

@@ -19,7 +19,7 @@ import json
 import logging
 import random
 from collections import OrderedDict
-from collections.abc import AsyncIterator, MutableMapping
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any, Final
 from urllib.parse import quote
@@ -28,6 +28,7 @@ from websockets.asyncio.client import ClientConnection
 from websockets.asyncio.client import connect as ws_connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus, InvalidURI
 
+from server.logs import SessionLog
 from server.protocol import (
     PROVIDER_FAILED,
     UNSUPPORTED_MEDIA,
@@ -91,17 +92,6 @@ class ReconnectPolicy:
         """Delay before ``attempt`` (1-based), jittered so many sessions do not stampede."""
         ceiling = min(self.max_delay, self.base_delay * 2 ** (attempt - 1))
         return ceiling * (0.5 + random.random() / 2)
-
-
-class _SessionLog(logging.LoggerAdapter):  # type: ignore[type-arg]
-    """Prefix every record with the Duplex session id and expose it as ``extra``."""
-
-    def process(
-        self, msg: Any, kwargs: MutableMapping[str, Any]
-    ) -> tuple[Any, MutableMapping[str, Any]]:
-        extra = dict(self.extra or {})
-        kwargs["extra"] = {**extra, **kwargs.get("extra", {})}
-        return f"[{extra.get('session_id')}] {msg}", kwargs
 
 
 @dataclass
@@ -348,7 +338,7 @@ class OpenAIRealtimeSession(RealtimeSession):
         self._reconnect_policy = reconnect
         self._connect_timeout = connect_timeout
         self._send_timeout = send_timeout
-        self._log = _SessionLog(logger, {"session_id": setup.session_id})
+        self._log = SessionLog(logger, setup.session_id)
         self._queue: asyncio.Queue[RealtimeEvent | None] = asyncio.Queue(event_queue_size)
         self._ws: ClientConnection | None = None
         self._connected = asyncio.Event()

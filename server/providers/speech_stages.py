@@ -22,7 +22,11 @@ import httpx
 
 from server.protocol import Media, StreamChunk
 from server.providers.base import AudioClip, ProviderError, closing_stream
-from server.providers.openai_chat import provider_error_from_response, wav_bytes
+from server.providers.openai_chat import (
+    OpenAIHTTPClient,
+    provider_error_from_response,
+    wav_bytes,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -32,37 +36,7 @@ __all__ = ["SentenceSplitter", "SpeechToText", "TextToSpeech"]
 TTS_SAMPLE_RATE = 24000
 
 
-class _HTTPStage:
-    """Shared client handling: use the caller's client, or own one and close it."""
-
-    def __init__(
-        self,
-        base_url: str,
-        api_key: str | None,
-        timeout_s: float,
-        client: httpx.AsyncClient | None,
-    ) -> None:
-        self.base_url = base_url.rstrip("/")
-        self.api_key = api_key
-        self._timeout = httpx.Timeout(timeout_s, connect=min(10.0, timeout_s))
-        self._client = client
-        self._owns_client = client is None
-
-    def _http(self) -> httpx.AsyncClient:
-        if self._client is None:
-            self._client = httpx.AsyncClient(timeout=self._timeout)
-        return self._client
-
-    def _headers(self) -> dict[str, str]:
-        return {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
-
-    async def aclose(self) -> None:
-        if self._owns_client and self._client is not None:
-            await self._client.aclose()
-            self._client = None
-
-
-class SpeechToText(_HTTPStage):
+class SpeechToText(OpenAIHTTPClient):
     """Transcribe a finished user turn via ``POST /audio/transcriptions``."""
 
     def __init__(
@@ -96,7 +70,7 @@ class SpeechToText(_HTTPStage):
                 f"{self.base_url}/audio/transcriptions",
                 data=data,
                 files=files,
-                headers=self._headers(),
+                headers=self._auth_headers(),
                 timeout=self._timeout,
             )
         except httpx.TimeoutException as exc:
@@ -170,7 +144,7 @@ class _End:
 _Speech = tuple[str, str] | StreamChunk | None
 
 
-class TextToSpeech(_HTTPStage):
+class TextToSpeech(OpenAIHTTPClient):
     """Speak text via ``POST /audio/speech`` as raw 24 kHz s16le mono PCM."""
 
     sample_rate = TTS_SAMPLE_RATE
@@ -212,7 +186,7 @@ class TextToSpeech(_HTTPStage):
                 "POST",
                 f"{self.base_url}/audio/speech",
                 json=body,
-                headers=self._headers(),
+                headers=self._auth_headers(),
                 timeout=self._timeout,
             ) as response:
                 if not response.is_success:
