@@ -72,11 +72,21 @@ def _serve(args: argparse.Namespace) -> int:
         host=settings.host,
         port=settings.port,
         log_level=settings.log_level.lower(),
-        ws_per_message_deflate=settings.ws_per_message_deflate,
-        # Room above our own limit, so oversize messages get a 413 error, not a dropped socket.
-        ws_max_size=settings.max_message_bytes * 2,
+        **uvicorn_options(settings),
     )
     return 0
+
+
+def uvicorn_options(settings: Settings) -> dict[str, Any]:
+    """The WebSocket options every Duplex server runs with (the tests' servers too)."""
+    from server.ws_protocol import DuplexWebSocketProtocol
+
+    return {
+        "ws": DuplexWebSocketProtocol,
+        "ws_per_message_deflate": settings.ws_per_message_deflate,
+        # Room above our own limit, so oversize messages get a 413 error, not a dropped socket.
+        "ws_max_size": settings.max_message_bytes * 2,
+    }
 
 
 if __name__ == "__main__":

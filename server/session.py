@@ -13,9 +13,9 @@ import contextlib
 import logging
 import re
 import time
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator, Awaitable, Coroutine
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 from pydantic import BaseModel, ValidationError
 
@@ -193,6 +193,7 @@ class DuplexSession(BaseSession):
         self._seq = 0
         self._tasks: set[asyncio.Task[Any]] = set()
         self._closed = False
+        self._rest: asyncio.Task[None] | None = None  # see `send_chunk_nowait`
         self.error: ErrorEvent | None = None
         self.done = asyncio.Event()
         self._mode: Mode = self._make_mode()
@@ -395,6 +396,33 @@ class DuplexSession(BaseSession):
         self._check_open()
         await self._mode.on_audio(chunk, msg_id)
 
+    def send_chunk_nowait(self, chunk: AudioChunk) -> bool:
+        """Take audio without waiting, for the server's direct receive path.
+
+        What cannot finish at once (a turn's end, an error to report) continues in a
+        task; until it is done this returns False, and `settle` waits for it, so input
+        keeps its order. False means nothing was done: use `send_chunk`.
+        """
+        if self.closed or self._rest is not None or not self._mode.direct_audio:
+            return False
+        rest = self._mode.on_audio_nowait(chunk)
+        if rest is not None:
+            self._rest = self.spawn(self._finish(rest), "input")
+        return True
+
+    async def _finish(self, rest: Coroutine[Any, Any, None]) -> None:
+        try:
+            await rest
+        except ProtocolError as exc:
+            await self.emit_error(exc.code, exc.message, fatal=exc.fatal)
+        finally:
+            self._rest = None
+
+    async def settle(self) -> None:
+        """Wait until input taken by `send_chunk_nowait` is fully handled."""
+        if self._rest is not None:
+            await self._rest
+
     async def send_frame(self, frame: ImageFrame, msg_id: str | None = None) -> None:
         self._check_open()
         await self._mode.on_frame(frame, msg_id)
@@ -464,6 +492,13 @@ class Mode:
         raise NotImplementedError
 
     async def on_audio(self, chunk: AudioChunk, msg_id: str | None) -> None:
+        raise NotImplementedError
+
+    #: Whether `on_audio_nowait` is implemented (see `DuplexSession.send_chunk_nowait`).
+    direct_audio: ClassVar[bool] = False
+
+    def on_audio_nowait(self, chunk: AudioChunk) -> Coroutine[Any, Any, None] | None:
+        """Handle audio synchronously; return what must still be awaited, if anything."""
         raise NotImplementedError
 
     async def on_frame(self, frame: ImageFrame, msg_id: str | None) -> None:

@@ -19,6 +19,7 @@ from server.protocol import (
     parse_client_message,
 )
 from server.session import DuplexSession
+from server.ws_protocol import DIRECT, DirectSink
 
 log = logging.getLogger(__name__)
 router = APIRouter()
@@ -65,14 +66,40 @@ async def duplex(ws: WebSocket) -> None:
 
 
 async def _read(ws: WebSocket, session: DuplexSession, max_bytes: int) -> None:
-    """Feed the session until the client goes or the session ends."""
+    """Feed the session until the client goes or the session ends.
+
+    Under `DuplexWebSocketProtocol`, binary audio arriving while this loop waits
+    skips the ASGI queue: the protocol hands it to the session synchronously.
+    """
+    direct: DirectSink | None = ws.scope.get("extensions", {}).get(DIRECT)
+    if direct is not None:
+        direct.take = lambda data: (
+            len(data) <= max_bytes and session.send_chunk_nowait(_audio(session, data))
+        )
+    try:
+        await _receive_loop(ws, session, max_bytes, direct)
+    finally:
+        if direct is not None:
+            direct.take = None
+    await session.close()
+
+
+async def _receive_loop(
+    ws: WebSocket, session: DuplexSession, max_bytes: int, direct: DirectSink | None
+) -> None:
     while not session.closed:
+        if direct is not None:
+            direct.ready = True
         try:
             frame = await ws.receive()
         except (WebSocketDisconnect, RuntimeError):
             break
+        finally:
+            if direct is not None:
+                direct.ready = False
         if frame["type"] == "websocket.disconnect":
             break
+        await session.settle()
         data = frame.get("bytes")
         text = frame.get("text")
         size = len(data) if data is not None else len((text or "").encode())
@@ -81,8 +108,7 @@ async def _read(ws: WebSocket, session: DuplexSession, max_bytes: int) -> None:
             continue
         try:
             if data is not None:
-                cfg = session.config.input_audio
-                await session.send_chunk(AudioChunk(data, cfg.sample_rate, cfg.channels))
+                await session.send_chunk(_audio(session, data))
             elif text is not None:
                 await session.handle(parse_client_message(text))
         except ProtocolError as exc:
@@ -90,7 +116,11 @@ async def _read(ws: WebSocket, session: DuplexSession, max_bytes: int) -> None:
         except Exception:
             session.log.exception("internal error handling a message")
             await session.fail(INTERNAL, "internal error")
-    await session.close()
+
+
+def _audio(session: DuplexSession, data: bytes) -> AudioChunk:
+    cfg = session.config.input_audio
+    return AudioChunk(data, cfg.sample_rate, cfg.channels)
 
 
 async def _write(ws: WebSocket, session: DuplexSession, reader: asyncio.Task[None]) -> None:

@@ -14,6 +14,7 @@ import pytest
 import uvicorn
 
 from server.app import create_app
+from server.cli import uvicorn_options
 from server.config import Settings
 
 TOKEN = "test-token-a"
@@ -37,13 +38,7 @@ def start_server(
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
-    config = uvicorn.Config(
-        app,
-        log_level="warning",
-        ws_per_message_deflate=False,
-        ws_max_size=settings.max_message_bytes * 2,
-        lifespan="on",
-    )
+    config = uvicorn.Config(app, log_level="warning", lifespan="on", **uvicorn_options(settings))
     server = uvicorn.Server(config)
     thread = threading.Thread(target=lambda: asyncio.run(server.serve(sockets=[sock])), daemon=True)
     thread.start()

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections.abc import Coroutine
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -59,6 +60,8 @@ class _Active:
 
 
 class VadMode(Mode):
+    direct_audio = True
+
     def __init__(self, session: DuplexSession) -> None:
         super().__init__(session)
         limits = session.services.limits
@@ -84,15 +87,31 @@ class VadMode(Mode):
             await self._end_turn(Turn(turn_id=new_id("turn"), request_id=chunk.request_id))
 
     async def on_audio(self, chunk: AudioChunk, msg_id: str | None) -> None:
+        rest = self.on_audio_nowait(chunk)
+        if rest is not None:
+            await rest
+
+    def on_audio_nowait(self, chunk: AudioChunk) -> Coroutine[Any, Any, None] | None:
+        """Ingest without waiting. Most audio ends here; a turn event or an error comes
+        back as a coroutine that must run before the next input."""
         if self._ingest is None:
             cfg = self.session.config
             self._ingest = AudioIngest(cfg.input_audio, cfg.turn_detection)
         try:
             result = self._ingest.push(chunk.pcm)
         except MediaError as exc:
-            raise ProtocolError(exc.code, exc.message) from None
-        for event in result.events:
+            return _raise(ProtocolError(exc.code, exc.message))
+        if result.events:
+            return self._after_audio(result.events)
+        self._check_barge_in()
+        return None
+
+    async def _after_audio(self, events: list[vt.TurnEvent]) -> None:
+        for event in events:
             await self._on_turn_event(event)
+        self._check_barge_in()
+
+    def _check_barge_in(self) -> None:
         if self._streaming() is not None and self._barge_in_due():
             self._interrupt()
 
@@ -289,3 +308,7 @@ class VadMode(Mode):
         if active is not None:
             self.session.log.info("barge-in: interrupting %s", active.runner.response_id)
             self._cancel_active("interrupted")
+
+
+async def _raise(exc: Exception) -> None:
+    raise exc
