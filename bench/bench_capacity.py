@@ -55,6 +55,7 @@ from pathlib import Path
 from typing import Any
 
 from websockets.asyncio.client import ClientConnection
+from websockets.frames import Frame, Opcode
 
 from bench.bench_turns import MSG_MS, Plan, conversations, plan_for
 from bench.bench_ws import (
@@ -119,6 +120,11 @@ class WorkerResult:
     sends: int
 
 
+def _masked_binary(data: bytes) -> bytes:
+    """One client binary frame (FIN, masked), as websockets would send it."""
+    return Frame(Opcode.BINARY, data).serialize(mask=True, extensions=[])
+
+
 async def _reader(ws: ClientConnection, s: SessionStats) -> None:
     """Cheap per-message handling: audio chunks are never JSON-parsed."""
     try:
@@ -181,6 +187,10 @@ async def run_worker(
     t0 = time.perf_counter() + 0.5
     stats = [SessionStats(plan=k % len(plans), start=t0 + stagger * k / n) for k in range(n)]
     triggers = [{idx: j for j, (idx, _, _) in enumerate(p.turns)} for p in plans]
+    # The generator must stay cheap at hundreds of sessions: each message is framed and
+    # masked once, ahead of time, and written straight to the socket's transport (data
+    # frames need no protocol state; websockets still handles pings and the close).
+    wire = [[_masked_binary(m) for m in p.messages] for p in plans]
     readers = [asyncio.create_task(_reader(ws, s)) for ws, s in zip(sockets, stats, strict=True)]
     stop = asyncio.Event()
     loop_lags: list[float] = []
@@ -209,7 +219,10 @@ async def run_worker(
             s.sent_at[j] = now
         send_lags.append(now - due)
         try:
-            await sockets[k].send(plan.messages[i])
+            transport = sockets[k].transport
+            if transport.is_closing():
+                raise ConnectionError("closed")
+            transport.write(wire[s.plan][i])
         except Exception as exc:
             s.errors.append(f"send: {type(exc).__name__}")
             continue

@@ -198,12 +198,10 @@ class VadMode(Mode):
         )
 
     async def _end_turn(self, turn: Turn) -> None:
-        """Close the turn being collected: attach its text and frames, queue it."""
-        turn.text = "".join(self._text)
-        self._text.clear()
-        self._text_chars = 0
-        await self._frames.poll(speaking=False)
-        turn.frames = self._frames.take()
+        """Close the turn being collected: announce it, attach its text and frames, queue it.
+
+        ``turn.ended`` goes out first: collecting due video frames may wait for a decode.
+        """
         await self.session.emit(
             TurnEnded(
                 turn_id=turn.turn_id,
@@ -212,6 +210,11 @@ class VadMode(Mode):
                 audio_end_ms=turn.audio_end_ms,
             )
         )
+        turn.text = "".join(self._text)
+        self._text.clear()
+        self._text_chars = 0
+        await self._frames.poll(speaking=False)
+        turn.frames = self._frames.take()
         try:
             self._turns.put_nowait(turn)
         except asyncio.QueueFull:
