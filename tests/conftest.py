@@ -32,13 +32,14 @@ class RunningServer:
 
 
 def start_server(
-    settings: Settings, **app_kwargs: Any
+    settings: Settings, uvicorn_kwargs: dict[str, Any] | None = None, **app_kwargs: Any
 ) -> tuple[RunningServer, uvicorn.Server, threading.Thread]:
     app = create_app(settings, **app_kwargs)
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
-    config = uvicorn.Config(app, log_level="warning", lifespan="on", **uvicorn_options(settings))
+    options = uvicorn_options(settings) | (uvicorn_kwargs or {})
+    config = uvicorn.Config(app, log_level="warning", lifespan="on", **options)
     server = uvicorn.Server(config)
     thread = threading.Thread(target=lambda: asyncio.run(server.serve(sockets=[sock])), daemon=True)
     thread.start()
@@ -79,7 +80,10 @@ def server_factory() -> Iterator[Any]:
 
     def start(**overrides: Any) -> RunningServer:
         app_kwargs = overrides.pop("app_kwargs", {})
-        running, server, thread = start_server(make_settings(**overrides), **app_kwargs)
+        uvicorn_kwargs = overrides.pop("uvicorn_kwargs", None)
+        running, server, thread = start_server(
+            make_settings(**overrides), uvicorn_kwargs, **app_kwargs
+        )
         started.append((server, thread))
         return running
 

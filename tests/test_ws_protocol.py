@@ -130,6 +130,21 @@ async def test_audio_takes_the_direct_path_with_the_same_turns(live_server, audi
     assert direct_count[0] > len(data) // 640 // 2  # most messages skipped the ASGI queue
 
 
+async def test_stock_uvicorn_protocol_gives_the_same_turns(server_factory, audio, direct_count):
+    """Without our protocol class (any ASGI server) every message takes the ASGI path."""
+    server = server_factory(uvicorn_kwargs={"ws": "websockets-sansio"})
+    data = audio.astype("<i2").tobytes()
+    async with connect(server, TOKEN) as c:
+        await c.recv()
+        for pos in range(0, len(data), 640):
+            await c.send(data[pos : pos + 640])
+        events = [await c.recv(timeout=20)]
+        while sum(e["type"] == "response.done" for e in events) < 2:
+            events.append(await c.recv(timeout=20))
+    assert [e["audio_end_ms"] for e in events if e["type"] == "turn.ended"] == _turns_offline(data)
+    assert direct_count[0] == 0
+
+
 @pytest.mark.parametrize("seed", [1, 2, 3])
 async def test_stream_cut_anywhere_with_pings_gives_the_same_turns(live_server, audio, seed):
     rng = random.Random(seed)
