@@ -16,8 +16,10 @@ process cannot move away from someone else's load).
    round trip (from /proc/PID/task/*/schedstat, so other load on the machine does not count).
 2. Output: Duplex streams a long audio turn back (manual turn of ``--turn-s`` seconds,
    ``input.commit``; the echo provider answers with 100 ms audio chunks resampled to
-   24 kHz, as fast as the socket takes them). The bare server pushes as many pre-built
-   frames of the same mean size. Chunks/s and MB/s from the trigger to the last frame.
+   24 kHz, as fast as the socket takes them). A second run asks for 16 kHz output, so
+   the reply needs no resampling (as from a provider that speaks at the output rate).
+   After each, the bare server pushes as many pre-built frames of the same mean size.
+   Chunks/s and MB/s from the trigger to the last frame.
 
 The Duplex and bare runs are interleaved (``--repeats``) and the ratios are of medians
 of the same run. Other benchmarks import the process helpers from here.
@@ -316,12 +318,20 @@ class Burst:
     server_cpu: float
 
 
-async def duplex_burst(server: ServerProc, turn_s: int) -> Burst:
-    """Upload ``turn_s`` s of audio in a manual turn, commit, read the echoed audio back."""
+async def duplex_burst(server: ServerProc, turn_s: int, out_rate: int = 24000) -> Burst:
+    """Upload ``turn_s`` s of audio in a manual turn, commit, read the echoed audio back.
+
+    The echo provider replies with the turn's 16 kHz audio: at ``out_rate`` 24000 every
+    chunk is resampled; at 16000 none is (as from a provider that speaks at the output
+    rate).
+    """
     ws = await open_ws(server, True)
     try:
-        td = {"type": "manual", "max_turn_ms": turn_s * 1000 + 1000}
-        await ws.send(json.dumps({"type": "session.update", "config": {"turn_detection": td}}))
+        config = {
+            "turn_detection": {"type": "manual", "max_turn_ms": turn_s * 1000 + 1000},
+            "output_audio": {"sample_rate": out_rate},
+        }
+        await ws.send(json.dumps({"type": "session.update", "config": config}))
         assert json.loads(await ws.recv())["type"] == "session.updated"
         rng = np.random.default_rng(1)
         second = (rng.standard_normal(16000) * 3000).astype("<i2").tobytes()
@@ -450,28 +460,36 @@ async def run(args: argparse.Namespace, duplex: ServerProc, bare: ServerProc) ->
             rows,
         )
     )
-    # 2. output throughput
-    dup: list[Burst] = []
-    bar: list[Burst] = []
+    # 2. output throughput: resampled to 24 kHz, and sent as it comes (16 kHz out);
+    # each against the bare server pushing frames of its mean size
+    runs: dict[int, tuple[list[Burst], list[Burst]]] = {24000: ([], []), 16000: ([], [])}
     for _ in range(args.repeats):
-        d = await duplex_burst(duplex, args.turn_s)
-        dup.append(d)
-        bar.append(await bare_burst(bare, d.frames - 1, d.bytes // d.frames))
-    med = {
-        k: float(np.median(v))
-        for k, v in (
-            ("d_cps", [b.audio_frames / b.seconds for b in dup]),
-            ("d_mbs", [b.bytes / b.seconds / 1e6 for b in dup]),
-            ("d_cpu", [b.server_cpu / b.frames * 1e6 for b in dup]),
-            ("b_cps", [b.audio_frames / b.seconds for b in bar]),
-            ("b_mbs", [b.bytes / b.seconds / 1e6 for b in bar]),
-            ("b_cpu", [b.server_cpu / b.frames * 1e6 for b in bar]),
+        for out_rate, (dup, bar) in runs.items():
+            d = await duplex_burst(duplex, args.turn_s, out_rate)
+            dup.append(d)
+            bar.append(await bare_burst(bare, d.frames - 1, d.bytes // d.frames))
+
+    def medians(bursts: list[Burst]) -> tuple[float, float, float]:
+        return (
+            float(np.median([b.audio_frames / b.seconds for b in bursts])),
+            float(np.median([b.bytes / b.seconds / 1e6 for b in bursts])),
+            float(np.median([b.server_cpu / b.frames * 1e6 for b in bursts])),
         )
-    }
+
+    rows: list[list[Any]] = []
+    for out_rate, label in ((24000, "16 kHz -> 24 kHz"), (16000, "16 kHz, not resampled")):
+        dup, bar = runs[out_rate]
+        size = dup[0].bytes // dup[0].frames
+        b_cps, b_mbs, b_cpu = medians(bar)
+        cps, mbs, cpu = medians(dup)
+        rows.append([f"bare websockets push, {size:,} B frames", b_cps, b_mbs, b_cpu, 1.0, 1.0])
+        rows.append([f"Duplex echo reply, {label}", cps, mbs, cpu, cps / b_cps, cpu / b_cpu])
+    dup = runs[24000][0]
     size = dup[0].bytes // dup[0].frames
     out.append(
         f"\n### Output stream: {dup[0].audio_frames} audio chunks of ~{size:,} bytes "
-        f"({args.turn_s} s echoed, 100 ms chunks at 24 kHz), median of {args.repeats}\n"
+        f"({args.turn_s} s echoed, 100 ms chunks at 24 kHz; then at 16 kHz, not "
+        f"resampled), median of {args.repeats}\n"
     )
     out.append(
         md_table(
@@ -483,20 +501,10 @@ async def run(args: argparse.Namespace, duplex: ServerProc, bare: ServerProc) ->
                 "x bare chunks/s",
                 "x bare CPU",
             ],
-            [
-                ["bare websockets push", med["b_cps"], med["b_mbs"], med["b_cpu"], 1.0, 1.0],
-                [
-                    "Duplex echo reply",
-                    med["d_cps"],
-                    med["d_mbs"],
-                    med["d_cpu"],
-                    med["d_cps"] / med["b_cps"],
-                    med["d_cpu"] / med["b_cpu"],
-                ],
-            ],
+            rows,
         )
     )
-    realtime = med["d_cps"] / 10  # 10 chunks per second of audio per real-time stream
+    realtime = medians(dup)[0] / 10  # 10 chunks per second of audio per real-time stream
     out.append(
         f"\nOne Duplex session streams reply audio at {realtime:,.0f}x real time "
         f"(chunk rate / 10 chunks per audio second)."

@@ -476,11 +476,75 @@ server_message_adapter: TypeAdapter[ServerMessage] = TypeAdapter(ServerMessage)
 
 
 def chunk_event(chunk: StreamChunk) -> ChunkEvent:
-    return ChunkEvent(**{k: getattr(chunk, k) for k in StreamChunk.model_fields})
+    """The chunk as a ``chunk`` server message (``seq`` is set when it is sent).
+
+    Validating the chunk's ``__dict__`` in one call is ~3x cheaper than passing
+    each field as a keyword; nested models (``media``) are kept, not copied.
+    """
+    return ChunkEvent.model_validate(chunk.__dict__)
+
+
+#: StreamChunk fields that must all be None for an audio chunk to take the fast encoder.
+_NOT_AUDIO = ("delta", "content", "tool_calls", "finish_reason", "interrupted", "error", "metadata")
+
+
+def _json_plain(value: object) -> bool:
+    """A str that JSON writes as itself between quotes (printable ASCII, no ``"`` or ``\\``)."""
+    return (
+        type(value) is str
+        and value.isascii()
+        and value.isprintable()
+        and '"' not in value
+        and "\\" not in value
+    )
+
+
+def _encode_audio_chunk(msg: ChunkEvent) -> str | None:
+    """The JSON of an audio-only ``chunk``, written directly; None for any other shape.
+
+    Reply audio is most of the server's output, and pydantic takes ~15 µs for a
+    100 ms 24 kHz chunk (base64 through a Python lambda, ``exclude_none`` over every
+    field) against ~9 µs here, mostly the base64 itself. The text is byte-for-byte
+    what ``model_dump_json(exclude_none=True)`` writes (same field order), which
+    tests check for many shapes; anything unusual (other fields set, strings that
+    need escapes, unexpected types) returns None and goes through pydantic.
+    """
+    fields = msg.__dict__
+    media = fields["media"]
+    seq = fields["seq"]
+    if type(media) is not Media or type(seq) is not int or fields["type"] != "chunk":
+        return None
+    for name in _NOT_AUDIO:
+        if fields[name] is not None:
+            return None
+    m = media.__dict__
+    data, rate, channels = m["data"], m["sample_rate"], m["channels"]
+    if (
+        type(data) is not bytes
+        or m["width"] is not None
+        or m["height"] is not None
+        or not (rate is None or type(rate) is int)
+        or not (channels is None or type(channels) is int)
+        or not _json_plain(fields["response_id"])
+        or not _json_plain(m["mime_type"])
+    ):
+        return None
+    tail = "" if rate is None else f',"sample_rate":{rate}'
+    if channels is not None:
+        tail += f',"channels":{channels}'
+    return (
+        f'{{"response_id":"{fields["response_id"]}","media":{{"mime_type":"{m["mime_type"]}",'
+        f'"data":"{binascii.b2a_base64(data, newline=False).decode("ascii")}"{tail}}},'
+        f'"seq":{seq},"type":"chunk"}}'
+    )
 
 
 def encode_server_message(msg: BaseModel) -> str:
     """Serialise a server message to its JSON text frame (unset optional fields omitted)."""
+    if type(msg) is ChunkEvent:
+        text = _encode_audio_chunk(msg)
+        if text is not None:
+            return text
     return msg.model_dump_json(exclude_none=True)
 
 

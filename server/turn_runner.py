@@ -129,20 +129,34 @@ class TurnRunner:
             stream = catalog.tts(config.voice).speak_stream(stream)
         async with aclosing(stream):
             async for chunk in stream:
-                if await self._track(chunk):
-                    yield chunk
+                if not self._track(chunk):
+                    continue
+                if chunk.delta or chunk.metadata is not None:
+                    await self._persist(chunk)
+                yield chunk
         await self._flush()
 
-    async def _track(self, chunk: StreamChunk) -> bool:
-        """Bookkeeping for one outgoing chunk (in place): audio rate, text, persistence.
-        False when nothing is left to send (audio the resampler is still holding)."""
-        chunk.response_id = self.response_id
-        if chunk.media is not None and chunk.media.mime_type == "audio/pcm":
-            chunk.media = self.audio.convert(chunk.media)
-            if chunk.media is None and chunk.model_dump(exclude_none=True).keys() <= {
-                "response_id"
-            }:
+    def _track(self, chunk: StreamChunk) -> bool:
+        """Bookkeeping for one outgoing chunk (in place): response id, audio rate, ending.
+        False when nothing is left to send (audio the resampler is still holding).
+
+        Synchronous: an audio chunk, most of a reply, costs no coroutine; only text
+        and tool results go on to ``_persist``.
+        """
+        if chunk.response_id != self.response_id:
+            chunk.response_id = self.response_id
+        media = chunk.media
+        if media is not None and media.mime_type == "audio/pcm":
+            media = chunk.media = self.audio.convert(media)
+            if media is None and chunk.model_dump(exclude_none=True).keys() <= {"response_id"}:
                 return False
+        if chunk.finish_reason:
+            self.finish_reason = chunk.finish_reason
+            self.usage = (chunk.metadata or {}).get("usage") or None
+        return True
+
+    async def _persist(self, chunk: StreamChunk) -> None:
+        """The answer's text so far, and tool results, as stream events."""
         meta = chunk.metadata or {}
         if chunk.delta:
             self.hop_text.append(chunk.delta)
@@ -150,10 +164,6 @@ class TurnRunner:
         elif meta.get("kind") == "tool_result":
             self.hop_text.clear()
             await self._persist_event("tool_result", meta)
-        if chunk.finish_reason:
-            self.finish_reason = chunk.finish_reason
-            self.usage = meta.get("usage") or None
-        return True
 
     async def _stored_answer(self, request_id: str) -> Message | None:
         for message in reversed(await self.session.messages()):
