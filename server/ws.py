@@ -19,7 +19,7 @@ from server.protocol import (
     parse_client_message,
 )
 from server.session import DuplexSession
-from server.ws_protocol import DIRECT, DirectSink
+from server.ws_protocol import DIRECT, DirectPath
 
 log = logging.getLogger(__name__)
 router = APIRouter()
@@ -71,7 +71,7 @@ async def _read(ws: WebSocket, session: DuplexSession, max_bytes: int) -> None:
     Under `DuplexWebSocketProtocol`, binary audio arriving while this loop waits
     skips the ASGI queue: the protocol hands it to the session synchronously.
     """
-    direct: DirectSink | None = ws.scope.get("extensions", {}).get(DIRECT)
+    direct: DirectPath | None = ws.scope.get("extensions", {}).get(DIRECT)
     if direct is not None:
         direct.take = lambda data: (
             len(data) <= max_bytes and session.send_chunk_nowait(_audio(session, data))
@@ -85,7 +85,7 @@ async def _read(ws: WebSocket, session: DuplexSession, max_bytes: int) -> None:
 
 
 async def _receive_loop(
-    ws: WebSocket, session: DuplexSession, max_bytes: int, direct: DirectSink | None
+    ws: WebSocket, session: DuplexSession, max_bytes: int, direct: DirectPath | None
 ) -> None:
     while not session.closed:
         if direct is not None:
@@ -124,9 +124,14 @@ def _audio(session: DuplexSession, data: bytes) -> AudioChunk:
 
 
 async def _write(ws: WebSocket, session: DuplexSession, reader: asyncio.Task[None]) -> None:
+    direct: DirectPath | None = ws.scope.get("extensions", {}).get(DIRECT)
+    send_now = direct.send_text if direct is not None else None
     async for message in session.response():
+        text = encode_server_message(message)
+        if send_now is not None and send_now(text):
+            continue
         try:
-            await ws.send_text(encode_server_message(message))
+            await ws.send_text(text)
         except (WebSocketDisconnect, RuntimeError):
             break
     if ws.client_state == WebSocketState.CONNECTED:

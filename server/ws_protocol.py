@@ -16,8 +16,12 @@ fragments, oversize, unmasked, or audio the sink declines) is handed, as the
 exact bytes of that frame, to the stock websockets parser and uvicorn's
 handlers, so close handshakes, pings, limits and errors behave as before.
 
-Any ASGI server works without this class; the app then receives every message
-through ``websocket.receive`` as usual.
+Outgoing text messages take a direct path too (`DirectPath.send_text`): one
+``transport.write`` of a ready-made frame instead of the ASGI send chain, when the
+transport is not applying backpressure; otherwise the app awaits the usual send.
+
+Any ASGI server works without this class; the app then receives and sends every
+message through the ASGI interface as usual.
 """
 
 from __future__ import annotations
@@ -41,18 +45,33 @@ _BINARY_FIN = 0x82  # FIN, no RSV bits, opcode 2
 
 
 @dataclass(slots=True)
-class DirectSink:
-    """What the app registers: ``take(payload) -> bool`` (False: deliver it the
-    usual way), and ``ready``, True only while the app's reader waits for a message."""
+class DirectPath:
+    """Shared by the protocol and the app for one connection.
+
+    The app sets ``take(payload) -> bool`` (False: deliver it the usual way) and
+    ``ready``, True only while its reader waits for a message. The protocol sets
+    ``send_text(text) -> bool`` (False: not now, use the ASGI send, which waits).
+    """
 
     take: Callable[[bytes], bool] | None = None
     ready: bool = False
+    send_text: Callable[[str], bool] | None = None
+
+
+def text_frame(payload: bytes) -> bytes:
+    """An unmasked server text frame (FIN set) carrying ``payload``."""
+    n = len(payload)
+    if n < 126:
+        return bytes((0x81, n)) + payload
+    if n < 65536:
+        return b"\x81\x7e" + n.to_bytes(2) + payload
+    return b"\x81\x7f" + n.to_bytes(8) + payload
 
 
 class DuplexWebSocketProtocol(WebSocketsSansIOProtocol):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self._direct = DirectSink()
+        self._direct = DirectPath(send_text=self._send_text)
         self._framing = False  # True once this class frames the stream itself
         self._pending = b""  # an incomplete frame, when framing
 
@@ -130,3 +149,14 @@ class DuplexWebSocketProtocol(WebSocketsSansIOProtocol):
             and self.queue.empty()
             and not self.frames
         )
+
+    def _send_text(self, text: str) -> bool:
+        if (
+            self.close_sent
+            or not self.writable.is_set()
+            or self.conn.state is not OPEN
+            or self.transport.is_closing()
+        ):
+            return False
+        self.transport.write(text_frame(text.encode()))
+        return True

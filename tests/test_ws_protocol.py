@@ -21,6 +21,7 @@ from websockets.uri import parse_uri
 from server.modes.audio_ingest import AudioIngest
 from server.protocol import InputAudioConfig, TurnDetectionConfig
 from server.session import DuplexSession
+from server.ws_protocol import text_frame
 from tests.conftest import TOKEN
 from tests.speech import make_conversation
 from tests.wsutil import connect
@@ -221,3 +222,9 @@ async def test_oversize_audio_is_refused_and_the_session_goes_on(server_factory,
     finally:
         client.close()
     assert closed[-1] == {"type": "<close>", "code": 1009}
+
+
+@pytest.mark.parametrize("n", [0, 1, 125, 126, 65535, 65536, 200_000])
+def test_text_frame_matches_websockets(n):
+    payload = bytes(range(97, 123)) * (n // 26) + b"a" * (n % 26)
+    assert text_frame(payload) == Frame(Opcode.TEXT, payload).serialize(mask=False, extensions=[])
