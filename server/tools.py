@@ -376,6 +376,14 @@ async def run_tool_loop(
                     finish = chunk.finish_reason
                 if chunk.delta:
                     text_parts.append(chunk.delta)
+                if (
+                    (chunk.delta or chunk.media is not None)
+                    and chunk.tool_calls is None
+                    and chunk.finish_reason is None
+                    and chunk.metadata is None
+                ):
+                    yield chunk  # plain text or audio, the bulk of any stream: as it is
+                    continue
                 # Everything else goes out at once; usage is summed for the final chunk.
                 metadata = dict(chunk.metadata or {})
                 _add_usage(usage, metadata.pop("usage", None))
