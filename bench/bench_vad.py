@@ -11,8 +11,9 @@ for matched turns (positive: we end later than the last audible sample).
 
 CPU: `time.process_time` over the same frames for a bare loop of
 ``webrtcvad.Vad.is_speech`` on ready-made bytes, and for SpeechDetector + TurnDetector fed
-through a `frames_source`, which turns one file's audio into the chunks a server would push.
-Swap `frames_source` to include decoding, resampling and framing.
+through a `frames_source`, which turns one file's audio into the chunks a server would push:
+by default bytes, as they come off the network, into `TurnDetector.push_pcm` (arrays go to
+`push_many`). Swap `frames_source` to include decoding, resampling and framing.
 """
 
 from __future__ import annotations
@@ -38,16 +39,26 @@ SNRS = (20.0, 10.0, 5.0)
 SEED_BASE = 100_000  # unit tests use seeds < 100, tuning used 5000-5029
 CHUNK_FRAMES = (1, 5, 50)  # 20 ms, 100 ms and 1 s pushes
 
-FramesSource = Callable[[np.ndarray], Iterable[np.ndarray]]
+FramesSource = Callable[[np.ndarray], Iterable[np.ndarray | bytes]]
 
 
 def chunked_frames(
     audio: np.ndarray, chunk_frames: int = 5, frame_samples: int = 320
 ) -> Iterator[np.ndarray]:
-    """Default source: (chunk_frames, frame_samples) int16 blocks, like network chunks."""
+    """(chunk_frames, frame_samples) int16 blocks."""
     frames = frames_of(audio, frame_samples)
     for i in range(0, len(frames), chunk_frames):
         yield frames[i : i + chunk_frames]
+
+
+def chunked_pcm(
+    audio: np.ndarray, chunk_frames: int = 5, frame_samples: int = 320
+) -> Iterator[bytes]:
+    """Default source: whole frames as bytes, `chunk_frames` at a time, like network chunks."""
+    data = frames_of(audio, frame_samples).tobytes()
+    step = 2 * frame_samples * chunk_frames
+    for i in range(0, len(data), step):
+        yield data[i : i + step]
 
 
 @dataclass(frozen=True)
@@ -159,7 +170,7 @@ class CpuResult:
 
 def cpu_cost(
     audios: Sequence[np.ndarray],
-    frames_source: FramesSource = chunked_frames,
+    frames_source: FramesSource = chunked_pcm,
     label: str = "100 ms chunks",
     repeats: int = 7,
 ) -> CpuResult:
@@ -182,7 +193,10 @@ def cpu_cost(
             t1 = time.process_time()
             td = TurnDetector(TurnConfig(), SpeechDetector(cfg))
             for chunk in frames_source(audio):
-                td.push_many(chunk)
+                if isinstance(chunk, bytes):
+                    td.push_pcm(chunk)
+                else:
+                    td.push_many(chunk)
             td.flush()
             t2 = time.process_time()
             bare, ours = bare + t1 - t0, ours + t2 - t1
@@ -258,7 +272,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         scores = accuracy(n_files, args.turns, Path(tmp))
         audios = [conversation(c, 0, args.turns, Path(tmp)).audio for c in range(len(scores))]
     cpu = [
-        cpu_cost(audios, partial(chunked_frames, chunk_frames=n), f"{n * 20} ms chunks")
+        cpu_cost(audios, partial(chunked_pcm, chunk_frames=n), f"{n * 20} ms chunks")
         for n in CHUNK_FRAMES
     ]
     print(report(scores, cpu))

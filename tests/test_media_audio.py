@@ -219,6 +219,20 @@ def test_frames_do_not_depend_on_chunking(rate, channels, frame_ms, sizes, seed)
     assert len(got) == len(ref)
     assert all(np.array_equal(a, b) for a, b in zip(got, ref, strict=True))
     assert chunked.input_ms == whole.input_ms == pytest.approx(pcm.size / channels * 1000 / rate)
+    # push_bytes hands over the same frames as one bytes object per chunk.
+    as_bytes = PcmFramer(rate, channels, frame_ms=frame_ms)
+    pos, out = 0, []
+    for size in byte_sizes * (len(data) // sum(byte_sizes) + 1):
+        if pos >= len(data):
+            break
+        out.append(as_bytes.push_bytes(data[pos : pos + size]))
+        pos += size
+    flushed = as_bytes.flush()
+    assert all(type(b) is bytes and len(b) % (32 * frame_ms) == 0 for b in out)
+    assert b"".join(out) + b"".join(f.tobytes() for f in flushed) == b"".join(
+        f.tobytes() for f in ref
+    )
+    assert as_bytes.frames_out == len(ref)
 
 
 @pytest.mark.parametrize("rate,channels", [(16000, 1), (48000, 2), (44100, 1)])
@@ -242,6 +256,25 @@ def test_partial_sample_chunk_is_rejected_and_nothing_is_lost(rate, channels):
     frames += framer.push(data[cut:]) + framer.flush()
     assert len(frames) == len(expected)
     assert all(np.array_equal(a, b) for a, b in zip(frames, expected, strict=True))
+
+
+def test_push_bytes_passes_whole_frames_through_without_a_copy():
+    data = noise(16000, 0.2, 1).tobytes()  # 10 frames of 640 bytes
+    framer = PcmFramer(16000, 1)
+    one = data[:640]
+    assert framer.push_bytes(one) is one
+    three = data[640:2560]
+    assert framer.push_bytes(three) is three  # nothing pending: zero-copy, any frame count
+    assert framer.push_bytes(data[2560:2570]) == b""  # a remainder is held back...
+    out = framer.push_bytes(data[2570:3840])  # ...and completes the next frames
+    assert out == data[2560:3840]
+    rest = framer.push_bytes(bytearray(data[3840:]))  # not bytes: copied, still framed
+    assert type(rest) is bytes and rest == data[3840:]
+    assert framer.frames_out == 10 and framer.input_ms == 200.0
+    assert framer.push_bytes(b"") == b""
+    with pytest.raises(MediaError):
+        framer.push_bytes(b"\x01")
+    assert framer.frames_out == 10 and framer.input_ms == 200.0
 
 
 def test_push_pcm_matches_push_bytes():

@@ -94,6 +94,19 @@ def test_is_speech_rejects_bad_frames(frame: object) -> None:
         SpeechDetector().is_speech(frame)  # type: ignore[arg-type]
 
 
+@pytest.mark.parametrize("size", [0, 638, 642, 1280])
+def test_is_speech_pcm_rejects_other_lengths(size: int) -> None:
+    with pytest.raises(ValueError, match="320"):
+        SpeechDetector().is_speech_pcm(bytes(size))
+
+
+@pytest.mark.parametrize("size", [2, 639, 1282])
+def test_classify_pcm_rejects_partial_frames(size: int) -> None:
+    with pytest.raises(ValueError, match="320"):
+        SpeechDetector().classify_pcm(bytes(size))
+    assert SpeechDetector().classify_pcm(b"") == []
+
+
 @pytest.mark.parametrize(
     "frames",
     [np.zeros((3, 160), dtype=np.int16), np.zeros(320, dtype=np.int16), np.zeros((2, 320))],
@@ -200,5 +213,33 @@ def test_classify_is_independent_of_chunking(noisy_frames: np.ndarray, sizes: li
             break
         got += det.classify(frames[i : i + size])
         i += size
-    single = SpeechDetector()
-    assert got == expected == [single.is_speech(f) for f in frames]
+    single, from_bytes, in_bytes, i = SpeechDetector(), SpeechDetector(), SpeechDetector(), 0
+    got_bytes: list[bool] = []
+    for size in sizes * (len(frames) // sum(sizes) + 1):
+        if i >= len(frames):
+            break
+        got_bytes += in_bytes.classify_pcm(frames[i : i + size].tobytes())
+        i += size
+    assert got == expected == [single.is_speech(f) for f in frames] == got_bytes
+    assert expected == [from_bytes.is_speech_pcm(f.tobytes()) for f in frames]
+
+
+@settings(max_examples=20, deadline=None)
+@given(
+    level_dbfs=st.floats(min_value=-70.0, max_value=0.0),
+    seed=st.integers(0, 2**16),
+    clip=st.booleans(),
+)
+def test_one_frame_and_block_paths_agree_exactly(level_dbfs: float, seed: int, clip: bool) -> None:
+    """The per-frame path (`is_speech_pcm`) and the block path compute their energies
+    differently; both are exact, so floors and decisions match bit for bit, at any
+    level (loud noise is bit-shifted before webrtcvad) and with full-scale samples."""
+    audio = noise_at("pink", level_dbfs, 2.0, seed)
+    if clip:  # the extremes of int16, where an inexact sum would show first
+        audio[::7] = -32768
+        audio[3::7] = 32767
+    frames = frames_of(audio, 320)
+    block, single = SpeechDetector(), SpeechDetector()
+    assert block.classify(frames) == [single.is_speech_pcm(f.tobytes()) for f in frames]
+    assert block.noise_floor_db == single.noise_floor_db
+    assert block._th == single._th

@@ -153,23 +153,74 @@ def test_reframing_yields_the_same_frames(chunking_audio: np.ndarray, sizes: lis
     assert np.array_equal(got, frames_of(chunking_audio, FRAME))
 
 
+def test_turn_audio_is_the_input_audio(
+    chunking_audio: np.ndarray, reference_events: list[TurnEvent]
+) -> None:
+    """Turn audio is copied out of the kept blocks exactly (it spans several of them)."""
+    for turn in ended(reference_events):
+        start = round(turn.audio_start_ms * SAMPLE_RATE / 1000)
+        assert len(turn.audio) > 2 * SAMPLE_RATE
+        assert np.array_equal(turn.audio, chunking_audio[start : start + len(turn.audio)])
+        assert turn.audio.dtype == np.int16 and turn.audio.flags.writeable
+
+
 @settings(max_examples=30, deadline=None)
 @given(
     sizes=st.lists(st.integers(min_value=1, max_value=8000), min_size=1, max_size=20),
-    as_list=st.booleans(),
+    via=st.sampled_from(["array", "list", "bytes"]),
 )
 def test_events_do_not_depend_on_chunking(
     chunking_audio: np.ndarray,
     reference_events: list[TurnEvent],
     sizes: list[int],
-    as_list: bool,
+    via: str,
 ) -> None:
-    """Frame by frame, or random network chunks re-framed with a remainder, as 2-D arrays
-    or lists of frames: the same events, with the same times and audio."""
+    """Frame by frame (the reference: `push`, the one-frame fast path), or random network
+    chunks re-framed with a remainder, as 2-D arrays, lists of frames or bytes (one-frame
+    chunks take the fast path, longer ones the block path): the same events, with the
+    same times and audio."""
     assert len(ended(reference_events)) == 2
     td, events = detector(), []
     for frames in reframe(chunking_audio, sizes):
-        events += td.push_many(list(frames) if as_list else frames)
+        if via == "bytes":
+            events += td.push_pcm(frames.tobytes())
+        else:
+            events += td.push_many(list(frames) if via == "list" else frames)
+    assert events + td.flush() == reference_events
+
+
+@pytest.mark.parametrize("frames_per_push", [1, 5])
+def test_end_refined_ahead_equals_end_refined_at_the_end(
+    chunking_audio: np.ndarray,
+    reference_events: list[TurnEvent],
+    frames_per_push: int,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The push before a turn may end runs the end's FFT ahead; without that the push
+    that ends the turn runs it: the same events either way."""
+    calls: list[int] = []
+    original = TurnDetector._prepare_end
+
+    def counting(self: TurnDetector) -> None:
+        calls.append(1)
+        original(self)
+
+    monkeypatch.setattr(TurnDetector, "_prepare_end", counting)
+    frames = frames_of(chunking_audio, FRAME)
+    td = detector()
+    events = [
+        e
+        for i in range(0, len(frames), frames_per_push)
+        for e in td.push_many(frames[i : i + frames_per_push])
+    ]
+    assert calls and events + td.flush() == reference_events
+    monkeypatch.setattr(TurnDetector, "_prepare_end", lambda self: None)
+    td = detector()
+    events = [
+        e
+        for i in range(0, len(frames), frames_per_push)
+        for e in td.push_many(frames[i : i + frames_per_push])
+    ]
     assert events + td.flush() == reference_events
 
 
@@ -298,6 +349,48 @@ def test_commit_is_bounded_by_max_turn() -> None:
     assert turn is not None
     assert len(turn.audio) <= (1000 + 100 + 20) * SAMPLE_RATE // 1000
     assert turn.end_ms == 5000
+
+
+# -- the server's glue (server.modes.audio_ingest), which feeds push_pcm -----------------
+
+
+def test_ingest_passes_bytes_through_and_gives_the_same_events(
+    chunking_audio: np.ndarray, reference_events: list[TurnEvent]
+) -> None:
+    """20 ms messages of 16 kHz mono: each message is its own frame (same object, no
+    copy), and the events are those of the TurnDetector alone."""
+    from server.modes.audio_ingest import AudioIngest
+    from server.protocol import InputAudioConfig, TurnDetectionConfig
+
+    ingest = AudioIngest(InputAudioConfig(), TurnDetectionConfig())
+    data = frames_of(chunking_audio, FRAME).tobytes()
+    events: list[TurnEvent] = []
+    for i in range(0, len(data), 2 * FRAME):
+        message = data[i : i + 2 * FRAME]
+        result = ingest.push(message)
+        assert result.pcm is message
+        events += result.events
+    assert events + ingest.detector.flush() == reference_events
+    assert ingest.clock_ms == len(data) // 2 * 1000 / SAMPLE_RATE
+
+
+def test_ingest_manual_commit_keeps_the_latest_max_turn() -> None:
+    from server.modes.audio_ingest import AudioIngest
+    from server.protocol import InputAudioConfig, TurnDetectionConfig
+
+    ingest = AudioIngest(InputAudioConfig(), TurnDetectionConfig(type="manual", max_turn_ms=1000))
+    audio = np.arange(16000 * 3, dtype=np.int16)  # 3 s, every sample distinct
+    data = audio.tobytes()
+    pos, sizes = 0, itertools.cycle([2, 640, 998, 12_000, 3_000])
+    while pos < len(data):  # odd sizes: frames complete across messages
+        size = next(sizes)
+        assert ingest.push(data[pos : pos + size]).events == []
+        pos += size
+    turn = ingest.commit()
+    assert turn is not None and ingest.commit() is None
+    assert np.array_equal(turn.audio, audio[-16000:])  # the latest max_turn_ms, exactly
+    assert turn.audio.flags.writeable
+    assert turn.end_ms == 3000 and turn.start_ms == 2000
 
 
 @pytest.mark.parametrize(

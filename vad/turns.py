@@ -21,11 +21,19 @@ Time is counted in samples of whole frames. Times are exact (float ms since the 
 frame), and results do not depend on how the caller chunked the audio. At most
 `pre_roll_ms + max_turn_ms` of audio (plus a little history) is kept, which bounds
 memory and every turn's audio.
+
+Cost: `push_pcm` takes frames as bytes, as they come off the network; one frame takes a
+fast path with no numpy beyond the detector's. Audio is kept as the pushed bytes, joined
+into blocks of about a second, so a turn's audio is copied out with one join. Each turn
+edge costs one small FFT (~0.1-0.3 ms). For pushes of up to 100 ms the end's runs one
+push early, when the next push may end the turn, so the push that does end it (and
+delays turn.ended) is cheap.
 """
 
 from __future__ import annotations
 
 import enum
+import itertools
 import math
 from collections import deque
 from collections.abc import Iterable
@@ -36,11 +44,13 @@ import numpy as np
 from vad.detector import SpeechDetector
 
 _MAX_MS = 600_000  # ten minutes: a larger setting is a unit mistake, not a use case
-_BLOCK_FRAMES = 50  # push_many classifies and buffers at most this many frames at a time
+_BLOCK_FRAMES = 50  # push_pcm classifies and buffers at most this many frames at a time
+_SEAL_FRAMES = 50  # buffered audio is kept in bytes blocks of about this many frames
 _SUBSTANTIAL_MS = 80  # a starting candidate with this much speech survives longer pauses
 _EDGE_MS = 300  # how far a turn edge may move outward
 _NOISE_REF_MS = 200  # audio before that: the noise reference for the edges
 _MIN_NOISE_FRAMES = 5  # fewer make no usable noise statistics for the edges
+_PREPARE_MAX_MS = 100  # pushes up to this long refine a turn's end one push early
 
 
 @dataclass(frozen=True)
@@ -76,6 +86,15 @@ class TurnState(enum.StrEnum):
     STARTING = "starting"
     SPEAKING = "speaking"
     STOPPING = "stopping"
+
+
+# Module-level aliases: a global lookup is cheaper than an attribute of the enum class.
+_QUIET, _STARTING, _SPEAKING, _STOPPING = (
+    TurnState.QUIET,
+    TurnState.STARTING,
+    TurnState.SPEAKING,
+    TurnState.STOPPING,
+)
 
 
 @dataclass(frozen=True)
@@ -142,6 +161,7 @@ class TurnDetector:
             raise ValueError(f"detector must be a SpeechDetector, got {type(detector).__name__}")
         self.config = config
         self.detector = detector
+        self._is_speech_pcm = detector.is_speech_pcm
         fs = self._fs = detector.frame_samples
         rate = detector.config.sample_rate
         self._ms_per_sample = 1000.0 / rate
@@ -155,24 +175,31 @@ class TurnDetector:
         self._min_speech = samples(config.min_speech_ms)
         self._max_turn = samples(config.max_turn_ms)
         self._substantial = samples(_SUBSTANTIAL_MS)
+        self._prepare_span = samples(_PREPARE_MAX_MS)
         self._edge_frames = max(1, samples(_EDGE_MS) // fs)
         self._ref_frames = max(1, samples(_NOISE_REF_MS) // fs)
         # `_keep` bounds any turn's audio. The buffer also holds the history the turn edges
         # look at, and the block being decided, which is written before its frames step.
         self._keep = self._pre + self._max_turn + fs
         self._cap = self._keep + (self._edge_frames + self._ref_frames + _BLOCK_FRAMES) * fs
-        # Recent audio as the pushed blocks, as bytes, oldest first: no big ring buffer to
-        # allocate and fault in, and cheaper to copy than arrays.
+        self._frame_bytes = 2 * fs
+        # Recent audio as bytes, oldest first: the latest pushes as they came (no copy),
+        # and before them sealed blocks of about `_SEAL_FRAMES` frames each. No
+        # big ring buffer to allocate and fault in, few pieces to join to copy a turn out.
         self._blocks: deque[bytes] = deque()
         self._blocks_start = 0  # sample index of the first sample of `_blocks[0]`
+        self._tail: list[bytes] = []
+        self._seal = _SEAL_FRAMES * fs
+        self._seal_at = self._seal  # `_pos` at which `_tail` is sealed
         self._pos = 0  # samples consumed
-        self._state = TurnState.QUIET
+        self._state = _QUIET
         self._onset = 0  # first sample of the turn
         self._voiced = 0  # speech samples in the turn (or candidate)
         self._silence = 0  # current run of non-speech samples
         self._last_voiced_end = 0
         self._last_audio_end = 0  # where the previous turn's audio ended
         self._edge_threshold: np.ndarray | None = None  # per band, from before the turn
+        self._end_hot: tuple[int, list[bool]] | None = None  # see `_prepare_end`
         self._runs: list[list[int]] = []
         self._next_id = 1
 
@@ -188,46 +215,76 @@ class TurnDetector:
     @property
     def speech_ms(self) -> float:
         """Speech ms in the current turn or candidate (0 when quiet), e.g. for barge-in."""
-        return 0.0 if self._state is TurnState.QUIET else self._voiced * self._ms_per_sample
+        return 0.0 if self._state is _QUIET else self._voiced * self._ms_per_sample
 
     def push(self, frame: np.ndarray) -> list[TurnEvent]:
         """Consume one frame of `detector.frame_samples` int16 samples."""
-        if not isinstance(frame, np.ndarray) or frame.dtype != np.int16 or frame.ndim != 1:
+        if (
+            not isinstance(frame, np.ndarray)
+            or frame.dtype != np.int16
+            or frame.shape != (self._fs,)
+        ):
             got = f"{frame.dtype} {frame.shape}" if isinstance(frame, np.ndarray) else frame
             raise ValueError(
                 f"frame must be a 1-D int16 array of {self._fs} samples, got {got!r:.60}"
             )
-        return self._push_block(frame.reshape(1, -1))
+        return self.push_pcm(frame.tobytes())
 
     def push_many(self, frames: Iterable[np.ndarray] | np.ndarray) -> list[TurnEvent]:
         """Consume consecutive frames: an (n, frame_samples) int16 array or 1-D frames.
 
         Same events as pushing the frames one by one, with less overhead.
         """
-        if not isinstance(frames, np.ndarray):
-            frames = list(frames)
-            if not frames:
+        if isinstance(frames, np.ndarray):
+            if frames.ndim != 2 or frames.shape[1] != self._fs or frames.dtype != np.int16:
+                raise ValueError(f"frames must be an (n, {self._fs}) int16 array")
+            return self.push_pcm(frames.tobytes())
+        frames = list(frames)
+        if any(
+            not isinstance(f, np.ndarray) or f.shape != (self._fs,) or f.dtype != np.int16
+            for f in frames
+        ):
+            raise ValueError(f"every frame must be a 1-D int16 array of {self._fs} samples")
+        return self.push_pcm(b"".join([f.tobytes() for f in frames]))
+
+    def push_pcm(self, pcm: bytes) -> list[TurnEvent]:
+        """Consume consecutive frames given as bytes: native-endian int16 samples (s16le on
+        the usual machines), a whole number of frames.
+
+        Same events as `push_many` on the same samples. One frame is the fast path.
+        """
+        if len(pcm) != self._frame_bytes:
+            return self._push_frames(pcm)
+        # One frame: `_push_block`'s work, with `_write` and `_step`'s steady states inlined.
+        voiced = self._is_speech_pcm(pcm)
+        fs = self._fs
+        pos = self._pos
+        end = self._pos = pos + fs
+        self._tail.append(pcm if type(pcm) is bytes else bytes(pcm))  # keep no caller buffer
+        if end >= self._seal_at:
+            self._seal_tail()
+        state = self._state
+        if state is _QUIET:
+            return self._step(True, pos) if voiced else []
+        if end - self._onset < self._max_turn:
+            if voiced:
+                if state is _SPEAKING:
+                    self._voiced += fs
+                    self._last_voiced_end = end
+                    return []
+            elif state is _STOPPING and self._silence + fs < self._stop:
+                self._silence += fs
+                if self._silence + fs >= self._stop:  # the next frame may end the turn
+                    self._prepare_end()
                 return []
-            if any(not isinstance(f, np.ndarray) or f.shape != (self._fs,) for f in frames):
-                raise ValueError(f"every frame must be a 1-D int16 array of {self._fs} samples")
-            frames = np.stack(frames)
-        if frames.ndim != 2:
-            raise ValueError(f"frames must be an (n, {self._fs}) int16 array")
-        if len(frames) == 0:
-            return []
-        if len(frames) <= _BLOCK_FRAMES:
-            return self._push_block(frames)
-        events: list[TurnEvent] = []
-        for i in range(0, len(frames), _BLOCK_FRAMES):
-            events += self._push_block(frames[i : i + _BLOCK_FRAMES])
-        return events
+        return self._step(voiced, pos)
 
     def flush(self) -> list[TurnEvent]:
         """End of stream or manual end: close an open turn now; [] if none is open.
 
         A candidate still in *starting* is dropped, since SpeechStarted was never sent.
         """
-        if self._state in (TurnState.SPEAKING, TurnState.STOPPING):
+        if self._state in (_SPEAKING, _STOPPING):
             return self._end(forced=False, now=self._pos)
         self._reset()
         return []
@@ -258,38 +315,59 @@ class TurnDetector:
 
     # -- internals ---------------------------------------------------------------------
 
-    def _push_block(self, frames: np.ndarray) -> list[TurnEvent]:
-        decisions = self.detector.classify(frames)  # validates dtype and shape
+    def _push_frames(self, pcm: bytes) -> list[TurnEvent]:
+        """`push_pcm` for anything but one frame: blocks of at most `_BLOCK_FRAMES`."""
+        size = len(pcm)
+        if size % self._frame_bytes:
+            raise ValueError(
+                f"pcm must hold whole frames of {self._fs} int16 samples, got {size} bytes"
+            )
+        step = _BLOCK_FRAMES * self._frame_bytes
+        if size <= step:
+            return self._push_block(pcm) if size else []
+        events: list[TurnEvent] = []
+        for i in range(0, size, step):
+            events += self._push_block(pcm[i : i + step])
+        return events
+
+    def _push_block(self, pcm: bytes) -> list[TurnEvent]:
+        events = self._step_block(pcm)
+        span = len(pcm) // 2
+        if (
+            self._state is _STOPPING
+            and self._silence + span >= self._stop  # a push like this one may end the turn
+            and span <= self._prepare_span
+        ):
+            self._prepare_end()
+        return events
+
+    def _step_block(self, pcm: bytes) -> list[TurnEvent]:
+        decisions = self.detector.classify_pcm(pcm)  # validates the length
         pos = self._pos
-        self._write(frames)
+        self._write(pcm)
         # Steady states, the bulk of any stream, skip the per-frame loop.
         fs, state = self._fs, self._state
-        if state is TurnState.QUIET and True not in decisions:
+        if state is _QUIET and True not in decisions:
             return []
         span = len(decisions) * fs
         if self._pos - self._onset < self._max_turn:
-            if state is TurnState.SPEAKING and False not in decisions:
+            if state is _SPEAKING and False not in decisions:
                 self._voiced += span
                 self._last_voiced_end = self._pos
                 return []
-            if (
-                state is TurnState.STOPPING
-                and True not in decisions
-                and self._silence + span < self._stop
-            ):
+            if state is _STOPPING and True not in decisions and self._silence + span < self._stop:
                 self._silence += span
                 return []
         events: list[TurnEvent] = []
-        speaking, stopping = TurnState.SPEAKING, TurnState.STOPPING
         for voiced in decisions:
             end = pos + fs
             state = self._state
             # The common cases of `_step`, inlined: no state change, no event.
-            if state is speaking and voiced and end - self._onset < self._max_turn:
+            if state is _SPEAKING and voiced and end - self._onset < self._max_turn:
                 self._voiced += fs
                 self._last_voiced_end = end
             elif (
-                state is stopping
+                state is _STOPPING
                 and not voiced
                 and self._silence + fs < self._stop
                 and end - self._onset < self._max_turn
@@ -300,28 +378,40 @@ class TurnDetector:
             pos = end
         return events
 
-    def _write(self, frames: np.ndarray) -> None:
-        block = frames.tobytes()  # an immutable copy: the caller may reuse its buffer
-        self._blocks.append(block)
-        self._pos += len(block) // 2
-        while self._pos - self._blocks_start - len(self._blocks[0]) // 2 >= self._cap:
-            self._blocks_start += len(self._blocks.popleft()) // 2
+    def _write(self, pcm: bytes) -> None:
+        self._tail.append(pcm if type(pcm) is bytes else bytes(pcm))  # keep no caller buffer
+        self._pos += len(pcm) // 2
+        if self._pos >= self._seal_at:
+            self._seal_tail()
+
+    def _seal_tail(self) -> None:
+        """Join `_tail` into one block; drop blocks older than `_cap` samples."""
+        self._blocks.append(b"".join(self._tail))
+        self._tail = []
+        self._seal_at = self._pos + self._seal
+        blocks = self._blocks
+        while self._pos - self._blocks_start - len(blocks[0]) // 2 >= self._cap:
+            self._blocks_start += len(blocks.popleft()) // 2
 
     def _read(self, start: int, end: int) -> np.ndarray:
-        """Samples [start, end), which must lie within the last `_cap` samples."""
-        pieces = []
+        """Samples [start, end) as a new array; they must lie within the last `_cap`."""
+        if len(self._tail) > 1:
+            self._tail = [b"".join(self._tail)]  # fewer pieces to walk, now and later
+        pieces: list[bytes | memoryview] = []
         block_end = self._pos
-        for block in reversed(self._blocks):  # reads are mostly of recent audio
-            block_start = block_end - len(block) // 2
+        for block in itertools.chain(reversed(self._tail), reversed(self._blocks)):
+            block_start = block_end - len(block) // 2  # reads are mostly of recent audio
             if block_start < end:
-                samples = np.frombuffer(block, dtype=np.int16)
-                pieces.append(samples[max(start - block_start, 0) : end - block_start])
+                if start <= block_start and block_end <= end:
+                    pieces.append(block)
+                else:
+                    lo, hi = max(start - block_start, 0) * 2, (end - block_start) * 2
+                    pieces.append(memoryview(block)[lo:hi])
             if block_start <= start:
                 break
             block_end = block_start
-        if not pieces:
-            return np.zeros(0, dtype=np.int16)
-        return pieces[0].copy() if len(pieces) == 1 else np.concatenate(pieces[::-1])
+        pieces.reverse()
+        return np.frombuffer(bytearray().join(pieces), np.int16)
 
     def _step(self, voiced: bool, start: int) -> list[TurnEvent]:
         """Advance by one frame that starts at sample `start`."""
@@ -331,32 +421,32 @@ class TurnDetector:
             self._silence = 0
             self._last_voiced_end = end
             self._voiced += self._fs
-            if state is TurnState.QUIET:
-                state = self._state = TurnState.STARTING
+            if state is _QUIET:
+                state = self._state = _STARTING
                 self._onset = start
                 self._voiced = self._fs
                 self._runs = []
-            if state is TurnState.STARTING:
+            if state is _STARTING:
                 if self._runs and self._runs[-1][1] == start:
                     self._runs[-1][1] = end
                 else:
                     self._runs.append([start, end])
                 if self._voiced < self._start:
                     return []
-                self._state = TurnState.SPEAKING
+                self._state = _SPEAKING
                 self._refine_onset()
                 return [SpeechStarted(self._onset * self._ms_per_sample), *self._check_max(end)]
-            self._state = TurnState.SPEAKING
+            self._state = _SPEAKING
             return self._check_max(end)
-        if state is TurnState.QUIET:
+        if state is _QUIET:
             return []
         self._silence += self._fs
-        if state is TurnState.STARTING:
+        if state is _STARTING:
             patience = self._stop if self._voiced >= self._substantial else self._start
             if self._silence >= patience:
                 self._reset()
             return []
-        self._state = TurnState.STOPPING
+        self._state = _STOPPING
         if self._silence >= self._stop:
             return self._end(forced=False, now=end)
         return self._check_max(end)
@@ -408,7 +498,23 @@ class TurnDetector:
         n = min(self._edge_frames, (now - end) // self._fs)
         if self._edge_threshold is None or n <= 0:
             return end
-        return end + _run_length(self._hot(end, n)) * self._fs
+        if self._end_hot is not None and self._end_hot[0] == end and n == self._edge_frames:
+            hot = self._end_hot[1]  # from `_prepare_end`: the same frames, the same result
+        else:
+            hot = self._hot(end, n)
+        return end + _run_length(hot) * self._fs
+
+    def _prepare_end(self) -> None:
+        """Run `_refined_end`'s FFT a push early, when the next push may end the turn: so
+        the push that ends it, which delays turn.ended, does not pay for it. Only once the
+        frames it looks at are all in, so the result is the one `_end` would compute."""
+        end = self._last_voiced_end
+        if (
+            self._edge_threshold is not None
+            and self._pos - end >= self._edge_frames * self._fs
+            and (self._end_hot is None or self._end_hot[0] != end)
+        ):
+            self._end_hot = (end, self._hot(end, self._edge_frames))
 
     def _end(self, forced: bool, now: int) -> list[TurnEvent]:
         end = self._refined_end(now)
@@ -438,10 +544,11 @@ class TurnDetector:
         return self._next_id - 1
 
     def _reset(self) -> None:
-        self._state = TurnState.QUIET
+        self._state = _QUIET
         self._voiced = 0
         self._silence = 0
         self._edge_threshold = None
+        self._end_hot = None
 
 
 def _run_length(hot: list[bool]) -> int:

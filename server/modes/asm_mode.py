@@ -201,8 +201,8 @@ class AsmMode(Mode):
             result = self._ingest.push(chunk.pcm, detect=own)
         except MediaError as exc:
             raise ProtocolError(exc.code, exc.message) from None
-        if result.frames:
-            pcm = np.concatenate(result.frames)
+        if result.pcm:
+            pcm = np.frombuffer(result.pcm, np.int16)
             if self._to_provider is not None:
                 pcm = self._to_provider.push(pcm)
             await rt.send_audio(pcm.astype("<i2").tobytes())

@@ -1,29 +1,35 @@
 """Client audio -> VAD-rate frames -> turn events, on the session's input-audio clock.
 
 Decoding (Opus, G.711), resampling, framing and detection are the plain
-libraries' work; this class only strings them together per session.
+libraries' work; this class only strings them together per session. Frames travel
+as bytes: a 20 ms message of 16 kHz mono reaches webrtcvad without a copy.
 """
 
 from __future__ import annotations
 
 from collections import deque
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import partial
 
 import numpy as np
 
-from media.audio import PcmFramer, make_decoder
+from media.audio import AudioDecoder, PcmFramer, make_decoder
 from server.protocol import InputAudioConfig, TurnDetectionConfig
 from vad.detector import DetectorConfig, SpeechDetector
 from vad.turns import TurnConfig, TurnDetector, TurnEnded, TurnEvent
 
 VAD_RATE = 16000
 FRAME_MS = 20
+_FRAME_BYTES = VAD_RATE * FRAME_MS // 1000 * 2
 
 
-@dataclass
+@dataclass(slots=True)
 class IngestResult:
-    frames: list[np.ndarray] = field(default_factory=list)
-    events: list[TurnEvent] = field(default_factory=list)
+    #: The frames this message completed: int16 samples at VAD_RATE (native-endian),
+    #: a whole number of FRAME_MS frames; b"" if none.
+    pcm: bytes
+    events: list[TurnEvent]
 
 
 class AudioIngest:
@@ -49,37 +55,53 @@ class AudioIngest:
                 )
             ),
         )
+        self._to_frames: Callable[[bytes], bytes] = (
+            self.framer.push_bytes
+            if self.decoder is None
+            else partial(_decode_and_frame, self.decoder, self.framer)
+        )
+        self._detect = self.detector.push_pcm
         # Manual turns (push-to-talk) keep everything since the last commit, bounded.
-        self._manual_frames: deque[np.ndarray] = deque(maxlen=turns.max_turn_ms // FRAME_MS)
-        self._frames_seen = 0
+        self._manual_limit = turns.max_turn_ms // FRAME_MS * _FRAME_BYTES
+        self._manual: deque[bytes] = deque()
+        self._manual_bytes = 0
 
     @property
     def clock_ms(self) -> float:
         """Milliseconds of audio received, on the session's input clock."""
-        return self._frames_seen * FRAME_MS
+        return self.framer.frames_out * FRAME_MS
 
     def push(self, data: bytes, *, detect: bool = True) -> IngestResult:
         """Raises MediaError for undecodable or misaligned input; nothing earlier is lost."""
-        if self.decoder is not None:
-            frames = self.framer.push_pcm(self.decoder.push(data))
-        else:
-            frames = self.framer.push(data)
-        self._frames_seen += len(frames)
+        pcm = self._to_frames(data)
         if self.manual:
-            self._manual_frames.extend(frames)
-            return IngestResult(frames)
-        if not detect:
-            return IngestResult(frames)
-        return IngestResult(frames, self.detector.push_many(frames))
+            if pcm:
+                self._keep_manual(pcm)
+            return IngestResult(pcm, [])
+        return IngestResult(pcm, self._detect(pcm) if detect and pcm else [])
 
     def commit(self) -> TurnEnded | None:
         """End the user's turn now (``input.commit``)."""
         if not self.manual:
             return self.detector.commit()
-        if not self._manual_frames:
+        if not self._manual:
             return None
-        audio = np.concatenate(list(self._manual_frames))
+        buf = bytearray().join(self._manual)
+        del buf[: max(0, len(buf) - self._manual_limit)]
+        audio = np.frombuffer(buf, np.int16)
         end_ms = self.clock_ms
         start_ms = end_ms - len(audio) / VAD_RATE * 1000
-        self._manual_frames.clear()
+        self._manual.clear()
+        self._manual_bytes = 0
         return TurnEnded(turn_id=-1, start_ms=start_ms, end_ms=end_ms, audio=audio, forced=True)
+
+    def _keep_manual(self, pcm: bytes) -> None:
+        """Keep at most the latest `_manual_limit` bytes (and less than one message more)."""
+        self._manual.append(pcm)
+        self._manual_bytes += len(pcm)
+        while self._manual_bytes - len(self._manual[0]) >= self._manual_limit:
+            self._manual_bytes -= len(self._manual.popleft())
+
+
+def _decode_and_frame(decoder: AudioDecoder, framer: PcmFramer, data: bytes) -> bytes:
+    return framer.push_bytes(decoder.push(data).tobytes())
