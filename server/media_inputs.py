@@ -132,6 +132,11 @@ class FrameSource:
         else:
             self.pending.append(frame)
 
+    @property
+    def has_video(self) -> bool:
+        """Whether a video stream is open (its due frames are collected at a turn's end)."""
+        return bool(self._streams)
+
     def take(self) -> list[ImageFrame]:
         """The frames of the turn just ended; the last earlier frame when none came in it."""
         frames = list(self.pending)

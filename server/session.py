@@ -13,7 +13,7 @@ import contextlib
 import logging
 import re
 import time
-from collections.abc import AsyncIterator, Awaitable, Coroutine
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -194,6 +194,8 @@ class DuplexSession(BaseSession):
         self._tasks: set[asyncio.Task[Any]] = set()
         self._closed = False
         self._rest: asyncio.Task[None] | None = None  # see `send_chunk_nowait`
+        self._send_now: Callable[[BaseModel], bool] | None = None  # see `attach_output`
+        self._consumer_waiting = False
         self.error: ErrorEvent | None = None
         self.done = asyncio.Event()
         self._mode: Mode = self._make_mode()
@@ -248,15 +250,36 @@ class DuplexSession(BaseSession):
 
     # ---- output ---------------------------------------------------------------------
 
-    async def emit(self, message: BaseModel) -> None:
-        """Queue one server message (``seq`` is assigned when it is taken out)."""
+    def attach_output(self, send_now: Callable[[BaseModel], bool] | None) -> None:
+        """Let `emit` write straight to the connection when nothing is queued before the
+        message and the consumer of `response` waits: one loop turn less per message.
+        ``send_now(message)`` returns False when it cannot send at once (backpressure)."""
+        self._send_now = send_now
+
+    def emit_nowait(self, message: BaseModel) -> bool:
+        """`emit` without waiting: False (nothing done) if the output queue is full."""
         if self.closed:
-            return
+            return True
+        send_now = self._send_now
+        if send_now is not None and self._consumer_waiting and self._out.empty():
+            message.seq = self._seq + 1  # type: ignore[attr-defined]
+            if send_now(message):
+                self._seq += 1
+                return True
         try:
-            self._out.put_nowait(message)  # the common case: no timer to arm
-            return
+            self._out.put_nowait(message)  # seq is assigned when it is taken out
         except asyncio.QueueFull:
-            pass
+            return False
+        return True
+
+    def output_room(self) -> int:
+        """How many messages `emit_nowait` can take now."""
+        return self._out.maxsize - self._out.qsize()
+
+    async def emit(self, message: BaseModel) -> None:
+        """Send or queue one server message; waits while the output queue is full."""
+        if self.emit_nowait(message):
+            return
         try:
             async with asyncio.timeout(self.services.limits.output_stall_timeout_s):
                 await self._out.put(message)
@@ -295,7 +318,11 @@ class DuplexSession(BaseSession):
     async def response(self) -> AsyncIterator[BaseModel]:
         """Every server message, in order, each with its ``seq``; ends when the session does."""
         while True:
-            item = await self._out.get()
+            self._consumer_waiting = True
+            try:
+                item = await self._out.get()
+            finally:
+                self._consumer_waiting = False
             if item is _CLOSE:
                 return
             self._seq += 1

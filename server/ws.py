@@ -126,6 +126,8 @@ def _audio(session: DuplexSession, data: bytes) -> AudioChunk:
 async def _write(ws: WebSocket, session: DuplexSession, reader: asyncio.Task[None]) -> None:
     direct: DirectPath | None = ws.scope.get("extensions", {}).get(DIRECT)
     send_now = direct.send_text if direct is not None else None
+    if send_now is not None:
+        session.attach_output(lambda message: send_now(encode_server_message(message)))
     async for message in session.response():
         text = encode_server_message(message)
         if send_now is not None and send_now(text):
@@ -134,6 +136,7 @@ async def _write(ws: WebSocket, session: DuplexSession, reader: asyncio.Task[Non
             await ws.send_text(text)
         except (WebSocketDisconnect, RuntimeError):
             break
+    session.attach_output(None)
     if ws.client_state == WebSocketState.CONNECTED:
         code = 1000
         if session.error is not None:

@@ -8,7 +8,7 @@ import contextlib
 import pytest
 
 from server.config import Settings
-from server.protocol import ProtocolError, SessionConfig, TextChunk
+from server.protocol import Pong, ProtocolError, SessionConfig, TextChunk
 from server.providers.catalog import ProviderCatalog
 from server.session import DuplexSession, SessionLimits, SessionServices, UnarySession, substitute
 from server.state.memory import MemoryStore
@@ -102,3 +102,23 @@ async def test_unary_session_execute_and_stream():
     with pytest.raises(ProtocolError) as info:
         await UnarySession.open(svc, tenant="other", session_id=u.id)
     assert info.value.code == 404
+
+
+async def test_emit_writes_directly_only_when_nothing_is_queued_before_it():
+    s = await DuplexSession.open(services(), tenant="t")
+    sent = []
+    s.attach_output(lambda message: sent.append(message) or True)
+    stream = s.response()
+    assert (await anext(stream)).type == "session.created"  # queued before anyone read
+    await s.emit(Pong(id="a"))  # the consumer holds a message: queue, do not overtake
+    assert sent == []
+    assert (await anext(stream)).id == "a"
+    waiting = asyncio.ensure_future(anext(stream))
+    await asyncio.sleep(0)  # now the consumer waits on an empty queue
+    await s.emit(Pong(id="b"))
+    assert [(m.id, m.seq) for m in sent] == [("b", 3)]
+    s.attach_output(lambda message: False)  # the connection pushes back: queue it
+    await s.emit(Pong(id="c"))
+    got = await waiting
+    assert (got.id, got.seq) == ("c", 4)
+    await s.close()

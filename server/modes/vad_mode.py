@@ -23,6 +23,7 @@ from server.protocol import (
     RATE_LIMITED,
     TOO_LARGE,
     AudioChunk,
+    ErrorEvent,
     ImageFrame,
     ProtocolError,
     ResponseDone,
@@ -102,7 +103,12 @@ class VadMode(Mode):
         except MediaError as exc:
             return _raise(ProtocolError(exc.code, exc.message))
         if result.events:
-            return self._after_audio(result.events)
+            # Handled here as well unless something must wait: a full output queue, or
+            # video whose due frames must be decoded before the turn is queued.
+            if self._frames.has_video or self.session.output_room() <= len(result.events):
+                return self._after_audio(result.events)
+            for event in result.events:
+                self._on_turn_event_nowait(event)
         self._check_barge_in()
         return None
 
@@ -178,15 +184,33 @@ class VadMode(Mode):
         )
 
     async def _on_turn_event(self, event: vt.TurnEvent) -> None:
+        if isinstance(event, vt.TurnEnded):
+            await self._end_turn(self._audio_turn(event, None))
+        elif (message := self._event_message(event)) is not None:
+            await self.session.emit(message)
+
+    def _on_turn_event_nowait(self, event: vt.TurnEvent) -> None:
+        """`_on_turn_event` when the output queue has room and no video is pending."""
+        session = self.session
+        if isinstance(event, vt.TurnEnded):
+            turn = self._audio_turn(event, None)
+            session.emit_nowait(_turn_ended(turn))
+            try:
+                self._queue_turn(turn)
+            except ProtocolError as exc:
+                session.emit_nowait(ErrorEvent(code=exc.code, message=exc.message))
+        elif (message := self._event_message(event)) is not None:
+            session.emit_nowait(message)
+
+    def _event_message(self, event: vt.TurnEvent) -> SpeechStarted | SpeechStopped | None:
         match event:
             case vt.SpeechStarted():
-                await self.session.emit(SpeechStarted(audio_start_ms=event.start_ms))
+                return SpeechStarted(audio_start_ms=event.start_ms)
             case vt.SpeechStopped():
-                await self.session.emit(SpeechStopped(audio_end_ms=event.end_ms))
-            case vt.TurnEnded():
-                await self._end_turn(self._audio_turn(event, None))
-            case vt.TurnDiscarded():
+                return SpeechStopped(audio_end_ms=event.end_ms)
+            case _:
                 self.session.log.debug("speech too short, no turn: %s", event)
+                return None
 
     def _audio_turn(self, ended: vt.TurnEnded, request_id: str | None) -> Turn:
         return Turn(
@@ -202,18 +226,14 @@ class VadMode(Mode):
 
         ``turn.ended`` goes out first: collecting due video frames may wait for a decode.
         """
-        await self.session.emit(
-            TurnEnded(
-                turn_id=turn.turn_id,
-                request_id=turn.request_id,
-                audio_start_ms=turn.audio_start_ms,
-                audio_end_ms=turn.audio_end_ms,
-            )
-        )
+        await self.session.emit(_turn_ended(turn))
+        await self._frames.poll(speaking=False)
+        self._queue_turn(turn)
+
+    def _queue_turn(self, turn: Turn) -> None:
         turn.text = "".join(self._text)
         self._text.clear()
         self._text_chars = 0
-        await self._frames.poll(speaking=False)
         turn.frames = self._frames.take()
         try:
             self._turns.put_nowait(turn)
@@ -315,3 +335,12 @@ class VadMode(Mode):
 
 async def _raise(exc: Exception) -> None:
     raise exc
+
+
+def _turn_ended(turn: Turn) -> TurnEnded:
+    return TurnEnded(
+        turn_id=turn.turn_id,
+        request_id=turn.request_id,
+        audio_start_ms=turn.audio_start_ms,
+        audio_end_ms=turn.audio_end_ms,
+    )
