@@ -223,8 +223,9 @@ def machine_line() -> str:
     load = ", ".join(f"{x:.2f}" for x in os.getloadavg())
     return (
         f"Machine: {platform.machine()} {cpu}, {os.cpu_count()} cores, Python "
-        f"{platform.python_version()}, uvicorn {uvicorn.__version__} (asyncio loop, h11, "
-        f"websockets-sansio), websockets {websockets.__version__}; load average at the end: "
+        f"{platform.python_version()}, uvicorn {uvicorn.__version__} (uvloop, httptools; "
+        f"Duplex: its WebSocket protocol class), websockets {websockets.__version__}; "
+        "load average at the end: "
         f"{load} (other work shares this machine)."
     )
 
