@@ -101,6 +101,18 @@ def _done(n: int):
     return lambda got: sum(e["type"] == "response.done" for e in got) >= n
 
 
+async def _turn_ends(server: Any, data: bytes, turns: int = 2) -> list[float]:
+    """Stream ``data`` as 20 ms messages; the audio_end_ms of every turn.ended."""
+    async with connect(server, TOKEN) as c:
+        await c.recv()
+        for pos in range(0, len(data), 640):
+            await c.send(data[pos : pos + 640])
+        events = [await c.recv(timeout=20)]
+        while sum(e["type"] == "response.done" for e in events) < turns:
+            events.append(await c.recv(timeout=20))
+    return [e["audio_end_ms"] for e in events if e["type"] == "turn.ended"]
+
+
 @pytest.fixture
 def direct_count(monkeypatch) -> list[int]:
     """How many audio messages the direct path took (the server runs in this process)."""
@@ -120,14 +132,7 @@ async def test_audio_takes_the_direct_path_with_the_same_turns(live_server, audi
     data = audio.astype("<i2").tobytes()
     expected = _turns_offline(data)
     assert len(expected) == 2
-    async with connect(live_server, TOKEN) as c:
-        await c.recv()
-        for pos in range(0, len(data), 640):
-            await c.send(data[pos : pos + 640])
-        events = [await c.recv(timeout=20)]
-        while sum(e["type"] == "response.done" for e in events) < 2:
-            events.append(await c.recv(timeout=20))
-    assert [e["audio_end_ms"] for e in events if e["type"] == "turn.ended"] == expected
+    assert await _turn_ends(live_server, data) == expected
     # Messages queued behind a turn's events or a text message take the ASGI path, so
     # how many go direct depends on timing; that some do is what this test shows.
     assert direct_count[0] > 0
@@ -137,14 +142,7 @@ async def test_stock_uvicorn_protocol_gives_the_same_turns(server_factory, audio
     """Without our protocol class (any ASGI server) every message takes the ASGI path."""
     server = server_factory(uvicorn_kwargs={"ws": "websockets-sansio"})
     data = audio.astype("<i2").tobytes()
-    async with connect(server, TOKEN) as c:
-        await c.recv()
-        for pos in range(0, len(data), 640):
-            await c.send(data[pos : pos + 640])
-        events = [await c.recv(timeout=20)]
-        while sum(e["type"] == "response.done" for e in events) < 2:
-            events.append(await c.recv(timeout=20))
-    assert [e["audio_end_ms"] for e in events if e["type"] == "turn.ended"] == _turns_offline(data)
+    assert await _turn_ends(server, data) == _turns_offline(data)
     assert direct_count[0] == 0
 
 
