@@ -432,7 +432,11 @@ class DuplexSession(BaseSession):
         """
         if self.closed or self._rest is not None or not self._mode.direct_audio:
             return False
-        rest = self._mode.on_audio_nowait(chunk)
+        try:
+            rest = self._mode.on_audio_nowait(chunk)
+        except Exception:  # a bug, not bad input: end this session, not the connection's
+            self.log.exception("internal error handling audio")
+            rest = self.fail(INTERNAL, "internal error")
         if rest is not None:
             self._rest = self.spawn(self._finish(rest), "input")
         return True

@@ -226,3 +226,31 @@ async def test_oversize_audio_is_refused_and_the_session_goes_on(server_factory,
 def test_text_frame_matches_websockets(n):
     payload = bytes(range(97, 123)) * (n // 26) + b"a" * (n % 26)
     assert text_frame(payload) == Frame(Opcode.TEXT, payload).serialize(mask=False, extensions=[])
+
+
+@pytest.mark.parametrize("ws", [None, "websockets-sansio"])
+async def test_internal_error_in_audio_ends_that_session_with_500(
+    server_factory, audio, monkeypatch, ws
+):
+    """A bug while handling audio (direct path or not) is a fatal 500 for that session;
+    the server goes on serving others."""
+    server = server_factory(uvicorn_kwargs={"ws": ws} if ws else None)
+    calls = [0]
+    original = AudioIngest.push
+
+    def failing(self, data, **kw):
+        calls[0] += 1
+        if calls[0] == 20:
+            raise RuntimeError("boom")
+        return original(self, data, **kw)
+
+    monkeypatch.setattr(AudioIngest, "push", failing)
+    data = audio.astype("<i2").tobytes()
+    async with connect(server, TOKEN) as c:
+        await c.recv()
+        for pos in range(0, 40 * 640, 640):
+            await c.send(data[pos : pos + 640])
+        error = await c.until("error")
+    assert error[-1]["code"] == 500 and error[-1]["fatal"]
+    monkeypatch.setattr(AudioIngest, "push", original)
+    assert await _turn_ends(server, data) == _turns_offline(data)
