@@ -73,7 +73,8 @@ class DuplexWebSocketProtocol(WebSocketsSansIOProtocol):
         super().__init__(*args, **kwargs)
         self._direct = DirectPath(send_text=self._send_text)
         self._framing = False  # True once this class frames the stream itself
-        self._pending = b""  # an incomplete frame, when framing
+        self._pending = bytearray()  # an incomplete frame, when framing
+        self._need = 0  # its whole size once its header is in (0: not yet)
 
     def handle_connect(self, event: Any) -> None:
         super().handle_connect(event)
@@ -87,9 +88,13 @@ class DuplexWebSocketProtocol(WebSocketsSansIOProtocol):
                 super().data_received(data)
                 return
             self._framing = True
-        if self._pending:
-            data = self._pending + data
-            self._pending = b""
+        if self._pending:  # a large frame arrives over many reads: append, parse once
+            self._pending += data
+            if len(self._pending) < self._need:
+                return
+            data = bytes(self._pending)
+            self._pending = bytearray()
+            self._need = 0
         self._frames(data)
 
     def _at_frame_boundary(self) -> bool:
@@ -127,6 +132,7 @@ class DuplexWebSocketProtocol(WebSocketsSansIOProtocol):
                 return
             end = head + (4 if masked else 0) + length
             if end > size:
+                self._need = end - pos
                 break
             if b0 == _BINARY_FIN and masked and self._deliver_direct():
                 payload = apply_mask(view[head + 4 : end], data[head : head + 4])
@@ -138,7 +144,7 @@ class DuplexWebSocketProtocol(WebSocketsSansIOProtocol):
                 return
             pos = end
         if pos < size:
-            self._pending = data[pos:]
+            self._pending = bytearray(data[pos:])
 
     def _deliver_direct(self) -> bool:
         direct = self._direct

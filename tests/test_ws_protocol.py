@@ -254,3 +254,22 @@ async def test_internal_error_in_audio_ends_that_session_with_500(
     assert error[-1]["code"] == 500 and error[-1]["fatal"]
     monkeypatch.setattr(AudioIngest, "push", original)
     assert await _turn_ends(server, data) == _turns_offline(data)
+
+
+async def test_large_message_over_many_reads(live_server):
+    """A 60 KB message trickling in over many TCP reads is put together once, intact."""
+    text = "".join(random.Random(5).choice("abcdefgh ") for _ in range(60_000))
+    client = await RawClient.open(live_server)
+    try:
+        await client.events(lambda got: any(e["type"] == "session.created" for e in got))
+        message = {"type": "input.text", "text": text, "final": True}
+        wire = client.frame(Opcode.TEXT, json.dumps(message).encode())
+        for pos in range(0, len(wire), 1000):
+            await client.write([wire[pos : pos + 1000]])
+            await asyncio.sleep(0.0005)  # let the server read each piece on its own
+        got = await client.events(_done(1))
+    finally:
+        client.close()
+    reply = "".join(e.get("delta", "") for e in got if e["type"] == "chunk")
+    assert text in reply
+    assert not [e for e in got if e["type"] == "error"]
