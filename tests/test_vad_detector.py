@@ -231,9 +231,10 @@ def test_classify_is_independent_of_chunking(noisy_frames: np.ndarray, sizes: li
     clip=st.booleans(),
 )
 def test_one_frame_and_block_paths_agree_exactly(level_dbfs: float, seed: int, clip: bool) -> None:
-    """The per-frame path (`is_speech_pcm`) and the block path compute their energies
-    differently; both are exact, so floors and decisions match bit for bit, at any
-    level (loud noise is bit-shifted before webrtcvad) and with full-scale samples."""
+    """The one-frame entry (`is_speech_pcm`) and the many-frame entry (`classify`, which
+    stops at each block's end for the Python bookkeeping) leave the same state: floors,
+    thresholds and decisions match bit for bit, at any level (loud noise is bit-shifted
+    before webrtcvad) and with full-scale samples."""
     audio = noise_at("pink", level_dbfs, 2.0, seed)
     if clip:  # the extremes of int16, where an inexact sum would show first
         audio[::7] = -32768
@@ -242,4 +243,21 @@ def test_one_frame_and_block_paths_agree_exactly(level_dbfs: float, seed: int, c
     block, single = SpeechDetector(), SpeechDetector()
     assert block.classify(frames) == [single.is_speech_pcm(f.tobytes()) for f in frames]
     assert block.noise_floor_db == single.noise_floor_db
-    assert block._th == single._th
+    assert np.array_equal(block._st, single._st)
+
+
+@settings(max_examples=20, deadline=None)
+@given(seed=st.integers(0, 2**16), level_dbfs=st.floats(min_value=-90.0, max_value=0.0))
+def test_kernel_energies_are_exact_sums(seed: int, level_dbfs: float) -> None:
+    """The compiled kernel's two energies are the exact integer sums the gate is defined
+    on: sum(x**2) + n and sum(diff(x)**2) + n, here with extreme samples mixed in."""
+    audio = noise_at("white", level_dbfs, 0.2, seed)
+    audio[5::11] = -32768
+    audio[7::13] = 32767
+    frames = frames_of(audio, 320)[:9]  # fewer than a block: all still held
+    detector = SpeechDetector()
+    detector.classify(frames)
+    x = frames.astype(np.int64)
+    assert detector._blk[0, :9].tolist() == [float(v) for v in (x**2).sum(axis=1) + 320]
+    diff = np.diff(x, axis=1)
+    assert detector._blk[1, :9].tolist() == [float(v) for v in (diff**2).sum(axis=1) + 320]

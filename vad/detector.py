@@ -22,15 +22,12 @@ has no idea what "louder than the room" means. So we track the room ourselves:
 Two energies are gated: the full band, and the first difference (+6 dB/octave). The second
 ignores hum and pink noise's low-frequency swing, and favours fricatives.
 
-Cost: every frame must reach webrtcvad, since its noise model needs the noise too.
-Everything else is a few float operations per frame plus a few numpy calls per chunk,
-whose fixed cost (0.1-0.8 µs each) is most of the work on a single 20 ms frame.
-`is_speech_pcm` takes one frame as bytes and gets both energies from one cast copy and
-one matrix-vector product into preallocated arrays: in all it costs about twice
-webrtcvad alone. `classify_pcm`/`classify` share their numpy calls among many frames.
-All bookkeeping that needs a logarithm happens once per block. Energies are sums of
-int16 squares, so they are exact integers in float64: neither chunking nor the order of
-summation can change a decision.
+Cost: every frame must reach webrtcvad, since its noise model needs the noise too. The
+per-frame work (two energies, the floor when it falls, the shift, webrtcvad, the gate)
+is one compiled call (`vad.kernel`) costing about as much as webrtcvad's own Python
+wrapper; what needs a logarithm or a sort happens once per block, here. Energies are
+sums of int16 squares, so they are exact integers in float64: neither chunking nor the
+order of summation can change a decision.
 """
 
 from __future__ import annotations
@@ -39,11 +36,34 @@ import bisect
 import itertools
 import math
 from collections import deque
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
 import webrtcvad
+
+from vad import kernel
+from vad.kernel import (
+    S_FILLED,
+    S_FLOOR0,
+    S_FLOOR1,
+    S_GATE0,
+    S_GATE1,
+    S_GATE_F0,
+    S_GATE_F1,
+    S_LOUD0,
+    S_LOUD1,
+    S_LOUD_F0,
+    S_LOUD_F1,
+    S_MIN_ENERGY,
+    S_RATE,
+    S_SHIFT,
+    S_TARGET,
+    VAD_ERROR,
+    VOICED,
+    one_frame,
+    shift_for,
+)
+from vad.kernel import frames as classify_frames
 
 SAMPLE_RATES = (8000, 16000, 32000, 48000)
 FRAME_MS = (10, 20, 30)
@@ -58,10 +78,7 @@ _EDGE_BANDS_HZ = (250, 1000, 2000, 4000, 8000)
 _EDGE_MARGIN_DB = 2.0
 _EDGE_SIGMAS = 3.0
 _EDGE_MIN_NOISE_FRAMES = 5
-
-_vecdot: Callable[[np.ndarray, np.ndarray], np.ndarray] = getattr(np, "vecdot", None) or (
-    lambda a, b: np.einsum("...i,...i->...", a, b)  # numpy < 2
-)
+_RARE = kernel.BLOCK_FULL | VAD_ERROR  # frame results that need Python's attention
 
 
 @dataclass(frozen=True)
@@ -122,16 +139,16 @@ class DetectorConfig:
 
 
 class _Floor:
-    """Noise-floor state of one energy feature (see `SpeechDetector._decide`)."""
+    """Noise-floor bookkeeping of one energy feature, done once per block. The floor and
+    thresholds themselves live in the detector's state array (see `vad.kernel`)."""
 
-    __slots__ = ("block", "blocks", "floor", "gate", "loud", "spread")
+    __slots__ = ("blocks", "floor", "gate", "gate_f", "loud", "loud_f", "row", "spread")
 
-    def __init__(self, n_blocks: int) -> None:
+    def __init__(self, n_blocks: int, row: int, slots: tuple[int, int, int, int, int]) -> None:
         self.blocks: deque[float] = deque(maxlen=n_blocks)  # minima of finished blocks
-        self.block: list[float] = []  # energies of the block being filled
-        self.floor = math.inf  # minimum energy over the window: the noise floor
+        self.row = row  # this feature's row of the block energies
+        self.floor, self.gate, self.loud, self.gate_f, self.loud_f = slots
         self.spread = _SPREAD_PRIOR_DB  # mean excess of noise-like frames over the floor
-        self.gate = self.loud = math.inf  # energies a speech frame must exceed
 
 
 class SpeechDetector:
@@ -143,42 +160,26 @@ class SpeechDetector:
             raise ValueError(f"config must be a DetectorConfig, got {type(config).__name__}")
         self.config = config
         n = self._n = config.frame_samples
-        self._process, self._handle = _vad_entry(webrtcvad.Vad(config.aggressiveness))
-        self._block = max(1, round(_BLOCK_MS / config.frame_ms))
-        n_blocks = max(1, round(config.floor_window_ms / (self._block * config.frame_ms)))
-        self._floors = (_Floor(n_blocks), _Floor(n_blocks))  # full band, first difference
-        self._th = self._thresholds()  # cached; refreshed whenever a floor changes
-        self._blk0, self._blk1 = self._floors[0].block, self._floors[1].block
-        self._shift = 0  # right shift applied to frames for webrtcvad
-        # Energies are sums of squares plus one per sample (digital silence is not zero).
-        self._min_energy = n * 10 ** ((config.min_level_dbfs + _FULL_SCALE_DB) / 10)
-        self._target = n * 10 ** ((config.noise_target_dbfs + _FULL_SCALE_DB) / 10)
-        self._alpha = 1.0 - math.exp(-self._block * config.frame_ms / _SPREAD_MS)
-        self._consts = (
-            float(n),
-            2 * n,
-            n,
-            self._process,
-            self._handle,
-            config.sample_rate,
-            self._min_energy,
-            self._block,
-        )  # for `_decide`, unpacked in one go
         self._nbytes = 2 * n
-        # Scratch for `is_speech_pcm`. `_int` receives the frame's bytes; one broadcast
-        # copy writes it as float64 into `_z` twice, at 0 and at n + 1, so that `_pair`
-        # (C-contiguous, n apart) holds the frame and the frame delayed by one sample
-        # (after the zero at n): one matrix-vector product gives both sums.
-        self._int = np.zeros(n, np.int16)
-        self._int_bytes = memoryview(self._int).cast("B")
-        z = self._z = np.zeros(2 * n + 1)
-        self._twice = np.ndarray((2, n), np.float64, z, 0, (8 * (n + 1), 8))
-        self._pair = np.ndarray((2, n), np.float64, z, 0, (8 * n, 8))
-        self._frame = z[:n]
-        self._shifted = np.zeros(n, np.int16)  # the frame as webrtcvad gets it if shifted
-        self._shifted_bytes = memoryview(self._shifted).cast("B")
-        self._shift_by = np.array(0, np.int16)  # `_shift`, ready for np.right_shift
-        self._one_consts = (float(n), n - 1, self._process, self._handle, config.sample_rate, n)
+        self._vad = webrtcvad.Vad(config.aggressiveness)  # owns the C instance
+        self._ptr = kernel.vad_pointer(self._vad)
+        block = max(1, round(_BLOCK_MS / config.frame_ms))
+        n_blocks = max(1, round(config.floor_window_ms / (block * config.frame_ms)))
+        self._floors = (
+            _Floor(n_blocks, 0, (S_FLOOR0, S_GATE0, S_LOUD0, S_GATE_F0, S_LOUD_F0)),
+            _Floor(n_blocks, 1, (S_FLOOR1, S_GATE1, S_LOUD1, S_GATE_F1, S_LOUD_F1)),
+        )  # full band, first difference
+        st = self._st = np.zeros(kernel.STATE_SIZE)
+        st[[S_FLOOR0, S_GATE0, S_LOUD0, S_FLOOR1, S_GATE1, S_LOUD1]] = math.inf
+        # Energies are sums of squares plus one per sample (digital silence is not zero).
+        st[S_MIN_ENERGY] = n * 10 ** ((config.min_level_dbfs + _FULL_SCALE_DB) / 10)
+        st[S_TARGET] = n * 10 ** ((config.noise_target_dbfs + _FULL_SCALE_DB) / 10)
+        st[S_RATE] = config.sample_rate
+        for f in self._floors:
+            self._set_thresholds(f)
+        self._blk = np.zeros((2, block))  # energies of the block being filled
+        self._shifted = np.zeros(n, np.int16)  # kernel scratch: the frame, shifted
+        self._alpha = 1.0 - math.exp(-block * config.frame_ms / _SPREAD_MS)
         self._window: np.ndarray | None = None  # for `band_levels`, built on first use
         self._bands: np.ndarray | None = None
 
@@ -190,7 +191,7 @@ class SpeechDetector:
     @property
     def noise_floor_db(self) -> float:
         """Current full-band noise floor in dBFS (-inf before the first frame)."""
-        floor = self._floors[0].floor
+        floor = float(self._st[S_FLOOR0])
         if floor == math.inf:
             return -math.inf
         return 10 * math.log10(floor / self._n) - _FULL_SCALE_DB
@@ -214,37 +215,17 @@ class SpeechDetector:
         """
         if len(pcm) != self._nbytes:
             raise ValueError(f"pcm must hold {self._n} int16 samples, got {len(pcm)} bytes")
-        self._int_bytes[:] = pcm
-        self._twice[...] = self._int  # int16 -> float64, exact (np.copyto costs more)
-        z = self._z
-        nf, last_i, process, handle, rate, nsamp = self._one_consts
-        s, lag = self._pair.dot(self._frame).tolist()  # sum(x**2), sum(x[1:] * x[:-1])
-        first, last = z.item(0), z.item(last_i)
-        e0 = s + nf
-        e1 = 2.0 * (s - lag) - first * first - last * last + nf  # first difference
-        fl0, gate0, loud0, fl1, gate1, loud1 = self._th
-        blk0 = self._blk0
-        blk0.append(e0)
-        self._blk1.append(e1)
-        if e0 < fl0 or e1 < fl1:  # a new minimum: the floor falls at once
-            self._lower(e0, e1)
-            fl0, gate0, loud0, fl1, gate1, loud1 = self._th
-        buf: bytes | memoryview = pcm
-        if self._shift:
-            np.right_shift(self._int, self._shift_by, self._shifted)
-            buf = self._shifted_bytes
-        if process(handle, rate, buf, nsamp):
-            voiced = e0 >= self._min_energy and (e0 > gate0 or e1 > gate1)
-        else:  # overruled only by a plainly loud frame
-            voiced = e0 >= self._min_energy and (e0 > loud0 or e1 > loud1)
-        if len(blk0) == self._block:
-            self._close_block()
-        return voiced
+        code = one_frame(
+            pcm if type(pcm) is bytes else bytes(pcm), self._st, self._blk, self._shifted, self._ptr
+        )
+        if code & _RARE:
+            self._after_frame(code)
+        return code & VOICED == VOICED
 
     def classify(self, frames: np.ndarray) -> list[bool]:
         """Classify consecutive frames, given as an (n, frame_samples) int16 array.
 
-        Gives the same decisions as calling `is_speech` on each row, with less overhead.
+        Gives the same decisions as calling `is_speech` on each row.
         """
         if (
             not isinstance(frames, np.ndarray)
@@ -265,108 +246,51 @@ class SpeechDetector:
             raise ValueError(
                 f"pcm must hold whole frames of {self._n} int16 samples, got {len(pcm)} bytes"
             )
-        if rows <= 1:
-            return [self.is_speech_pcm(pcm)] if rows else []
-        m = self._n
-        samples = np.frombuffer(pcm, np.int16)
-        x = samples.astype(np.float64)
-        # One call gives, per frame, sum(x[1:]**2) and the lag-1 sum(x[1:] * x[:-1]):
-        # row i of `pairs` views x[i, 1:] and x[i, :-1] (same memory, shifted by one).
-        pairs = np.ndarray((rows, 2, m - 1), np.float64, x, 8, (8 * m, -8, 8))
-        sums = _vecdot(pairs, x.reshape(rows, m)[:, None, 1:]).tolist()
-        return self._decide(pcm, samples, sums, x[::m].tolist(), x[m - 1 :: m].tolist())
+        if type(pcm) is not bytes:
+            pcm = bytes(pcm)
+        out = np.zeros(rows, np.uint8)
+        done = 0
+        while done < rows:  # the kernel stops at each block's end
+            done += classify_frames(pcm, done, self._st, self._blk, self._shifted, self._ptr, out)
+            last = int(out[done - 1])
+            if last & _RARE:
+                self._after_frame(last)
+        return (out & VOICED).astype(bool).tolist()
 
-    def _decide(
-        self,
-        pcm: bytes,
-        samples: np.ndarray,
-        sums: list[list[float]],
-        firsts: list[float],
-        lasts: list[float],
-    ) -> list[bool]:
-        """The per-frame part of `classify_pcm`, cut to the bone: two energies, a webrtcvad
-        call, two comparisons. Thresholds change only when the floor falls (rare) and
-        once per block."""
-        n, nbytes, nsamp, process, handle, rate, min_energy, block = self._consts
-        blk0, blk1 = self._blk0, self._blk1
-        fl0, gate0, loud0, fl1, gate1, loud1 = self._th
-        shift = self._shift
-        buf = (samples >> shift).tobytes() if shift else pcm
-        out = []
-        end = 0
-        for (tail, lag), first, last in zip(sums, firsts, lasts, strict=True):
-            e0 = tail + first * first + n
-            e1 = tail + e0 - last * last - 2.0 * lag  # energy of the first difference
-            blk0.append(e0)
-            blk1.append(e1)
-            if e0 < fl0 or e1 < fl1:  # a new minimum: the floor falls at once
-                self._lower(e0, e1)
-                fl0, gate0, loud0, fl1, gate1, loud1 = self._th
-                if self._shift != shift:
-                    shift = self._shift
-                    buf = (samples >> shift).tobytes() if shift else pcm
-            start = end
-            end += nbytes
-            if process(handle, rate, buf[start:end], nsamp):
-                out.append(e0 >= min_energy and (e0 > gate0 or e1 > gate1))
-            else:  # overruled only by a plainly loud frame
-                out.append(e0 >= min_energy and (e0 > loud0 or e1 > loud1))
-            if len(blk0) == block:
-                self._close_block()
-                fl0, gate0, loud0, fl1, gate1, loud1 = self._th
-                if self._shift != shift:
-                    shift = self._shift
-                    buf = (samples >> shift).tobytes() if shift else pcm
-        return out
-
-    def _thresholds(self) -> tuple[float, float, float, float, float, float]:
-        a, b = self._floors
-        return a.floor, a.gate, a.loud, b.floor, b.gate, b.loud
-
-    def _lower(self, e0: float, e1: float) -> None:
-        for f, e in ((self._floors[0], e0), (self._floors[1], e1)):
-            if e < f.floor:
-                f.floor = e
-                self._set_thresholds(f)
-        self._set_shift()
-        self._th = self._thresholds()
+    def _after_frame(self, code: int) -> None:
+        if code & VAD_ERROR:
+            raise RuntimeError("webrtcvad rejected a frame")  # config is validated: a bug
+        self._close_block()
 
     def _close_block(self) -> None:
         """Once per block: slide the minimum window, update the fluctuation estimate."""
+        st = self._st
+        filled = int(st[S_FILLED])
         for f in self._floors:
             # Noise-like frames: those below the cap, `energies[:k]`. Their sum is exact in
             # any order (exact integers), so sorting changes nothing.
-            energies = sorted(f.block)
-            k = bisect.bisect_left(energies, f.floor * _SPREAD_CAP)
+            energies = sorted(self._blk[f.row, :filled].tolist())
+            floor = float(st[f.floor])
+            k = bisect.bisect_left(energies, floor * _SPREAD_CAP)
             if k:  # mean excess of noise-like frames over the floor, in dB
-                excess = 10 * math.log10(sum(energies[:k]) / (k * f.floor))
+                excess = 10 * math.log10(sum(energies[:k]) / (k * floor))
                 if f.blocks:
                     f.spread += self._alpha * (excess - f.spread)
                 else:  # the first measurement replaces the cautious prior
                     f.spread = excess
             f.blocks.append(energies[0])
-            f.block.clear()  # in place: `_blk0`/`_blk1` refer to it
-            f.floor = min(f.blocks)
+            st[f.floor] = min(f.blocks)
             self._set_thresholds(f)
-        self._set_shift()
-        self._th = self._thresholds()
+        st[S_FILLED] = 0
+        st[S_SHIFT] = shift_for(st[S_FLOOR0], st[S_TARGET])
 
     def _set_thresholds(self, f: _Floor) -> None:
-        cfg = self.config
+        cfg, st = self.config, self._st
         margin = max(cfg.margin_db, cfg.spread_factor * f.spread)
-        f.gate = f.floor * 10 ** (margin / 10)
-        f.loud = f.floor * 10 ** (max(cfg.override_db, 2 * margin) / 10)
-
-    def _set_shift(self) -> None:
-        """Bit shift that brings the noise floor down to about the target level."""
-        floor = self._floors[0].floor
-        if floor <= self._target:
-            shift = 0
-        else:
-            shift = min(15, int(math.log(floor / self._target, 4) + 0.5))
-        if shift != self._shift:
-            self._shift = shift
-            self._shift_by[()] = shift
+        st[f.gate_f] = 10 ** (margin / 10)
+        st[f.loud_f] = 10 ** (max(cfg.override_db, 2 * margin) / 10)
+        st[f.gate] = st[f.floor] * st[f.gate_f]
+        st[f.loud] = st[f.floor] * st[f.loud_f]
 
     def band_levels(self, frames: np.ndarray) -> np.ndarray:
         """(n, bands) Hann-windowed band levels in dB of an (n, frame_samples) array."""
@@ -390,18 +314,6 @@ class SpeechDetector:
         mean = noise_levels.mean(axis=0)
         sigma = np.sqrt(np.square(noise_levels - mean).mean(axis=0))  # np.std, minus overhead
         return mean + np.maximum(_EDGE_MARGIN_DB, _EDGE_SIGMAS * sigma)
-
-
-def _vad_entry(vad: webrtcvad.Vad) -> tuple[Callable[[object, int, bytes, int], bool], object]:
-    """webrtcvad's C entry point, skipping `Vad.is_speech`, a Python wrapper that only
-    checks the length and costs a third of the call. Falls back to the public method if
-    the private module ever changes shape."""
-    try:
-        from _webrtcvad import process  # type: ignore[import-not-found]
-
-        return process, vad._vad
-    except (ImportError, AttributeError):
-        return (lambda _handle, rate, buf, _n: vad.is_speech(buf, rate)), None
 
 
 def _band_matrix(n: int, rate: int) -> np.ndarray:
