@@ -193,7 +193,7 @@ class DuplexSession(BaseSession):
         self._seq = 0
         self._tasks: set[asyncio.Task[Any]] = set()
         self._closed = False
-        self._rest: asyncio.Task[None] | None = None  # see `send_chunk_nowait`
+        self._rest: asyncio.Task[None] | None = None  # see `send_audio_nowait`
         self._send_now: Callable[[BaseModel], bool] | None = None  # see `attach_output`
         self._consumer_waiting = False
         self.error: ErrorEvent | None = None
@@ -423,8 +423,8 @@ class DuplexSession(BaseSession):
         self._check_open()
         await self._mode.on_audio(chunk, msg_id)
 
-    def send_chunk_nowait(self, chunk: AudioChunk) -> bool:
-        """Take audio without waiting, for the server's direct receive path.
+    def send_audio_nowait(self, pcm: bytes) -> bool:
+        """Take audio (one binary message) without waiting, for the server's direct receive path.
 
         What cannot finish at once (a turn's end, an error to report) continues in a
         task; until it is done this returns False, and `settle` waits for it, so input
@@ -433,7 +433,7 @@ class DuplexSession(BaseSession):
         if self.closed or self._rest is not None or not self._mode.direct_audio:
             return False
         try:
-            rest = self._mode.on_audio_nowait(chunk)
+            rest = self._mode.on_audio_nowait(pcm)
         except Exception:  # a bug, not bad input: end this session, not the connection's
             self.log.exception("internal error handling audio")
             rest = self.fail(INTERNAL, "internal error")
@@ -450,7 +450,7 @@ class DuplexSession(BaseSession):
             self._rest = None
 
     async def settle(self) -> None:
-        """Wait until input taken by `send_chunk_nowait` is fully handled."""
+        """Wait until input taken by `send_audio_nowait` is fully handled."""
         if self._rest is not None:
             await self._rest
 
@@ -525,11 +525,12 @@ class Mode:
     async def on_audio(self, chunk: AudioChunk, msg_id: str | None) -> None:
         raise NotImplementedError
 
-    #: Whether `on_audio_nowait` is implemented (see `DuplexSession.send_chunk_nowait`).
+    #: Whether `on_audio_nowait` is implemented (see `DuplexSession.send_audio_nowait`).
     direct_audio: ClassVar[bool] = False
 
-    def on_audio_nowait(self, chunk: AudioChunk) -> Coroutine[Any, Any, None] | None:
-        """Handle audio synchronously; return what must still be awaited, if anything."""
+    def on_audio_nowait(self, pcm: bytes) -> Coroutine[Any, Any, None] | None:
+        """Handle one message of audio in the session's input format synchronously;
+        return what must still be awaited, if anything."""
         raise NotImplementedError
 
     async def on_frame(self, frame: ImageFrame, msg_id: str | None) -> None:

@@ -73,9 +73,7 @@ async def _read(ws: WebSocket, session: DuplexSession, max_bytes: int) -> None:
     """
     direct: DirectPath | None = ws.scope.get("extensions", {}).get(DIRECT)
     if direct is not None:
-        direct.take = lambda data: (
-            len(data) <= max_bytes and session.send_chunk_nowait(_audio(session, data))
-        )
+        direct.take = lambda data: len(data) <= max_bytes and session.send_audio_nowait(data)
     try:
         await _receive_loop(ws, session, max_bytes, direct)
     finally:

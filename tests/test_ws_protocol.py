@@ -117,14 +117,14 @@ async def _turn_ends(server: Any, data: bytes, turns: int = 2) -> list[float]:
 def direct_count(monkeypatch) -> list[int]:
     """How many audio messages the direct path took (the server runs in this process)."""
     count = [0]
-    original = DuplexSession.send_chunk_nowait
+    original = DuplexSession.send_audio_nowait
 
-    def counting(self, chunk):
-        taken = original(self, chunk)
+    def counting(self, pcm):
+        taken = original(self, pcm)
         count[0] += taken
         return taken
 
-    monkeypatch.setattr(DuplexSession, "send_chunk_nowait", counting)
+    monkeypatch.setattr(DuplexSession, "send_audio_nowait", counting)
     return count
 
 
@@ -236,15 +236,15 @@ async def test_internal_error_in_audio_ends_that_session_with_500(
     the server goes on serving others."""
     server = server_factory(uvicorn_kwargs={"ws": ws} if ws else None)
     calls = [0]
-    original = AudioIngest.push
+    original = AudioIngest._turn_events  # behind both `push` and `events`
 
-    def failing(self, data, **kw):
+    def failing(self, pcm, detect):
         calls[0] += 1
         if calls[0] == 20:
             raise RuntimeError("boom")
-        return original(self, data, **kw)
+        return original(self, pcm, detect)
 
-    monkeypatch.setattr(AudioIngest, "push", failing)
+    monkeypatch.setattr(AudioIngest, "_turn_events", failing)
     data = audio.astype("<i2").tobytes()
     async with connect(server, TOKEN) as c:
         await c.recv()
@@ -252,7 +252,7 @@ async def test_internal_error_in_audio_ends_that_session_with_500(
             await c.send(data[pos : pos + 640])
         error = await c.until("error")
     assert error[-1]["code"] == 500 and error[-1]["fatal"]
-    monkeypatch.setattr(AudioIngest, "push", original)
+    monkeypatch.setattr(AudioIngest, "_turn_events", original)
     assert await _turn_ends(server, data) == _turns_offline(data)
 
 

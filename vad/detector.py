@@ -169,14 +169,16 @@ class SpeechDetector:
             _Floor(n_blocks, 0, (S_FLOOR0, S_GATE0, S_LOUD0, S_GATE_F0, S_LOUD_F0)),
             _Floor(n_blocks, 1, (S_FLOOR1, S_GATE1, S_LOUD1, S_GATE_F1, S_LOUD_F1)),
         )  # full band, first difference
-        st = self._st = np.zeros(kernel.STATE_SIZE)
-        st[[S_FLOOR0, S_GATE0, S_LOUD0, S_FLOOR1, S_GATE1, S_LOUD1]] = math.inf
+        st = [0.0] * kernel.STATE_SIZE
+        for slot in (S_FLOOR0, S_GATE0, S_LOUD0, S_FLOOR1, S_GATE1, S_LOUD1):
+            st[slot] = math.inf
         # Energies are sums of squares plus one per sample (digital silence is not zero).
         st[S_MIN_ENERGY] = n * 10 ** ((config.min_level_dbfs + _FULL_SCALE_DB) / 10)
         st[S_TARGET] = n * 10 ** ((config.noise_target_dbfs + _FULL_SCALE_DB) / 10)
         st[S_RATE] = config.sample_rate
         for f in self._floors:
-            self._set_thresholds(f)
+            self._set_thresholds(f, st)
+        self._st = np.array(st)
         self._blk = np.zeros((2, block))  # energies of the block being filled
         self._shifted = np.zeros(n, np.int16)  # kernel scratch: the frame, shifted
         self._alpha = 1.0 - math.exp(-block * config.frame_ms / _SPREAD_MS)
@@ -263,14 +265,18 @@ class SpeechDetector:
         self._close_block()
 
     def _close_block(self) -> None:
-        """Once per block: slide the minimum window, update the fluctuation estimate."""
-        st = self._st
+        """Once per block: slide the minimum window, update the fluctuation estimate.
+
+        Works on the state as Python floats (one read, one write): numpy scalars would
+        cost more than the arithmetic."""
+        st = self._st.tolist()
+        blocks = self._blk.tolist()
         filled = int(st[S_FILLED])
         for f in self._floors:
             # Noise-like frames: those below the cap, `energies[:k]`. Their sum is exact in
             # any order (exact integers), so sorting changes nothing.
-            energies = sorted(self._blk[f.row, :filled].tolist())
-            floor = float(st[f.floor])
+            energies = sorted(blocks[f.row][:filled])
+            floor = st[f.floor]
             k = bisect.bisect_left(energies, floor * _SPREAD_CAP)
             if k:  # mean excess of noise-like frames over the floor, in dB
                 excess = 10 * math.log10(sum(energies[:k]) / (k * floor))
@@ -280,12 +286,13 @@ class SpeechDetector:
                     f.spread = excess
             f.blocks.append(energies[0])
             st[f.floor] = min(f.blocks)
-            self._set_thresholds(f)
+            self._set_thresholds(f, st)
         st[S_FILLED] = 0
         st[S_SHIFT] = shift_for(st[S_FLOOR0], st[S_TARGET])
+        self._st[:] = st
 
-    def _set_thresholds(self, f: _Floor) -> None:
-        cfg, st = self.config, self._st
+    def _set_thresholds(self, f: _Floor, st: list[float]) -> None:
+        cfg = self.config
         margin = max(cfg.margin_db, cfg.spread_factor * f.spread)
         st[f.gate_f] = 10 ** (margin / 10)
         st[f.loud_f] = 10 ** (max(cfg.override_db, 2 * margin) / 10)

@@ -74,11 +74,18 @@ class AudioIngest:
     def push(self, data: bytes, *, detect: bool = True) -> IngestResult:
         """Raises MediaError for undecodable or misaligned input; nothing earlier is lost."""
         pcm = self._to_frames(data)
+        return IngestResult(pcm, self._turn_events(pcm, detect))
+
+    def events(self, data: bytes) -> list[TurnEvent]:
+        """`push` for a caller that needs only the turn events (VAD mode, per message)."""
+        return self._turn_events(self._to_frames(data), True)
+
+    def _turn_events(self, pcm: bytes, detect: bool) -> list[TurnEvent]:
         if self.manual:
             if pcm:
                 self._keep_manual(pcm)
-            return IngestResult(pcm, [])
-        return IngestResult(pcm, self._detect(pcm) if detect and pcm else [])
+            return []
+        return self._detect(pcm) if detect and pcm else []
 
     def commit(self) -> TurnEnded | None:
         """End the user's turn now (``input.commit``)."""

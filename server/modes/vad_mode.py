@@ -90,26 +90,26 @@ class VadMode(Mode):
             await self._end_turn(Turn(turn_id=new_id("turn"), request_id=chunk.request_id))
 
     async def on_audio(self, chunk: AudioChunk, msg_id: str | None) -> None:
-        rest = self.on_audio_nowait(chunk)
+        rest = self.on_audio_nowait(chunk.pcm)
         if rest is not None:
             await rest
 
-    def on_audio_nowait(self, chunk: AudioChunk) -> Coroutine[Any, Any, None] | None:
+    def on_audio_nowait(self, pcm: bytes) -> Coroutine[Any, Any, None] | None:
         """Ingest without waiting. Most audio ends here; a turn event or an error comes
         back as a coroutine that must run before the next input."""
         if self._ingest is None:
             cfg = self.session.config
             self._ingest = AudioIngest(cfg.input_audio, cfg.turn_detection)
         try:
-            result = self._ingest.push(chunk.pcm)
+            events = self._ingest.events(pcm)
         except MediaError as exc:
             return _raise(ProtocolError(exc.code, exc.message))
-        if result.events:
+        if events:
             # Handled here as well unless something must wait: a full output queue, or
             # video whose due frames must be decoded before the turn is queued.
-            if self._frames.has_video or self.session.output_room() <= len(result.events):
-                return self._after_audio(result.events)
-            for event in result.events:
+            if self._frames.has_video or self.session.output_room() <= len(events):
+                return self._after_audio(events)
+            for event in events:
                 self._on_turn_event_nowait(event)
         self._check_barge_in()
         return None
