@@ -3,6 +3,7 @@ and a documented error for every bad input with the session still answering."""
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import io
 import struct
@@ -76,6 +77,9 @@ async def test_images_attach_to_the_turn_and_bad_ones_get_errors(live_server):
     async with connect(live_server, TOKEN) as c:
         await start(c)
         await c.send(image_msg(jpeg, "image/jpeg", width=640, height=480))
+        # Paced like a camera: at 30 fps, two images accepted within 33 ms of each other
+        # would count as one interval, where the newest wins.
+        await asyncio.sleep(0.1)
         await c.send(image_msg(png, "image/png"))
         events = await c.ask("what do you see")
         text = reply_text(events)
