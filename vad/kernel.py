@@ -131,7 +131,8 @@ def one_frame(pcm, st, blk, shifted, vad):  # type: ignore[no-untyped-def]
 @_compile(types.int64(_PCM, types.int64, _STATE, _BLOCK, _SCRATCH, types.uintp, types.uint8[::1]))
 def frames(pcm, first, st, blk, shifted, vad, out):  # type: ignore[no-untyped-def]
     """Classify frames from index `first` on, writing each one's result bits to `out`,
-    until the block is full or the frames run out; returns how many were done."""
+    until the block is full, webrtcvad fails or the frames run out; returns how many
+    were done."""
     x = np.frombuffer(pcm, np.int16)
     n = shifted.size
     count = x.size // n
@@ -140,14 +141,16 @@ def frames(pcm, first, st, blk, shifted, vad, out):  # type: ignore[no-untyped-d
         code = _frame(x[i * n : (i + 1) * n], st, blk, shifted, vad)
         out[i] = code
         i += 1
-        if code & BLOCK_FULL:
+        if code & (BLOCK_FULL | VAD_ERROR):
             break
     return i - first
 
 
+_capsule_pointer = ctypes.PYFUNCTYPE(ctypes.c_void_p, ctypes.py_object, ctypes.c_char_p)(
+    ("PyCapsule_GetPointer", ctypes.pythonapi)
+)
+
+
 def vad_pointer(vad: webrtcvad.Vad) -> int:
     """The `VadInst*` a `webrtcvad.Vad` owns (it stays owned, and freed, by `vad`)."""
-    get = ctypes.pythonapi.PyCapsule_GetPointer
-    get.restype = ctypes.c_void_p
-    get.argtypes = [ctypes.py_object, ctypes.c_char_p]
-    return int(get(vad._vad, b"WebRtcVadPtr"))
+    return int(_capsule_pointer(vad._vad, b"WebRtcVadPtr"))
