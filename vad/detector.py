@@ -22,47 +22,25 @@ has no idea what "louder than the room" means. So we track the room ourselves:
 Two energies are gated: the full band, and the first difference (+6 dB/octave). The second
 ignores hum and pink noise's low-frequency swing, and favours fricatives.
 
-Cost: every frame must reach webrtcvad, since its noise model needs the noise too. The
-per-frame work (two energies, the floor when it falls, the shift, webrtcvad, the gate)
-is one compiled call (`vad.kernel`) costing about as much as webrtcvad's own Python
-wrapper; what needs a logarithm or a sort happens once per block, here. Energies are
-sums of int16 squares, so they are exact integers in float64: neither chunking nor the
-order of summation can change a decision.
+Cost: every frame must reach webrtcvad, since its noise model needs the noise too. All
+the rest (two energies, the floor, the shift, the gate, and once per block the window
+and the fluctuation estimate) is compiled into the same call as webrtcvad (`vad.kernel`),
+which costs about as much as webrtcvad's own Python wrapper. This class sets the state
+up and checks its inputs. Energies are sums of int16 squares, so they are exact integers
+in float64: neither chunking nor the order of summation can change a decision.
 """
 
 from __future__ import annotations
 
-import bisect
 import itertools
 import math
-from collections import deque
 from dataclasses import dataclass
 
 import numpy as np
 import webrtcvad
 
 from vad import kernel
-from vad.kernel import (
-    S_FILLED,
-    S_FLOOR0,
-    S_FLOOR1,
-    S_GATE0,
-    S_GATE1,
-    S_GATE_F0,
-    S_GATE_F1,
-    S_LOUD0,
-    S_LOUD1,
-    S_LOUD_F0,
-    S_LOUD_F1,
-    S_MIN_ENERGY,
-    S_RATE,
-    S_SHIFT,
-    S_TARGET,
-    VAD_ERROR,
-    VOICED,
-    one_frame,
-    shift_for,
-)
+from vad.kernel import F0, F1, FLOOR, SPREAD, VAD_ERROR, VOICED, one_frame, set_thresholds
 from vad.kernel import frames as classify_frames
 
 SAMPLE_RATES = (8000, 16000, 32000, 48000)
@@ -78,7 +56,6 @@ _EDGE_BANDS_HZ = (250, 1000, 2000, 4000, 8000)
 _EDGE_MARGIN_DB = 2.0
 _EDGE_SIGMAS = 3.0
 _EDGE_MIN_NOISE_FRAMES = 5
-_RARE = kernel.BLOCK_FULL | VAD_ERROR  # frame results that need Python's attention
 
 
 @dataclass(frozen=True)
@@ -138,19 +115,6 @@ class DetectorConfig:
         return self.sample_rate * self.frame_ms // 1000
 
 
-class _Floor:
-    """Noise-floor bookkeeping of one energy feature, done once per block. The floor and
-    thresholds themselves live in the detector's state array (see `vad.kernel`)."""
-
-    __slots__ = ("blocks", "floor", "gate", "gate_f", "loud", "loud_f", "row", "spread")
-
-    def __init__(self, n_blocks: int, row: int, slots: tuple[int, int, int, int, int]) -> None:
-        self.blocks: deque[float] = deque(maxlen=n_blocks)  # minima of finished blocks
-        self.row = row  # this feature's row of the block energies
-        self.floor, self.gate, self.loud, self.gate_f, self.loud_f = slots
-        self.spread = _SPREAD_PRIOR_DB  # mean excess of noise-like frames over the floor
-
-
 class SpeechDetector:
     """Stateful per-frame speech classifier for one audio stream of int16 mono frames."""
 
@@ -165,23 +129,24 @@ class SpeechDetector:
         self._ptr = kernel.vad_pointer(self._vad)
         block = max(1, round(_BLOCK_MS / config.frame_ms))
         n_blocks = max(1, round(config.floor_window_ms / (block * config.frame_ms)))
-        self._floors = (
-            _Floor(n_blocks, 0, (S_FLOOR0, S_GATE0, S_LOUD0, S_GATE_F0, S_LOUD_F0)),
-            _Floor(n_blocks, 1, (S_FLOOR1, S_GATE1, S_LOUD1, S_GATE_F1, S_LOUD_F1)),
-        )  # full band, first difference
-        st = [0.0] * kernel.STATE_SIZE
-        for slot in (S_FLOOR0, S_GATE0, S_LOUD0, S_FLOOR1, S_GATE1, S_LOUD1):
-            st[slot] = math.inf
+        st = self._st = np.zeros(kernel.STATE_SIZE)
+        for f in (F0, F1):
+            st[f + FLOOR] = math.inf  # before the first frame: no floor, nothing passes
+            st[f + SPREAD] = _SPREAD_PRIOR_DB
         # Energies are sums of squares plus one per sample (digital silence is not zero).
-        st[S_MIN_ENERGY] = n * 10 ** ((config.min_level_dbfs + _FULL_SCALE_DB) / 10)
-        st[S_TARGET] = n * 10 ** ((config.noise_target_dbfs + _FULL_SCALE_DB) / 10)
-        st[S_RATE] = config.sample_rate
-        for f in self._floors:
-            self._set_thresholds(f, st)
-        self._st = np.array(st)
-        self._blk = np.zeros((2, block))  # energies of the block being filled
+        st[kernel.S_MIN_ENERGY] = n * 10 ** ((config.min_level_dbfs + _FULL_SCALE_DB) / 10)
+        st[kernel.S_TARGET] = n * 10 ** ((config.noise_target_dbfs + _FULL_SCALE_DB) / 10)
+        st[kernel.S_RATE] = config.sample_rate
+        st[kernel.S_MARGIN_DB] = config.margin_db
+        st[kernel.S_SPREAD_FACTOR] = config.spread_factor
+        st[kernel.S_OVERRIDE_DB] = config.override_db
+        st[kernel.S_ALPHA] = 1.0 - math.exp(-block * config.frame_ms / _SPREAD_MS)
+        st[kernel.S_SPREAD_CAP] = _SPREAD_CAP
+        for f in (F0, F1):
+            set_thresholds(st, f)
+        self._blk = np.zeros((2, block))  # energies of the block being filled, per feature
+        self._ring = np.zeros((2, n_blocks))  # minima of the blocks in the window
         self._shifted = np.zeros(n, np.int16)  # kernel scratch: the frame, shifted
-        self._alpha = 1.0 - math.exp(-block * config.frame_ms / _SPREAD_MS)
         self._window: np.ndarray | None = None  # for `band_levels`, built on first use
         self._bands: np.ndarray | None = None
 
@@ -193,7 +158,7 @@ class SpeechDetector:
     @property
     def noise_floor_db(self) -> float:
         """Current full-band noise floor in dBFS (-inf before the first frame)."""
-        floor = float(self._st[S_FLOOR0])
+        floor = float(self._st[F0 + FLOOR])
         if floor == math.inf:
             return -math.inf
         return 10 * math.log10(floor / self._n) - _FULL_SCALE_DB
@@ -218,10 +183,15 @@ class SpeechDetector:
         if len(pcm) != self._nbytes:
             raise ValueError(f"pcm must hold {self._n} int16 samples, got {len(pcm)} bytes")
         code = one_frame(
-            pcm if type(pcm) is bytes else bytes(pcm), self._st, self._blk, self._shifted, self._ptr
+            pcm if type(pcm) is bytes else bytes(pcm),
+            self._st,
+            self._blk,
+            self._ring,
+            self._shifted,
+            self._ptr,
         )
-        if code & _RARE:
-            self._after_frame(code)
+        if code & VAD_ERROR:
+            _vad_failed()
         return code & VOICED == VOICED
 
     def classify(self, frames: np.ndarray) -> list[bool]:
@@ -251,53 +221,10 @@ class SpeechDetector:
         if type(pcm) is not bytes:
             pcm = bytes(pcm)
         out = np.zeros(rows, np.uint8)
-        done = 0
-        while done < rows:  # the kernel stops at each block's end
-            done += classify_frames(pcm, done, self._st, self._blk, self._shifted, self._ptr, out)
-            last = int(out[done - 1])
-            if last & _RARE:
-                self._after_frame(last)
+        classify_frames(pcm, self._st, self._blk, self._ring, self._shifted, self._ptr, out)
+        if (out & VAD_ERROR).any():
+            _vad_failed()
         return (out & VOICED).astype(bool).tolist()
-
-    def _after_frame(self, code: int) -> None:
-        if code & VAD_ERROR:
-            raise RuntimeError("webrtcvad rejected a frame")  # config is validated: a bug
-        self._close_block()
-
-    def _close_block(self) -> None:
-        """Once per block: slide the minimum window, update the fluctuation estimate.
-
-        Works on the state as Python floats (one read, one write): numpy scalars would
-        cost more than the arithmetic."""
-        st = self._st.tolist()
-        blocks = self._blk.tolist()
-        filled = int(st[S_FILLED])
-        for f in self._floors:
-            # Noise-like frames: those below the cap, `energies[:k]`. Their sum is exact in
-            # any order (exact integers), so sorting changes nothing.
-            energies = sorted(blocks[f.row][:filled])
-            floor = st[f.floor]
-            k = bisect.bisect_left(energies, floor * _SPREAD_CAP)
-            if k:  # mean excess of noise-like frames over the floor, in dB
-                excess = 10 * math.log10(sum(energies[:k]) / (k * floor))
-                if f.blocks:
-                    f.spread += self._alpha * (excess - f.spread)
-                else:  # the first measurement replaces the cautious prior
-                    f.spread = excess
-            f.blocks.append(energies[0])
-            st[f.floor] = min(f.blocks)
-            self._set_thresholds(f, st)
-        st[S_FILLED] = 0
-        st[S_SHIFT] = shift_for(st[S_FLOOR0], st[S_TARGET])
-        self._st[:] = st
-
-    def _set_thresholds(self, f: _Floor, st: list[float]) -> None:
-        cfg = self.config
-        margin = max(cfg.margin_db, cfg.spread_factor * f.spread)
-        st[f.gate_f] = 10 ** (margin / 10)
-        st[f.loud_f] = 10 ** (max(cfg.override_db, 2 * margin) / 10)
-        st[f.gate] = st[f.floor] * st[f.gate_f]
-        st[f.loud] = st[f.floor] * st[f.loud_f]
 
     def band_levels(self, frames: np.ndarray) -> np.ndarray:
         """(n, bands) Hann-windowed band levels in dB of an (n, frame_samples) array."""
@@ -329,6 +256,10 @@ def _band_matrix(n: int, rate: int) -> np.ndarray:
     edges = [f for f in _EDGE_BANDS_HZ if f < rate / 2] + [rate / 2 + 1]
     cols = [(freqs >= lo) & (freqs < hi) for lo, hi in itertools.pairwise(edges)]
     return np.stack(cols, axis=1).astype(np.float64)
+
+
+def _vad_failed() -> None:
+    raise RuntimeError("webrtcvad rejected a frame")  # the config is validated: a bug
 
 
 def _describe(x: object) -> str:

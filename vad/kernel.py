@@ -4,16 +4,17 @@ Why compiled: a 20 ms frame is 320 samples. In Python with numpy every step of i
 call with a fixed cost of 0.1-0.8 µs (the cast, the dot product, the shift, the webrtcvad
 wrapper, the bookkeeping), and together they cost more than webrtcvad itself. Compiled
 with numba, the whole frame, webrtcvad's C entry point included, is one call whose cost
-is about webrtcvad's own. The rare work (once per 400 ms block: the sliding minimum, the
-fluctuation estimate, new thresholds) stays in Python in `SpeechDetector`.
+is about webrtcvad's own; so is the once-per-block work (the sliding minimum, the
+fluctuation estimate, new thresholds), which cost ~8 µs a block in Python.
+`SpeechDetector` explains what the numbers mean; this module only computes them.
 
 webrtcvad is called through its C API (`WebRtcVad_Process`), which the `_webrtcvad`
 extension exports; the instance is the one a `webrtcvad.Vad` owns. The functions are
 compiled for fixed signatures when this module is imported and cached on disk, so no
 session ever waits for a compile.
 
-State lives in one float64 array per detector (the `S_*` slots below): the kernel and
-`SpeechDetector` both read and write it, and nothing else holds a copy.
+State lives in one float64 array per detector (the slots below), written only here;
+`SpeechDetector` sets it up and reads the floor from it.
 """
 
 from __future__ import annotations
@@ -27,19 +28,28 @@ import numpy as np
 import webrtcvad
 from numba import njit, types
 
-# Slots of the state array.
-S_FLOOR0, S_GATE0, S_LOUD0 = 0, 1, 2  # full band: noise floor and the energies to beat
-S_FLOOR1, S_GATE1, S_LOUD1 = 3, 4, 5  # first difference, likewise
-S_GATE_F0, S_LOUD_F0, S_GATE_F1, S_LOUD_F1 = 6, 7, 8, 9  # threshold / floor, per feature
-S_SHIFT = 10  # right shift applied to frames for webrtcvad
-S_TARGET = 11  # floor energy that needs no shift
-S_MIN_ENERGY = 12  # quieter frames are never speech
+# Slots of the state array. Per energy feature (full band at F0, first difference at
+# F1), at these offsets: the noise floor, the energies a frame must beat (gate if
+# webrtcvad says speech, loud if not), those two as factors of the floor, and the
+# fluctuation estimate in dB.
+FLOOR, GATE, LOUD, GATE_F, LOUD_F, SPREAD = range(6)
+F0, F1 = 0, 6
+# Shared slots.
+S_SHIFT = 12  # right shift applied to frames for webrtcvad
 S_FILLED = 13  # frames in the block being filled
-S_RATE = 14  # sample rate
-STATE_SIZE = 15
+S_BLOCKS = 14  # block minima held (up to the window)
+S_RING = 15  # where the next block minimum goes
+# Settings, set once.
+S_TARGET = 16  # floor energy that needs no shift
+S_MIN_ENERGY = 17  # quieter frames are never speech
+S_RATE = 18  # sample rate
+S_MARGIN_DB, S_SPREAD_FACTOR, S_OVERRIDE_DB = 19, 20, 21  # DetectorConfig's
+S_ALPHA = 22  # smoothing of the fluctuation estimate, per block
+S_SPREAD_CAP = 23  # frames above floor x this are not noise
+STATE_SIZE = 24
 
-# A frame's result: bit 0 voiced, bit 1 the block is full, bit 2 webrtcvad failed.
-VOICED, BLOCK_FULL, VAD_ERROR = 1, 2, 4
+# A frame's result: bit 0 voiced, bit 1 webrtcvad failed.
+VOICED, VAD_ERROR = 1, 2
 
 llvmlite.binding.load_library_permanently(_webrtcvad.__file__)
 _process = types.ExternalFunction(
@@ -49,7 +59,7 @@ _process = types.ExternalFunction(
 
 _PCM = types.Bytes(types.uint8, 1, "C", readonly=True)
 _STATE = types.float64[::1]
-_BLOCK = types.float64[:, ::1]
+_ENERGIES = types.float64[:, ::1]
 _SCRATCH = types.int16[::1]
 _CACHE_ERRORS = (RuntimeError, OSError)  # no writable cache directory: compile each run
 
@@ -65,7 +75,7 @@ def _compile(signature: str | tuple, **options: object):  # type: ignore[no-unty
 
 
 @njit(inline="always")
-def _frame(x, st, blk, shifted, vad):  # type: ignore[no-untyped-def]
+def _frame(x, st, blk, ring, shifted, vad):  # type: ignore[no-untyped-def]
     n = x.size
     prev = np.int64(x[0])
     full = prev * prev
@@ -83,18 +93,11 @@ def _frame(x, st, blk, shifted, vad):  # type: ignore[no-untyped-def]
     k = int(st[S_FILLED])
     blk[0, k] = e0
     blk[1, k] = e1
-    k += 1
-    st[S_FILLED] = k
-    if e0 < st[S_FLOOR0] or e1 < st[S_FLOOR1]:  # a new minimum: the floor falls at once
-        if e0 < st[S_FLOOR0]:
-            st[S_FLOOR0] = e0
-            st[S_GATE0] = e0 * st[S_GATE_F0]
-            st[S_LOUD0] = e0 * st[S_LOUD_F0]
-        if e1 < st[S_FLOOR1]:
-            st[S_FLOOR1] = e1
-            st[S_GATE1] = e1 * st[S_GATE_F1]
-            st[S_LOUD1] = e1 * st[S_LOUD_F1]
-        st[S_SHIFT] = shift_for(st[S_FLOOR0], st[S_TARGET])
+    st[S_FILLED] = k + 1
+    if e0 < st[F0 + FLOOR] or e1 < st[F1 + FLOOR]:  # a new minimum: the floor falls at once
+        _lower(st, F0, e0)
+        _lower(st, F1, e1)
+        st[S_SHIFT] = shift_for(st[F0 + FLOOR], st[S_TARGET])
     shift = int(st[S_SHIFT])
     if shift:
         for i in range(n):
@@ -103,15 +106,63 @@ def _frame(x, st, blk, shifted, vad):  # type: ignore[no-untyped-def]
     else:
         r = _process(vad, int(st[S_RATE]), x.ctypes.data, n)
     if r == 1:
-        voiced = e0 >= st[S_MIN_ENERGY] and (e0 > st[S_GATE0] or e1 > st[S_GATE1])
+        voiced = e0 >= st[S_MIN_ENERGY] and (e0 > st[F0 + GATE] or e1 > st[F1 + GATE])
     else:  # overruled only by a plainly loud frame
-        voiced = e0 >= st[S_MIN_ENERGY] and (e0 > st[S_LOUD0] or e1 > st[S_LOUD1])
-    code = VOICED if voiced else 0
-    if k == blk.shape[1]:
-        code |= BLOCK_FULL
-    if r < 0:
-        code |= VAD_ERROR
-    return code
+        voiced = e0 >= st[S_MIN_ENERGY] and (e0 > st[F0 + LOUD] or e1 > st[F1 + LOUD])
+    if k + 1 == blk.shape[1]:
+        _close_block(st, blk, ring)
+    return (VOICED if voiced else 0) | (VAD_ERROR if r < 0 else 0)
+
+
+@njit(inline="always")
+def _lower(st, f, e):  # type: ignore[no-untyped-def]
+    if e < st[f + FLOOR]:
+        st[f + FLOOR] = e
+        st[f + GATE] = e * st[f + GATE_F]
+        st[f + LOUD] = e * st[f + LOUD_F]
+
+
+@njit
+def _close_block(st, blk, ring):  # type: ignore[no-untyped-def]
+    """Once per block: slide the minimum window, update the fluctuation estimate."""
+    held = int(st[S_BLOCKS])
+    at = int(st[S_RING])
+    filled = int(st[S_FILLED])
+    for row, f in ((0, F0), (1, F1)):
+        floor = st[f + FLOOR]
+        cap = floor * st[S_SPREAD_CAP]
+        lowest = np.inf
+        total = 0.0  # exact: a sum of exact integers, in any order
+        k = 0
+        for j in range(filled):
+            e = blk[row, j]
+            lowest = min(lowest, e)
+            if e < cap:  # noise-like
+                total += e
+                k += 1
+        if k:  # mean excess of noise-like frames over the floor, in dB
+            excess = 10.0 * math.log10(total / (k * floor))
+            if held:
+                st[f + SPREAD] += st[S_ALPHA] * (excess - st[f + SPREAD])
+            else:  # the first measurement replaces the cautious prior
+                st[f + SPREAD] = excess
+        ring[row, at] = lowest
+        st[f + FLOOR] = ring[row, : min(held + 1, ring.shape[1])].min()
+        set_thresholds(st, f)
+    st[S_BLOCKS] = min(held + 1, ring.shape[1])
+    st[S_RING] = (at + 1) % ring.shape[1]
+    st[S_FILLED] = 0
+    st[S_SHIFT] = shift_for(st[F0 + FLOOR], st[S_TARGET])
+
+
+@_compile(types.void(_STATE, types.int64))
+def set_thresholds(st, f):  # type: ignore[no-untyped-def]
+    """The energies feature `f` must beat, from its floor and fluctuation."""
+    margin = max(st[S_MARGIN_DB], st[S_SPREAD_FACTOR] * st[f + SPREAD])
+    st[f + GATE_F] = 10.0 ** (margin / 10.0)
+    st[f + LOUD_F] = 10.0 ** (max(st[S_OVERRIDE_DB], 2.0 * margin) / 10.0)
+    st[f + GATE] = st[f + FLOOR] * st[f + GATE_F]
+    st[f + LOUD] = st[f + FLOOR] * st[f + LOUD_F]
 
 
 @_compile(types.int64(types.float64, types.float64))
@@ -122,28 +173,19 @@ def shift_for(floor: float, target: float) -> int:
     return min(15, int(math.log(floor / target) / math.log(4.0) + 0.5))
 
 
-@_compile(types.int64(_PCM, _STATE, _BLOCK, _SCRATCH, types.uintp))
-def one_frame(pcm, st, blk, shifted, vad):  # type: ignore[no-untyped-def]
+@_compile(types.int64(_PCM, _STATE, _ENERGIES, _ENERGIES, _SCRATCH, types.uintp))
+def one_frame(pcm, st, blk, ring, shifted, vad):  # type: ignore[no-untyped-def]
     """Classify one frame given as bytes; returns the frame's result bits."""
-    return _frame(np.frombuffer(pcm, np.int16), st, blk, shifted, vad)
+    return _frame(np.frombuffer(pcm, np.int16), st, blk, ring, shifted, vad)
 
 
-@_compile(types.int64(_PCM, types.int64, _STATE, _BLOCK, _SCRATCH, types.uintp, types.uint8[::1]))
-def frames(pcm, first, st, blk, shifted, vad, out):  # type: ignore[no-untyped-def]
-    """Classify frames from index `first` on, writing each one's result bits to `out`,
-    until the block is full, webrtcvad fails or the frames run out; returns how many
-    were done."""
+@_compile(types.void(_PCM, _STATE, _ENERGIES, _ENERGIES, _SCRATCH, types.uintp, types.uint8[::1]))
+def frames(pcm, st, blk, ring, shifted, vad, out):  # type: ignore[no-untyped-def]
+    """Classify consecutive frames, writing each one's result bits to `out`."""
     x = np.frombuffer(pcm, np.int16)
     n = shifted.size
-    count = x.size // n
-    i = first
-    while i < count:
-        code = _frame(x[i * n : (i + 1) * n], st, blk, shifted, vad)
-        out[i] = code
-        i += 1
-        if code & (BLOCK_FULL | VAD_ERROR):
-            break
-    return i - first
+    for i in range(out.size):
+        out[i] = _frame(x[i * n : (i + 1) * n], st, blk, ring, shifted, vad)
 
 
 _capsule_pointer = ctypes.PYFUNCTYPE(ctypes.c_void_p, ctypes.py_object, ctypes.c_char_p)(
