@@ -231,9 +231,9 @@ def test_classify_is_independent_of_chunking(noisy_frames: np.ndarray, sizes: li
     clip=st.booleans(),
 )
 def test_one_frame_and_block_paths_agree_exactly(level_dbfs: float, seed: int, clip: bool) -> None:
-    """The one-frame entry (`is_speech_pcm`) and the many-frame entry (`classify`, which
-    stops at each block's end for the Python bookkeeping) leave the same state: floors,
-    thresholds and decisions match bit for bit, at any level (loud noise is bit-shifted
+    """The one-frame entry (`is_speech_pcm`) and the many-frame entry (`classify`, one
+    kernel call for all the frames) leave the same state: floors, thresholds and
+    decisions match bit for bit, at any level (loud noise is bit-shifted
     before webrtcvad) and with full-scale samples."""
     audio = noise_at("pink", level_dbfs, 2.0, seed)
     if clip:  # the extremes of int16, where an inexact sum would show first
