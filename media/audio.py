@@ -147,6 +147,9 @@ class StreamResampler:
             return
         # The Graph owns the filter contexts: it must outlive them (PyAV segfaults otherwise).
         graph = Graph()
+        # One thread: libavfilter otherwise starts a pool of a thread per core for every
+        # graph (~0.2 ms, most of the construction cost) that audio filters never use.
+        graph.threads = 1
         self._src = graph.add(
             "abuffer",
             sample_rate=str(self.in_rate),

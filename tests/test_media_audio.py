@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import math
+import os
 
 import av
 import numpy as np
@@ -378,6 +379,16 @@ def test_stream_resampler_output_content_and_passthrough():
     assert np.array_equal(same.push(tone), tone)
     with pytest.raises(ValueError):
         same.push(tone.astype(np.float32))
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="counts threads via /proc")
+def test_stream_resamplers_start_no_threads():
+    """libavfilter gives each graph a pool of one thread per core unless told otherwise:
+    with one resampler per response, that was most of a resampler's cost."""
+    before = len(os.listdir("/proc/self/task"))
+    kept = [StreamResampler(16000, 1, 24000, 1) for _ in range(4)]
+    assert len(os.listdir("/proc/self/task")) == before
+    assert all(r.push(noise(16000, 0.1, 1, seed=1)).size for r in kept)
 
 
 # ---------------------------------------------------------------------------------------

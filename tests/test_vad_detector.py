@@ -261,3 +261,30 @@ def test_kernel_energies_are_exact_sums(seed: int, level_dbfs: float) -> None:
     assert detector._blk[0, :9].tolist() == [float(v) for v in (x**2).sum(axis=1) + 320]
     diff = np.diff(x, axis=1)
     assert detector._blk[1, :9].tolist() == [float(v) for v in (diff**2).sum(axis=1) + 320]
+
+
+@settings(max_examples=20, deadline=None)
+@given(seed=st.integers(0, 2**16), n_frames=st.integers(5, 40))
+def test_edge_statistics_match_their_numpy_definitions(seed: int, n_frames: int) -> None:
+    """The compiled turn-edge statistics compute what their docstrings define, written
+    here in plain numpy: band levels of the Hann-windowed rfft, mean + max(2 dB,
+    3 sigma) per band, and "some band above"."""
+    rng = np.random.default_rng(seed)
+    frames = (rng.standard_normal((n_frames, 320)) * rng.uniform(1, 3000)).astype(np.int16)
+    detector = SpeechDetector()
+    levels = detector.band_levels(frames)
+    power = np.abs(np.fft.rfft(frames * np.hanning(320), axis=1)) ** 2
+    freqs = np.fft.rfftfreq(320, 1 / 16000)
+    bands = [(250, 1000), (1000, 2000), (2000, 4000), (4000, 8001)]
+    want = np.stack(
+        [10 * np.log10(power[:, (freqs >= lo) & (freqs < hi)].sum(axis=1) + 1) for lo, hi in bands],
+        axis=1,
+    )
+    np.testing.assert_allclose(levels, want, rtol=1e-12)
+    noise = levels[:5]
+    threshold = SpeechDetector.edge_threshold(noise)
+    assert threshold is not None
+    want_t = noise.mean(axis=0) + np.maximum(2.0, 3.0 * noise.std(axis=0))
+    np.testing.assert_allclose(threshold, want_t, rtol=1e-12)
+    assert SpeechDetector.above(levels, threshold) == (levels > threshold).any(axis=1).tolist()
+    assert SpeechDetector.edge_threshold(levels[:4]) is None  # too few noise frames

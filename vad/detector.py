@@ -32,7 +32,7 @@ in float64: neither chunking nor the order of summation can change a decision.
 
 from __future__ import annotations
 
-import itertools
+import functools
 import math
 from dataclasses import dataclass
 
@@ -147,8 +147,6 @@ class SpeechDetector:
         self._blk = np.zeros((2, block))  # energies of the block being filled, per feature
         self._ring = np.zeros((2, n_blocks))  # minima of the blocks in the window
         self._shifted = np.zeros(n, np.int16)  # kernel scratch: the frame, shifted
-        self._window: np.ndarray | None = None  # for `band_levels`, built on first use
-        self._bands: np.ndarray | None = None
 
     @property
     def frame_samples(self) -> int:
@@ -228,11 +226,11 @@ class SpeechDetector:
 
     def band_levels(self, frames: np.ndarray) -> np.ndarray:
         """(n, bands) Hann-windowed band levels in dB of an (n, frame_samples) array."""
-        if self._window is None or self._bands is None:
-            self._window = np.hanning(self._n)
-            self._bands = _band_matrix(self._n, self.config.sample_rate)
-        spec = np.fft.rfft(frames.astype(np.float64) * self._window, axis=1)
-        return 10.0 * np.log10((spec.real**2 + spec.imag**2) @ self._bands + 1.0)
+        window, edges = _edge_tables(self._n, self.config.sample_rate)
+        spec = np.fft.rfft(frames * window, axis=1)  # int16 x float64: float64, exact
+        levels = np.empty((len(spec), edges.size - 1))
+        kernel.band_levels(np.ascontiguousarray(spec), edges, levels)
+        return levels
 
     @staticmethod
     def edge_threshold(noise_levels: np.ndarray) -> np.ndarray | None:
@@ -245,17 +243,29 @@ class SpeechDetector:
         """
         if len(noise_levels) < _EDGE_MIN_NOISE_FRAMES:
             return None
-        mean = noise_levels.mean(axis=0)
-        sigma = np.sqrt(np.square(noise_levels - mean).mean(axis=0))  # np.std, minus overhead
-        return mean + np.maximum(_EDGE_MARGIN_DB, _EDGE_SIGMAS * sigma)
+        threshold = np.empty(noise_levels.shape[1])
+        noise = np.ascontiguousarray(noise_levels, np.float64)
+        kernel.edge_threshold(noise, _EDGE_MARGIN_DB, _EDGE_SIGMAS, threshold)
+        return threshold
+
+    @staticmethod
+    def above(levels: np.ndarray, threshold: np.ndarray) -> list[bool]:
+        """Per frame of `band_levels`: whether some band is above `edge_threshold`."""
+        hot = np.empty(len(levels), np.bool_)
+        kernel.above(np.ascontiguousarray(levels), threshold, hot)
+        return hot.tolist()
 
 
-def _band_matrix(n: int, rate: int) -> np.ndarray:
-    """(n // 2 + 1, bands) 0/1 matrix summing rfft power bins into `_EDGE_BANDS_HZ` bands."""
+@functools.cache
+def _edge_tables(n: int, rate: int) -> tuple[np.ndarray, np.ndarray]:
+    """Hann window of `n` samples, and the first rfft bin of each `_EDGE_BANDS_HZ` band
+    (plus the end of the last). Shared by every detector, read-only: each session
+    building its own cost as much as the FFT it serves."""
     freqs = np.fft.rfftfreq(n, 1.0 / rate)
-    edges = [f for f in _EDGE_BANDS_HZ if f < rate / 2] + [rate / 2 + 1]
-    cols = [(freqs >= lo) & (freqs < hi) for lo, hi in itertools.pairwise(edges)]
-    return np.stack(cols, axis=1).astype(np.float64)
+    bands = [f for f in _EDGE_BANDS_HZ if f < rate / 2] + [rate / 2 + 1]
+    window, edges = np.hanning(n), np.searchsorted(freqs, bands).astype(np.int64)
+    window.flags.writeable = edges.flags.writeable = False
+    return window, edges
 
 
 def _vad_failed() -> None:

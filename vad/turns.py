@@ -111,33 +111,29 @@ class SpeechStopped:
     end_ms: float
 
 
-@dataclass(frozen=True, eq=False)
+@dataclass(frozen=True)
 class TurnEnded:
     """A finished turn and its audio.
 
     start_ms/end_ms: onset and end of speech. For `commit`, the committed audio's extent.
-    audio: int16 at the detector's rate, starting at audio_start_ms. It begins up to
-        `pre_roll_ms` before the onset, but never inside the previous turn's audio. It
-        runs to end_ms plus up to `pre_roll_ms` of what followed, so ASR gets context on
-        both edges.
+    pcm: the turn's audio, native-endian int16 at the detector's rate, starting at
+        audio_start_ms (`audio` is the same samples as a read-only array). It begins up
+        to `pre_roll_ms` before the onset, but never inside the previous turn's audio.
+        It runs to end_ms plus up to `pre_roll_ms` of what followed, so ASR gets
+        context on both edges.
     forced: cut at `max_turn_ms` while the turn was still open.
     """
 
     turn_id: int
     start_ms: float
     end_ms: float
-    audio: np.ndarray
+    pcm: bytes
     forced: bool = False
     audio_start_ms: float = 0.0
 
-    def __eq__(self, other: object) -> bool:
-        if not isinstance(other, TurnEnded):
-            return NotImplemented
-        mine = (self.turn_id, self.start_ms, self.end_ms, self.forced, self.audio_start_ms)
-        theirs = (other.turn_id, other.start_ms, other.end_ms, other.forced, other.audio_start_ms)
-        return mine == theirs and np.array_equal(self.audio, other.audio)
-
-    __hash__ = None  # type: ignore[assignment]  # holds an array
+    @property
+    def audio(self) -> np.ndarray:
+        return np.frombuffer(self.pcm, np.int16)
 
 
 @dataclass(frozen=True)
@@ -306,7 +302,7 @@ class TurnDetector:
             turn_id=self._take_id(),
             start_ms=start_ms,
             end_ms=self.clock_ms,
-            audio=self._read(start, self._pos),
+            pcm=self._read_pcm(start, self._pos),
             audio_start_ms=start_ms,
         )
         self._last_audio_end = self._pos
@@ -393,8 +389,8 @@ class TurnDetector:
         while self._pos - self._blocks_start - len(blocks[0]) // 2 >= self._cap:
             self._blocks_start += len(blocks.popleft()) // 2
 
-    def _read(self, start: int, end: int) -> np.ndarray:
-        """Samples [start, end) as a new array; they must lie within the last `_cap`."""
+    def _read_pcm(self, start: int, end: int) -> bytes:
+        """Samples [start, end) as bytes; they must lie within the last `_cap`."""
         if len(self._tail) > 1:
             self._tail = [b"".join(self._tail)]  # fewer pieces to walk, now and later
         pieces: list[bytes | memoryview] = []
@@ -411,7 +407,7 @@ class TurnDetector:
                 break
             block_end = block_start
         pieces.reverse()
-        return np.frombuffer(bytearray().join(pieces), np.int16)
+        return b"".join(pieces)
 
     def _step(self, voiced: bool, start: int) -> list[TurnEvent]:
         """Advance by one frame that starts at sample `start`."""
@@ -457,12 +453,13 @@ class TurnDetector:
         return []
 
     def _frames(self, start: int, n: int) -> np.ndarray:
-        return self._read(start, start + n * self._fs).reshape(n, self._fs)
+        pcm = self._read_pcm(start, start + n * self._fs)
+        return np.frombuffer(pcm, np.int16).reshape(n, self._fs)
 
     def _hot(self, start: int, n: int) -> list[bool]:
         """Which of `n` frames from sample `start` stand out of the noise in some band."""
         levels = self.detector.band_levels(self._frames(start, n))
-        return (levels > self._edge_threshold).any(axis=1).tolist()
+        return self.detector.above(levels, self._edge_threshold)
 
     def _refine_onset(self) -> None:
         """Learn the noise before the turn, drop leading blips, then move the onset back
@@ -479,7 +476,9 @@ class TurnDetector:
         n_rest = (first_real[0] - ref_end) // fs
         levels = self.detector.band_levels(self._frames(ref_end - n_ref * fs, n_ref + n_rest))
         self._edge_threshold = threshold = self.detector.edge_threshold(levels[:n_ref])
-        hot = (levels[n_ref:] > threshold).any(axis=1).tolist()  # frames from `ref_end`
+        if threshold is None:
+            return
+        hot = self.detector.above(levels[n_ref:], threshold)  # frames from `ref_end`
         # Leading blips: short runs (a gap follows, by definition) with no band standing
         # out. Pink noise swings through the gate now and then; without this they would
         # date the onset up to `start_ms` early.
@@ -530,7 +529,7 @@ class TurnDetector:
                     turn_id=self._take_id(),
                     start_ms=start_ms,
                     end_ms=end_ms,
-                    audio=self._read(audio_start, audio_end),
+                    pcm=self._read_pcm(audio_start, audio_end),
                     forced=forced,
                     audio_start_ms=audio_start * self._ms_per_sample,
                 )

@@ -12,8 +12,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
 
-import numpy as np
-
 from media.audio import AudioDecoder, PcmFramer, make_decoder
 from server.protocol import InputAudioConfig, TurnDetectionConfig
 from vad.detector import DetectorConfig, SpeechDetector
@@ -93,14 +91,14 @@ class AudioIngest:
             return self.detector.commit()
         if not self._manual:
             return None
-        buf = bytearray().join(self._manual)
-        del buf[: max(0, len(buf) - self._manual_limit)]
-        audio = np.frombuffer(buf, np.int16)
+        pcm = b"".join(self._manual)
+        if len(pcm) > self._manual_limit:
+            pcm = pcm[len(pcm) - self._manual_limit :]
         end_ms = self.clock_ms
-        start_ms = end_ms - len(audio) / VAD_RATE * 1000
+        start_ms = end_ms - len(pcm) / 2 / VAD_RATE * 1000
         self._manual.clear()
         self._manual_bytes = 0
-        return TurnEnded(turn_id=-1, start_ms=start_ms, end_ms=end_ms, audio=audio, forced=True)
+        return TurnEnded(turn_id=-1, start_ms=start_ms, end_ms=end_ms, pcm=pcm, forced=True)
 
     def _keep_manual(self, pcm: bytes) -> None:
         """Keep at most the latest `_manual_limit` bytes (and less than one message more)."""

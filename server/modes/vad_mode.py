@@ -14,8 +14,6 @@ from collections.abc import Coroutine
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
-
 from media.errors import MediaError
 from server.media_inputs import FrameSource
 from server.modes.audio_ingest import VAD_RATE, AudioIngest
@@ -217,7 +215,7 @@ class VadMode(Mode):
     def _audio_turn(self, ended: vt.TurnEnded, request_id: str | None) -> Turn:
         return Turn(
             turn_id=new_id("turn"),
-            audio=AudioClip(np.asarray(ended.audio, "<i2").tobytes(), VAD_RATE),
+            audio=AudioClip(ended.pcm, VAD_RATE),  # the s16le bytes as received
             request_id=request_id,
             audio_start_ms=ended.start_ms,
             audio_end_ms=ended.end_ms,
