@@ -669,5 +669,7 @@ def test_level_and_duration():
     assert audio_level_dbfs(sine(16000, 0.1, 1000.0, amp=3277)) == pytest.approx(-23.01, abs=0.1)
     assert audio_level_dbfs(np.zeros(100, np.int16)) == MIN_DBFS
     assert audio_level_dbfs(np.zeros(0, np.int16)) == MIN_DBFS
+    # Extremes: (-32768)**2 overflows int16 and a long sum of them int32; the sum is exact.
+    assert audio_level_dbfs(np.full(3_000_000, -32768, np.int16)) == 0.0
     assert duration_ms(320, 16000) == 20.0
     assert duration_ms(441, 44100) == 10.0
