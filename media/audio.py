@@ -215,6 +215,17 @@ class StreamResampler:
                 break
         return parts[0] if len(parts) == 1 else b"".join(parts)
 
+    def restart(self) -> None:
+        """Begin a new stream without rebuilding (a rebuild costs 0.06-0.3 ms; this one
+        push). Silence the length of two filters clears the old stream's history; what
+        comes out is dropped. The new stream then comes out after ~the filter delay
+        (< 1 ms) of silence, as if it had followed silence; nothing of the old one."""
+        if self.passthrough:
+            return
+        span = self._filter_size * max(1, -(-self.in_rate // self.out_rate))
+        self.push_bytes(bytes(2 * span * self._in_block))
+        self._pull(draining=True)
+
     def flush(self) -> np.ndarray:
         """Emit the filter's tail (end of stream) and reset, ready for a new stream."""
         if self.passthrough:

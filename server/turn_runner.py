@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 from server.protocol import ImageFrame, Message, StreamChunk, ToolCall, new_id
 from server.providers.base import AudioClip, TurnRequest, UnaryProvider
-from server.reply_audio import ReplyAudio
+from server.reply_audio import ReplyAudio, ReplyResamplers
 from server.state.base import StreamEvent
 from server.tools import run_tool_loop, with_tool_messages
 
@@ -53,6 +53,7 @@ class TurnRunner:
         *,
         response_id: str | None = None,
         output_rate: int | None = None,
+        resamplers: ReplyResamplers | None = None,
         client_tool: ClientTool | None = None,
         on_transcript: Callable[[str], Awaitable[None]] | None = None,
     ) -> None:
@@ -60,7 +61,7 @@ class TurnRunner:
         self.provider = provider
         self.turn = turn
         self.response_id = response_id or new_id("resp")
-        self.audio = ReplyAudio(output_rate)
+        self.audio = ReplyAudio(output_rate, resamplers)
         self.client_tool = client_tool
         self.on_transcript = on_transcript
         self.hop_text: list[str] = []  # text of the current model call (after the last tools)

@@ -381,6 +381,21 @@ def test_stream_resampler_output_content_and_passthrough():
         same.push(tone.astype(np.float32))
 
 
+@pytest.mark.parametrize("in_rate,out_rate", [(16000, 24000), (48000, 16000), (44100, 8000)])
+def test_stream_resampler_restart_forgets_the_old_stream(in_rate, out_rate):
+    old = noise(in_rate, 0.1, 1, seed=7) * 8
+    tone = sine(in_rate, 0.2, 440.0)
+    fresh = StreamResampler(in_rate, 1, out_rate, 1).push(tone)
+    reused = StreamResampler(in_rate, 1, out_rate, 1)
+    reused.push(old)
+    reused.restart()
+    zeros = reused.push(np.zeros(in_rate // 10, np.int16))
+    assert zeros.size and not zeros.any()  # silence after restart is exact silence
+    again = reused.push(tone)
+    assert dominant_freq(again, out_rate) == pytest.approx(440.0, abs=5)
+    assert abs(again.size - fresh.size) <= 16  # the same stream, a filter delay later
+
+
 @pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="counts threads via /proc")
 def test_stream_resamplers_start_no_threads():
     """libavfilter gives each graph a pool of one thread per core unless told otherwise:

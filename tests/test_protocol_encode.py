@@ -21,7 +21,7 @@ from server.protocol import (
     encode_server_message,
     parse_server_message,
 )
-from server.reply_audio import ReplyAudio
+from server.reply_audio import ReplyAudio, ReplyResamplers
 
 PCM = (np.arange(2400, dtype=np.int16) * 13).astype("<i2").tobytes()
 
@@ -152,6 +152,27 @@ def test_reply_audio_matches_a_stream_resampler_and_counts_ms() -> None:
         out.append(media.data)
     assert held == 1 and len(out) == 4
     assert reply.ms_sent == pytest.approx(sum(map(len, out)) / 2 / 24)
+
+
+def test_session_resamplers_carry_nothing_from_one_response_to_the_next() -> None:
+    """A session's responses share a resampler (no rebuild per response), and a new
+    response hears nothing of the previous one, even one cut off mid-stream."""
+    rng = np.random.default_rng(4)
+    loud = (rng.standard_normal(1600) * 20000).astype("<i2").tobytes()
+    silence = bytes(3200)
+    resamplers = ReplyResamplers()
+    first = ReplyAudio(24000, resamplers)
+    assert first.convert(Media(mime_type="audio/pcm", data=loud, sample_rate=16000))
+    second = ReplyAudio(24000, resamplers)
+    got = second.convert(Media(mime_type="audio/pcm", data=silence, sample_rate=16000))
+    assert got is not None and len(got.data) == 4800  # 100 ms, as the stream goes on
+    assert not any(got.data)  # not a sample of the first response's tail
+    assert second._resampler is first._resampler
+    # Without the restart, the first response's tail would come out here.
+    resampler = second._resampler
+    assert resampler is not None
+    resampler.push_bytes(loud)
+    assert any(resampler.push_bytes(silence))
 
 
 def test_reply_audio_passes_audio_at_the_output_rate_through() -> None:

@@ -41,6 +41,7 @@ from server.protocol import (
     new_id,
 )
 from server.providers.base import AudioClip, ProviderError
+from server.reply_audio import ReplyResamplers
 from server.session import DuplexSession, Mode
 from server.turn_runner import Turn, TurnRunner
 from vad import turns as vt
@@ -72,6 +73,7 @@ class VadMode(Mode):
         self._frames = FrameSource(session)
         self._ingest: AudioIngest | None = None
         self._active: _Active | None = None
+        self._resamplers = ReplyResamplers()  # responses stream one at a time
         self._tool_waiters: dict[str, asyncio.Future[Any]] = {}
         self._worker = session.spawn(self._work(), "turns")
 
@@ -258,6 +260,7 @@ class VadMode(Mode):
             provider,
             turn,
             output_rate=session.config.output_audio.sample_rate,
+            resamplers=self._resamplers,
             client_tool=self._client_tool,
             on_transcript=lambda text: session.emit(Transcript(turn_id=turn.turn_id, text=text)),
         )
