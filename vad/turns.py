@@ -32,7 +32,9 @@ delays turn.ended) is cheap.
 
 from __future__ import annotations
 
+import bisect
 import enum
+import itertools
 import math
 from collections import deque
 from collections.abc import Iterable
@@ -182,6 +184,7 @@ class TurnDetector:
         # (or fault in), and no copy of audio that never becomes a turn's: a copy here,
         # of frames gone cold in the cache, cost more than the frames' detection.
         self._pieces: deque[bytes] = deque()
+        self._ends: deque[int] = deque()  # sample index where each piece ends
         self._pieces_start = 0  # sample index of the first sample of `_pieces[0]`
         self._trim_at = self._cap + rate  # `_pos - _pieces_start` that triggers a trim
         self._pos = 0  # samples consumed
@@ -254,6 +257,7 @@ class TurnDetector:
         pos = self._pos
         end = self._pos = pos + fs
         self._pieces.append(pcm if type(pcm) is bytes else bytes(pcm))  # no caller buffer
+        self._ends.append(end)
         if end - self._pieces_start >= self._trim_at:
             self._trim()
         state = self._state
@@ -374,31 +378,33 @@ class TurnDetector:
     def _write(self, pcm: bytes) -> None:
         self._pieces.append(pcm if type(pcm) is bytes else bytes(pcm))  # no caller buffer
         self._pos += len(pcm) // 2
+        self._ends.append(self._pos)
         if self._pos - self._pieces_start >= self._trim_at:
             self._trim()
 
     def _trim(self) -> None:
         """Drop pushes that lie wholly before the last `_cap` samples."""
-        pieces = self._pieces
-        while self._pos - self._pieces_start - len(pieces[0]) // 2 >= self._cap:
-            self._pieces_start += len(pieces.popleft()) // 2
+        ends, keep_from = self._ends, self._pos - self._cap
+        while ends[0] <= keep_from:
+            self._pieces.popleft()
+            self._pieces_start = ends.popleft()
 
     def _read_pcm(self, start: int, end: int) -> bytes:
-        """Samples [start, end) as bytes; they must lie within the last `_cap`."""
-        parts: list[bytes | memoryview] = []
-        piece_end = self._pos
-        for piece in reversed(self._pieces):  # reads are mostly of recent audio
-            piece_start = piece_end - len(piece) // 2
-            if piece_start < end:
-                if start <= piece_start and piece_end <= end:
-                    parts.append(piece)
-                else:
-                    lo, hi = max(start - piece_start, 0) * 2, (end - piece_start) * 2
-                    parts.append(memoryview(piece)[lo:hi])
-            if piece_start <= start:
-                break
-            piece_end = piece_start
-        parts.reverse()
+        """Samples [start, end) as bytes; they must lie within the last `_cap`.
+
+        The pieces are found by bisection: a turn's audio is hundreds of them."""
+        if start >= end:
+            return b""
+        ends = self._ends
+        i = bisect.bisect_right(ends, start)  # the first piece that ends after `start`
+        j = bisect.bisect_left(ends, end, i)  # the piece that holds sample `end - 1`
+        parts: list[bytes | memoryview] = list(itertools.islice(self._pieces, i, j + 1))
+        skip = (start - ends[i]) * 2 + len(parts[0])  # bytes before `start` in the first
+        drop = (ends[j] - end) * 2  # bytes from `end` on in the last
+        if skip:
+            parts[0] = memoryview(parts[0])[skip:]
+        if drop:
+            parts[-1] = memoryview(parts[-1])[: len(parts[-1]) - drop]
         return b"".join(parts)
 
     def _step(self, voiced: bool, start: int) -> list[TurnEvent]:
