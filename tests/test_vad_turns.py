@@ -354,15 +354,16 @@ def test_commit_is_bounded_by_max_turn() -> None:
 @pytest.mark.parametrize("push_ms", [20, 100, 1000])
 def test_kept_audio_is_bounded(push_ms: int) -> None:
     """However long the stream, the detector keeps at most the audio a turn can need
-    (`max_turn_ms` plus pre-roll and the edges' history) and a second more."""
+    (`max_turn_ms` plus pre-roll and the edges' history), and up to two seconds more:
+    the block being filled and the oldest block, which is dropped whole."""
     td = detector(max_turn_ms=2000)
     pcm = frames_of(ms(20_000), FRAME).tobytes()
     step = push_ms * SAMPLE_RATE // 1000 * 2
     kept = []
     for i in range(0, len(pcm), step):
         td.push_pcm(pcm[i : i + step])
-        kept.append(sum(map(len, td._pieces)) // 2)
-    bound = (2000 + 300 + 20 + 300 + 200 + 1000 + 1000) * SAMPLE_RATE // 1000 + step // 2
+        kept.append(sum(map(len, [*td._blocks, *td._tail])) // 2)
+    bound = (2000 + 300 + 20 + 300 + 200 + 1000 + 2000) * SAMPLE_RATE // 1000 + step // 2
     assert max(kept) <= bound
     assert kept[-1] >= (2000 + 300) * SAMPLE_RATE // 1000  # a whole turn stays available
 

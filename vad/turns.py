@@ -32,7 +32,6 @@ delays turn.ended) is cheap.
 
 from __future__ import annotations
 
-import bisect
 import enum
 import itertools
 import math
@@ -46,6 +45,7 @@ from vad.detector import SpeechDetector
 
 _MAX_MS = 600_000  # ten minutes: a larger setting is a unit mistake, not a use case
 _BLOCK_FRAMES = 50  # push_pcm classifies and buffers at most this many frames at a time
+_SEAL_FRAMES = 50  # buffered audio is kept in bytes blocks of about this many frames
 _SUBSTANTIAL_MS = 80  # a starting candidate with this much speech survives longer pauses
 _EDGE_MS = 300  # how far a turn edge may move outward
 _NOISE_REF_MS = 200  # audio before that: the noise reference for the edges
@@ -179,14 +179,14 @@ class TurnDetector:
         self._keep = self._pre + self._max_turn + fs
         self._cap = self._keep + (self._edge_frames + self._ref_frames + _BLOCK_FRAMES) * fs
         self._frame_bytes = 2 * fs
-        # Recent audio as the pushes' own bytes (no copy), oldest first. Pushes older than
-        # `_cap` samples are dropped a second's worth at a time. No ring buffer to fill
-        # (or fault in), and no copy of audio that never becomes a turn's: a copy here,
-        # of frames gone cold in the cache, cost more than the frames' detection.
-        self._pieces: deque[bytes] = deque()
-        self._ends: deque[int] = deque()  # sample index where each piece ends
-        self._pieces_start = 0  # sample index of the first sample of `_pieces[0]`
-        self._trim_at = self._cap + rate  # `_pos - _pieces_start` that triggers a trim
+        # Recent audio as bytes, oldest first: the latest pushes as they came (no copy),
+        # and before them sealed blocks of about `_SEAL_FRAMES` frames each. No
+        # big ring buffer to allocate and fault in, few pieces to join to copy a turn out.
+        self._blocks: deque[bytes] = deque()
+        self._blocks_start = 0  # sample index of the first sample of `_blocks[0]`
+        self._tail: list[bytes] = []
+        self._seal = _SEAL_FRAMES * fs
+        self._seal_at = self._seal  # `_pos` at which `_tail` is sealed
         self._pos = 0  # samples consumed
         self._state = _QUIET
         self._onset = 0  # first sample of the turn
@@ -256,10 +256,9 @@ class TurnDetector:
         fs = self._fs
         pos = self._pos
         end = self._pos = pos + fs
-        self._pieces.append(pcm if type(pcm) is bytes else bytes(pcm))  # no caller buffer
-        self._ends.append(end)
-        if end - self._pieces_start >= self._trim_at:
-            self._trim()
+        self._tail.append(pcm if type(pcm) is bytes else bytes(pcm))  # keep no caller buffer
+        if end >= self._seal_at:
+            self._seal_tail()
         state = self._state
         if state is _QUIET:
             return self._step(True, pos) if voiced else []
@@ -376,36 +375,39 @@ class TurnDetector:
         return events
 
     def _write(self, pcm: bytes) -> None:
-        self._pieces.append(pcm if type(pcm) is bytes else bytes(pcm))  # no caller buffer
+        self._tail.append(pcm if type(pcm) is bytes else bytes(pcm))  # keep no caller buffer
         self._pos += len(pcm) // 2
-        self._ends.append(self._pos)
-        if self._pos - self._pieces_start >= self._trim_at:
-            self._trim()
+        if self._pos >= self._seal_at:
+            self._seal_tail()
 
-    def _trim(self) -> None:
-        """Drop pushes that lie wholly before the last `_cap` samples."""
-        ends, keep_from = self._ends, self._pos - self._cap
-        while ends[0] <= keep_from:
-            self._pieces.popleft()
-            self._pieces_start = ends.popleft()
+    def _seal_tail(self) -> None:
+        """Join `_tail` into one block; drop blocks older than `_cap` samples."""
+        self._blocks.append(b"".join(self._tail))
+        self._tail = []
+        self._seal_at = self._pos + self._seal
+        blocks = self._blocks
+        while self._pos - self._blocks_start - len(blocks[0]) // 2 >= self._cap:
+            self._blocks_start += len(blocks.popleft()) // 2
 
     def _read_pcm(self, start: int, end: int) -> bytes:
-        """Samples [start, end) as bytes; they must lie within the last `_cap`.
-
-        The pieces are found by bisection: a turn's audio is hundreds of them."""
-        if start >= end:
-            return b""
-        ends = self._ends
-        i = bisect.bisect_right(ends, start)  # the first piece that ends after `start`
-        j = bisect.bisect_left(ends, end, i)  # the piece that holds sample `end - 1`
-        parts: list[bytes | memoryview] = list(itertools.islice(self._pieces, i, j + 1))
-        skip = (start - ends[i]) * 2 + len(parts[0])  # bytes before `start` in the first
-        drop = (ends[j] - end) * 2  # bytes from `end` on in the last
-        if skip:
-            parts[0] = memoryview(parts[0])[skip:]
-        if drop:
-            parts[-1] = memoryview(parts[-1])[: len(parts[-1]) - drop]
-        return b"".join(parts)
+        """Samples [start, end) as bytes; they must lie within the last `_cap`."""
+        if len(self._tail) > 1:
+            self._tail = [b"".join(self._tail)]  # fewer pieces to walk, now and later
+        pieces: list[bytes | memoryview] = []
+        block_end = self._pos
+        for block in itertools.chain(reversed(self._tail), reversed(self._blocks)):
+            block_start = block_end - len(block) // 2  # reads are mostly of recent audio
+            if block_start < end:
+                if start <= block_start and block_end <= end:
+                    pieces.append(block)
+                else:
+                    lo, hi = max(start - block_start, 0) * 2, (end - block_start) * 2
+                    pieces.append(memoryview(block)[lo:hi])
+            if block_start <= start:
+                break
+            block_end = block_start
+        pieces.reverse()
+        return b"".join(pieces)
 
     def _step(self, voiced: bool, start: int) -> list[TurnEvent]:
         """Advance by one frame that starts at sample `start`."""
