@@ -47,8 +47,8 @@ from bench.bench_ws import (
     start_bare,
     start_duplex,
 )
+from duplex.protocol import InputAudioConfig, TurnDetectionConfig
 from server.modes.audio_ingest import AudioIngest
-from server.protocol import InputAudioConfig, TurnDetectionConfig
 from tests.speech import Conversation, make_conversation
 from vad import turns as vt
 

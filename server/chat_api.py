@@ -16,8 +16,8 @@ from fastapi import APIRouter, HTTPException, Request, WebSocket, WebSocketDisco
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, Field, ValidationError
 
+from duplex.protocol import BAD_REQUEST, UNAUTHORIZED, ProtocolError, describe_validation_error
 from server.http_api import Tenant
-from server.protocol import BAD_REQUEST, UNAUTHORIZED, ProtocolError, describe_validation_error
 from server.providers.base import ProviderError
 from server.session import UnarySession
 

@@ -8,8 +8,8 @@ import logging
 import sys
 from typing import Any
 
-from client.terminal import add_arguments as add_client_arguments
-from client.terminal import run as run_client
+from duplex.terminal import add_arguments as add_client_arguments
+from duplex.terminal import run as run_client
 from server.config import Settings
 
 

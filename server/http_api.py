@@ -8,7 +8,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Depends, HTTPException, Request, WebSocket, WebSocketDisconnect
 from pydantic import BaseModel, Field
 
-from server.protocol import Message, SessionConfig, new_id
+from duplex.protocol import Message, SessionConfig, new_id
 from server.state.base import SessionRecord
 
 router = APIRouter()

@@ -12,10 +12,10 @@ from collections import deque
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
 
+from duplex.protocol import ImageFrame, ProtocolError, VideoChunk
 from media.errors import MediaError
 from media.image import ImageLimits, prepare_image
 from media.video import FramePolicy, VideoPushResult, VideoStream
-from server.protocol import ImageFrame, ProtocolError, VideoChunk
 
 if TYPE_CHECKING:
     from server.session import DuplexSession

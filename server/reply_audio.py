@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+from duplex.protocol import Media
 from media.audio import StreamResampler
-from server.protocol import Media
 
 _KEEP_RATES = 4  # providers answer at one or two rates; more is not worth keeping
 

@@ -19,9 +19,7 @@ from typing import Any, ClassVar
 
 from pydantic import BaseModel, ValidationError
 
-from server.idempotency import TurnLocks
-from server.logs import SessionLog
-from server.protocol import (
+from duplex.protocol import (
     BAD_REQUEST,
     INTERNAL,
     NOT_FOUND,
@@ -53,6 +51,8 @@ from server.protocol import (
     describe_validation_error,
     new_id,
 )
+from server.idempotency import TurnLocks
+from server.logs import SessionLog
 from server.providers.catalog import ProviderCatalog
 from server.state.base import SessionRecord, StateStore
 from server.tools import ToolRegistry

@@ -12,7 +12,7 @@ Three pieces, each independent of the session and the socket:
   again" until the model answers with text, up to a hop limit.
 
 History convention (shared with :mod:`server.providers.openai_chat`): a tool
-exchange is stored as plain :class:`~server.protocol.Message` objects:
+exchange is stored as plain :class:`~duplex.protocol.Message` objects:
 
 * the model's request: ``Message(role="assistant", content=<text said with it>,
   metadata={"tool_calls": [{"id", "name", "arguments"}, ...]})``
@@ -35,7 +35,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from server.protocol import FinishReason, Message, StreamChunk, ToolCall, ToolSpec
+from duplex.protocol import FinishReason, Message, StreamChunk, ToolCall, ToolSpec
 from server.providers.base import TurnRequest, closing_stream
 
 logger = logging.getLogger(__name__)

@@ -14,7 +14,7 @@ from contextlib import AsyncExitStack, aclosing
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from server.protocol import ImageFrame, Message, StreamChunk, ToolCall, new_id
+from duplex.protocol import ImageFrame, Message, StreamChunk, ToolCall, new_id
 from server.providers.base import AudioClip, TurnRequest, UnaryProvider
 from server.reply_audio import ReplyAudio, ReplyResamplers
 from server.state.base import StreamEvent

@@ -8,7 +8,7 @@ import logging
 from fastapi import APIRouter, WebSocket
 from starlette.websockets import WebSocketDisconnect, WebSocketState
 
-from server.protocol import (
+from duplex.protocol import (
     INTERNAL,
     TOO_LARGE,
     UNAUTHORIZED,

@@ -12,7 +12,7 @@ import av
 import numpy as np
 import pytest
 
-from client import AuthError, Client, ConnectionLost, DuplexError, NotFoundError, SyncClient
+from duplex import AuthError, Client, ConnectionLost, DuplexError, NotFoundError, SyncClient
 from tests.conftest import OTHER_TOKEN, TOKEN
 from tests.speech import make_conversation
 

@@ -14,7 +14,7 @@ import pytest
 from websockets.asyncio.client import connect as ws_connect
 from websockets.exceptions import ConnectionClosed
 
-from server.protocol import (
+from duplex.protocol import (
     ErrorEvent,
     ImageFrame,
     ResponseDone,

@@ -17,7 +17,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from server.protocol import ImageFrame, Message, SessionConfig, StreamChunk, ToolSpec
+from duplex.protocol import ImageFrame, Message, SessionConfig, StreamChunk, ToolSpec
 from server.providers.base import AudioClip, ProviderError, TurnRequest
 from server.providers.openai_chat import OpenAIChatProvider, SSEEvent, SSEParser
 from server.providers.speech_stages import SentenceSplitter, SpeechToText, TextToSpeech

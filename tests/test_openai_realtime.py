@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 from websockets.asyncio.client import connect as ws_connect
 
-from server.protocol import (
+from duplex.protocol import (
     ErrorEvent,
     ImageFrame,
     ResponseDone,

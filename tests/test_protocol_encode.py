@@ -10,8 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from media.audio import StreamResampler
-from server.protocol import (
+from duplex.protocol import (
     ChunkEvent,
     Media,
     StreamChunk,
@@ -21,6 +20,7 @@ from server.protocol import (
     encode_server_message,
     parse_server_message,
 )
+from media.audio import StreamResampler
 from server.reply_audio import ReplyAudio, ReplyResamplers
 
 PCM = (np.arange(2400, dtype=np.int16) * 13).astype("<i2").tobytes()

@@ -8,7 +8,7 @@ import json
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from server.protocol import CLIENT_MESSAGE_TYPES
+from duplex.protocol import CLIENT_MESSAGE_TYPES
 from tests.conftest import TOKEN
 from tests.wsutil import connect
 

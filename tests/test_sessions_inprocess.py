@@ -7,8 +7,8 @@ import contextlib
 
 import pytest
 
+from duplex.protocol import Pong, ProtocolError, SessionConfig, TextChunk
 from server.config import Settings
-from server.protocol import Pong, ProtocolError, SessionConfig, TextChunk
 from server.providers.catalog import ProviderCatalog
 from server.session import DuplexSession, SessionLimits, SessionServices, UnarySession, substitute
 from server.state.memory import MemoryStore

@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from server.protocol import Message
+from duplex.protocol import Message
 from server.state.base import SessionRecord, StreamEvent, open_store
 from server.state.memory import MemoryStore
 

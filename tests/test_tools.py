@@ -12,7 +12,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from server.protocol import Message, SessionConfig, StreamChunk, ToolCall, ToolSpec
+from duplex.protocol import Message, SessionConfig, StreamChunk, ToolCall, ToolSpec
 from server.providers.base import TurnRequest
 from server.providers.openai_chat import OpenAIChatProvider
 from server.tools import ToolCallAccumulator, ToolRegistry, run_tool_loop, with_tool_messages

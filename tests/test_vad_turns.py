@@ -376,8 +376,8 @@ def test_ingest_passes_bytes_through_and_gives_the_same_events(
 ) -> None:
     """20 ms messages of 16 kHz mono: each message is its own frame (same object, no
     copy), and the events are those of the TurnDetector alone."""
+    from duplex.protocol import InputAudioConfig, TurnDetectionConfig
     from server.modes.audio_ingest import AudioIngest
-    from server.protocol import InputAudioConfig, TurnDetectionConfig
 
     ingest = AudioIngest(InputAudioConfig(), TurnDetectionConfig())
     data = frames_of(chunking_audio, FRAME).tobytes()
@@ -392,8 +392,8 @@ def test_ingest_passes_bytes_through_and_gives_the_same_events(
 
 
 def test_ingest_manual_commit_keeps_the_latest_max_turn() -> None:
+    from duplex.protocol import InputAudioConfig, TurnDetectionConfig
     from server.modes.audio_ingest import AudioIngest
-    from server.protocol import InputAudioConfig, TurnDetectionConfig
 
     ingest = AudioIngest(InputAudioConfig(), TurnDetectionConfig(type="manual", max_turn_ms=1000))
     audio = np.arange(16000 * 3, dtype=np.int16)  # 3 s, every sample distinct

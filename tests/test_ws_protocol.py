@@ -18,8 +18,8 @@ from websockets.client import ClientProtocol
 from websockets.frames import Frame, Opcode
 from websockets.uri import parse_uri
 
+from duplex.protocol import InputAudioConfig, TurnDetectionConfig
 from server.modes.audio_ingest import AudioIngest
-from server.protocol import InputAudioConfig, TurnDetectionConfig
 from server.session import DuplexSession
 from server.ws_protocol import text_frame
 from tests.conftest import TOKEN

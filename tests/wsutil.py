@@ -9,7 +9,7 @@ from typing import Any
 
 import websockets
 
-from server.protocol import parse_server_message
+from duplex.protocol import parse_server_message
 
 
 class Conn:

@@ -14,11 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from media.audio import StreamResampler
-from media.errors import MediaError
-from server.media_inputs import FrameSource
-from server.modes.audio_ingest import VAD_RATE, AudioIngest
-from server.protocol import (
+from duplex.protocol import (
     BAD_REQUEST,
     PROVIDER_FAILED,
     AudioChunk,
@@ -40,6 +36,10 @@ from server.protocol import (
     chunk_event,
     new_id,
 )
+from media.audio import StreamResampler
+from media.errors import MediaError
+from server.media_inputs import FrameSource
+from server.modes.audio_ingest import VAD_RATE, AudioIngest
 from server.providers.base import ProviderError, RealtimeSession, RealtimeSetup
 from server.reply_audio import ReplyAudio
 from server.session import DuplexSession, Mode

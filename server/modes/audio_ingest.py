@@ -12,8 +12,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
 
+from duplex.protocol import InputAudioConfig, TurnDetectionConfig
 from media.audio import AudioDecoder, PcmFramer, make_decoder
-from server.protocol import InputAudioConfig, TurnDetectionConfig
 from vad.detector import DetectorConfig, SpeechDetector
 from vad.turns import TurnConfig, TurnDetector, TurnEnded, TurnEvent
 

@@ -14,10 +14,7 @@ from collections.abc import Coroutine
 from dataclasses import dataclass, field
 from typing import Any
 
-from media.errors import MediaError
-from server.media_inputs import FrameSource
-from server.modes.audio_ingest import VAD_RATE, AudioIngest
-from server.protocol import (
+from duplex.protocol import (
     BAD_REQUEST,
     PROVIDER_FAILED,
     RATE_LIMITED,
@@ -40,6 +37,9 @@ from server.protocol import (
     chunk_event,
     new_id,
 )
+from media.errors import MediaError
+from server.media_inputs import FrameSource
+from server.modes.audio_ingest import VAD_RATE, AudioIngest
 from server.providers.base import AudioClip, ProviderError
 from server.reply_audio import ReplyResamplers
 from server.session import DuplexSession, Mode

@@ -14,7 +14,7 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
-from server.protocol import (
+from duplex.protocol import (
     ErrorEvent,
     ImageFrame,
     Message,

@@ -12,8 +12,8 @@ from collections.abc import AsyncIterator
 
 import numpy as np
 
+from duplex.protocol import Media, StreamChunk
 from media.audio import audio_level_dbfs
-from server.protocol import Media, StreamChunk
 from server.providers.base import TurnRequest, UnaryProvider
 
 #: Reply audio goes out in pieces of this length.

@@ -36,8 +36,7 @@ from websockets.asyncio.client import ClientConnection
 from websockets.asyncio.client import connect as ws_connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus, InvalidURI, WebSocketException
 
-from server.logs import SessionLog
-from server.protocol import (
+from duplex.protocol import (
     ErrorEvent,
     FinishReason,
     ImageFrame,
@@ -52,6 +51,7 @@ from server.protocol import (
     Transcript,
     new_id,
 )
+from server.logs import SessionLog
 from server.providers.base import (
     ProviderError,
     RealtimeEvent,

@@ -33,7 +33,7 @@ from typing import Any
 
 import httpx
 
-from server.protocol import ImageFrame, Message, StreamChunk, ToolCall
+from duplex.protocol import ImageFrame, Message, StreamChunk, ToolCall
 from server.providers.base import AudioClip, ProviderError, TurnRequest, UnaryProvider
 from server.tools import ToolCallAccumulator
 

@@ -28,8 +28,7 @@ from websockets.asyncio.client import ClientConnection
 from websockets.asyncio.client import connect as ws_connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus, InvalidURI
 
-from server.logs import SessionLog
-from server.protocol import (
+from duplex.protocol import (
     PROVIDER_FAILED,
     UNSUPPORTED_MEDIA,
     ErrorEvent,
@@ -45,6 +44,7 @@ from server.protocol import (
     ToolCall,
     Transcript,
 )
+from server.logs import SessionLog
 from server.providers.base import (
     ProviderError,
     RealtimeEvent,

@@ -20,7 +20,7 @@ from typing import Any
 
 import httpx
 
-from server.protocol import Media, StreamChunk
+from duplex.protocol import Media, StreamChunk
 from server.providers.base import AudioClip, ProviderError, closing_stream
 from server.providers.openai_chat import (
     OpenAIHTTPClient,

@@ -11,7 +11,7 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import Any
 
-from server.protocol import Message
+from duplex.protocol import Message
 
 
 @dataclass

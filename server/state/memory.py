@@ -6,7 +6,7 @@ import time
 from collections import OrderedDict, deque
 from dataclasses import dataclass, field, replace
 
-from server.protocol import Message
+from duplex.protocol import Message
 from server.state.base import SessionRecord, StateStore, StreamEvent
 
 

@@ -13,7 +13,7 @@ import json
 
 import redis.asyncio as aioredis
 
-from server.protocol import Message
+from duplex.protocol import Message
 from server.state.base import SessionRecord, StateStore, StreamEvent
 
 

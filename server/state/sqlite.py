@@ -15,7 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
 
-from server.protocol import Message
+from duplex.protocol import Message
 from server.state.base import SessionRecord, StateStore, StreamEvent
 
 T = TypeVar("T")

@@ -22,7 +22,7 @@ import httpx
 import websockets
 from websockets.asyncio.client import ClientConnection
 
-from server.protocol import parse_server_message
+from duplex.protocol import parse_server_message
 
 log = logging.getLogger(__name__)
 

@@ -12,7 +12,7 @@ import wave
 from pathlib import Path
 from typing import Any
 
-from client.sdk import Client, DuplexError, Session
+from duplex.sdk import Client, DuplexError, Session
 
 CHUNK_MS = 20
 VIDEO_MIME = {
