@@ -73,7 +73,8 @@ class ProtocolError(Exception):
 
 
 # --------------------------------------------------------------------------------------
-# In-process input chunks (what the session consumes, whatever the transport)
+# In-process input chunks (what the session consumes, whatever the transport). Audio is
+# plain bytes in the session's input format (``SessionConfig.input_audio``).
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,15 +82,6 @@ class TextChunk:
     text: str
     final: bool = False
     request_id: str | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class AudioChunk:
-    """Raw audio in the session's declared input format (PCM s16le unless configured)."""
-
-    pcm: bytes
-    sample_rate: int = 16000
-    channels: int = 1
 
 
 @dataclass(frozen=True, slots=True)
@@ -104,12 +96,13 @@ class ImageFrame:
 
 @dataclass(frozen=True, slots=True)
 class VideoChunk:
+    """A piece of an encoded recording. The wire's ``is_key_frame`` and ``duration_ms``
+    are not carried: keyframes are read from the bitstream (docs/media.md)."""
+
     data: bytes
     mime_type: str
     chunk_index: int
-    is_key_frame: bool | None = None
     timestamp: float | None = None
-    duration: float | None = None
     width: int | None = None
     height: int | None = None
 

@@ -15,11 +15,12 @@ from fastapi.staticfiles import StaticFiles
 from server import chat_api, http_api, ws
 from server.auth import TokenAuth
 from server.config import Settings
-from server.modes import asm_mode, vad_mode  # noqa: F401 - imported now, not on the first call
+from server.modes.catalog import builtin_modes
 from server.providers.catalog import ProviderCatalog
 from server.registry import SessionRegistry
-from server.session import SessionLimits, SessionServices
-from server.state.base import open_store
+from server.limits import SessionLimits
+from server.session import SessionServices
+from server.state.open import open_store
 from server.tools import ToolRegistry
 
 #: Middle-generation collections between full ones (CPython's default is 10). Cyclic
@@ -64,6 +65,7 @@ def create_app(settings: Settings | None = None, *, tools: ToolRegistry | None =
             persist_interval_ms=settings.persist_interval_ms,
             persist_min_chars=settings.persist_min_chars,
         ),
+        modes=builtin_modes(),
     )
     state = AppState(settings, auth, services, SessionRegistry())
 

@@ -10,15 +10,12 @@ import asyncio
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING
+from typing import Protocol
 
-from duplex.protocol import ImageFrame, ProtocolError, VideoChunk
+from duplex.protocol import ImageFrame, ProtocolError, VideoChunk, VideoConfig
 from media.errors import MediaError
 from media.image import ImageLimits, prepare_image
 from media.video import FramePolicy, VideoPushResult, VideoStream
-
-if TYPE_CHECKING:
-    from server.session import DuplexSession
 
 #: Frames kept for the turn being collected (the newest win).
 MAX_PENDING_FRAMES = 8
@@ -26,33 +23,42 @@ MAX_PENDING_FRAMES = 8
 MAX_VIDEO_STREAMS = 2
 
 
+class Notify(Protocol):
+    """Reports a non-fatal problem with the client's video (an ``error`` message)."""
+
+    def __call__(self, code: int, message: str, *, id: str | None = None) -> Awaitable[None]: ...
+
+
 class FrameSource:
     """Per session: validates and scales images, decodes video, applies the sampling
     policy, and either collects frames for the next turn (VAD mode) or hands each
-    one on at once (``forward``, ASM mode)."""
+    one on at once (``forward``, ASM mode).
+
+    ``video`` is the session's ``config.video`` (`reconfigure` takes a new one);
+    ``max_pixels`` bounds decoded images; ``notify`` reports decoder notices.
+    """
 
     def __init__(
         self,
-        session: DuplexSession,
+        video: VideoConfig,
+        max_pixels: int,
+        notify: Notify,
         forward: Callable[[ImageFrame], Awaitable[None]] | None = None,
     ) -> None:
-        self.session = session
+        self.max_pixels = max_pixels
+        self.notify = notify
         self.forward = forward
         self.pending: deque[ImageFrame] = deque(maxlen=MAX_PENDING_FRAMES)
         self.last: ImageFrame | None = None
         self._streams: dict[str, VideoStream] = {}
         self._last_accepted = -1e18
-        self.reconfigure()
+        self.reconfigure(video)
 
     def _now_ms(self) -> float:
         return time.monotonic() * 1000
 
-    def reconfigure(self) -> None:
-        video = self.session.config.video
-        self.limits = ImageLimits(
-            max_dimension=video.max_dimension,
-            max_pixels=self.session.services.limits.max_image_pixels,
-        )
+    def reconfigure(self, video: VideoConfig) -> None:
+        self.limits = ImageLimits(max_dimension=video.max_dimension, max_pixels=self.max_pixels)
         self.policy = FramePolicy(fps_speaking=video.fps_speaking, fps_idle=video.fps_idle)
         for stream in self._streams.values():
             stream.policy = self.policy
@@ -110,7 +116,7 @@ class FrameSource:
             )
             await self._deliver(frame)
         for notice in result.notices:
-            await self.session.emit_error(notice.code, notice.message, id=msg_id)
+            await self.notify(notice.code, notice.message, id=msg_id)
 
     async def _accept(self, frame: ImageFrame, speaking: bool) -> None:
         """Images pass at most at the policy's rate; within an interval the newest wins."""

@@ -4,6 +4,10 @@
 streamed input and produces a stream of server messages through a bounded
 queue; ``UnarySession`` answers one message at a time. The socket layer
 (``ws.py``) only translates frames to calls on a ``DuplexSession``.
+
+A ``DuplexSession`` hands its input to a mode (``server/modes/``) built by the factory
+``SessionServices.modes`` names for ``config.mode``; the mode reaches back only through
+a ``SessionPort``. This module imports no mode.
 """
 
 from __future__ import annotations
@@ -13,9 +17,9 @@ import contextlib
 import logging
 import re
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Mapping
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any
 
 from pydantic import BaseModel, ValidationError
 
@@ -24,7 +28,6 @@ from duplex.protocol import (
     INTERNAL,
     NOT_FOUND,
     RATE_LIMITED,
-    AudioChunk,
     ClientMessage,
     ErrorEvent,
     ImageFrame,
@@ -52,10 +55,13 @@ from duplex.protocol import (
     new_id,
 )
 from server.idempotency import TurnLocks
+from server.limits import SessionLimits
 from server.logs import SessionLog
+from server.modes.base import Mode, ModeFactory, SessionPort
 from server.providers.catalog import ProviderCatalog
 from server.state.base import SessionRecord, StateStore
 from server.tools import ToolRegistry
+from server.turn_runner import Turn, TurnRunner
 
 log = logging.getLogger(__name__)
 
@@ -68,27 +74,19 @@ def substitute(template: str, variables: dict[str, str]) -> str:
 
 
 @dataclass
-class SessionLimits:
-    output_queue_size: int = 256
-    output_stall_timeout_s: float = 30.0
-    max_pending_turns: int = 4
-    max_image_pixels: int = 40_000_000
-    tool_hop_limit: int = 5
-    client_tool_timeout_s: float = 30.0
-    #: Streamed answers are persisted in batches: at least this often, or this many chars.
-    persist_interval_ms: int = 200
-    persist_min_chars: int = 1024
-
-
-@dataclass
 class SessionServices:
-    """What a session needs from the app: one object, passed down."""
+    """What a session needs from the app: one object, passed down.
+
+    ``modes`` maps ``SessionConfig.mode`` to the factory of that mode (the app passes
+    ``server.modes.catalog.builtin_modes()``); ``UnarySession`` needs none.
+    """
 
     store: StateStore
     providers: ProviderCatalog
     tools: ToolRegistry = field(default_factory=ToolRegistry)
     limits: SessionLimits = field(default_factory=SessionLimits)
     turn_locks: TurnLocks = field(default_factory=TurnLocks)
+    modes: Mapping[str, ModeFactory] = field(default_factory=dict)
 
 
 class BaseSession:
@@ -107,6 +105,22 @@ class BaseSession:
     @property
     def store(self) -> StateStore:
         return self.services.store
+
+    @property
+    def providers(self) -> ProviderCatalog:
+        return self.services.providers
+
+    @property
+    def tools(self) -> ToolRegistry:
+        return self.services.tools
+
+    @property
+    def limits(self) -> SessionLimits:
+        return self.services.limits
+
+    @property
+    def turn_locks(self) -> TurnLocks:
+        return self.services.turn_locks
 
     @property
     def variables(self) -> dict[str, str]:
@@ -198,6 +212,24 @@ class DuplexSession(BaseSession):
         self._consumer_waiting = False
         self.error: ErrorEvent | None = None
         self.done = asyncio.Event()
+        self._port = SessionPort(
+            id=self.id,
+            config=config,
+            log=self.log,
+            store=services.store,
+            providers=services.providers,
+            tools=services.tools,
+            limits=services.limits,
+            turn_locks=services.turn_locks,
+            emit=self.emit,
+            emit_nowait=self.emit_nowait,
+            emit_error=self.emit_error,
+            output_room=self.output_room,
+            spawn=self.spawn,
+            instructions=self.instructions,
+            messages=self.messages,
+        )
+        self._check_mode(config)
         self._mode: Mode = self._make_mode()
 
     # ---- lifecycle ------------------------------------------------------------------
@@ -364,14 +396,7 @@ class DuplexSession(BaseSession):
                     TextChunk(message.text, message.final, message.request_id), message.id
                 )
             case InputAudio():
-                await self.send_chunk(
-                    AudioChunk(
-                        message.audio,
-                        self.config.input_audio.sample_rate,
-                        self.config.input_audio.channels,
-                    ),
-                    message.id,
-                )
+                await self.send_audio(message.audio, message.id)
             case InputImage():
                 await self.send_frame(
                     ImageFrame(
@@ -390,9 +415,7 @@ class DuplexSession(BaseSession):
                         message.data,
                         message.mime_type,
                         message.chunk_index,
-                        message.is_key_frame,
                         message.timestamp,
-                        message.duration_ms,
                         message.width,
                         message.height,
                     ),
@@ -419,16 +442,18 @@ class DuplexSession(BaseSession):
         self._check_open()
         await self._mode.on_text(chunk, msg_id)
 
-    async def send_chunk(self, chunk: AudioChunk, msg_id: str | None = None) -> None:
+    async def send_audio(self, pcm: bytes, msg_id: str | None = None) -> None:
+        """Audio in the session's input format (``config.input_audio``: PCM s16le unless
+        configured otherwise)."""
         self._check_open()
-        await self._mode.on_audio(chunk, msg_id)
+        await self._mode.on_audio(pcm, msg_id)
 
     def send_audio_nowait(self, pcm: bytes) -> bool:
         """Take audio (one binary message) without waiting, for the server's direct receive path.
 
         What cannot finish at once (a turn's end, an error to report) continues in a
         task; until it is done this returns False, and `settle` waits for it, so input
-        keeps its order. False means nothing was done: use `send_chunk`.
+        keeps its order. False means nothing was done: use `send_audio`.
         """
         if self.closed or self._rest is not None or not self._mode.direct_audio:
             return False
@@ -478,9 +503,10 @@ class DuplexSession(BaseSession):
             raise ProtocolError(
                 BAD_REQUEST, f"invalid session config: {describe_validation_error(exc)}"
             ) from None
+        self._check_mode(config)
         self._check_provider(config)
         old = self.config
-        self.config = config
+        self.config = self._port.config = config
         if "variables" in patch:
             self.record.variables.update(config.variables)
         await self._save_record()
@@ -490,6 +516,14 @@ class DuplexSession(BaseSession):
         else:
             await self._mode.reconfigure(old)
         await self.emit(SessionUpdated(session=self.info()))
+
+    def _check_mode(self, config: SessionConfig) -> None:
+        if config.mode not in self.services.modes:
+            raise ProtocolError(
+                BAD_REQUEST,
+                f"mode {config.mode!r} is not available "
+                f"(available: {', '.join(sorted(self.services.modes)) or 'none'})",
+            )
 
     def _check_provider(self, config: SessionConfig) -> None:
         providers = self.services.providers
@@ -507,55 +541,7 @@ class DuplexSession(BaseSession):
             )
 
     def _make_mode(self) -> Mode:
-        from server.modes.asm_mode import AsmMode
-        from server.modes.vad_mode import VadMode
-
-        return AsmMode(self) if self.config.mode == "asm" else VadMode(self)
-
-
-class Mode:
-    """What a session mode implements; the session forwards input to it."""
-
-    def __init__(self, session: DuplexSession) -> None:
-        self.session = session
-
-    async def on_text(self, chunk: TextChunk, msg_id: str | None) -> None:
-        raise NotImplementedError
-
-    async def on_audio(self, chunk: AudioChunk, msg_id: str | None) -> None:
-        raise NotImplementedError
-
-    #: Whether `on_audio_nowait` is implemented (see `DuplexSession.send_audio_nowait`).
-    direct_audio: ClassVar[bool] = False
-
-    def on_audio_nowait(self, pcm: bytes) -> Coroutine[Any, Any, None] | None:
-        """Handle one message of audio in the session's input format synchronously;
-        return what must still be awaited, if anything."""
-        raise NotImplementedError
-
-    async def on_frame(self, frame: ImageFrame, msg_id: str | None) -> None:
-        raise NotImplementedError
-
-    async def on_video(self, chunk: VideoChunk, msg_id: str | None) -> None:
-        raise NotImplementedError
-
-    async def on_commit(self, request_id: str | None, msg_id: str | None) -> None:
-        raise NotImplementedError
-
-    async def on_cancel(self, msg_id: str | None) -> None:
-        raise NotImplementedError
-
-    async def on_playback(self, response_id: str, played_ms: float) -> None:
-        raise NotImplementedError
-
-    async def on_tool_result(self, call_id: str, output: Any, msg_id: str | None) -> None:
-        raise NotImplementedError
-
-    async def reconfigure(self, old: SessionConfig) -> None:
-        """The config changed (same mode)."""
-
-    async def close(self) -> None:
-        """Stop background work; called once."""
+        return self.services.modes[self.config.mode](self._port)
 
 
 class UnarySession(BaseSession):
@@ -575,8 +561,6 @@ class UnarySession(BaseSession):
 
     async def execute_stream(self, role: str, content: str) -> AsyncIterator[StreamChunk]:
         """Stream the answer to one message; history is stored when it ends."""
-        from server.turn_runner import Turn, TurnRunner
-
         if role != "user":
             await self.store.append_messages(self.id, [Message(role=role, content=content)])  # type: ignore[arg-type]
             return

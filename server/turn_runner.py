@@ -12,16 +12,39 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AsyncExitStack, aclosing
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
-from duplex.protocol import ImageFrame, Message, StreamChunk, ToolCall, new_id
+from duplex.protocol import ImageFrame, Message, SessionConfig, StreamChunk, ToolCall, new_id
+from server.idempotency import TurnLocks
+from server.limits import SessionLimits
 from server.providers.base import AudioClip, TurnRequest, UnaryProvider
+from server.providers.catalog import ProviderCatalog
 from server.reply_audio import ReplyAudio, ReplyResamplers
-from server.state.base import StreamEvent
-from server.tools import run_tool_loop, with_tool_messages
+from server.state.base import StateStore, StreamEvent
+from server.tools import ToolRegistry, run_tool_loop, with_tool_messages
 
-if TYPE_CHECKING:
-    from server.session import BaseSession
+
+class TurnHost(Protocol):
+    """What a turn needs from its session: a ``UnarySession`` is one, and so is the
+    ``SessionPort`` a mode holds."""
+
+    @property
+    def id(self) -> str: ...
+    @property
+    def config(self) -> SessionConfig: ...
+    @property
+    def store(self) -> StateStore: ...
+    @property
+    def providers(self) -> ProviderCatalog: ...
+    @property
+    def tools(self) -> ToolRegistry: ...
+    @property
+    def limits(self) -> SessionLimits: ...
+    @property
+    def turn_locks(self) -> TurnLocks: ...
+    def instructions(self) -> str: ...
+    def messages(self) -> Awaitable[list[Message]]: ...
+
 
 ClientTool = Callable[[ToolCall], Awaitable[Any]]
 
@@ -47,7 +70,7 @@ class TurnRunner:
 
     def __init__(
         self,
-        session: BaseSession,
+        session: TurnHost,
         provider: UnaryProvider,
         turn: Turn,
         *,
@@ -87,14 +110,14 @@ class TurnRunner:
             text=self.turn.text,
             audio=self.turn.audio,
             frames=list(self.turn.frames),
-            tools=session.services.tools.merge_specs(session.config.tools),
+            tools=session.tools.merge_specs(session.config.tools),
         )
 
     async def chunks(self) -> AsyncIterator[StreamChunk]:
-        services = self.session.services
+        session = self.session
         if self.turn.request_id:
             await self._exit.enter_async_context(
-                services.turn_locks.hold(self.session.id, self.turn.request_id)
+                session.turn_locks.hold(session.id, self.turn.request_id)
             )
             cached = await self._stored_answer(self.turn.request_id)
             if cached is not None:
@@ -110,8 +133,8 @@ class TurnRunner:
                 )
                 yield StreamChunk(response_id=self.response_id, finish_reason=self.finish_reason)  # type: ignore[arg-type]
                 return
-        catalog = services.providers
-        config = self.session.config
+        catalog = session.providers
+        config = session.config
         if config.stt and self.turn.audio is not None and catalog.stt is not None:
             transcript = await catalog.stt.transcribe(self.turn.audio)
             self.turn.text = " ".join(part for part in (self.turn.text, transcript) if part)
@@ -120,9 +143,9 @@ class TurnRunner:
         request = await self.request()
         stream = run_tool_loop(
             lambda extra: self.provider.stream(with_tool_messages(request, extra)),
-            services.tools,
+            session.tools,
             client_tool=self.client_tool,
-            hop_limit=services.limits.tool_hop_limit,
+            hop_limit=session.limits.tool_hop_limit,
             new_messages=self.tool_messages,
             turn_id=self.turn.turn_id,
         )
@@ -176,7 +199,7 @@ class TurnRunner:
 
     async def _persist_delta(self, delta: str) -> None:
         self._unsaved.append(delta)
-        limits = self.session.services.limits
+        limits = self.session.limits
         due = (time.monotonic() - self._last_flush) * 1000 >= limits.persist_interval_ms
         if due or sum(map(len, self._unsaved)) >= limits.persist_min_chars:
             await self._flush()

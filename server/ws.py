@@ -12,7 +12,6 @@ from duplex.protocol import (
     INTERNAL,
     TOO_LARGE,
     UNAUTHORIZED,
-    AudioChunk,
     ErrorEvent,
     ProtocolError,
     encode_server_message,
@@ -106,7 +105,7 @@ async def _receive_loop(
             continue
         try:
             if data is not None:
-                await session.send_chunk(_audio(session, data))
+                await session.send_audio(data)
             elif text is not None:
                 await session.handle(parse_client_message(text))
         except ProtocolError as exc:
@@ -114,11 +113,6 @@ async def _receive_loop(
         except Exception:
             session.log.exception("internal error handling a message")
             await session.fail(INTERNAL, "internal error")
-
-
-def _audio(session: DuplexSession, data: bytes) -> AudioChunk:
-    cfg = session.config.input_audio
-    return AudioChunk(data, cfg.sample_rate, cfg.channels)
 
 
 async def _write(ws: WebSocket, session: DuplexSession, reader: asyncio.Task[None]) -> None:

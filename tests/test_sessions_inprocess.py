@@ -10,7 +10,9 @@ import pytest
 from duplex.protocol import Pong, ProtocolError, SessionConfig, TextChunk
 from server.config import Settings
 from server.providers.catalog import ProviderCatalog
-from server.session import DuplexSession, SessionLimits, SessionServices, UnarySession, substitute
+from server.limits import SessionLimits
+from server.modes.catalog import builtin_modes
+from server.session import DuplexSession, SessionServices, UnarySession, substitute
 from server.state.memory import MemoryStore
 
 
@@ -19,6 +21,7 @@ def services(**limits) -> SessionServices:
         store=MemoryStore(),
         providers=ProviderCatalog.from_settings(Settings(echo_pace=0)),
         limits=SessionLimits(**limits),
+        modes=builtin_modes(),
     )
 
 

@@ -8,7 +8,8 @@ import time
 import pytest
 
 from duplex.protocol import Message
-from server.state.base import SessionRecord, StreamEvent, open_store
+from server.state.base import SessionRecord, StreamEvent
+from server.state.open import open_store
 from server.state.memory import MemoryStore
 
 

@@ -17,7 +17,6 @@ import numpy as np
 from duplex.protocol import (
     BAD_REQUEST,
     PROVIDER_FAILED,
-    AudioChunk,
     ErrorEvent,
     ImageFrame,
     Message,
@@ -40,9 +39,9 @@ from media.audio import StreamResampler
 from media.errors import MediaError
 from server.media_inputs import FrameSource
 from server.modes.audio_ingest import VAD_RATE, AudioIngest
+from server.modes.base import Mode, SessionPort
 from server.providers.base import ProviderError, RealtimeSession, RealtimeSetup
 from server.reply_audio import ReplyAudio
-from server.session import DuplexSession, Mode
 from vad import turns as vt
 
 
@@ -55,14 +54,19 @@ class _Response:
 
 
 class AsmMode(Mode):
-    def __init__(self, session: DuplexSession) -> None:
+    def __init__(self, session: SessionPort) -> None:
         super().__init__(session)
         self._rt: RealtimeSession | None = None
         self._connecting = asyncio.Lock()
         self._ingest: AudioIngest | None = None
         self._to_provider: StreamResampler | None = None
         self._provider_rate = VAD_RATE
-        self._frames = FrameSource(session, forward=self._send_image)
+        self._frames = FrameSource(
+            session.config.video,
+            session.limits.max_image_pixels,
+            session.emit_error,
+            forward=self._send_image,
+        )
         self._text: list[str] = []
         self._responses: dict[str, _Response] = {}
         self._current: _Response | None = None
@@ -76,7 +80,7 @@ class AsmMode(Mode):
         async with self._connecting:
             if self._rt is None:
                 session = self.session
-                provider = session.services.providers.get_realtime(session.config.provider)
+                provider = session.providers.get_realtime(session.config.provider)
                 if provider is None:
                     raise ProtocolError(
                         BAD_REQUEST, f"unknown provider {session.config.provider!r}"
@@ -85,7 +89,7 @@ class AsmMode(Mode):
                     session_id=session.id,
                     config=session.config,
                     instructions=session.instructions(),
-                    tools=session.services.tools.merge_specs(session.config.tools),
+                    tools=session.tools.merge_specs(session.config.tools),
                 )
                 try:
                     self._rt = await provider.connect(setup)
@@ -148,7 +152,7 @@ class AsmMode(Mode):
             await self._run_tools(chunk.tool_calls)
 
     async def _run_tools(self, calls: list[ToolCall]) -> None:
-        registry = self.session.services.tools
+        registry = self.session.tools
         server_calls = [c for c in calls if c.name in registry]
         for call in calls:
             if call.name not in registry:
@@ -157,7 +161,7 @@ class AsmMode(Mode):
             self.session.spawn(self._run_server_tools(server_calls), "tools")
 
     async def _run_server_tools(self, calls: list[ToolCall]) -> None:
-        registry = self.session.services.tools
+        registry = self.session.tools
         await self.session.emit(
             chunk_event(
                 StreamChunk(metadata={"kind": "tool_execution", "calls": [c.name for c in calls]})
@@ -186,7 +190,7 @@ class AsmMode(Mode):
 
     # ---- input ----------------------------------------------------------------------
 
-    async def on_audio(self, chunk: AudioChunk, msg_id: str | None) -> None:
+    async def on_audio(self, pcm: bytes, msg_id: str | None) -> None:
         rt = await self._provider()
         if self._ingest is None:
             cfg = self.session.config
@@ -198,7 +202,7 @@ class AsmMode(Mode):
             )
         own = self.session.config.turn_detection.provider_vad == "duplex"
         try:
-            result = self._ingest.push(chunk.pcm, detect=own)
+            result = self._ingest.push(pcm, detect=own)
         except MediaError as exc:
             raise ProtocolError(exc.code, exc.message) from None
         if result.pcm:
@@ -283,7 +287,7 @@ class AsmMode(Mode):
         new = self.session.config
         if new.input_audio != old.input_audio or new.turn_detection != old.turn_detection:
             self._ingest = None
-        self._frames.reconfigure()
+        self._frames.reconfigure(new.video)
         if self._rt is not None and (
             new.provider != old.provider
             or new.instructions != old.instructions

@@ -19,7 +19,6 @@ from duplex.protocol import (
     PROVIDER_FAILED,
     RATE_LIMITED,
     TOO_LARGE,
-    AudioChunk,
     ErrorEvent,
     ImageFrame,
     ProtocolError,
@@ -40,9 +39,9 @@ from duplex.protocol import (
 from media.errors import MediaError
 from server.media_inputs import FrameSource
 from server.modes.audio_ingest import VAD_RATE, AudioIngest
+from server.modes.base import Mode, SessionPort
 from server.providers.base import AudioClip, ProviderError
 from server.reply_audio import ReplyResamplers
-from server.session import DuplexSession, Mode
 from server.turn_runner import Turn, TurnRunner
 from vad import turns as vt
 
@@ -64,13 +63,13 @@ class _Active:
 class VadMode(Mode):
     direct_audio = True
 
-    def __init__(self, session: DuplexSession) -> None:
+    def __init__(self, session: SessionPort) -> None:
         super().__init__(session)
-        limits = session.services.limits
+        limits = session.limits
         self._turns: asyncio.Queue[Turn] = asyncio.Queue(limits.max_pending_turns)
         self._text: list[str] = []
         self._text_chars = 0
-        self._frames = FrameSource(session)
+        self._frames = FrameSource(session.config.video, limits.max_image_pixels, session.emit_error)
         self._ingest: AudioIngest | None = None
         self._active: _Active | None = None
         self._resamplers = ReplyResamplers()  # responses stream one at a time
@@ -89,8 +88,8 @@ class VadMode(Mode):
         if chunk.final:
             await self._end_turn(Turn(turn_id=new_id("turn"), request_id=chunk.request_id))
 
-    async def on_audio(self, chunk: AudioChunk, msg_id: str | None) -> None:
-        rest = self.on_audio_nowait(chunk.pcm)
+    async def on_audio(self, pcm: bytes, msg_id: str | None) -> None:
+        rest = self.on_audio_nowait(pcm)
         if rest is not None:
             await rest
 
@@ -162,7 +161,7 @@ class VadMode(Mode):
         new = self.session.config
         if new.input_audio != old.input_audio or new.turn_detection != old.turn_detection:
             self._ingest = None  # rebuilt on the next audio, with the new settings
-        self._frames.reconfigure()
+        self._frames.reconfigure(new.video)
 
     async def close(self) -> None:
         self._frames.close()
@@ -251,7 +250,7 @@ class VadMode(Mode):
 
     async def _respond(self, turn: Turn) -> None:
         session = self.session
-        provider = session.services.providers.get_unary(session.config.provider)
+        provider = session.providers.get_unary(session.config.provider)
         if provider is None:  # checked at update; kept for safety
             await session.emit_error(BAD_REQUEST, f"unknown provider {session.config.provider!r}")
             return
@@ -307,7 +306,7 @@ class VadMode(Mode):
         waiter = asyncio.get_running_loop().create_future()
         self._tool_waiters[call.id] = waiter
         try:
-            async with asyncio.timeout(self.session.services.limits.client_tool_timeout_s):
+            async with asyncio.timeout(self.session.limits.client_tool_timeout_s):
                 return await waiter
         finally:
             self._tool_waiters.pop(call.id, None)

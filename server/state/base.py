@@ -1,7 +1,7 @@
 """The StateStore interface: conversations outlive connections (and, with a shared store, nodes).
 
-Callers only use this interface; ``open_store(url)`` picks the implementation,
-so adding a backend changes no caller.
+Callers only use this interface; ``server.state.open.open_store(url)`` picks the
+implementation, so adding a backend changes no caller.
 """
 
 from __future__ import annotations
@@ -82,24 +82,3 @@ class StateStore(ABC):
     async def close(self) -> None:  # noqa: B027 - optional hook
         """Release connections and files."""
 
-
-def open_store(url: str, *, ttl_s: float, max_sessions: int, max_messages: int) -> StateStore:
-    """A store from its URL: ``memory://``, ``sqlite:///relative.db`` / ``sqlite:////abs.db``,
-    or ``redis://host:port/db`` (shared by replicas)."""
-    scheme = url.split(":", 1)[0]
-    if scheme == "memory":
-        from server.state.memory import MemoryStore
-
-        return MemoryStore(ttl_s=ttl_s, max_sessions=max_sessions, max_messages=max_messages)
-    if scheme == "sqlite":
-        from server.state.sqlite import SqliteStore
-
-        # As in SQLAlchemy: sqlite:///relative.db, sqlite:////absolute/path.db
-        return SqliteStore(url.removeprefix("sqlite:///"), max_messages=max_messages)
-    if scheme in ("redis", "rediss", "unix"):
-        from server.state.redis import RedisStore
-
-        return RedisStore(url, ttl_s=ttl_s, max_messages=max_messages)
-    raise ValueError(
-        f"unsupported store URL {url!r} (use memory://, sqlite:///path or redis://host:port/db)"
-    )

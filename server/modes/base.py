@@ -1,0 +1,110 @@
+"""What a session mode implements (`Mode`), and what it may do to its session (`SessionPort`).
+
+The session builds its mode through a factory the app chooses (``SessionServices.modes``),
+so neither side imports the other: modes see their session only through the port.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable, Coroutine
+from dataclasses import dataclass
+from typing import Any, ClassVar, Protocol
+
+from pydantic import BaseModel
+
+from duplex.protocol import ImageFrame, Message, SessionConfig, TextChunk, VideoChunk
+from server.idempotency import TurnLocks
+from server.limits import SessionLimits
+from server.logs import SessionLog
+from server.providers.catalog import ProviderCatalog
+from server.state.base import StateStore
+from server.tools import ToolRegistry
+
+
+class EmitError(Protocol):
+    def __call__(
+        self, code: int, message: str, *, id: str | None = None, fatal: bool = False
+    ) -> Awaitable[None]: ...
+
+
+@dataclass(slots=True, eq=False)
+class SessionPort:
+    """A mode's view of its session: the session's own bound methods and resources.
+
+    A plain object of attributes, so a call through the port costs what a call on the
+    session does. The session keeps ``config`` current (``session.update``).
+    """
+
+    id: str
+    config: SessionConfig
+    log: SessionLog
+    store: StateStore
+    providers: ProviderCatalog
+    tools: ToolRegistry
+    limits: SessionLimits
+    turn_locks: TurnLocks
+    #: Send or queue one server message; waits while the output queue is full.
+    emit: Callable[[BaseModel], Awaitable[None]]
+    #: `emit` without waiting: False (nothing done) if the output queue is full.
+    emit_nowait: Callable[[BaseModel], bool]
+    #: An ``error`` message; ``fatal=True`` ends the session.
+    emit_error: EmitError
+    #: How many messages `emit_nowait` can take now.
+    output_room: Callable[[], int]
+    #: A background task owned by the session: cancelled at close, faults are fatal.
+    spawn: Callable[[Awaitable[Any], str], asyncio.Task[Any]]
+    #: The session's instructions with its variables substituted.
+    instructions: Callable[[], str]
+    #: The session's stored history.
+    messages: Callable[[], Awaitable[list[Message]]]
+
+
+class Mode:
+    """What a session mode implements; the session forwards input to it."""
+
+    def __init__(self, session: SessionPort) -> None:
+        self.session = session
+
+    async def on_text(self, chunk: TextChunk, msg_id: str | None) -> None:
+        raise NotImplementedError
+
+    async def on_audio(self, pcm: bytes, msg_id: str | None) -> None:
+        """Audio in the session's input format (``config.input_audio``)."""
+        raise NotImplementedError
+
+    #: Whether `on_audio_nowait` is implemented (see `DuplexSession.send_audio_nowait`).
+    direct_audio: ClassVar[bool] = False
+
+    def on_audio_nowait(self, pcm: bytes) -> Coroutine[Any, Any, None] | None:
+        """Handle one message of audio in the session's input format synchronously;
+        return what must still be awaited, if anything."""
+        raise NotImplementedError
+
+    async def on_frame(self, frame: ImageFrame, msg_id: str | None) -> None:
+        raise NotImplementedError
+
+    async def on_video(self, chunk: VideoChunk, msg_id: str | None) -> None:
+        raise NotImplementedError
+
+    async def on_commit(self, request_id: str | None, msg_id: str | None) -> None:
+        raise NotImplementedError
+
+    async def on_cancel(self, msg_id: str | None) -> None:
+        raise NotImplementedError
+
+    async def on_playback(self, response_id: str, played_ms: float) -> None:
+        raise NotImplementedError
+
+    async def on_tool_result(self, call_id: str, output: Any, msg_id: str | None) -> None:
+        raise NotImplementedError
+
+    async def reconfigure(self, old: SessionConfig) -> None:
+        """The config changed (same mode)."""
+
+    async def close(self) -> None:
+        """Stop background work; called once."""
+
+
+#: Builds a session's mode (a `Mode` subclass is one); the app maps mode names to these.
+ModeFactory = Callable[[SessionPort], Mode]
