@@ -15,10 +15,10 @@ from fastapi.staticfiles import StaticFiles
 from server import chat_api, http_api, ws
 from server.auth import TokenAuth
 from server.config import Settings
+from server.limits import SessionLimits
 from server.modes.catalog import builtin_modes
 from server.providers.catalog import ProviderCatalog
 from server.registry import SessionRegistry
-from server.limits import SessionLimits
 from server.session import SessionServices
 from server.state.open import open_store
 from server.tools import ToolRegistry

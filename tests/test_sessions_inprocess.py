@@ -9,9 +9,9 @@ import pytest
 
 from duplex.protocol import Pong, ProtocolError, SessionConfig, TextChunk
 from server.config import Settings
-from server.providers.catalog import ProviderCatalog
 from server.limits import SessionLimits
 from server.modes.catalog import builtin_modes
+from server.providers.catalog import ProviderCatalog
 from server.session import DuplexSession, SessionServices, UnarySession, substitute
 from server.state.memory import MemoryStore
 

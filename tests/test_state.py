@@ -9,8 +9,8 @@ import pytest
 
 from duplex.protocol import Message
 from server.state.base import SessionRecord, StreamEvent
-from server.state.open import open_store
 from server.state.memory import MemoryStore
+from server.state.open import open_store
 
 
 @pytest.fixture(params=["memory", "sqlite", "redis"])

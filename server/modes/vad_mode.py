@@ -69,7 +69,9 @@ class VadMode(Mode):
         self._turns: asyncio.Queue[Turn] = asyncio.Queue(limits.max_pending_turns)
         self._text: list[str] = []
         self._text_chars = 0
-        self._frames = FrameSource(session.config.video, limits.max_image_pixels, session.emit_error)
+        self._frames = FrameSource(
+            session.config.video, limits.max_image_pixels, session.emit_error
+        )
         self._ingest: AudioIngest | None = None
         self._active: _Active | None = None
         self._resamplers = ReplyResamplers()  # responses stream one at a time

@@ -81,4 +81,3 @@ class StateStore(ABC):
 
     async def close(self) -> None:  # noqa: B027 - optional hook
         """Release connections and files."""
-
