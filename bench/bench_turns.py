@@ -7,7 +7,7 @@ Audio: espeak-ng conversations from tests/speech.py (pink noise at 20 dB SNR), c
 
 Which message ends a turn is found offline first: the same messages go through
 ``server.modes.audio_ingest.AudioIngest`` with the default session settings, and the
-index of the message during which ``TurnEnded`` fires is the trigger (the message that
+index of the message during which ``TurnEnd`` fires is the trigger (the message that
 completes ``stop_ms`` of silence). The server then gets the same messages, paced at
 ``--speed`` x real time (default 10: one message every 2 ms, so the server is idle
 between messages and the figure is the per-turn overhead, not queueing); the client
@@ -63,9 +63,9 @@ class Plan:
     """One conversation as messages, with the offline ingest's verdicts."""
 
     messages: list[bytes]
-    #: (message index, start_ms, end_ms) of every TurnEnded, in order
+    #: (message index, start_ms, end_ms) of every TurnEnd, in order
     turns: list[tuple[int, float, float]] = field(default_factory=list)
-    #: (message index, start_ms) of every SpeechStarted
+    #: (message index, start_ms) of every SpeechStart
     starts: list[tuple[int, float]] = field(default_factory=list)
     #: CPU seconds of each offline push (thread time)
     push_s: list[float] = field(default_factory=list)
@@ -86,9 +86,9 @@ def plan_for(audio: np.ndarray, turns: TurnDetectionConfig | None = None) -> Pla
         events = ingest.push(msg).events
         plan.push_s.append(time.thread_time() - t)
         for event in events:
-            if isinstance(event, vt.TurnEnded):
+            if isinstance(event, vt.TurnEnd):
                 plan.turns.append((i, event.start_ms, event.end_ms))
-            elif isinstance(event, vt.SpeechStarted):
+            elif isinstance(event, vt.SpeechStart):
                 plan.starts.append((i, event.start_ms))
     return plan
 

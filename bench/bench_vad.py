@@ -4,7 +4,7 @@ Run: ``python -m bench.bench_vad`` (``--quick`` for a smaller set). Prints markd
 
 Accuracy: espeak-ng conversations from tests/speech.py (seeds disjoint from the unit
 tests and from the seeds used while tuning), one fresh detector per file, and the default
-settings for every file and condition. A detected turn (TurnEnded) matches a true turn
+settings for every file and condition. A detected turn (TurnEnd) matches a true turn
 when its onset is within 100 ms of the true onset. Matching is one-to-one, greedy by onset
 error. Precision = matched / detected, recall = matched / true. End errors are reported
 for matched turns (positive: we end later than the last audible sample).
@@ -32,7 +32,7 @@ import webrtcvad
 
 from tests.speech import NOISES, Conversation, frames_of, make_conversation
 from vad.detector import DetectorConfig, SpeechDetector
-from vad.turns import TurnConfig, TurnDetector, TurnEnded
+from vad.turns import TurnConfig, TurnDetector, TurnEnd
 
 ONSET_TOLERANCE_MS = 100.0
 SNRS = (20.0, 10.0, 5.0)
@@ -89,16 +89,14 @@ def detect_turns(
     audio: np.ndarray,
     turn_config: TurnConfig | None = None,
     detector_config: DetectorConfig | None = None,
-) -> list[TurnEnded]:
+) -> list[TurnEnd]:
     """Run a fresh detector over a whole file and flush at the end."""
     td = TurnDetector(turn_config or TurnConfig(), SpeechDetector(detector_config))
     events = td.push_many(frames_of(audio, td.detector.frame_samples)) + td.flush()
-    return [e for e in events if isinstance(e, TurnEnded)]
+    return [e for e in events if isinstance(e, TurnEnd)]
 
 
-def match(
-    truth: Sequence[tuple[float, float]], found: Sequence[TurnEnded]
-) -> list[tuple[int, int]]:
+def match(truth: Sequence[tuple[float, float]], found: Sequence[TurnEnd]) -> list[tuple[int, int]]:
     """One-to-one pairs (truth index, found index) with onset error within tolerance."""
     candidates = sorted(
         (abs(f.start_ms - t[0]), i, j)

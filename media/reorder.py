@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 
 @dataclass
-class ChunkEvent:
+class ReorderEvent:
     """A chunk released in order (``data`` None: it was refused), or a gap (``missing``)."""
 
     index: int = 0
@@ -29,20 +29,20 @@ class ChunkReorder:
 
     def add(
         self, index: int, data: bytes | None, timestamp_ms: float | None, now_ms: float
-    ) -> tuple[list[ChunkEvent], bool]:
+    ) -> tuple[list[ReorderEvent], bool]:
         if index < self.expected or index in self._held:
             return self.expire(now_ms), False
         self._held[index] = (data, timestamp_ms)
         self._held_bytes += len(data or b"")
         return self.expire(now_ms), True
 
-    def expire(self, now_ms: float) -> list[ChunkEvent]:
-        events: list[ChunkEvent] = []
+    def expire(self, now_ms: float) -> list[ReorderEvent]:
+        events: list[ReorderEvent] = []
         while self._held:
             if self.expected in self._held:
                 data, timestamp_ms = self._held.pop(self.expected)
                 self._held_bytes -= len(data or b"")
-                events.append(ChunkEvent(self.expected, data, timestamp_ms))
+                events.append(ReorderEvent(self.expected, data, timestamp_ms))
                 self.expected += 1
                 self._waiting_since = None
                 continue
@@ -55,7 +55,7 @@ class ChunkReorder:
                 or self._held_bytes > self._max_bytes
                 or now_ms - self._waiting_since >= self._timeout_ms
             ):
-                events.append(ChunkEvent(missing=(self.expected, first - 1)))
+                events.append(ReorderEvent(missing=(self.expected, first - 1)))
                 self.expected = first
                 continue
             break

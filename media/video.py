@@ -45,7 +45,7 @@ from media.errors import MediaError
 from media.fmp4 import Fmp4Demuxer
 from media.h264 import AnnexBDemuxer
 from media.image import ImageLimits, frame_to_jpeg
-from media.reorder import ChunkEvent, ChunkReorder
+from media.reorder import ChunkReorder, ReorderEvent
 from media.samples import CODEC_NAMES, Break, Sample
 from media.webm import WebmVideoDemuxer
 
@@ -311,7 +311,7 @@ class VideoStream:
         return result
 
     def _guarded(
-        self, events: list[ChunkEvent], now_ms: float, speaking: bool, result: VideoPushResult
+        self, events: list[ReorderEvent], now_ms: float, speaking: bool, result: VideoPushResult
     ) -> None:
         """Process and sample; a fault of ours costs the stream a keyframe, not the session."""
         try:
@@ -327,7 +327,7 @@ class VideoStream:
 
     # -- chunk and sample intake
 
-    def _run(self, events: list[ChunkEvent], now_ms: float, result: VideoPushResult) -> None:
+    def _run(self, events: list[ReorderEvent], now_ms: float, result: VideoPushResult) -> None:
         for event in events:
             if event.missing:
                 first, last = event.missing
@@ -344,7 +344,7 @@ class VideoStream:
             else:
                 self._take_chunk(event, now_ms, result)
 
-    def _take_chunk(self, event: ChunkEvent, now_ms: float, result: VideoPushResult) -> None:
+    def _take_chunk(self, event: ReorderEvent, now_ms: float, result: VideoPushResult) -> None:
         data = event.data or b""
         sniffed = sniff_video(data)
         if self._first_chunk or self._refusing:

@@ -25,12 +25,12 @@ from tests.speech import (
 )
 from vad.detector import DetectorConfig, SpeechDetector
 from vad.turns import (
-    SpeechStarted,
-    SpeechStopped,
+    SpeechEnd,
+    SpeechStart,
     TurnConfig,
     TurnDetector,
-    TurnDiscarded,
-    TurnEnded,
+    TurnDiscard,
+    TurnEnd,
     TurnEvent,
     TurnState,
 )
@@ -53,8 +53,8 @@ def run(td: TurnDetector, audio: np.ndarray) -> list[TurnEvent]:
     return td.push_many(frames_of(audio, td.detector.frame_samples)) + td.flush()
 
 
-def ended(events: list[TurnEvent]) -> list[TurnEnded]:
-    return [e for e in events if isinstance(e, TurnEnded)]
+def ended(events: list[TurnEvent]) -> list[TurnEnd]:
+    return [e for e in events if isinstance(e, TurnEnd)]
 
 
 def ms(n: int) -> np.ndarray:
@@ -71,7 +71,7 @@ def assert_turns_match(conv: Conversation, events: list[TurnEvent]) -> None:
         assert abs(turn.start_ms - start) <= ONSET_TOLERANCE_MS, f"found {found}, truth {truth}"
         assert abs(turn.end_ms - end) <= END_TOLERANCE_MS, f"found {found}, truth {truth}"
     kinds = [type(e) for e in events]
-    assert kinds == [SpeechStarted, SpeechStopped, TurnEnded] * len(conv.turns)
+    assert kinds == [SpeechStart, SpeechEnd, TurnEnd] * len(conv.turns)
 
 
 # -- conversations --------------------------------------------------------------------
@@ -263,7 +263,7 @@ def click(n_ms: int) -> np.ndarray:
 def test_min_speech_discards_a_short_sound() -> None:
     audio = np.concatenate([ms(1000), click(120), ms(1500)])
     events = run(detector(start_ms=40, min_speech_ms=300), audio)
-    assert [type(e) for e in events] == [SpeechStarted, SpeechStopped, TurnDiscarded]
+    assert [type(e) for e in events] == [SpeechStart, SpeechEnd, TurnDiscard]
     assert events[2].start_ms == events[0].start_ms  # type: ignore[union-attr]
     # With the defaults the same click never even opens a turn.
     assert run(detector(), audio) == []
@@ -309,8 +309,8 @@ def test_state_clock_and_speech_ms(speech_cache: Path) -> None:
     assert order[:2] == ["quiet", "starting"] and order[-1] == "quiet"
     assert {"speaking", "stopping"} <= set(order)
     started, stopped, turn = events
-    assert isinstance(started, SpeechStarted) and isinstance(stopped, SpeechStopped)
-    assert isinstance(turn, TurnEnded)
+    assert isinstance(started, SpeechStart) and isinstance(stopped, SpeechEnd)
+    assert isinstance(turn, TurnEnd)
     assert turn.start_ms == started.start_ms and turn.end_ms == stopped.end_ms
     assert started.start_ms % 20 == 0 and stopped.end_ms % 20 == 0  # whole frames
 
@@ -319,9 +319,9 @@ def test_flush_ends_an_open_turn(speech_cache: Path) -> None:
     phrase = synth("Remind me to call my sister tonight.", "en-us", 165, speech_cache)
     td = detector()
     events = td.push_many(frames_of(np.concatenate([ms(600), phrase]), FRAME))
-    assert [type(e) for e in events] == [SpeechStarted]
+    assert [type(e) for e in events] == [SpeechStart]
     flushed = td.flush()
-    assert [type(e) for e in flushed] == [SpeechStopped, TurnEnded]
+    assert [type(e) for e in flushed] == [SpeechEnd, TurnEnd]
     assert td.state is TurnState.QUIET
     assert td.flush() == []
 

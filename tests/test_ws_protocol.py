@@ -94,7 +94,7 @@ def _turns_offline(pcm: bytes, rate: int = 16000, channels: int = 1) -> list[flo
         InputAudioConfig(sample_rate=rate, channels=channels), TurnDetectionConfig()
     )
     events = ingest.push(pcm).events
-    return [e.end_ms for e in events if isinstance(e, vt.TurnEnded)]
+    return [e.end_ms for e in events if isinstance(e, vt.TurnEnd)]
 
 
 def _done(n: int):

@@ -3,14 +3,14 @@
     quiet -> starting -> speaking <-> stopping -> quiet
 
 * quiet: no speech. A voiced frame moves to *starting* and marks the onset.
-* starting: voiced time is counted, and `start_ms` of it opens the turn. SpeechStarted
+* starting: voiced time is counted, and `start_ms` of it opens the turn. SpeechStart
   is dated at the onset, not at the moment of decision. A pause gives the candidate up
   (back to quiet, no event) after `start_ms`, or after `stop_ms` once it holds 80 ms of
   speech. So a noise blip dies quickly, but "What | time" survives its stop closure.
 * speaking: a non-voiced frame moves to *stopping*.
 * stopping: a voiced frame returns to *speaking* with no event, so pauses shorter than
-  `stop_ms` never split a turn. `stop_ms` of non-speech ends the turn: SpeechStopped,
-  then TurnEnded, or TurnDiscarded if it held less than `min_speech_ms` of speech.
+  `stop_ms` never split a turn. `stop_ms` of non-speech ends the turn: SpeechEnd,
+  then TurnEnd, or TurnDiscard if it held less than `min_speech_ms` of speech.
 
 When a turn opens, leading noise blips are dropped from it. Then both edges move outward
 over adjacent frames that stand out from the noise before the turn in some frequency band
@@ -98,21 +98,21 @@ _QUIET, _STARTING, _SPEAKING, _STOPPING = (
 
 
 @dataclass(frozen=True)
-class SpeechStarted:
+class SpeechStart:
     """A turn opened. start_ms: its onset (start of its first speech frame)."""
 
     start_ms: float
 
 
 @dataclass(frozen=True)
-class SpeechStopped:
+class SpeechEnd:
     """The open turn ended. end_ms: end of its last speech frame, not when we noticed."""
 
     end_ms: float
 
 
 @dataclass(frozen=True)
-class TurnEnded:
+class TurnEnd:
     """A finished turn and its audio.
 
     start_ms/end_ms: onset and end of speech. For `commit`, the committed audio's extent.
@@ -137,14 +137,14 @@ class TurnEnded:
 
 
 @dataclass(frozen=True)
-class TurnDiscarded:
+class TurnDiscard:
     """An ended turn with less than `min_speech_ms` of speech (cough, click, door)."""
 
     start_ms: float
     end_ms: float
 
 
-TurnEvent = SpeechStarted | SpeechStopped | TurnEnded | TurnDiscarded
+TurnEvent = SpeechStart | SpeechEnd | TurnEnd | TurnDiscard
 
 
 class TurnDetector:
@@ -278,27 +278,27 @@ class TurnDetector:
     def flush(self) -> list[TurnEvent]:
         """End of stream or manual end: close an open turn now; [] if none is open.
 
-        A candidate still in *starting* is dropped, since SpeechStarted was never sent.
+        A candidate still in *starting* is dropped, since SpeechStart was never sent.
         """
         if self._state in (_SPEAKING, _STOPPING):
             return self._end(forced=False, now=self._pos)
         self._reset()
         return []
 
-    def commit(self) -> TurnEnded | None:
+    def commit(self) -> TurnEnd | None:
         """Manual turn (push-to-talk): all audio since the previous turn's audio, now.
 
         Ignores the VAD, since the user decided the turn is over. start_ms and
         audio_start_ms mark the start of the committed audio, end_ms the current clock.
         Keeps at most the latest `pre_roll_ms + max_turn_ms` (plus a frame). Returns None
-        if there is no new audio. Emits no SpeechStopped: a server that sent
+        if there is no new audio. Emits no SpeechEnd: a server that sent
         speech.started should close it.
         """
         start = max(self._last_audio_end, self._pos - self._keep)
         if start >= self._pos:
             return None
         start_ms = start * self._ms_per_sample
-        turn = TurnEnded(
+        turn = TurnEnd(
             turn_id=self._take_id(),
             start_ms=start_ms,
             end_ms=self.clock_ms,
@@ -431,7 +431,7 @@ class TurnDetector:
                     return []
                 self._state = _SPEAKING
                 self._refine_onset()
-                return [SpeechStarted(self._onset * self._ms_per_sample), *self._check_max(end)]
+                return [SpeechStart(self._onset * self._ms_per_sample), *self._check_max(end)]
             self._state = _SPEAKING
             return self._check_max(end)
         if state is _QUIET:
@@ -518,14 +518,14 @@ class TurnDetector:
     def _end(self, forced: bool, now: int) -> list[TurnEvent]:
         end = self._refined_end(now)
         start_ms, end_ms = self._onset * self._ms_per_sample, end * self._ms_per_sample
-        events: list[TurnEvent] = [SpeechStopped(end_ms)]
+        events: list[TurnEvent] = [SpeechEnd(end_ms)]
         if self._voiced < self._min_speech:
-            events.append(TurnDiscarded(start_ms, end_ms))
+            events.append(TurnDiscard(start_ms, end_ms))
         else:
             audio_start = max(self._onset - self._pre, self._last_audio_end, now - self._keep, 0)
             audio_end = min(end + self._pre, now)
             events.append(
-                TurnEnded(
+                TurnEnd(
                     turn_id=self._take_id(),
                     start_ms=start_ms,
                     end_ms=end_ms,

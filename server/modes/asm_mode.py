@@ -216,13 +216,13 @@ class AsmMode(Mode):
     async def _on_own_turn_event(self, rt: RealtimeSession, event: vt.TurnEvent) -> None:
         session = self.session
         match event:
-            case vt.SpeechStarted():
+            case vt.SpeechStart():
                 await session.emit(SpeechStarted(audio_start_ms=event.start_ms))
                 if self._current is not None and session.config.turn_detection.interrupt:
                     await rt.cancel_response()
-            case vt.SpeechStopped():
+            case vt.SpeechEnd():
                 await session.emit(SpeechStopped(audio_end_ms=event.end_ms))
-            case vt.TurnEnded():
+            case vt.TurnEnd():
                 await session.emit(
                     TurnEnded(
                         turn_id=new_id("turn"),

@@ -15,7 +15,7 @@ from functools import partial
 from duplex.protocol import InputAudioConfig, TurnDetectionConfig
 from media.audio import AudioDecoder, PcmFramer, make_decoder
 from vad.detector import DetectorConfig, SpeechDetector
-from vad.turns import TurnConfig, TurnDetector, TurnEnded, TurnEvent
+from vad.turns import TurnConfig, TurnDetector, TurnEnd, TurnEvent
 
 VAD_RATE = 16000
 FRAME_MS = 20
@@ -85,7 +85,7 @@ class AudioIngest:
             return []
         return self._detect(pcm) if detect and pcm else []
 
-    def commit(self) -> TurnEnded | None:
+    def commit(self) -> TurnEnd | None:
         """End the user's turn now (``input.commit``)."""
         if not self.manual:
             return self.detector.commit()
@@ -98,7 +98,7 @@ class AudioIngest:
         start_ms = end_ms - len(pcm) / 2 / VAD_RATE * 1000
         self._manual.clear()
         self._manual_bytes = 0
-        return TurnEnded(turn_id=-1, start_ms=start_ms, end_ms=end_ms, pcm=pcm, forced=True)
+        return TurnEnd(turn_id=-1, start_ms=start_ms, end_ms=end_ms, pcm=pcm, forced=True)
 
     def _keep_manual(self, pcm: bytes) -> None:
         """Keep at most the latest `_manual_limit` bytes (and less than one message more)."""

@@ -187,7 +187,7 @@ class VadMode(Mode):
         )
 
     async def _on_turn_event(self, event: vt.TurnEvent) -> None:
-        if isinstance(event, vt.TurnEnded):
+        if isinstance(event, vt.TurnEnd):
             await self._end_turn(self._audio_turn(event, None))
         elif (message := self._event_message(event)) is not None:
             await self.session.emit(message)
@@ -195,7 +195,7 @@ class VadMode(Mode):
     def _on_turn_event_nowait(self, event: vt.TurnEvent) -> None:
         """`_on_turn_event` when the output queue has room and no video is pending."""
         session = self.session
-        if isinstance(event, vt.TurnEnded):
+        if isinstance(event, vt.TurnEnd):
             turn = self._audio_turn(event, None)
             session.emit_nowait(_turn_ended(turn))
             try:
@@ -207,15 +207,15 @@ class VadMode(Mode):
 
     def _event_message(self, event: vt.TurnEvent) -> SpeechStarted | SpeechStopped | None:
         match event:
-            case vt.SpeechStarted():
+            case vt.SpeechStart():
                 return SpeechStarted(audio_start_ms=event.start_ms)
-            case vt.SpeechStopped():
+            case vt.SpeechEnd():
                 return SpeechStopped(audio_end_ms=event.end_ms)
             case _:
                 self.session.log.debug("speech too short, no turn: %s", event)
                 return None
 
-    def _audio_turn(self, ended: vt.TurnEnded, request_id: str | None) -> Turn:
+    def _audio_turn(self, ended: vt.TurnEnd, request_id: str | None) -> Turn:
         return Turn(
             turn_id=new_id("turn"),
             audio=AudioClip(ended.pcm, VAD_RATE),  # the s16le bytes as received
