@@ -10,6 +10,7 @@ import pytest
 from duplex.protocol import Pong, ProtocolError, SessionConfig, TextChunk
 from server.config import Settings
 from server.limits import SessionLimits
+from server.modes.base import Mode, SessionPort
 from server.modes.catalog import builtin_modes
 from server.providers.catalog import ProviderCatalog
 from server.session import DuplexSession, SessionServices, UnarySession, substitute
@@ -125,3 +126,63 @@ async def test_emit_writes_directly_only_when_nothing_is_queued_before_it():
     got = await waiting
     assert (got.id, got.seq) == ("c", 4)
     await s.close()
+
+
+class RecordingMode(Mode):
+    """A mode that notes what reaches it and answers through its port only."""
+
+    def __init__(self, session: SessionPort) -> None:
+        super().__init__(session)
+        self.calls: list[tuple] = []
+
+    async def on_text(self, chunk: TextChunk, msg_id: str | None) -> None:
+        self.calls.append(("text", chunk.text))
+        await self.session.emit(Pong(id=chunk.text))
+
+    async def on_audio(self, pcm: bytes, msg_id: str | None) -> None:
+        self.calls.append(("audio", pcm))
+
+    async def reconfigure(self, old: SessionConfig) -> None:
+        self.calls.append(("reconfigure", old.instructions, self.session.config.instructions))
+
+    async def close(self) -> None:
+        self.calls.append(("close",))
+
+
+async def test_the_app_chooses_the_mode_and_the_mode_sees_only_its_port():
+    built: list[RecordingMode] = []
+
+    def factory(port: SessionPort) -> RecordingMode:
+        built.append(RecordingMode(port))
+        return built[-1]
+
+    svc = services()
+    svc.modes = {"vad": factory}
+    s = await DuplexSession.open(svc, tenant="t")
+    assert len(built) == 1 and isinstance(built[0].session, SessionPort)
+    mode = built[0]
+    await s.send_text(TextChunk("hi", final=True))
+    await s.send_audio(b"\x00\x00" * 160)
+    await s.update({"instructions": "new"})
+    assert mode.session.config is s.config  # the port follows the session's config
+    with pytest.raises(ProtocolError) as info:  # no factory for it: refused, mode kept
+        await s.update({"mode": "asm"})
+    assert info.value.code == 400 and "asm" in info.value.message
+    assert s.config.mode == "vad" and len(built) == 1
+    events = await collect_until(s, "session.updated")
+    assert [e.type for e in events] == ["session.created", "pong", "session.updated"]
+    await s.close()
+    assert mode.calls == [
+        ("text", "hi"),
+        ("audio", b"\x00\x00" * 160),
+        ("reconfigure", "", "new"),
+        ("close",),
+    ]
+
+
+async def test_a_session_without_a_factory_for_its_mode_is_refused():
+    svc = services()
+    svc.modes = {}
+    with pytest.raises(ProtocolError) as info:
+        await DuplexSession.open(svc, tenant="t")
+    assert info.value.code == 400
