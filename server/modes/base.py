@@ -61,7 +61,10 @@ class SessionPort:
 
 
 class Mode:
-    """What a session mode implements; the session forwards input to it."""
+    """What a session mode implements; the session forwards input to it.
+
+    ``self.session`` is the mode's `SessionPort`, not the session itself.
+    """
 
     def __init__(self, session: SessionPort) -> None:
         self.session = session
