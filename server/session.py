@@ -506,7 +506,7 @@ class DuplexSession(BaseSession):
         self._check_mode(config)
         self._check_provider(config)
         old = self.config
-        self.config = self._port.config = config
+        self.config = self._port.config = config  # the mode reads it through its port
         if "variables" in patch:
             self.record.variables.update(config.variables)
         await self._save_record()
