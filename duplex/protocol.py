@@ -358,6 +358,10 @@ class StreamChunk(BaseModel):
     finish_reason: FinishReason | None = None
     interrupted: bool | None = None
     error: str | None = None
+    #: True when ``delta`` is the transcript of the reply's own audio (realtime
+    #: providers in ASM mode), not text the model wrote.
+    transcript: bool | None = None
+    #: Free-form extras (usage, hops, provider warnings list); never a sub-event.
     metadata: dict[str, Any] | None = None
 
 
@@ -430,6 +434,65 @@ class ChunkEvent(_Event, StreamChunk):
     type: Literal["chunk"] = "chunk"
 
 
+class ToolExecution(_Event):
+    """The server is running tool calls (VAD and ASM modes alike).
+
+    ``calls`` and ``call_ids`` list every call of the round, in the model's order,
+    whoever runs it (client calls went out just before in ``chunk.tool_calls``);
+    ``hop`` counts the rounds of tools since the user's turn, from 1.
+    """
+
+    type: Literal["tool.execution"] = "tool.execution"
+    response_id: str = ""
+    calls: list[str]
+    call_ids: list[str]
+    hop: int
+
+
+class ToolOutput(_Event):
+    """The result of one tool call, as given to the model (a JSON text)."""
+
+    type: Literal["tool.output"] = "tool.output"
+    response_id: str = ""
+    call_id: str
+    name: str
+    output: str
+
+
+class ToolCancelled(_Event):
+    """The provider withdrew tool calls (e.g. the user talked over them): do not answer."""
+
+    type: Literal["tool.cancelled"] = "tool.cancelled"
+    response_id: str = ""
+    call_ids: list[str]
+
+
+class WarningEvent(_Event):
+    """Something went wrong without ending the response (e.g. ``tool_limit_reached``)."""
+
+    type: Literal["warning"] = "warning"
+    response_id: str = ""
+    code: str
+    message: str
+    #: Tool names concerned, when the warning is about tool calls.
+    calls: list[str] | None = None
+
+
+class ProviderReconnect(_Event):
+    """The realtime provider's connection was lost and is being reopened.
+
+    ``response_id`` is the response cut by it (its ``chunk.interrupted`` and
+    ``response.done`` follow), if one was in progress.
+    """
+
+    type: Literal["provider.reconnect"] = "provider.reconnect"
+    response_id: str | None = None
+
+
+#: Sub-events of a response that travel in a response's stream next to its chunks.
+ToolEvent = ToolExecution | ToolOutput | ToolCancelled | WarningEvent
+
+
 class ResponseDone(_Event):
     type: Literal["response.done"] = "response.done"
     response_id: str
@@ -459,6 +522,11 @@ ServerMessage = Annotated[
     | Transcript
     | ResponseStarted
     | ChunkEvent
+    | ToolExecution
+    | ToolOutput
+    | ToolCancelled
+    | WarningEvent
+    | ProviderReconnect
     | ResponseDone
     | ErrorEvent
     | Pong,
@@ -478,7 +546,16 @@ def chunk_event(chunk: StreamChunk) -> ChunkEvent:
 
 
 #: StreamChunk fields that must all be None for an audio chunk to take the fast encoder.
-_NOT_AUDIO = ("delta", "content", "tool_calls", "finish_reason", "interrupted", "error", "metadata")
+_NOT_AUDIO = (
+    "delta",
+    "content",
+    "tool_calls",
+    "finish_reason",
+    "interrupted",
+    "error",
+    "transcript",
+    "metadata",
+)
 
 
 def _json_plain(value: object) -> bool:

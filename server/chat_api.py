@@ -16,7 +16,13 @@ from fastapi import APIRouter, HTTPException, Request, WebSocket, WebSocketDisco
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, Field, ValidationError
 
-from duplex.protocol import BAD_REQUEST, UNAUTHORIZED, ProtocolError, describe_validation_error
+from duplex.protocol import (
+    BAD_REQUEST,
+    UNAUTHORIZED,
+    ProtocolError,
+    StreamChunk,
+    describe_validation_error,
+)
 from server.http_api import Tenant
 from server.providers.base import ProviderError
 from server.session import UnarySession
@@ -60,6 +66,8 @@ async def answer_events(session: UnarySession, question: str) -> AsyncIterator[d
     response_id = ""
     try:
         async for chunk in session.execute_stream("user", question):
+            if not isinstance(chunk, StreamChunk):
+                continue  # tool events: the chat API sends the answer only
             response_id = chunk.response_id
             if chunk.metadata:
                 reference.update(chunk.metadata)

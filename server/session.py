@@ -49,6 +49,7 @@ from duplex.protocol import (
     SessionUpdated,
     StreamChunk,
     TextChunk,
+    ToolEvent,
     ToolResult,
     VideoChunk,
     describe_validation_error,
@@ -559,8 +560,11 @@ class UnarySession(BaseSession):
         """Create a new session, or continue ``session_id`` (the tenant's own only)."""
         return cls(*await cls._load(services, tenant, session_id, config), services)
 
-    async def execute_stream(self, role: str, content: str) -> AsyncIterator[StreamChunk]:
-        """Stream the answer to one message; history is stored when it ends."""
+    async def execute_stream(
+        self, role: str, content: str
+    ) -> AsyncIterator[StreamChunk | ToolEvent]:
+        """Stream the answer to one message (chunks and tool events); history is stored
+        when it ends."""
         if role != "user":
             await self.store.append_messages(self.id, [Message(role=role, content=content)])  # type: ignore[arg-type]
             return
@@ -584,7 +588,7 @@ class UnarySession(BaseSession):
         started = time.monotonic()
         parts: list[str] = []
         async for chunk in self.execute_stream(role, content):
-            if chunk.delta:
+            if isinstance(chunk, StreamChunk) and chunk.delta:
                 parts.append(chunk.delta)
         return Message(
             role="assistant",

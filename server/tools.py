@@ -1,15 +1,18 @@
-"""Tool calling for per-turn (VAD mode) providers.
+"""Tool calling on the session side: the registry, the executor and the per-turn loop.
 
-Three pieces, each independent of the session and the socket:
-
-* :class:`ToolCallAccumulator` rebuilds complete calls from OpenAI-style streamed
-  ``tool_calls`` deltas (arguments arrive in many small pieces, calls of one
-  response are told apart by ``index``).
 * :class:`ToolRegistry` holds the *server-side* tools of one app: async Python
   callables with a JSON-schema signature and a timeout. A failing tool becomes an
   ``{"error": ...}`` result the model can read, never a failed session.
+* :func:`execute_tool_calls` runs one round of calls the model asked for and
+  streams its typed events; VAD mode (through :func:`run_tool_loop`) and ASM mode
+  both run tools through it, so the client sees the same events in both.
+* :class:`ClientToolWaiters` waits (bounded) for the client's ``tool.result``.
 * :func:`run_tool_loop` drives "model asks for tools -> run them -> ask the model
-  again" until the model answers with text, up to a hop limit.
+  again" for per-turn (VAD mode) providers, until the model answers with text,
+  up to a hop limit.
+
+Rebuilding calls from streamed deltas is the providers' business
+(:mod:`server.providers.tool_calls`).
 
 History convention (shared with :mod:`server.providers.openai_chat`): a tool
 exchange is stored as plain :class:`~duplex.protocol.Message` objects:
@@ -32,124 +35,37 @@ import inspect
 import json
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import aclosing
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from duplex.protocol import FinishReason, Message, StreamChunk, ToolCall, ToolSpec
+from duplex.protocol import (
+    BAD_REQUEST,
+    FinishReason,
+    Message,
+    ProtocolError,
+    StreamChunk,
+    ToolCall,
+    ToolEvent,
+    ToolExecution,
+    ToolOutput,
+    ToolSpec,
+    WarningEvent,
+)
 from server.providers.base import TurnRequest, closing_stream
 
 logger = logging.getLogger(__name__)
 
 __all__ = [
+    "ClientToolWaiters",
     "RegisteredTool",
-    "ToolCallAccumulator",
     "ToolRegistry",
+    "execute_tool_calls",
     "run_tool_loop",
     "tool_call_message",
     "tool_result_message",
     "with_tool_messages",
 ]
-
-
-# --------------------------------------------------------------------------------------
-# Accumulating streamed tool-call deltas
-
-
-@dataclass
-class _PartialCall:
-    id: str = ""
-    name: str = ""
-    arguments: str = ""
-
-
-class ToolCallAccumulator:
-    """Rebuild complete tool calls from streamed ``choices[0].delta.tool_calls`` entries.
-
-    OpenAI sends ``id`` and ``function.name`` once and the arguments JSON in many
-    pieces; other compatible servers repeat id/name in every delta, stream names
-    in pieces, or omit ``index``. All of these converge to the same calls here.
-    """
-
-    def __init__(self) -> None:
-        self._calls: dict[int, _PartialCall] = {}
-        self._last_index: int | None = None
-
-    def __bool__(self) -> bool:
-        return bool(self._calls)
-
-    def feed(self, deltas: list[dict[str, Any]] | dict[str, Any]) -> None:
-        """Add one or several delta entries (dicts as parsed from the JSON chunk)."""
-        for delta in [deltas] if isinstance(deltas, dict) else deltas:
-            if not isinstance(delta, dict):
-                logger.warning("ignoring tool-call delta that is not an object: %r", delta)
-                continue
-            index = self._index_of(delta)
-            call = self._calls.setdefault(index, _PartialCall())
-            self._last_index = index
-            function = delta.get("function") or {}
-            if not isinstance(function, dict):
-                function = {}
-            call.id = _merge_once(call.id, delta.get("id"))
-            call.name = _merge_once(call.name, function.get("name"))
-            arguments = function.get("arguments")
-            if isinstance(arguments, str):
-                call.arguments += arguments
-            elif isinstance(arguments, dict):
-                # A few servers send the arguments already parsed.
-                call.arguments += json.dumps(arguments, ensure_ascii=False)
-
-    def _index_of(self, delta: dict[str, Any]) -> int:
-        index = delta.get("index")
-        if isinstance(index, int) and not isinstance(index, bool):
-            return index
-        # No index: a new id starts a new call, anything else continues the last one.
-        new_id = delta.get("id")
-        if self._last_index is None:
-            return 0
-        last = self._calls[self._last_index]
-        if isinstance(new_id, str) and new_id and last.id and new_id != last.id:
-            return max(self._calls) + 1
-        return self._last_index
-
-    def complete(self) -> tuple[list[ToolCall], list[str]]:
-        """The complete calls in index order, and a reason for each call dropped.
-
-        A call is dropped when it has no id or no name, or when its arguments are
-        not a JSON object (an empty string counts as ``{}``): a truncated call
-        cannot be executed or answered, and sending it back would make the
-        upstream reject the whole conversation.
-        """
-        calls: list[ToolCall] = []
-        dropped: list[str] = []
-        for index in sorted(self._calls):
-            partial = self._calls[index]
-            label = f"tool call #{index} ({partial.name or 'no name'})"
-            if not partial.id:
-                dropped.append(f"{label}: missing id")
-                continue
-            if not partial.name:
-                dropped.append(f"{label}: missing function name")
-                continue
-            arguments = partial.arguments.strip() or "{}"
-            try:
-                parsed = json.loads(arguments)
-            except json.JSONDecodeError as exc:
-                dropped.append(f"{label}: arguments are not valid JSON ({exc.msg})")
-                continue
-            if not isinstance(parsed, dict):
-                dropped.append(f"{label}: arguments are not a JSON object")
-                continue
-            calls.append(ToolCall(id=partial.id, name=partial.name, arguments=arguments))
-        for reason in dropped:
-            logger.warning("dropping incomplete %s", reason)
-        return calls, dropped
-
-
-def _merge_once(current: str, new: Any) -> str:
-    """Set-once field that tolerates repetition and pieces (see ToolCallAccumulator)."""
-    if not isinstance(new, str) or not new or new == current:
-        return current
-    return current + new
 
 
 # --------------------------------------------------------------------------------------
@@ -313,7 +229,83 @@ def with_tool_messages(request: TurnRequest, messages: list[Message]) -> TurnReq
 
 
 # --------------------------------------------------------------------------------------
-# The loop
+# One round of tool calls (both modes)
+
+#: What the client-tool callable of :func:`execute_tool_calls` does: ask the client
+#: to run the call and return its output (any JSON value, or a string).
+ClientTool = Callable[[ToolCall], Awaitable[Any]]
+
+
+async def execute_tool_calls(
+    calls: list[ToolCall],
+    registry: ToolRegistry | None,
+    client_tool: ClientTool | None,
+    *,
+    hop: int,
+    response_id: str = "",
+) -> AsyncIterator[StreamChunk | ToolExecution | ToolOutput]:
+    """Run one round of calls (all concurrently) and stream what the client is told.
+
+    Yields, in order: ``StreamChunk(tool_calls=[...])`` with the calls the *client*
+    must run (names not in ``registry``; ``client_tool`` waits for each answer and
+    owns its timeout), if any; one :class:`ToolExecution` naming every call of the
+    round; then one :class:`ToolOutput` per call, in call order (the outputs given
+    to the model). Server calls run in ``registry``; failures become
+    ``{"error": ...}`` outputs.
+    """
+    client_calls = [c for c in calls if registry is None or c.name not in registry]
+    if client_calls:
+        yield StreamChunk(response_id=response_id, tool_calls=client_calls)
+    yield ToolExecution(
+        response_id=response_id,
+        calls=[c.name for c in calls],
+        call_ids=[c.id for c in calls],
+        hop=hop,
+    )
+    outputs = await _run_calls(calls, registry, client_tool)
+    for call, output in zip(calls, outputs, strict=True):
+        yield ToolOutput(response_id=response_id, call_id=call.id, name=call.name, output=output)
+
+
+class ClientToolWaiters:
+    """Calls sent to the client, each waiting (at most ``timeout_s``) for its ``tool.result``."""
+
+    def __init__(self, timeout_s: float) -> None:
+        self.timeout_s = timeout_s
+        self._waiters: dict[str, asyncio.Future[Any]] = {}
+
+    async def __call__(self, call: ToolCall) -> Any:
+        """The client's output for ``call`` (the call went out as ``chunk.tool_calls``)."""
+        waiter = asyncio.get_running_loop().create_future()
+        self._waiters[call.id] = waiter
+        try:
+            async with asyncio.timeout(self.timeout_s):
+                return await waiter
+        finally:
+            self._waiters.pop(call.id, None)
+
+    def resolve(self, call_id: str, output: Any) -> None:
+        """Hand over the client's ``tool.result``; ProtocolError(400) if nothing waits for it."""
+        waiter = self._waiters.pop(call_id, None)
+        if waiter is None or waiter.done():
+            raise ProtocolError(BAD_REQUEST, f"no tool call {call_id!r} is waiting for a result")
+        waiter.set_result(output)
+
+    def withdraw(self, call_ids: list[str]) -> None:
+        """Calls the provider cancelled: stop waiting, the model gets an error output."""
+        for call_id in call_ids:
+            waiter = self._waiters.pop(call_id, None)
+            if waiter is not None and not waiter.done():
+                waiter.set_result({"error": "tool call cancelled by the provider"})
+
+    def cancel_all(self) -> None:
+        for waiter in self._waiters.values():
+            waiter.cancel()
+        self._waiters.clear()
+
+
+# --------------------------------------------------------------------------------------
+# The loop (per-turn providers)
 
 _USAGE_KEYS = ("prompt_tokens", "completion_tokens", "total_tokens")
 
@@ -322,11 +314,11 @@ async def run_tool_loop(
     call_model: Callable[[list[Message]], AsyncIterator[StreamChunk]],
     registry: ToolRegistry | None,
     *,
-    client_tool: Callable[[ToolCall], Awaitable[str]] | None = None,
+    client_tool: ClientTool | None = None,
     hop_limit: int = 5,
     new_messages: list[Message] | None = None,
     turn_id: str | None = None,
-) -> AsyncIterator[StreamChunk]:
+) -> AsyncIterator[StreamChunk | ToolEvent]:
     """Answer one turn, running tools the model asks for, and stream everything out.
 
     ``call_model(messages)`` starts one model call; ``messages`` is this turn's
@@ -335,18 +327,16 @@ async def run_tool_loop(
 
     Yields, in order:
 
-    * the model's chunks at once (text deltas, warnings), without their
-      ``finish_reason``/``tool_calls``;
-    * when the model asks for tools: ``StreamChunk(tool_calls=[...])`` with the calls
-      the *client* must run (names not in ``registry``; run via ``client_tool``,
-      which owns its timeout), then ``StreamChunk(metadata={"kind": "tool_execution",
-      "calls": [names], "call_ids": [ids]})``; the calls of one response run
-      concurrently; then one ``StreamChunk(metadata={"kind": "tool_result",
-      "call_id", "name", "output"})`` per call, in call order; then the next hop;
-    * when more than ``hop_limit`` rounds of tools would be needed:
-      ``StreamChunk(metadata={"kind": "warning", "code": "tool_limit_reached", ...})``
-      and the final chunk with ``finish_reason="tool_limit_reached"`` (the last
-      requested calls are not run);
+    * the model's chunks at once (text deltas), without their
+      ``finish_reason``/``tool_calls``; warnings a provider put in
+      ``metadata["warnings"]`` become :class:`WarningEvent` (code ``provider_stream``);
+    * when the model asks for tools: what :func:`execute_tool_calls` yields
+      (client calls in ``chunk.tool_calls``, :class:`ToolExecution`, one
+      :class:`ToolOutput` per call); then the next hop;
+    * when more than ``hop_limit`` rounds of tools would be needed: a
+      :class:`WarningEvent` with code ``tool_limit_reached`` and the final chunk
+      with ``finish_reason="tool_limit_reached"`` (the last requested calls are
+      not run);
     * last: ``StreamChunk(finish_reason=..., metadata={"usage": <summed over hops>,
       "hops": n})``.
 
@@ -387,6 +377,8 @@ async def run_tool_loop(
                 # Everything else goes out at once; usage is summed for the final chunk.
                 metadata = dict(chunk.metadata or {})
                 _add_usage(usage, metadata.pop("usage", None))
+                for warning in _pop_warnings(metadata):
+                    yield WarningEvent(code="provider_stream", message=warning)
                 passthrough = chunk.model_copy(
                     update={"finish_reason": None, "tool_calls": None, "metadata": metadata or None}
                 )
@@ -407,53 +399,40 @@ async def run_tool_loop(
             if text:
                 # What the user heard is kept; the calls that were not run are not.
                 sink.append(_assistant_message(text, turn_id))
-            yield StreamChunk(
-                metadata={
-                    "kind": "warning",
-                    "code": "tool_limit_reached",
-                    "message": f"tool hop limit ({hop_limit}) reached; calls not run: {names}",
-                    "calls": names,
-                }
+            yield WarningEvent(
+                code="tool_limit_reached",
+                message=f"tool hop limit ({hop_limit}) reached; calls not run: {names}",
+                calls=names,
             )
             yield StreamChunk(finish_reason="tool_limit_reached", metadata=_final_meta(usage, hops))
             return
 
         hops += 1
-        client_calls = [c for c in calls if registry is None or c.name not in registry]
-        if client_calls:
-            yield StreamChunk(tool_calls=client_calls)
-        yield StreamChunk(
-            metadata={
-                "kind": "tool_execution",
-                "calls": [c.name for c in calls],
-                "call_ids": [c.id for c in calls],
-                "hop": hops,
-            }
-        )
-        outputs = await _run_calls(calls, registry, client_tool)
+        results: list[ToolOutput] = []
+        async with aclosing(execute_tool_calls(calls, registry, client_tool, hop=hops)) as events:
+            async for event in events:
+                if isinstance(event, ToolOutput):
+                    results.append(event)  # all come at once, after every call has run
+                else:
+                    yield event
+        # The exchange is complete (and kept, even if the turn is cut now) before
+        # its results go out.
         call_msg = tool_call_message(calls, text, turn_id)
         result_msgs = [
-            tool_result_message(c, out, turn_id) for c, out in zip(calls, outputs, strict=True)
+            tool_result_message(c, r.output, turn_id) for c, r in zip(calls, results, strict=True)
         ]
         messages.append(call_msg)
         messages.extend(result_msgs)
         sink.append(call_msg)
         sink.extend(result_msgs)
-        for call, output in zip(calls, outputs, strict=True):
-            yield StreamChunk(
-                metadata={
-                    "kind": "tool_result",
-                    "call_id": call.id,
-                    "name": call.name,
-                    "output": output,
-                }
-            )
+        for result in results:
+            yield result
 
 
 async def _run_calls(
     calls: list[ToolCall],
     registry: ToolRegistry | None,
-    client_tool: Callable[[ToolCall], Awaitable[str]] | None,
+    client_tool: ClientTool | None,
 ) -> list[str]:
     """Run all calls of one response concurrently; results in call order."""
 
@@ -475,6 +454,13 @@ async def _run_calls(
     async with asyncio.TaskGroup() as tg:
         tasks = [tg.create_task(one(call)) for call in calls]
     return [task.result() for task in tasks]
+
+
+def _pop_warnings(metadata: dict[str, Any]) -> list[str]:
+    warnings = metadata.pop("warnings", None)
+    if not isinstance(warnings, list):
+        return []
+    return [str(w) for w in warnings]
 
 
 def _assistant_message(text: str, turn_id: str | None) -> Message:

@@ -14,14 +14,22 @@ from contextlib import AsyncExitStack, aclosing
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from duplex.protocol import ImageFrame, Message, SessionConfig, StreamChunk, ToolCall, new_id
+from duplex.protocol import (
+    ImageFrame,
+    Message,
+    SessionConfig,
+    StreamChunk,
+    ToolEvent,
+    ToolOutput,
+    new_id,
+)
 from server.idempotency import TurnLocks
 from server.limits import SessionLimits
 from server.providers.base import AudioClip, TurnRequest, UnaryProvider
 from server.providers.catalog import ProviderCatalog
 from server.reply_audio import ReplyAudio, ReplyResamplers
 from server.state.base import StateStore, StreamEvent
-from server.tools import ToolRegistry, run_tool_loop, with_tool_messages
+from server.tools import ClientTool, ToolRegistry, run_tool_loop, with_tool_messages
 
 
 class TurnHost(Protocol):
@@ -44,9 +52,6 @@ class TurnHost(Protocol):
     def turn_locks(self) -> TurnLocks: ...
     def instructions(self) -> str: ...
     def messages(self) -> Awaitable[list[Message]]: ...
-
-
-ClientTool = Callable[[ToolCall], Awaitable[Any]]
 
 
 @dataclass
@@ -113,7 +118,8 @@ class TurnRunner:
             tools=session.tools.merge_specs(session.config.tools),
         )
 
-    async def chunks(self) -> AsyncIterator[StreamChunk]:
+    async def chunks(self) -> AsyncIterator[StreamChunk | ToolEvent]:
+        """The response's chunks and its typed tool events (``tool.execution``, ...)."""
         session = self.session
         if self.turn.request_id:
             await self._exit.enter_async_context(
@@ -153,9 +159,15 @@ class TurnRunner:
             stream = catalog.tts(config.voice).speak_stream(stream)
         async with aclosing(stream):
             async for chunk in stream:
+                if not isinstance(chunk, StreamChunk):
+                    chunk.response_id = self.response_id
+                    if isinstance(chunk, ToolOutput):
+                        await self._persist_tool_output(chunk)
+                    yield chunk
+                    continue
                 if not self._track(chunk):
                     continue
-                if chunk.delta or chunk.metadata is not None:
+                if chunk.delta:
                     await self._persist(chunk)
                 yield chunk
         await self._flush()
@@ -165,7 +177,7 @@ class TurnRunner:
         False when nothing is left to send (audio the resampler is still holding).
 
         Synchronous: an audio chunk, most of a reply, costs no coroutine; only text
-        and tool results go on to ``_persist``.
+        goes on to ``_persist``.
         """
         if chunk.response_id != self.response_id:
             chunk.response_id = self.response_id
@@ -180,14 +192,17 @@ class TurnRunner:
         return True
 
     async def _persist(self, chunk: StreamChunk) -> None:
-        """The answer's text so far, and tool results, as stream events."""
-        meta = chunk.metadata or {}
+        """The answer's text so far, as stream events."""
         if chunk.delta:
             self.hop_text.append(chunk.delta)
             await self._persist_delta(chunk.delta)
-        elif meta.get("kind") == "tool_result":
-            self.hop_text.clear()
-            await self._persist_event("tool_result", meta)
+
+    async def _persist_tool_output(self, event: ToolOutput) -> None:
+        """A tool result, as a stream event; the text heard restarts with the next hop."""
+        self.hop_text.clear()
+        await self._persist_event(
+            "tool_result", event.model_dump(include={"call_id", "name", "output"})
+        )
 
     async def _stored_answer(self, request_id: str) -> Message | None:
         for message in reversed(await self.session.messages()):

@@ -17,12 +17,14 @@ from websockets.exceptions import ConnectionClosed
 from duplex.protocol import (
     ErrorEvent,
     ImageFrame,
+    ProviderReconnect,
     ResponseDone,
     ResponseStarted,
     SessionConfig,
     SpeechStarted,
     SpeechStopped,
     StreamChunk,
+    ToolCancelled,
     ToolSpec,
     Transcript,
 )
@@ -212,7 +214,7 @@ async def test_spoken_turn_is_answered_with_audio_and_transcripts() -> None:
     assert len(media) == 4
     assert {(m.mime_type, m.sample_rate, m.channels) for m in media} == {("audio/pcm", 24000, 1)}
     assert all(len(m.data) == 24000 * 20 // 1000 * 2 for m in media)
-    spoken = [c.delta for c in chunks(got) if c.metadata == {"kind": "transcript"}]
+    spoken = [c.delta for c in chunks(got) if c.transcript]
     assert "".join(d or "" for d in spoken) == fake.reply_text
     assert all(c.response_id == rid for c in chunks(got))
     finals = [e for e in got if isinstance(e, Transcript) and e.final]
@@ -274,7 +276,7 @@ async def test_cancel_response_drops_the_rest_of_that_answer() -> None:
     assert not any(isinstance(e, ResponseDone) for e in after)
     started = [e for e in after if isinstance(e, ResponseStarted)]
     assert len(started) == 1 and started[0].response_id != rid
-    spoken = [c.delta or "" for c in chunks(after) if c.metadata == {"kind": "transcript"}]
+    spoken = [c.delta or "" for c in chunks(after) if c.transcript]
     assert "".join(spoken) == "You said: never mind"
     assert fake.connections[0].messages[-1] == {"realtimeInput": {"text": "never mind"}}
 
@@ -346,15 +348,8 @@ async def test_plain_tool_output_is_wrapped_and_cancellation_is_reported() -> No
         first = await until(events, is_done("tool_calls"))
         call = next(tc for c in chunks(first) for tc in c.tool_calls or [])
         await s.send_audio(tone(CHUNK_MS))  # the user speaks instead of waiting
-        got = await until(
-            events,
-            lambda e: (
-                isinstance(e, StreamChunk)
-                and e.metadata is not None
-                and e.metadata.get("kind") == "tool_call_cancellation"
-            ),
-        )
-        assert got[-1].metadata == {"kind": "tool_call_cancellation", "ids": [call.id]}  # type: ignore[union-attr]
+        got = await until(events, lambda e: isinstance(e, ToolCancelled))
+        assert got[-1].call_ids == [call.id]  # type: ignore[union-attr]
         await s.send_tool_result(call.id, "get_weather", "sunny")
         await fake.wait_until(lambda: len(fake.tool_responses) == 1)
     assert fake.tool_responses[0]["response"] == {"output": "sunny"}
@@ -412,7 +407,8 @@ async def test_dropped_connection_mid_response_reconnects() -> None:
         rid = started_id(cut)
         assert isinstance(cut[-1], ResponseDone)
         assert (cut[-1].response_id, cut[-1].finish_reason) == (rid, "interrupted")
-        assert any(c.interrupted and c.metadata == {"kind": "reconnect"} for c in chunks(cut))
+        assert any(c.interrupted for c in chunks(cut))
+        assert [e.response_id for e in cut if isinstance(e, ProviderReconnect)] == [rid]
         await s.send_text("are you still there")  # buffered if the reconnection is under way
         again = await until(events, is_done())
     assert len(fake.connections) == 2
@@ -420,7 +416,7 @@ async def test_dropped_connection_mid_response_reconnects() -> None:
     assert fake.connections[1].resumed_from in fake.connections[0].handles
     assert isinstance(again[-1], ResponseDone) and again[-1].finish_reason == "stop"
     assert again[-1].response_id != rid
-    spoken = "".join(c.delta or "" for c in chunks(again) if c.metadata == {"kind": "transcript"})
+    spoken = "".join(c.delta or "" for c in chunks(again) if c.transcript)
     assert spoken == "You said: are you still there"
     assert not any(isinstance(e, ErrorEvent) for e in cut + again)
 

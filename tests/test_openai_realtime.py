@@ -119,11 +119,7 @@ def audio_of(events: list[RealtimeEvent]) -> list[StreamChunk]:
 
 
 def transcript_of(events: list[RealtimeEvent]) -> str:
-    return "".join(
-        e.delta or ""
-        for e in events
-        if isinstance(e, StreamChunk) and (e.metadata or {}).get("kind") == "transcript"
-    )
+    return "".join(e.delta or "" for e in events if isinstance(e, StreamChunk) and e.transcript)
 
 
 def without_event_id(event: dict[str, Any]) -> dict[str, Any]:

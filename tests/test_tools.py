@@ -12,10 +12,20 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from duplex.protocol import Message, SessionConfig, StreamChunk, ToolCall, ToolSpec
+from duplex.protocol import (
+    Message,
+    SessionConfig,
+    StreamChunk,
+    ToolCall,
+    ToolExecution,
+    ToolOutput,
+    ToolSpec,
+    WarningEvent,
+)
 from server.providers.base import TurnRequest
 from server.providers.openai_chat import OpenAIChatProvider
-from server.tools import ToolCallAccumulator, ToolRegistry, run_tool_loop, with_tool_messages
+from server.providers.tool_calls import ToolCallAccumulator
+from server.tools import ToolRegistry, run_tool_loop, with_tool_messages
 from tests.fakes.openai_http import ChatReply, FakeToolCall, run_fake
 
 CHAT = "/v1/chat/completions"
@@ -227,8 +237,13 @@ async def run_loop(
             return [chunk async for chunk in stream]
 
 
-def kinds(chunks: list[StreamChunk]) -> list[str]:
-    return [(c.metadata or {}).get("kind", "") for c in chunks]
+def kinds(items: list[Any]) -> list[str]:
+    """The wire type of each typed event ("" for a plain chunk)."""
+    return ["" if isinstance(c, StreamChunk) else c.type for c in items]
+
+
+def text(items: list[Any]) -> str:
+    return "".join(c.delta or "" for c in items if isinstance(c, StreamChunk))
 
 
 async def test_parallel_calls_run_concurrently() -> None:
@@ -261,9 +276,11 @@ async def test_parallel_calls_run_concurrently() -> None:
         second = fake.requests_to(CHAT)[1].json["messages"]
     assert [kind for kind, _ in events[:2]] == ["start", "start"]
     assert {kind for kind, _ in events[2:]} == {"end"}
-    results = [c.metadata for c in chunks if kinds([c]) == ["tool_result"]]
-    assert [json.loads(r["output"])["city"] for r in results if r] == ["Oslo", "Rome"]
-    assert not any(c.tool_calls for c in chunks)  # server tools are not sent to the client
+    results = [c for c in chunks if isinstance(c, ToolOutput)]
+    assert [json.loads(r.output)["city"] for r in results] == ["Oslo", "Rome"]
+    assert not any(
+        isinstance(c, StreamChunk) and c.tool_calls for c in chunks
+    )  # server tools are not sent to the client
     assert second[-3]["tool_calls"][0]["id"] == calls[0].id
     assert second[-2:] == [
         {"role": "tool", "tool_call_id": calls[0].id, "content": '{"city": "Oslo", "temp": 20}'},
@@ -294,12 +311,16 @@ async def test_two_hops_then_an_answer() -> None:
         await provider.aclose()
         sent = [r.json["messages"] for r in fake.requests_to(CHAT)]
     assert len(sent) == 3
-    assert "".join(c.delta or "" for c in chunks) == "Adding first.5, and sunny."
+    assert text(chunks) == "Adding first.5, and sunny."
     assert chunks[-1].finish_reason == "stop"
     assert chunks[-1].metadata is not None
     assert chunks[-1].metadata["hops"] == 2
     assert chunks[-1].metadata["usage"]["total_tokens"] > 0  # summed over the three calls
-    assert kinds(chunks).count("tool_execution") == 2
+    executions = [c for c in chunks if isinstance(c, ToolExecution)]
+    assert [(e.calls, e.call_ids, e.hop) for e in executions] == [
+        (["add"], [add_call.id], 1),
+        (["weather"], [weather_call.id], 2),
+    ]
     # The user content stays where it was; this turn's exchange follows it, in order.
     user_index = 3
     for messages in sent:
@@ -362,9 +383,9 @@ async def test_hop_limit_ends_the_loop() -> None:
         await provider.aclose()
         assert len(fake.requests_to(CHAT)) == 2
     assert chunks[-1].finish_reason == "tool_limit_reached"
-    warning = next(c for c in chunks if kinds([c]) == ["warning"])
-    assert warning.metadata is not None and warning.metadata["code"] == "tool_limit_reached"
-    assert kinds(chunks).count("tool_result") == 1  # the second request was not run
+    warning = next(c for c in chunks if isinstance(c, WarningEvent))
+    assert warning.code == "tool_limit_reached" and warning.calls == ["add"]
+    assert kinds(chunks).count("tool.output") == 1  # the second request was not run
     assert [(m.role, m.content) for m in new_messages][-1] == ("assistant", "Once more.")
     assert "tool_calls" not in new_messages[-1].metadata
 
@@ -390,17 +411,17 @@ async def test_client_side_tool_goes_through_the_callable() -> None:
         async with asyncio.timeout(10):
             async for chunk in run_tool_loop(call_model, registry, client_tool=client_tool):
                 req_chunks.append(chunk)
-                if chunk.tool_calls:
+                if isinstance(chunk, StreamChunk) and chunk.tool_calls:
                     order.append("chunk.tool_calls")
         await provider.aclose()
         second = fake.requests_to(CHAT)[1].json["messages"]
-    client_chunk = next(c for c in req_chunks if c.tool_calls)
+    client_chunk = next(c for c in req_chunks if isinstance(c, StreamChunk) and c.tool_calls)
     assert client_chunk.tool_calls == [
         ToolCall(id=door.id, name="open_door", arguments=door.arguments)
     ]
     assert order == ["chunk.tool_calls", 'client:open_door:{"door": "front"}']
-    execution = next(c for c in req_chunks if kinds([c]) == ["tool_execution"])
-    assert execution.metadata is not None and execution.metadata["calls"] == ["open_door", "add"]
+    execution = next(c for c in req_chunks if isinstance(c, ToolExecution))
+    assert execution.calls == ["open_door", "add"] and execution.call_ids == [door.id, add.id]
     assert second[-2:] == [
         {"role": "tool", "tool_call_id": door.id, "content": '{"opened": true}'},
         {"role": "tool", "tool_call_id": add.id, "content": '{"sum": 3}'},
@@ -449,8 +470,8 @@ async def test_tool_timeout_is_reported_to_the_model() -> None:
         tool_message = fake.requests_to(CHAT)[1].json["messages"][-1]
     assert tool_message["role"] == "tool"
     assert "timed out" in json.loads(tool_message["content"])["error"]
-    result = next(c for c in chunks if kinds([c]) == ["tool_result"])
-    assert result.metadata is not None and "timed out" in result.metadata["output"]
+    result = next(c for c in chunks if isinstance(c, ToolOutput))
+    assert "timed out" in result.output
     assert chunks[-1].finish_reason == "stop"
 
 
@@ -482,13 +503,13 @@ async def test_text_before_a_tool_call_is_streamed_at_once() -> None:
             async with aclosing(loop) as stream:
                 async for chunk in stream:
                     seen.append(chunk)
-                    if kinds([chunk]) == ["tool_execution"]:
+                    if isinstance(chunk, ToolExecution):
                         # The text was already delivered while the tool has not finished.
-                        assert "".join(c.delta or "" for c in seen) == "Let me look."
+                        assert text(seen) == "Let me look."
                         release.set()
         await provider.aclose()
     assert tool_started.is_set()
-    assert "".join(c.delta or "" for c in seen) == "Let me look.Found it."
+    assert text(seen) == "Let me look.Found it."
 
 
 async def test_cancelling_the_loop_cancels_running_tools() -> None:

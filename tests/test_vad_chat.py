@@ -87,8 +87,14 @@ async def test_tool_loop_of_two_hops(server_factory):
             events = await c.ask("Weather in Paris and Rome?")
         assert seen == ["Paris", "Rome"]
         assert events[-1]["finish_reason"] == "stop"
-        kinds = [e.get("metadata", {}).get("kind") for e in events if e["type"] == "chunk"]
-        assert kinds.count("tool_execution") == 2
+        executions = [e for e in events if e["type"] == "tool.execution"]
+        assert [(e["calls"], e["hop"]) for e in executions] == [
+            (["get_weather"], 1),
+            (["get_weather"], 2),
+        ]
+        outputs = [json.loads(e["output"]) for e in events if e["type"] == "tool.output"]
+        assert len(outputs) == 2
+        assert not any(e.get("metadata", {}).get("kind") for e in events if e["type"] == "chunk")
         assert len(fake.requests_to("/v1/chat/completions")) == 3
         async with httpx.AsyncClient(
             base_url=server.base, headers={"Authorization": f"Bearer {TOKEN}"}
@@ -114,8 +120,9 @@ async def test_hop_limit_reached(server_factory):
             await use_chat(c)
             events = await c.ask("loop forever")
         assert events[-1]["finish_reason"] == "tool_limit_reached"
-        warnings = [e for e in events if e.get("metadata", {}).get("kind") == "warning"]
-        assert warnings and warnings[0]["metadata"]["code"] == "tool_limit_reached"
+        warnings = [e for e in events if e["type"] == "warning"]
+        assert warnings and warnings[0]["code"] == "tool_limit_reached"
+        assert warnings[0]["calls"] == ["again"]
         assert len(fake.requests_to("/v1/chat/completions")) == 3
 
 

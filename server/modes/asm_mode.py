@@ -1,4 +1,5 @@
-"""ASM mode: one long realtime provider session; input forwarded, output mapped back.
+"""ASM (Audio Streaming Model) mode: one long realtime provider session; input
+forwarded, output mapped back.
 
 The provider session opens on the first input and closes with the duplex
 session. Audio is decoded and resampled by the same ingest path as VAD mode;
@@ -9,7 +10,8 @@ our webrtcvad drives turns only when ``turn_detection.provider_vad`` is
 from __future__ import annotations
 
 import asyncio
-import json
+from collections.abc import AsyncIterator
+from contextlib import aclosing
 from typing import Any
 
 import numpy as np
@@ -21,6 +23,7 @@ from duplex.protocol import (
     ImageFrame,
     Message,
     ProtocolError,
+    ProviderReconnect,
     ResponseDone,
     ResponseStarted,
     SessionConfig,
@@ -29,6 +32,9 @@ from duplex.protocol import (
     StreamChunk,
     TextChunk,
     ToolCall,
+    ToolCancelled,
+    ToolExecution,
+    ToolOutput,
     Transcript,
     TurnEnded,
     VideoChunk,
@@ -42,6 +48,7 @@ from server.modes.audio_ingest import VAD_RATE, AudioIngest
 from server.modes.base import Mode, SessionPort
 from server.providers.base import ProviderError, RealtimeSession, RealtimeSetup
 from server.reply_audio import ReplyAudio
+from server.tools import ClientToolWaiters, execute_tool_calls
 from vad import turns as vt
 
 
@@ -70,7 +77,8 @@ class AsmMode(Mode):
         self._text: list[str] = []
         self._responses: dict[str, _Response] = {}
         self._current: _Response | None = None
-        self._client_calls: dict[str, ToolCall] = {}
+        self._client_tools = ClientToolWaiters(session.limits.client_tool_timeout_s)
+        self._hops = 0  # rounds of tools since the user's last turn
 
     # ---- provider session -----------------------------------------------------------
 
@@ -115,6 +123,13 @@ class AsmMode(Mode):
                 await session.emit(event)
                 await self._record(event.response_id, event.finish_reason)
             case SpeechStarted() | SpeechStopped() | TurnEnded():
+                if not isinstance(event, SpeechStopped):
+                    self._hops = 0  # the user speaks: a new turn
+                await session.emit(event)
+            case ToolCancelled():
+                self._client_tools.withdraw(event.call_ids)
+                await session.emit(event)
+            case ProviderReconnect():
                 await session.emit(event)
             case Transcript():
                 await session.emit(event)
@@ -147,30 +162,50 @@ class AsmMode(Mode):
             chunk = chunk.model_copy(update={"media": media})
         if chunk.delta:
             response.text.append(chunk.delta)
-        await self.session.emit(chunk_event(chunk))
-        if chunk.tool_calls:
-            await self._run_tools(chunk.tool_calls)
+        calls = chunk.tool_calls
+        if calls:
+            # The executor tells the client which calls are its own (as in VAD mode).
+            chunk = chunk.model_copy(update={"tool_calls": None})
+            if chunk.model_dump(exclude_none=True).keys() > {"response_id"}:
+                await self.session.emit(chunk_event(chunk))
+            await self._run_tools(chunk.response_id, calls)
+        else:
+            await self.session.emit(chunk_event(chunk))
 
-    async def _run_tools(self, calls: list[ToolCall]) -> None:
-        registry = self.session.tools
-        server_calls = [c for c in calls if c.name in registry]
-        for call in calls:
-            if call.name not in registry:
-                self._client_calls[call.id] = call  # the client answers with tool.result
-        if server_calls:
-            self.session.spawn(self._run_server_tools(server_calls), "tools")
+    async def _run_tools(self, response_id: str, calls: list[ToolCall]) -> None:
+        """One round of tools through the same executor as VAD mode.
 
-    async def _run_server_tools(self, calls: list[ToolCall]) -> None:
-        registry = self.session.tools
-        await self.session.emit(
-            chunk_event(
-                StreamChunk(metadata={"kind": "tool_execution", "calls": [c.name for c in calls]})
-            )
+        What the client is told before the calls run (its own calls, then
+        ``tool.execution``) goes out now, inside the calling response; the calls
+        run in a task, and their outputs go to the client, then to the provider.
+        """
+        self._hops += 1
+        events = execute_tool_calls(
+            calls,
+            self.session.tools,
+            self._client_tools,
+            hop=self._hops,
+            response_id=response_id,
         )
-        outputs = await asyncio.gather(*(registry.run(c) for c in calls))
+        async for event in events:
+            await self._emit_tool_event(event)
+            if isinstance(event, ToolExecution):
+                break  # the generator is not closed: _finish_tools goes on with it
+        self.session.spawn(self._finish_tools(events), "tools")
+
+    async def _finish_tools(self, events: AsyncIterator[Any]) -> None:
+        outputs: list[ToolOutput] = []
+        async with aclosing(events):  # type: ignore[type-var]
+            async for event in events:
+                if isinstance(event, ToolOutput):
+                    outputs.append(event)
+                await self._emit_tool_event(event)
         rt = await self._provider()
-        for call, output in zip(calls, outputs, strict=True):
-            await rt.send_tool_result(call.id, call.name, output)
+        for output in outputs:
+            await rt.send_tool_result(output.call_id, output.name, output.output)
+
+    async def _emit_tool_event(self, event: Any) -> None:
+        await self.session.emit(chunk_event(event) if isinstance(event, StreamChunk) else event)
 
     async def _record(self, response_id: str, finish_reason: str) -> None:
         response = self._responses.pop(response_id, None)
@@ -223,6 +258,7 @@ class AsmMode(Mode):
             case vt.SpeechEnd():
                 await session.emit(SpeechStopped(audio_end_ms=event.end_ms))
             case vt.TurnEnd():
+                self._hops = 0
                 await session.emit(
                     TurnEnded(
                         turn_id=new_id("turn"),
@@ -237,6 +273,7 @@ class AsmMode(Mode):
         if chunk.final:
             text = "".join(self._text)
             self._text.clear()
+            self._hops = 0
             rt = await self._provider()
             await self.session.store.append_messages(
                 self.session.id, [Message(role="user", content=text)]
@@ -260,6 +297,7 @@ class AsmMode(Mode):
         rt = await self._provider()
         if self._ingest is not None and self._ingest.manual:
             self._ingest.commit()  # our copy of the turn's audio is not needed
+        self._hops = 0
         await rt.commit()
 
     async def on_cancel(self, msg_id: str | None) -> None:
@@ -276,12 +314,7 @@ class AsmMode(Mode):
             await self._rt.truncate(response_id, played_ms)
 
     async def on_tool_result(self, call_id: str, output: Any, msg_id: str | None) -> None:
-        call = self._client_calls.pop(call_id, None)
-        if call is None:
-            raise ProtocolError(BAD_REQUEST, f"no tool call {call_id!r} is waiting for a result")
-        rt = await self._provider()
-        text = output if isinstance(output, str) else json.dumps(output)
-        await rt.send_tool_result(call_id, call.name, text)
+        self._client_tools.resolve(call_id, output)
 
     async def reconfigure(self, old: SessionConfig) -> None:
         new = self.session.config
@@ -307,4 +340,5 @@ class AsmMode(Mode):
 
     async def close(self) -> None:
         self._frames.close()
+        self._client_tools.cancel_all()
         await self._close_provider()

@@ -29,7 +29,6 @@ from duplex.protocol import (
     SpeechStopped,
     StreamChunk,
     TextChunk,
-    ToolCall,
     Transcript,
     TurnEnded,
     VideoChunk,
@@ -42,6 +41,7 @@ from server.modes.audio_ingest import VAD_RATE, AudioIngest
 from server.modes.base import Mode, SessionPort
 from server.providers.base import AudioClip, ProviderError
 from server.reply_audio import ReplyResamplers
+from server.tools import ClientToolWaiters
 from server.turn_runner import Turn, TurnRunner
 from vad import turns as vt
 
@@ -75,7 +75,7 @@ class VadMode(Mode):
         self._ingest: AudioIngest | None = None
         self._active: _Active | None = None
         self._resamplers = ReplyResamplers()  # responses stream one at a time
-        self._tool_waiters: dict[str, asyncio.Future[Any]] = {}
+        self._client_tools = ClientToolWaiters(limits.client_tool_timeout_s)
         self._worker = session.spawn(self._work(), "turns")
 
     # ---- input ----------------------------------------------------------------------
@@ -154,10 +154,7 @@ class VadMode(Mode):
             active.reported.set()
 
     async def on_tool_result(self, call_id: str, output: Any, msg_id: str | None) -> None:
-        waiter = self._tool_waiters.pop(call_id, None)
-        if waiter is None or waiter.done():
-            raise ProtocolError(BAD_REQUEST, f"no tool call {call_id!r} is waiting for a result")
-        waiter.set_result(output)
+        self._client_tools.resolve(call_id, output)
 
     async def reconfigure(self, old: SessionConfig) -> None:
         new = self.session.config
@@ -167,8 +164,7 @@ class VadMode(Mode):
 
     async def close(self) -> None:
         self._frames.close()
-        for waiter in self._tool_waiters.values():
-            waiter.cancel()
+        self._client_tools.cancel_all()
 
     # ---- turns ----------------------------------------------------------------------
 
@@ -262,7 +258,7 @@ class VadMode(Mode):
             turn,
             output_rate=session.config.output_audio.sample_rate,
             resamplers=self._resamplers,
-            client_tool=self._client_tool,
+            client_tool=self._client_tools,
             on_transcript=lambda text: session.emit(Transcript(turn_id=turn.turn_id, text=text)),
         )
         active = self._active = _Active(runner)
@@ -303,19 +299,9 @@ class VadMode(Mode):
             self._active = None
             await runner.record(reason, active.played_ms if reason == "interrupted" else None)
 
-    async def _client_tool(self, call: ToolCall) -> Any:
-        """Wait for the client's ``tool.result`` (the call went out as ``chunk.tool_calls``)."""
-        waiter = asyncio.get_running_loop().create_future()
-        self._tool_waiters[call.id] = waiter
-        try:
-            async with asyncio.timeout(self.session.limits.client_tool_timeout_s):
-                return await waiter
-        finally:
-            self._tool_waiters.pop(call.id, None)
-
     async def _stream(self, runner: TurnRunner) -> None:
         async for chunk in runner.chunks():
-            await self.session.emit(chunk_event(chunk))
+            await self.session.emit(chunk_event(chunk) if isinstance(chunk, StreamChunk) else chunk)
 
     def _cancel_active(self, reason: str) -> None:
         active = self._streaming()

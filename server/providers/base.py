@@ -18,12 +18,14 @@ from duplex.protocol import (
     ErrorEvent,
     ImageFrame,
     Message,
+    ProviderReconnect,
     ResponseDone,
     ResponseStarted,
     SessionConfig,
     SpeechStarted,
     SpeechStopped,
     StreamChunk,
+    ToolCancelled,
     ToolSpec,
     Transcript,
 )
@@ -97,8 +99,6 @@ class TurnRequest:
 class UnaryProvider(ABC):
     """One streamed call per turn."""
 
-    name: str = "unary"
-
     @abstractmethod
     def stream(self, request: TurnRequest) -> AsyncIterator[StreamChunk]:
         """Yield the reply as StreamChunks; the last carries ``finish_reason``.
@@ -119,6 +119,8 @@ RealtimeEvent = (
     | SpeechStarted
     | SpeechStopped
     | Transcript
+    | ToolCancelled
+    | ProviderReconnect
     | ErrorEvent
 )
 
@@ -171,7 +173,6 @@ class RealtimeSession(ABC):
 
 
 class RealtimeProvider(ABC):
-    name: str = "realtime"
     #: The rate the mode resamples input audio to before ``send_audio``.
     input_sample_rate: int = 16000
 

@@ -24,8 +24,6 @@ class EchoProvider(UnaryProvider):
     """``pace`` 1.0 streams reply audio at real time (so barge-in has something to
     interrupt); 0 streams as fast as possible."""
 
-    name = "echo"
-
     def __init__(self, pace: float = 1.0) -> None:
         self.pace = pace
 

@@ -6,7 +6,7 @@ minutes (announced by ``goAway``) and networks drop, so the session resumes
 with the latest ``sessionResumptionUpdate.newHandle`` and replays the client
 input the handle does not cover. Everything the user said or showed since the
 last covered message is kept in a bounded replay buffer until a handle covers
-it; see ``docs/providers-gemini-live.md`` for the exact rules.
+it; see "Resumption and replay" in docs/providers.md for the exact rules.
 
 Wire facts (camelCase JSON, as the WebSocket API takes it): the first client
 message is ``setup`` and the server answers ``setupComplete``; input audio is
@@ -41,12 +41,14 @@ from duplex.protocol import (
     FinishReason,
     ImageFrame,
     Media,
+    ProviderReconnect,
     ResponseDone,
     ResponseStarted,
     SpeechStarted,
     SpeechStopped,
     StreamChunk,
     ToolCall,
+    ToolCancelled,
     ToolSpec,
     Transcript,
     new_id,
@@ -86,7 +88,7 @@ def build_setup(setup: RealtimeSetup, *, model: str, handle: str | None = None) 
     """The ``setup`` body for this Duplex session (``handle`` set when resuming).
 
     Options come from ``config.provider_options`` overridden by ``setup.options``;
-    the keys are documented in docs/providers-gemini-live.md.
+    the keys are documented in docs/providers.md ("Gemini Live", "Settings").
     """
     cfg = setup.config
     opts: dict[str, Any] = {**cfg.provider_options, **setup.options}
@@ -354,7 +356,6 @@ class _Conn:
 class GeminiLiveProvider(RealtimeProvider):
     """Opens Gemini Live sessions; one provider instance serves many sessions."""
 
-    name = "gemini_live"
     input_sample_rate = INPUT_SAMPLE_RATE
 
     def __init__(
@@ -838,9 +839,8 @@ class GeminiLiveSession(RealtimeSession):
             for call_id in ids:
                 self._tool_names.pop(call_id, None)
             self._emit(
-                StreamChunk(
-                    response_id=self._response_id or self._last_response_id or "",
-                    metadata={"kind": "tool_call_cancellation", "ids": ids},
+                ToolCancelled(
+                    response_id=self._response_id or self._last_response_id or "", call_ids=ids
                 )
             )
         if isinstance(msg.get("goAway"), dict):
@@ -904,11 +904,7 @@ class GeminiLiveSession(RealtimeSession):
         out = sc.get("outputTranscription")
         if isinstance(out, dict) and out.get("text") and not self._suppress:
             rid = self._begin_response()
-            self._emit(
-                StreamChunk(
-                    response_id=rid, delta=str(out["text"]), metadata={"kind": "transcript"}
-                )
-            )
+            self._emit(StreamChunk(response_id=rid, delta=str(out["text"]), transcript=True))
 
         if sc.get("generationComplete"):
             self._log.debug("generationComplete for %s", self._response_id)
@@ -1023,17 +1019,13 @@ class GeminiLiveSession(RealtimeSession):
             self._emit(Transcript(text=text, final=True))
 
     def _cut_response_for_reconnect(self) -> None:
-        """A response cut by a lost connection ends like a barge-in: queued output is dropped."""
+        """Say the connection is being reopened; a response cut by it ends like a barge-in
+        (queued output is dropped)."""
         self._suppress = False
         self._flush_transcript()
+        self._emit(ProviderReconnect(response_id=self._response_id))
         if self._response_id is not None:
-            self._emit(
-                StreamChunk(
-                    response_id=self._response_id,
-                    interrupted=True,
-                    metadata={"kind": "reconnect"},
-                )
-            )
+            self._emit(StreamChunk(response_id=self._response_id, interrupted=True))
             self._end_response("interrupted")
 
     def _fail(self, message: str, upstream_code: str | None) -> None:

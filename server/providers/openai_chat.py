@@ -35,7 +35,7 @@ import httpx
 
 from duplex.protocol import ImageFrame, Message, StreamChunk, ToolCall
 from server.providers.base import AudioClip, ProviderError, TurnRequest, UnaryProvider
-from server.tools import ToolCallAccumulator
+from server.providers.tool_calls import ToolCallAccumulator
 
 logger = logging.getLogger(__name__)
 
@@ -341,8 +341,6 @@ class OpenAIChatProvider(OpenAIHTTPClient, UnaryProvider):
     The final chunk's ``metadata`` may hold ``usage``, ``warnings`` (dropped
     calls, skipped malformed chunks) and ``content_filter: true``.
     """
-
-    name = "openai-chat"
 
     def __init__(
         self,

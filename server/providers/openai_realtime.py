@@ -271,7 +271,6 @@ def _finish_reason(response: dict[str, Any], state: _ResponseState | None) -> Fi
 class OpenAIRealtimeProvider(RealtimeProvider):
     """Factory for OpenAI Realtime sessions; holds only settings, no connections."""
 
-    name = "openai_realtime"
     input_sample_rate = SAMPLE_RATE
 
     def __init__(
@@ -719,11 +718,7 @@ class OpenAIRealtimeSession(RealtimeSession):
             return [StreamChunk(response_id=event["response_id"], media=media)]
         if kind == "response.output_audio_transcript.delta":
             return [
-                StreamChunk(
-                    response_id=event["response_id"],
-                    delta=event["delta"],
-                    metadata={"kind": "transcript"},
-                )
+                StreamChunk(response_id=event["response_id"], delta=event["delta"], transcript=True)
             ]
         if kind == "response.output_item.added":
             item = event["item"]

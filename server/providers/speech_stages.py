@@ -20,7 +20,7 @@ from typing import Any
 
 import httpx
 
-from duplex.protocol import Media, StreamChunk
+from duplex.protocol import Media, StreamChunk, ToolEvent, ToolExecution
 from server.providers.base import AudioClip, ProviderError, closing_stream
 from server.providers.openai_chat import (
     OpenAIHTTPClient,
@@ -203,23 +203,25 @@ class TextToSpeech(OpenAIHTTPClient):
         except httpx.HTTPError as exc:
             raise ProviderError(f"speech connection failed: {exc!r}") from exc
 
-    async def speak_stream(self, chunks: AsyncIterator[StreamChunk]) -> AsyncIterator[StreamChunk]:
+    async def speak_stream(
+        self, chunks: AsyncIterator[StreamChunk | ToolEvent]
+    ) -> AsyncIterator[StreamChunk | ToolEvent]:
         """Pass ``chunks`` through and add their speech, sentence by sentence.
 
         Text chunks are yielded as soon as they arrive. Each complete sentence is
         sent to TTS while the text keeps streaming, and its audio is yielded as
         ``StreamChunk(media=Media("audio/pcm", sample_rate=24000, channels=1))``
         pieces, sentences in order. Pending text is also spoken when the reply
-        pauses for tools (a ``tool_calls`` or ``tool_execution`` chunk) so "let me
-        check" is heard while the tool runs. The chunk carrying ``finish_reason``
-        comes last, after all audio.
+        pauses for tools (a ``tool_calls`` chunk or a ``ToolExecution`` event) so "let
+        me check" is heard while the tool runs; tool events pass through as they
+        come. The chunk carrying ``finish_reason`` comes last, after all audio.
 
         Closing this generator (``aclose``, or cancelling the task iterating it,
         e.g. on barge-in) stops the upstream ``chunks`` and any TTS request at
         once; use ``contextlib.aclosing`` so that happens promptly. Failures of
         either side raise ProviderError.
         """
-        out: asyncio.Queue[StreamChunk | _End] = asyncio.Queue()
+        out: asyncio.Queue[StreamChunk | ToolEvent | _End] = asyncio.Queue()
         # Work for the voice task, in order: (text to speak, response id), or a
         # chunk to emit once all earlier speech is out, or None for "done".
         speech: asyncio.Queue[_Speech] = asyncio.Queue()
@@ -237,8 +239,8 @@ class TextToSpeech(OpenAIHTTPClient):
 
     async def _read_text(
         self,
-        chunks: AsyncIterator[StreamChunk],
-        out: asyncio.Queue[StreamChunk | _End],
+        chunks: AsyncIterator[StreamChunk | ToolEvent],
+        out: asyncio.Queue[StreamChunk | ToolEvent | _End],
         speech: asyncio.Queue[_Speech],
     ) -> None:
         splitter = SentenceSplitter(self.min_sentence_chars)
@@ -246,12 +248,17 @@ class TextToSpeech(OpenAIHTTPClient):
         async with closing_stream(chunks):
             async for chunk in chunks:
                 response_id = chunk.response_id or response_id
+                if not isinstance(chunk, StreamChunk):
+                    if isinstance(chunk, ToolExecution):
+                        rest = splitter.flush()
+                        if rest:
+                            speech.put_nowait((rest, response_id))
+                    out.put_nowait(chunk)
+                    continue
                 if chunk.delta:
                     for sentence in splitter.feed(chunk.delta):
                         speech.put_nowait((sentence, response_id))
-                pauses = bool(chunk.tool_calls) or (
-                    (chunk.metadata or {}).get("kind") == "tool_execution"
-                )
+                pauses = bool(chunk.tool_calls)
                 if pauses or chunk.finish_reason is not None:
                     rest = splitter.flush()
                     if rest:
@@ -290,7 +297,7 @@ class TextToSpeech(OpenAIHTTPClient):
     async def _voice(
         self,
         speech: asyncio.Queue[_Speech],
-        out: asyncio.Queue[StreamChunk | _End],
+        out: asyncio.Queue[StreamChunk | ToolEvent | _End],
     ) -> None:
         while True:
             item = await speech.get()
