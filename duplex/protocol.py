@@ -13,7 +13,7 @@ import json
 import time
 import uuid
 from dataclasses import dataclass
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, get_args
 
 from pydantic import (
     BaseModel,
@@ -534,6 +534,11 @@ ServerMessage = Annotated[
 ]
 
 server_message_adapter: TypeAdapter[ServerMessage] = TypeAdapter(ServerMessage)
+
+#: Every ``type`` a server message may have (read from the union above).
+SERVER_MESSAGE_TYPES = frozenset(
+    model.model_fields["type"].default for model in get_args(get_args(ServerMessage)[0])
+)
 
 
 def chunk_event(chunk: StreamChunk) -> ChunkEvent:

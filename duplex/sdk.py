@@ -22,7 +22,7 @@ import httpx
 import websockets
 from websockets.asyncio.client import ClientConnection
 
-from duplex.protocol import parse_server_message
+from duplex.protocol import SERVER_MESSAGE_TYPES, parse_server_message
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +64,10 @@ class Message:
     reference: dict[str, Any] = field(default_factory=dict)
     audio: bytearray = field(default_factory=bytearray)
     finish_reason: str | None = None
+    #: The ``tool.output`` messages of this response (``call_id``, ``name``, ``output``).
+    tool_outputs: list[dict[str, Any]] = field(default_factory=list)
+    #: The ``warning`` messages of this response (``code``, ``message``, ...).
+    warnings: list[dict[str, Any]] = field(default_factory=list)
 
 
 class Client:
@@ -144,8 +148,12 @@ class Session:
     async def _read(self) -> None:
         try:
             async for raw in self.ws:
-                parse_server_message(raw)  # typed validation: a bad message raises here
                 event = json.loads(raw)
+                if event.get("type") in SERVER_MESSAGE_TYPES:
+                    parse_server_message(raw)  # typed validation: a bad message raises here
+                else:
+                    # A newer server's message: passed on as it is, not a reason to fail.
+                    log.debug("unknown server message type %r", event.get("type"))
                 self._dispatch(event)
             self._closed_error = ConnectionLost(1000, "connection closed")
         except websockets.ConnectionClosed as exc:
@@ -315,6 +323,16 @@ class Session:
                         message.audio += base64.b64decode(event["media"]["data"])
                     if event.get("metadata"):
                         message.reference.update(event["metadata"])
+                    yield message
+                elif kind == "tool.output":
+                    message.tool_outputs.append(
+                        {k: event[k] for k in ("call_id", "name", "output")}
+                    )
+                    yield message
+                elif kind == "warning":
+                    message.warnings.append(
+                        {k: v for k, v in event.items() if k not in ("type", "seq")}
+                    )
                     yield message
                 elif kind == "response.done":
                     message.finish_reason = event["finish_reason"]

@@ -160,3 +160,61 @@ def test_duplex_client_command_streams_a_wav(live_server, tmp_path):
     onset, end = conv.turns[0]
     spoken = (end - onset) / 1000
     assert spoken <= seconds <= spoken + 1.0, "the echoed turn (with pre-roll) came back as audio"
+
+
+async def test_ask_collects_tool_outputs_and_warnings(server_factory):
+    from server.tools import ToolRegistry
+    from tests.fakes.openai_http import ChatReply, FakeToolCall, run_fake
+
+    tools = ToolRegistry()
+
+    @tools.register
+    async def again() -> str:
+        """Always asks for more."""
+        return "more"
+
+    async with run_fake(api_key="sk-sdk", seed=2) as fake:
+        fake.script(*[ChatReply(tool_calls=[FakeToolCall("again", "{}")]) for _ in range(3)])
+        server = server_factory(
+            openai_base_url=fake.url,
+            openai_api_key="sk-sdk",
+            tool_hop_limit=1,
+            app_kwargs={"tools": tools},
+        )
+        async with Client(server.ws_url, TOKEN) as client:
+            session = await client.connect(provider="openai-chat")
+            answer = await session.ask("loop", stream=False)
+    assert answer.finish_reason == "tool_limit_reached"
+    assert [(t["name"], t["output"]) for t in answer.tool_outputs] == [("again", '"more"')]
+    assert [w["code"] for w in answer.warnings] == ["tool_limit_reached"]
+
+
+async def test_unknown_server_message_types_are_passed_on():
+    """A newer server may send message types this SDK does not know: not a reason to fail."""
+    import json
+
+    from websockets.asyncio.server import serve
+
+    async def handler(ws):
+        info = {"id": "sess_x", "mode": "vad", "provider": "echo", "config": {}}
+        await ws.send(json.dumps({"type": "session.created", "seq": 1, "session": info}))
+        await ws.send(json.dumps({"type": "something.new", "seq": 2, "x": 1}))
+        await ws.send(json.dumps({"type": "pong", "seq": 3, "id": "p"}))
+        await ws.wait_closed()
+
+    async with serve(handler, "127.0.0.1", 0) as ws_server:
+        port = ws_server.sockets[0].getsockname()[1]
+        seen: list[str] = []
+        got_pong = asyncio.Event()
+
+        def on_event(event):
+            seen.append(event["type"])
+            if event["type"] == "pong":
+                got_pong.set()
+
+        async with Client(f"ws://127.0.0.1:{port}/v1/duplex", TOKEN) as client:
+            session = await client.connect(on_event=on_event)
+            async with asyncio.timeout(10):
+                await got_pong.wait()
+            await session.close()
+    assert seen == ["session.created", "something.new", "pong"]

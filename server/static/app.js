@@ -230,6 +230,27 @@ function onServerMessage(msg) {
       // Refused capture format: binary frames would be misread, so stop sending them.
       if (msg.id === AUDIO_UPDATE_ID) audioDeclared = false;
       break;
+    case "tool.execution":
+      addEntry("note", "tools running", `${msg.calls.join(", ")} (round ${msg.hop})`, {
+        "data-type": msg.type,
+        "data-response-id": msg.response_id,
+      });
+      break;
+    case "tool.output":
+      addEntry("note", "tool output", `${msg.name}: ${msg.output}`, {
+        "data-type": msg.type,
+        "data-call-id": msg.call_id,
+      });
+      break;
+    case "tool.cancelled":
+      addEntry("note", "tools cancelled", msg.call_ids.join(", "), { "data-type": msg.type });
+      break;
+    case "warning":
+      addEntry("note", "warning", `${msg.code}: ${msg.message}`, { "data-type": msg.type });
+      break;
+    case "provider.reconnect":
+      addEntry("note", "provider", "connection lost, reconnecting", { "data-type": msg.type });
+      break;
     case "pong":
       break;
     default:
@@ -289,7 +310,6 @@ function onChunk(chunk) {
       addEntry("note", "tool call", `${call.name}(${call.arguments})`, { "data-call-id": call.id });
     }
   }
-  if (chunk.metadata?.kind === "warning") addEntry("note", "warning", chunk.delta ?? "");
   if (chunk.interrupted) {
     player.stop(); // the user talked over the reply: silence it now, not after the queue
     const entry = replyEntry(id);
