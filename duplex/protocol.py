@@ -153,6 +153,8 @@ class ToolSpec(_Strict):
 
 
 class SessionConfig(_Strict):
+    #: "vad": the server finds turns and calls a per-turn provider; "asm": ASM (Audio
+    #: Streaming Model) mode, audio streams into a realtime provider.
     mode: Literal["vad", "asm"] = "vad"
     provider: str = "echo"
     model: str | None = None

@@ -1,4 +1,5 @@
-"""Gemini Live (``BidiGenerateContent`` over WebSocket) as a realtime provider for ASM mode.
+"""Gemini Live (``BidiGenerateContent`` over WebSocket): a realtime provider for ASM
+(Audio Streaming Model) mode.
 
 One :class:`GeminiLiveSession` is one Gemini *session*, which may span several
 WebSocket *connections*: the service ends every connection after about ten

@@ -1,4 +1,4 @@
-"""OpenAI Realtime provider (GA protocol over WebSocket) for ASM mode.
+"""OpenAI Realtime provider (GA protocol over WebSocket) for ASM (Audio Streaming Model) mode.
 
 One Duplex session holds one upstream WebSocket. Input goes out as client
 events as it arrives; a single reader task turns server events into protocol
