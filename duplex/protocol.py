@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import base64
 import binascii
-import json
+import math
 import time
 import uuid
 from dataclasses import dataclass
@@ -23,7 +23,10 @@ from pydantic import (
     PlainSerializer,
     TypeAdapter,
     ValidationError,
+    ValidationInfo,
+    model_validator,
 )
+from pydantic_core import from_json
 
 
 def _b64decode(value: Any) -> bytes:
@@ -152,6 +155,73 @@ class ToolSpec(_Strict):
     parameters: dict[str, Any] = Field(default_factory=lambda: {"type": "object", "properties": {}})
 
 
+@dataclass(frozen=True, slots=True)
+class ConfigLimits:
+    """Caps on what a client can make the server keep (settings ``DUPLEX_MAX_*``).
+
+    Checked when a client sets a config (``SessionConfig.merged(patch, limits)``), not
+    when a stored one loads, so lowering a limit never locks a session out.
+    """
+
+    max_instructions_chars: int = 65_536
+    max_variables: int = 256
+    max_variable_name_chars: int = 64
+    max_variable_value_chars: int = 8_192
+    max_tools: int = 128
+    max_tool_schema_bytes: int = 16_384
+    max_option_depth: int = 8
+    max_voice_chars: int = 128
+    max_name_chars: int = 256
+
+    def check_name(self, field: str, value: str | None) -> None:
+        if value is not None and len(value) > self.max_name_chars:
+            raise ValueError(f"{field}: {_over(len(value), self.max_name_chars)} characters")
+
+    def check_variables(self, variables: dict[str, str]) -> None:
+        """Raise ValueError when ``variables`` (all a session would keep) break a cap."""
+        if len(variables) > self.max_variables:
+            raise ValueError(f"variables: {_over(len(variables), self.max_variables)} variables")
+        for name, value in variables.items():
+            if len(name) > self.max_variable_name_chars:
+                raise ValueError(
+                    f"variables: a name of {_over(len(name), self.max_variable_name_chars)}"
+                    " characters"
+                )
+            if len(value) > self.max_variable_value_chars:
+                raise ValueError(
+                    f"variables.{name[:32]}: {_over(len(value), self.max_variable_value_chars)}"
+                    " characters"
+                )
+
+    def check(self, config: SessionConfig) -> None:
+        """Raise ValueError naming the first cap ``config`` breaks."""
+        if len(config.instructions) > self.max_instructions_chars:
+            raise ValueError(
+                f"instructions: {_over(len(config.instructions), self.max_instructions_chars)}"
+                " characters"
+            )
+        self.check_variables(config.variables)
+        if len(config.tools) > self.max_tools:
+            raise ValueError(f"tools: {_over(len(config.tools), self.max_tools)} tools")
+        for i, tool in enumerate(config.tools):
+            size = len(tool.model_dump_json().encode())
+            if size > self.max_tool_schema_bytes:
+                raise ValueError(f"tools.{i}: {_over(size, self.max_tool_schema_bytes)} bytes")
+        depth = json_depth(config.provider_options)
+        if depth > self.max_option_depth:
+            raise ValueError(
+                f"provider_options: nested {_over(depth, self.max_option_depth)} levels deep"
+            )
+        if config.voice is not None and len(config.voice) > self.max_voice_chars:
+            raise ValueError(f"voice: {_over(len(config.voice), self.max_voice_chars)} characters")
+        self.check_name("model", config.model)
+        self.check_name("provider", config.provider)
+
+
+def _over(value: int, limit: int) -> str:
+    return f"{value}, over the limit of {limit}"
+
+
 class SessionConfig(_Strict):
     #: "vad": the server finds turns and calls a per-turn provider; "asm": ASM (Audio
     #: Streaming Model) mode, audio streams into a realtime provider.
@@ -173,9 +243,19 @@ class SessionConfig(_Strict):
     #: Pass-through options for the provider (e.g. temperature); documented per provider.
     provider_options: dict[str, Any] = Field(default_factory=dict)
 
-    def merged(self, patch: dict[str, Any]) -> SessionConfig:
-        """A new config with ``patch`` deep-merged in; raises ValidationError on bad values."""
-        return SessionConfig.model_validate(_deep_merge(self.model_dump(), patch))
+    @model_validator(mode="after")
+    def _within_limits(self, info: ValidationInfo) -> SessionConfig:
+        limits = (info.context or {}).get("limits")
+        if limits is not None:
+            limits.check(self)
+        return self
+
+    def merged(self, patch: dict[str, Any], limits: ConfigLimits | None = None) -> SessionConfig:
+        """A new config with ``patch`` deep-merged in; raises ValidationError on bad values
+        (and on breaking ``limits``, when given)."""
+        return SessionConfig.model_validate(
+            _deep_merge(self.model_dump(), patch), context={"limits": limits}
+        )
 
 
 def _deep_merge(base: dict[str, Any], patch: dict[str, Any]) -> dict[str, Any]:
@@ -292,21 +372,135 @@ CLIENT_MESSAGE_TYPES = frozenset(
 _client_adapter: TypeAdapter[ClientMessage] = TypeAdapter(ClientMessage)
 
 
-def parse_client_message(raw: str | bytes) -> ClientMessage:
-    """Parse and validate one JSON text frame; raise ProtocolError(400) with a readable reason."""
+@dataclass(frozen=True, slots=True)
+class JsonLimits:
+    """Bounds on one JSON message, checked at the parse point (docs/protocol.md "Limits").
+
+    The parser (jiter, in Rust) stops at 200 levels and 4,300-digit numbers before
+    Python sees anything; these tighter bounds are then checked on the parsed value.
+    """
+
+    #: Containers inside containers, the message itself being level 1 (at most 200).
+    max_depth: int = 32
+    #: Integers have at most this many digits.
+    max_int_digits: int = 40
+
+
+def parse_json(raw: str | bytes, limits: JsonLimits | None = None) -> Any:
+    """Parse one JSON text within ``limits``; raise ProtocolError(400) naming the problem.
+
+    The result holds only finite numbers within the bounds and strings that encode to
+    UTF-8 (no unpaired surrogates), so whatever is kept can be written out again.
+    """
+    limits = limits or JsonLimits()
     try:
-        obj = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ProtocolError(BAD_REQUEST, f"invalid JSON: {exc}") from None
+        value = from_json(raw, allow_inf_nan=False)
+    except ValueError as exc:  # pydantic_core reports every JSON error as ValueError
+        problem = _json_problem(str(exc), limits)
+        raise ProtocolError(BAD_REQUEST, f"invalid JSON: {problem}") from None
+    except UnicodeError:  # a str holding a lone surrogate (not possible from a text frame)
+        raise ProtocolError(BAD_REQUEST, "invalid JSON: unpaired UTF-16 surrogate") from None
+    check_json_value(value, limits)
+    return value
+
+
+def _json_problem(message: str, limits: JsonLimits) -> str:
+    if message.startswith("recursion limit exceeded"):
+        return f"nested deeper than {limits.max_depth} levels"
+    if message.startswith("number out of range"):
+        return f"number too long (integers have at most {limits.max_int_digits} digits)"
+    if "surrogate" in message or "hex escape" in message:
+        return f"unpaired UTF-16 surrogate or bad \\u escape ({message})"
+    return message
+
+
+def check_json_value(value: Any, limits: JsonLimits | None = None) -> None:
+    """Raise ProtocolError(400) if ``value`` (parsed JSON) breaks ``limits``, holds a
+    non-finite number or a string with an unpaired surrogate. For values parsed
+    elsewhere (HTTP bodies); `parse_json` calls it."""
+    limits = limits or JsonLimits()
+    int_bound = 10**limits.max_int_digits
+    stack: list[tuple[Any, int]] = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        kind = type(item)
+        if kind is dict or kind is list:
+            if depth > limits.max_depth:
+                raise ProtocolError(
+                    BAD_REQUEST, f"invalid JSON: nested deeper than {limits.max_depth} levels"
+                )
+            if kind is dict:
+                for key, child in item.items():
+                    _check_text(key)
+                    stack.append((child, depth + 1))
+            else:
+                stack.extend((child, depth + 1) for child in item)
+        elif kind is str:
+            _check_text(item)
+        elif kind is int:
+            if not -int_bound < item < int_bound:
+                raise ProtocolError(
+                    BAD_REQUEST,
+                    f"invalid JSON: number too long (integers have at most "
+                    f"{limits.max_int_digits} digits)",
+                )
+        elif kind is float and not math.isfinite(item):
+            raise ProtocolError(BAD_REQUEST, "invalid JSON: number out of range (not finite)")
+
+
+def _check_text(text: str) -> None:
+    if not text.isascii():
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:
+            raise ProtocolError(
+                BAD_REQUEST, "invalid JSON: unpaired UTF-16 surrogate in a string"
+            ) from None
+
+
+def json_depth(value: Any) -> int:
+    """How deeply lists and dicts nest in ``value`` (0 for a scalar, 1 for ``{}``)."""
+    deepest = 0
+    stack: list[tuple[Any, int]] = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, dict | list):
+            deepest = max(deepest, depth)
+            children = item.values() if isinstance(item, dict) else item
+            stack.extend((child, depth + 1) for child in children)
+    return deepest
+
+
+def parse_client_message(raw: str | bytes, limits: JsonLimits | None = None) -> ClientMessage:
+    """Parse and validate one JSON text frame; raise ProtocolError(400) with a readable reason.
+
+    This is the one place client JSON is parsed: `parse_json` bounds it, then the
+    ``type`` is checked before the message is validated and dispatched.
+    """
+    obj = parse_json(raw, limits)
     if not isinstance(obj, dict):
         raise ProtocolError(BAD_REQUEST, "a message must be a JSON object")
     kind = obj.get("type")
+    if not isinstance(kind, str):
+        if "type" not in obj:
+            raise ProtocolError(BAD_REQUEST, "a message needs a `type`")
+        raise ProtocolError(BAD_REQUEST, f"`type` must be a string, not {_json_type(kind)}")
     if kind not in CLIENT_MESSAGE_TYPES:
-        raise ProtocolError(BAD_REQUEST, f"unknown message type: {kind!r}")
+        raise ProtocolError(BAD_REQUEST, f"unknown message type: {_short(kind)}")
     try:
         return _client_adapter.validate_python(obj)
     except ValidationError as exc:
         raise ProtocolError(BAD_REQUEST, f"invalid {kind}: {_describe(exc)}") from None
+
+
+def _json_type(value: Any) -> str:
+    names = {dict: "an object", list: "an array", bool: "a boolean", type(None): "null"}
+    return names.get(type(value), "a number")
+
+
+def _short(text: str, limit: int = 64) -> str:
+    """``repr`` of client text for an error message, cut to ``limit`` characters."""
+    return repr(text) if len(text) <= limit else repr(text[:limit]) + "..."
 
 
 def _describe(exc: ValidationError) -> str:

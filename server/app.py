@@ -6,12 +6,14 @@ import gc
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 from fastapi import FastAPI
+from fastapi.exceptions import RequestValidationError
 from fastapi.staticfiles import StaticFiles
 
+from duplex.protocol import ConfigLimits, JsonLimits
 from server import chat_api, http_api, ws
 from server.auth import TokenAuth
 from server.config import Settings
@@ -64,6 +66,10 @@ def create_app(settings: Settings | None = None, *, tools: ToolRegistry | None =
             client_tool_timeout_s=settings.client_tool_timeout_s,
             persist_interval_ms=settings.persist_interval_ms,
             persist_min_chars=settings.persist_min_chars,
+            json=JsonLimits(max_depth=settings.max_json_depth),
+            config=ConfigLimits(
+                **{f.name: getattr(settings, f.name) for f in fields(ConfigLimits)}
+            ),
         ),
         modes=builtin_modes(),
     )
@@ -87,6 +93,7 @@ def create_app(settings: Settings | None = None, *, tools: ToolRegistry | None =
 
     app = FastAPI(title="Duplex", version="0.1.0", lifespan=lifespan)
     app.state.duplex = state
+    app.add_exception_handler(RequestValidationError, http_api.invalid_body)
     app.include_router(http_api.router)
     app.include_router(ws.router)
     app.include_router(chat_api.router)

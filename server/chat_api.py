@@ -22,8 +22,9 @@ from duplex.protocol import (
     ProtocolError,
     StreamChunk,
     describe_validation_error,
+    parse_json,
 )
-from server.http_api import Tenant
+from server.http_api import Tenant, checked_body
 from server.providers.base import ProviderError
 from server.session import UnarySession
 
@@ -88,6 +89,7 @@ async def _open(request_app: Any, tenant: str, session_id: str | None) -> UnaryS
 async def completions(
     request: Request, tenant: Tenant, session_id: str, body: CompletionRequest
 ) -> Any:
+    checked_body(request, body)
     try:
         session = await _open(request.app.state.duplex, tenant, session_id)
     except ProtocolError as exc:
@@ -122,7 +124,7 @@ async def chat_ws(ws: WebSocket) -> None:
         while True:
             raw = await ws.receive_text()
             try:
-                req = ChatRequest.model_validate_json(raw)
+                req = ChatRequest.model_validate(parse_json(raw, app.services.limits.json))
                 if req.type != "chat":
                     raise ProtocolError(BAD_REQUEST, f"unknown type {req.type!r}")
                 session = await _open(app, tenant, req.session_id)

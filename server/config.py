@@ -62,3 +62,18 @@ class Settings(BaseSettings):
     # Tools
     tool_hop_limit: int = 5
     client_tool_timeout_s: float = 30.0
+
+    # Input limits (docs/protocol.md "Limits"): what one message may hold ...
+    #: JSON nesting depth of a client message or request body (at most 200).
+    max_json_depth: int = Field(32, ge=2, le=200)
+    # ... and what a client can make the server keep (session config, REST sessions).
+    max_instructions_chars: int = Field(65_536, ge=0)
+    max_variables: int = Field(256, ge=0)
+    max_variable_name_chars: int = Field(64, ge=1)
+    max_variable_value_chars: int = Field(8_192, ge=0)
+    max_tools: int = Field(128, ge=0)
+    max_tool_schema_bytes: int = Field(16_384, ge=64)
+    max_option_depth: int = Field(8, ge=1)
+    max_voice_chars: int = Field(128, ge=1)
+    #: Session name, model and provider names.
+    max_name_chars: int = Field(256, ge=1)

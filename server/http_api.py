@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import json
 import time
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, HTTPException, Request, WebSocket, WebSocketDisconnect
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import Response
 from pydantic import BaseModel, Field
 
-from duplex.protocol import Message, SessionConfig, new_id
+from duplex.protocol import Message, ProtocolError, SessionConfig, check_json_value, new_id
+from server.session import check_variables, checked_config
 from server.state.base import SessionRecord
 
 router = APIRouter()
@@ -62,6 +66,37 @@ async def ws_health(ws: WebSocket) -> None:
         return
 
 
+async def invalid_body(request: Request, exc: Exception) -> Response:
+    """422 for a body that does not parse or validate, as FastAPI answers, without echoing
+    the input (it may be megabytes, or hold text that cannot be written as UTF-8)."""
+    errors = exc.errors() if isinstance(exc, RequestValidationError) else []
+    detail = [{"loc": e.get("loc"), "msg": e.get("msg"), "type": e.get("type")} for e in errors]
+    return Response(json.dumps({"detail": detail[:10]}), 422, media_type="application/json")
+
+
+def checked_body(request: Request, body: BaseModel) -> None:
+    """Hold a parsed request body to the limits client messages have (depth, numbers,
+    no unpaired surrogates): what the server keeps must be writable again."""
+    try:
+        check_json_value(body.model_dump(), _app(request).services.limits.json)
+    except ProtocolError as exc:
+        raise HTTPException(exc.code, exc.message) from None
+
+
+def _limits(request: Request) -> Any:
+    return _app(request).services.limits.config
+
+
+def _check(call: Any, *args: Any) -> None:
+    """Run a check that raises ProtocolError or ValueError; answer 400 on failure."""
+    try:
+        call(*args)
+    except ProtocolError as exc:
+        raise HTTPException(exc.code, exc.message) from None
+    except ValueError as exc:
+        raise HTTPException(400, str(exc)) from None
+
+
 class SessionCreate(BaseModel):
     name: str = ""
     variables: dict[str, str] = Field(default_factory=dict)
@@ -86,10 +121,14 @@ def _session_view(record: SessionRecord) -> dict[str, Any]:
 
 @router.post("/v1/sessions", status_code=201)
 async def create_session(request: Request, tenant: Tenant, body: SessionCreate) -> dict[str, Any]:
+    checked_body(request, body)
+    limits = _limits(request)
+    _check(limits.check_name, "name", body.name)
+    _check(check_variables, limits, body.variables)
     try:
-        config = SessionConfig().merged(body.config)
-    except ValueError as exc:
-        raise HTTPException(400, f"invalid session config: {exc}") from None
+        config = checked_config(SessionConfig(), body.config, limits)
+    except ProtocolError as exc:
+        raise HTTPException(exc.code, exc.message) from None
     record = SessionRecord(
         id=new_id("sess"),
         tenant=tenant,
@@ -110,9 +149,14 @@ async def get_session(request: Request, tenant: Tenant, session_id: str) -> dict
 async def patch_session(
     request: Request, tenant: Tenant, session_id: str, body: SessionPatch
 ) -> dict[str, Any]:
+    checked_body(request, body)
     app = _app(request)
     live = app.registry.get(tenant, session_id)
     record = live.record if live is not None else await _record(request, tenant, session_id)
+    limits = _limits(request)
+    _check(limits.check_name, "name", body.name)
+    if body.variables is not None:
+        _check(check_variables, limits, record.variables | body.variables)
     if body.name is not None:
         record.name = body.name
     if body.variables is not None:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+
+from duplex.protocol import ConfigLimits, JsonLimits
 
 
 @dataclass
@@ -16,3 +18,6 @@ class SessionLimits:
     #: Streamed answers are persisted in batches: at least this often, or this many chars.
     persist_interval_ms: int = 200
     persist_min_chars: int = 1024
+    #: Bounds on client JSON (every door parses with them) and on what a config may keep.
+    json: JsonLimits = field(default_factory=JsonLimits)
+    config: ConfigLimits = field(default_factory=ConfigLimits)

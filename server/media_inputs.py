@@ -104,10 +104,17 @@ class FrameSource:
         await self._take_result(result, msg_id)
 
     async def poll(self, *, speaking: bool) -> None:
-        """Collect frames that came due since the last chunk (called at a turn's end)."""
-        for stream in self._streams.values():
+        """Collect frames that came due since the last chunk (called at a turn's end).
+
+        The session may close while a stream decodes in its thread (`close` clears the
+        streams): a stream no longer held is neither polled nor heard from.
+        """
+        for mime_type, stream in list(self._streams.items()):
+            if self._streams.get(mime_type) is not stream:
+                continue
             result = await asyncio.to_thread(stream.poll, now_ms=self._now_ms(), speaking=speaking)
-            await self._take_result(result, None)
+            if self._streams.get(mime_type) is stream:
+                await self._take_result(result, None)
 
     async def _take_result(self, result: VideoPushResult, msg_id: str | None) -> None:
         for out in result.frames:

@@ -29,6 +29,7 @@ from duplex.protocol import (
     NOT_FOUND,
     RATE_LIMITED,
     ClientMessage,
+    ConfigLimits,
     ErrorEvent,
     ImageFrame,
     InputAudio,
@@ -174,6 +175,32 @@ class BaseSession:
         self.record.config = self.config.model_dump()
         self.record.variables = dict(self.config.variables) | self.record.variables
         await self.store.update_session(self.record)
+
+
+def checked_config(
+    base: SessionConfig, patch: dict[str, Any], limits: ConfigLimits
+) -> SessionConfig:
+    """``patch`` merged into ``base``, within ``limits`` and sure to store and load again;
+    raise ProtocolError(400) otherwise. Every door that sets a config goes through here."""
+    try:
+        config = base.merged(patch, limits)
+        # What is stored must load again: the stores keep JSON, the wire echoes it.
+        SessionConfig.model_validate_json(config.model_dump_json())
+    except ValidationError as exc:
+        raise ProtocolError(
+            BAD_REQUEST, f"invalid session config: {describe_validation_error(exc)}"
+        ) from None
+    except ValueError as exc:  # the serialiser's own limits
+        raise ProtocolError(BAD_REQUEST, f"session config cannot be stored: {exc}") from None
+    return config
+
+
+def check_variables(limits: ConfigLimits, variables: dict[str, str]) -> None:
+    """Raise ProtocolError(400) unless ``variables`` (all a session keeps) are within caps."""
+    try:
+        limits.check_variables(variables)
+    except ValueError as exc:
+        raise ProtocolError(BAD_REQUEST, f"invalid session variables: {exc}") from None
 
 
 async def load_or_create_record(
@@ -497,15 +524,14 @@ class DuplexSession(BaseSession):
         await self._mode.on_cancel(msg_id)
 
     async def update(self, patch: dict[str, Any], msg_id: str | None = None) -> None:
-        """Apply a ``session.update``: deep-merged, validated, then the mode adapts."""
-        try:
-            config = self.config.merged(patch)
-        except ValidationError as exc:
-            raise ProtocolError(
-                BAD_REQUEST, f"invalid session config: {describe_validation_error(exc)}"
-            ) from None
+        """Apply a ``session.update``: deep-merged, validated, then the mode adapts.
+
+        Nothing changes unless all of it is valid and within the limits."""
+        limits = self.services.limits.config
+        config = checked_config(self.config, patch, limits)
         self._check_mode(config)
         self._check_provider(config)
+        check_variables(limits, self.record.variables | config.variables)
         old = self.config
         self.config = self._port.config = config  # the mode reads it through its port
         if "variables" in patch:

@@ -107,7 +107,7 @@ async def _receive_loop(
             if data is not None:
                 await session.send_audio(data)
             elif text is not None:
-                await session.handle(parse_client_message(text))
+                await session.handle(parse_client_message(text, session.services.limits.json))
         except ProtocolError as exc:
             await session.emit_error(exc.code, exc.message, fatal=exc.fatal)
         except Exception:
