@@ -506,17 +506,18 @@ def _short(text: str, limit: int = 64) -> str:
 def _describe(exc: ValidationError) -> str:
     # The first location element is the union tag (the message type): drop it.
     return "; ".join(
-        f"{'.'.join(str(p) for p in err['loc'][1:]) or 'message'}: {err['msg']}"
-        for err in exc.errors()[:3]
+        f"{_loc(err['loc'][1:]) or 'message'}: {err['msg']}" for err in exc.errors()[:3]
     )
 
 
 def describe_validation_error(exc: ValidationError) -> str:
     """A one-line description of a pydantic error, for ``error`` messages."""
-    return "; ".join(
-        f"{'.'.join(str(p) for p in err['loc']) or 'value'}: {err['msg']}"
-        for err in exc.errors()[:3]
-    )
+    return "; ".join(f"{_loc(err['loc']) or 'value'}: {err['msg']}" for err in exc.errors()[:3])
+
+
+def _loc(parts: tuple[int | str, ...]) -> str:
+    # Keys come from the client: each is cut short, so an error never echoes much input.
+    return ".".join(str(p) if len(str(p)) <= 64 else f"{str(p)[:64]}..." for p in parts)
 
 
 # --------------------------------------------------------------------------------------

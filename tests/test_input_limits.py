@@ -17,6 +17,7 @@ from duplex.protocol import (
     JsonLimits,
     ProtocolError,
     SessionConfig,
+    describe_validation_error,
     parse_client_message,
     parse_json,
 )
@@ -307,3 +308,18 @@ def test_poll_while_the_session_closes_is_quiet() -> None:
 
     asyncio.run(run())
     assert polled == ["a"]  # a stream closed meanwhile is not polled
+
+
+def test_errors_quote_only_short_pieces_of_the_input() -> None:
+    for raw in [
+        json.dumps({"type": "x" * 100_000}),
+        json.dumps({"type": "ping", "y" * 100_000: 1}),
+        json.dumps({"type": "input.text", "text": ["x" * 100_000]}),
+    ]:
+        with pytest.raises(ProtocolError) as caught:
+            parse_client_message(raw)
+        assert len(caught.value.message) < 300, caught.value.message[:400]
+    for patch in [{"variables": {"k" * 100_000: 1}}, {"z" * 100_000: 1}]:
+        with pytest.raises(ValueError) as error:
+            SessionConfig().merged(patch, ConfigLimits())
+        assert len(describe_validation_error(error.value)) < 300  # type: ignore[arg-type]
