@@ -156,7 +156,7 @@ class BaseSession:
             services.store, tenant, session_id, config or SessionConfig()
         )
         if session_id and config is None:
-            config = SessionConfig.model_validate(record.config or {})
+            config = _stored_config(record)
         return record, config or SessionConfig()
 
     async def _fork_record(self) -> SessionRecord:
@@ -192,6 +192,20 @@ def checked_config(
         ) from None
     except ValueError as exc:  # the serialiser's own limits
         raise ProtocolError(BAD_REQUEST, f"session config cannot be stored: {exc}") from None
+    return config
+
+
+def _stored_config(record: SessionRecord) -> SessionConfig:
+    """The config a stored session continues with; a fatal 500 that says so if it cannot
+    be loaded or written out (stored before the config limits existed)."""
+    try:
+        config = SessionConfig.model_validate(record.config or {})
+        SessionConfig.model_validate_json(config.model_dump_json())
+    except ValueError as exc:  # ValidationError, or the serialiser's own limits
+        log.warning("[%s] stored config cannot be loaded: %s", record.id, str(exc)[:200])
+        raise ProtocolError(
+            INTERNAL, "the stored session config cannot be loaded", fatal=True
+        ) from None
     return config
 
 

@@ -32,7 +32,7 @@ async def _refuse(ws: WebSocket, code: int, message: str) -> None:
     await ws.send_text(
         encode_server_message(ErrorEvent(seq=1, code=code, message=message, fatal=True))
     )
-    await ws.close(CLOSE_POLICY)
+    await ws.close(CLOSE_INTERNAL if code >= 500 else CLOSE_POLICY)
 
 
 @router.websocket("/v1/duplex")

@@ -323,3 +323,32 @@ def test_errors_quote_only_short_pieces_of_the_input() -> None:
         with pytest.raises(ValueError) as error:
             SessionConfig().merged(patch, ConfigLimits())
         assert len(describe_validation_error(error.value)) < 300  # type: ignore[arg-type]
+
+
+def test_a_stored_config_that_cannot_be_written_answers_instead_of_a_silent_close(
+    server_factory,
+) -> None:
+    """Sessions stored before the caps existed may hold a config the server cannot
+    serialise; resuming one must say so, not drop the socket without a message."""
+    server = server_factory()
+    store = server.app.state.duplex.services.store
+    from server.state.base import SessionRecord
+
+    record = SessionRecord(
+        id="sess_broken", tenant="tenant-a", config={"provider_options": _deep(300)}
+    )
+
+    async def run() -> None:
+        # The store belongs to the server's loop; the in-memory one needs no loop of its own.
+        await store.create_session(record)
+        async with connect(server, TOKEN, query="session_id=sess_broken") as c:
+            event = await c.recv()
+            assert event["type"] == "error" and event["fatal"], event
+            assert "stored" in event["message"], event
+            with pytest.raises(websockets.ConnectionClosed) as closed:
+                await c.ws.recv()
+            assert closed.value.rcvd is not None and closed.value.rcvd.code == 1011
+        async with connect(server, TOKEN) as c:  # the server is fine
+            assert (await c.recv())["type"] == "session.created"
+
+    asyncio.run(run())
