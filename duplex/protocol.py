@@ -296,7 +296,7 @@ class InputAudio(_ClientMessage):
 class InputImage(_ClientMessage):
     type: Literal["input.image"]
     data: Base64
-    mime_type: str
+    mime_type: str = Field(max_length=128)
     width: int | None = Field(None, gt=0)
     height: int | None = Field(None, gt=0)
     frame_num: int | None = None
@@ -306,7 +306,7 @@ class InputImage(_ClientMessage):
 class InputVideo(_ClientMessage):
     type: Literal["input.video"]
     data: Base64
-    mime_type: str
+    mime_type: str = Field(max_length=128)
     chunk_index: int = Field(ge=0)
     is_key_frame: bool | None = None
     timestamp: float | None = None
@@ -326,13 +326,13 @@ class ResponseCancel(_ClientMessage):
 
 class Playback(_ClientMessage):
     type: Literal["playback"]
-    response_id: str
+    response_id: str = Field(max_length=256)
     played_ms: float = Field(ge=0)
 
 
 class ToolResult(_ClientMessage):
     type: Literal["tool.result"]
-    call_id: str
+    call_id: str = Field(max_length=256)
     output: Any
 
 

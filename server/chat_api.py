@@ -126,7 +126,7 @@ async def chat_ws(ws: WebSocket) -> None:
             try:
                 req = ChatRequest.model_validate(parse_json(raw, app.services.limits.json))
                 if req.type != "chat":
-                    raise ProtocolError(BAD_REQUEST, f"unknown type {req.type!r}")
+                    raise ProtocolError(BAD_REQUEST, f"unknown type {req.type[:64]!r}")
                 session = await _open(app, tenant, req.session_id)
             except ValidationError as exc:
                 message = f"invalid request: {describe_validation_error(exc)}"

@@ -315,6 +315,9 @@ def test_errors_quote_only_short_pieces_of_the_input() -> None:
         json.dumps({"type": "x" * 100_000}),
         json.dumps({"type": "ping", "y" * 100_000: 1}),
         json.dumps({"type": "input.text", "text": ["x" * 100_000]}),
+        json.dumps({"type": "tool.result", "call_id": "c" * 100_000, "output": 1}),
+        json.dumps({"type": "playback", "response_id": "r" * 100_000, "played_ms": 1}),
+        json.dumps({"type": "input.image", "data": "", "mime_type": "m" * 100_000}),
     ]:
         with pytest.raises(ProtocolError) as caught:
             parse_client_message(raw)
@@ -352,3 +355,67 @@ def test_a_stored_config_that_cannot_be_written_answers_instead_of_a_silent_clos
             assert (await c.recv())["type"] == "session.created"
 
     asyncio.run(run())
+
+
+def _nested(levels: int) -> dict[str, Any]:
+    value: Any = 1
+    for _ in range(levels):
+        value = {"k": value}
+    return value
+
+
+#: Each cap: (the ConfigLimits field, a patch at a limit of 3 (4 for names), one over it).
+CAPS = {
+    "instructions": (
+        "max_instructions_chars",
+        {"instructions": "x" * 3},
+        {"instructions": "x" * 4},
+    ),
+    "variables": (
+        "max_variables",
+        {"variables": {"a": "", "b": "", "c": ""}},
+        {"variables": {"a": "", "b": "", "c": "", "d": ""}},
+    ),
+    "variable name": (
+        "max_variable_name_chars",
+        {"variables": {"abc": ""}},
+        {"variables": {"abcd": ""}},
+    ),
+    "variable value": (
+        "max_variable_value_chars",
+        {"variables": {"a": "123"}},
+        {"variables": {"a": "1234"}},
+    ),
+    "tools": (
+        "max_tools",
+        {"tools": [{"name": n} for n in "abc"]},
+        {"tools": [{"name": n} for n in "abcd"]},
+    ),
+    "option depth": (
+        "max_option_depth",
+        {"provider_options": _nested(3)},
+        {"provider_options": _nested(4)},
+    ),
+    "voice": ("max_voice_chars", {"voice": "v" * 3}, {"voice": "v" * 4}),
+    # (the provider, "echo", is held to the same cap: 4 characters are the least)
+    "model": ("max_name_chars", {"model": "m" * 4}, {"model": "m" * 5}),
+}
+
+
+@pytest.mark.parametrize("cap", list(CAPS))
+def test_each_cap_holds_at_its_limit(cap: str) -> None:
+    field, at, over = CAPS[cap]
+    limit = 4 if field == "max_name_chars" else 3
+    limits = ConfigLimits(**{field: limit})
+    SessionConfig().merged(at, limits)
+    with pytest.raises(ValueError, match=f"over the limit of {limit}"):
+        SessionConfig().merged(over, limits)
+
+
+def test_tool_schema_size_cap() -> None:
+    tool = {"name": "t", "description": "", "parameters": {}}
+    size = len(json.dumps(tool, separators=(",", ":")))
+    limits = ConfigLimits(max_tool_schema_bytes=size + 10)
+    SessionConfig().merged({"tools": [{**tool, "description": "d" * 10}]}, limits)
+    with pytest.raises(ValueError, match=f"over the limit of {size + 10}"):
+        SessionConfig().merged({"tools": [{**tool, "description": "d" * 11}]}, limits)
