@@ -10,6 +10,7 @@ import random
 import time
 from typing import Any
 
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -258,12 +259,18 @@ async def _check_alive(c: Any, tag: str, context: str) -> None:
                 return
 
 
-def test_seeded_fuzz_never_ends_a_session(server_factory):
+@pytest.mark.parametrize("store", ["memory", "sqlite", "redis"])
+def test_seeded_fuzz_never_ends_a_session(server_factory, request, tmp_path, store):
     """Every class of bad input from issue 14, mixed with valid messages, over a real
     socket: no fatal error, every reply valid, the session answers a ping after each
-    batch, and the stored session loads again afterwards."""
+    batch, and the stored session loads again afterwards (a third of the time per store)."""
+    if store == "redis":
+        store_url = request.getfixturevalue("redis_url")
+    else:
+        store_url = "memory://" if store == "memory" else f"sqlite:///{tmp_path}/fuzz.db"
     loopback = "127.0.0.1:9"  # nothing listens: a provider that is somehow picked fails here
     server = server_factory(
+        store_url=store_url,
         max_message_bytes=2 * 1024 * 1024,
         openai_api_key=None,
         gemini_api_key=None,
@@ -271,11 +278,11 @@ def test_seeded_fuzz_never_ends_a_session(server_factory):
         openai_realtime_url=f"ws://{loopback}",
         gemini_base_url=f"ws://{loopback}",
     )
-    rng = random.Random(FUZZ_SEED)
+    rng = random.Random(f"{FUZZ_SEED}:{store}")
     counts = dict.fromkeys((f.__name__ for f in FUZZ_CLASSES), 0)
 
     async def run() -> None:
-        deadline = time.monotonic() + FUZZ_SECONDS
+        deadline = time.monotonic() + FUZZ_SECONDS / 3
         session_id = None
         rounds = 0
         while time.monotonic() < deadline or rounds < 2:
