@@ -278,11 +278,10 @@ def test_poll_while_the_session_closes_is_quiet() -> None:
     (it clears the streams) used to raise "dictionary changed size during iteration"."""
     from server.media_inputs import FrameSource
 
-    session = SimpleNamespace(
-        config=SessionConfig(),
-        services=SimpleNamespace(limits=SimpleNamespace(max_image_pixels=1_000_000)),
-    )
-    source = FrameSource(session)  # type: ignore[arg-type]
+    async def notify(code: int, message: str, *, id: str | None = None) -> None:
+        raise AssertionError(message)
+
+    source = FrameSource(SessionConfig().video, 1_000_000, notify)
     inside = threading.Event()
     release = threading.Event()
     polled: list[str] = []
