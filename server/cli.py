@@ -78,11 +78,15 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def uvicorn_options(settings: Settings) -> dict[str, Any]:
-    """The WebSocket options every Duplex server runs with (the tests' servers too)."""
-    from server.ws_protocol import DuplexWebSocketProtocol
+    """The WebSocket options every Duplex server runs with (the tests' servers too).
+
+    The protocol is Duplex's direct path when this uvicorn and websockets have the
+    internals it uses, else uvicorn's stock protocol (`server/ws_protocol.py`).
+    """
+    from server.ws_protocol import websocket_protocol
 
     return {
-        "ws": DuplexWebSocketProtocol,
+        "ws": websocket_protocol(),
         "ws_per_message_deflate": settings.ws_per_message_deflate,
         # Room above our own limit, so oversize messages get a 413 error, not a dropped socket.
         "ws_max_size": settings.max_message_bytes * 2,

@@ -11,9 +11,17 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response
 from pydantic import BaseModel, Field
 
-from duplex.protocol import Message, ProtocolError, SessionConfig, check_json_value, new_id
+from duplex.protocol import (
+    BAD_REQUEST,
+    Message,
+    ProtocolError,
+    SessionConfig,
+    check_json_value,
+    new_id,
+)
 from server.session import check_variables, checked_config
 from server.state.base import SessionRecord
+from server.ws_protocol import DIRECT, DirectPath
 
 router = APIRouter()
 
@@ -53,15 +61,33 @@ async def readyz(request: Request) -> dict[str, Any]:
     return {"status": "ready", "sessions": app.registry.count()}
 
 
+#: The health socket echoes short greetings; a frame declaring more is refused at its
+#: header (close 1009) under Duplex's protocol class, so no client can make it buffer.
+HEALTH_MAX_MESSAGE_BYTES = 1024
+
+
 @router.websocket("/v1/ws/health")
 async def ws_health(ws: WebSocket) -> None:
     """No auth: lets load balancers and clients check the WebSocket path end to end."""
+    direct: DirectPath | None = ws.scope.get("extensions", {}).get(DIRECT)
+    if direct is not None and direct.limit is not None:
+        direct.limit(HEALTH_MAX_MESSAGE_BYTES)  # before accept: no frame has arrived yet
     await ws.accept()
     await ws.send_json({"type": "hello", "service": "duplex", "time": time.time()})
     try:
         while True:
-            text = await ws.receive_text()
-            await ws.send_json({"type": "echo", "data": text, "time": time.time()})
+            message = await ws.receive()
+            if message["type"] == "websocket.disconnect":
+                return
+            text = message.get("text")
+            if text is None:
+                error = {"type": "error", "code": BAD_REQUEST, "message": "send text, not binary"}
+                await ws.send_json(error | {"time": time.time()})
+            elif len(text.encode()) > HEALTH_MAX_MESSAGE_BYTES:  # without Duplex's protocol
+                await ws.close(1009)
+                return
+            else:
+                await ws.send_json({"type": "echo", "data": text, "time": time.time()})
     except (WebSocketDisconnect, RuntimeError):
         return
 

@@ -14,11 +14,20 @@ app's reader is idle (waiting for the next message) and nothing is queued
 before it, so message order is kept. Every other frame (text, control,
 fragments, oversize, unmasked, or audio the sink declines) is handed, as the
 exact bytes of that frame, to the stock websockets parser and uvicorn's
-handlers, so close handshakes, pings, limits and errors behave as before.
+handlers, so close handshakes, pings, limits and errors behave as before. A
+frame that cannot go direct is handed over as soon as its header is in, not
+when its payload is: the stock parser then refuses a bad header (mask bit
+cleared, reserved opcode or bits, size over the limit) at once, as it does
+without this class, and owns the stream until the next frame boundary.
 
 Outgoing text messages take a direct path too (`DirectPath.send_text`): one
 ``transport.write`` of a ready-made frame instead of the ASGI send chain, when the
 transport is not applying backpressure; otherwise the app awaits the usual send.
+
+The class reads private state of uvicorn's sans-I/O protocol and of the websockets
+parser. `websocket_protocol()` checks, once at startup, that all of it is there (by
+building one protocol and running a handshake and a frame through its parser) and
+falls back to uvicorn's stock protocol, with one log line, when it is not.
 
 Any ASGI server works without this class; the app then receives and sends every
 message through the ASGI interface as usual.
@@ -26,22 +35,55 @@ message through the ASGI interface as usual.
 
 from __future__ import annotations
 
+import asyncio
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
+from websockets.frames import Frame, Opcode
 from websockets.protocol import OPEN
+
+try:
+    from uvicorn.protocols.websockets.websockets_sansio_impl import (
+        WebSocketsSansIOProtocol as _Stock,
+    )
+except ImportError:  # uvicorn before 0.35: no sans-I/O protocol to build on
+    _Stock = None
 
 try:
     from websockets.speedups import apply_mask
 except ImportError:  # pragma: no cover - websockets without its C extension
     from websockets.utils import apply_mask
 
+log = logging.getLogger(__name__)
+
 #: The scope extension through which an app registers its direct sink.
 DIRECT = "duplex.direct_binary"
 
+#: uvicorn's stock protocol, used when the direct path's internals are missing.
+STOCK_PROTOCOL = "websockets-sansio"
+
 _BINARY_FIN = 0x82  # FIN, no RSV bits, opcode 2
+
+#: What this class reads or calls on uvicorn's protocol instance (checked at startup).
+PROTOCOL_ATTRS = (
+    "conn",
+    "client",
+    "queue",
+    "frames",
+    "transport",
+    "writable",
+    "close_sent",
+    "handshake_complete",
+    "curr_msg_data_type",
+    "handle_connect",
+    "handle_parser_exception",
+    "send_receive_event_to_app",
+    "data_received",
+)
+#: What it reads or sets on the websockets parser (``conn``), checked the same way.
+PARSER_ATTRS = ("state", "reader", "parser", "current_size", "max_message_size")
 
 
 @dataclass(slots=True)
@@ -50,12 +92,16 @@ class DirectPath:
 
     The app sets ``take(payload) -> bool`` (False: deliver it the usual way) and
     ``ready``, True only while its reader waits for a message. The protocol sets
-    ``send_text(text) -> bool`` (False: not now, use the ASGI send, which waits).
+    ``send_text(text) -> bool`` (False: not now, use the ASGI send, which waits) and
+    ``limit(max_bytes)``, which lowers this connection's message size limit: a frame
+    declaring more is refused at its header with close 1009 (the health socket's
+    small limit; uvicorn's ``ws_max_size`` is for every endpoint).
     """
 
     take: Callable[[bytes], bool] | None = None
     ready: bool = False
     send_text: Callable[[str], bool] | None = None
+    limit: Callable[[int], None] | None = None
 
 
 def text_frame(payload: bytes) -> bytes:
@@ -68,10 +114,20 @@ def text_frame(payload: bytes) -> bytes:
     return b"\x81\x7f" + n.to_bytes(8) + payload
 
 
-class DuplexWebSocketProtocol(WebSocketsSansIOProtocol):
+def _parser_at_frame_boundary(conn: Any) -> bool:
+    """Whether websockets' parser has consumed everything and waits for a new frame."""
+    if conn.state is not OPEN or conn.reader.buffer:
+        return False
+    gen = conn.parser
+    while getattr(gen, "gi_yieldfrom", None) is not None:
+        gen = gen.gi_yieldfrom
+    return getattr(getattr(gen, "gi_code", None), "co_name", "") == "at_eof"
+
+
+class DuplexWebSocketProtocol(_Stock or asyncio.Protocol):  # type: ignore[misc]
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self._direct = DirectPath(send_text=self._send_text)
+        self._direct = DirectPath(send_text=self._send_text, limit=self._limit)
         self._framing = False  # True once this class frames the stream itself
         self._pending = bytearray()  # an incomplete frame, when framing
         self._need = 0  # its whole size once its header is in (0: not yet)
@@ -98,22 +154,37 @@ class DuplexWebSocketProtocol(WebSocketsSansIOProtocol):
         self._frames(data)
 
     def _at_frame_boundary(self) -> bool:
-        """Whether websockets' parser has consumed everything and waits for a new frame."""
-        conn = self.conn
-        if conn.state is not OPEN or conn.reader.buffer or not self.handshake_complete:
-            return False
-        gen = conn.parser
-        while getattr(gen, "gi_yieldfrom", None) is not None:
-            gen = gen.gi_yieldfrom
-        return getattr(getattr(gen, "gi_code", None), "co_name", "") == "at_eof"
+        return self.handshake_complete and _parser_at_frame_boundary(self.conn)
 
     def _frames(self, data: bytes) -> None:
+        """Cut ``data`` into frames: direct audio to the sink, the rest to the stock parser.
+
+        Only a frame that may go direct (FIN binary, masked, no fragmented message
+        open, within the size limit) is waited for here; any other frame is handed
+        over as soon as its first bytes show that, complete or not.
+        """
         pos, size = 0, len(data)
-        max_size = self.config.ws_max_size
+        conn = self.conn
+        max_size = conn.max_message_size
         view = memoryview(data)
-        while size - pos >= 2:
-            b0, b1 = data[pos], data[pos + 1]
-            length = b1 & 0x7F
+        while pos < size:
+            if data[pos] != _BINARY_FIN or conn.current_size is not None:
+                head = self._header_end(data, pos)
+                if head is None:  # not a candidate and not complete: the parser's from here
+                    self._hand_over(data, pos)
+                    return
+                end, _ = head
+                super().data_received(data[pos:end])
+                if self.transport.is_closing():
+                    return
+                pos = end
+                continue
+            if size - pos < 2:
+                break
+            if not data[pos + 1] & 0x80:  # unmasked: a protocol error the parser reports
+                self._hand_over(data, pos)
+                return
+            length = data[pos + 1] & 0x7F
             head = pos + 2
             if length == 126:
                 if size - pos < 4:
@@ -125,16 +196,14 @@ class DuplexWebSocketProtocol(WebSocketsSansIOProtocol):
                     break
                 length = int.from_bytes(data[head : head + 8])
                 head += 8
-            masked = b1 & 0x80
-            if length > max_size:  # websockets refuses it; it owns the stream from here
-                self._framing = False
-                super().data_received(data[pos:])
+            if max_size is not None and length > max_size:  # the parser refuses it (1009)
+                self._hand_over(data, pos)
                 return
-            end = head + (4 if masked else 0) + length
+            end = head + 4 + length
             if end > size:
                 self._need = end - pos
                 break
-            if b0 == _BINARY_FIN and masked and self._deliver_direct():
+            if self._deliver_direct():
                 payload = apply_mask(view[head + 4 : end], data[head : head + 4])
                 if self._direct.take(payload):  # type: ignore[misc]
                     pos = end
@@ -146,6 +215,33 @@ class DuplexWebSocketProtocol(WebSocketsSansIOProtocol):
         if pos < size:
             self._pending = bytearray(data[pos:])
 
+    @staticmethod
+    def _header_end(data: bytes, pos: int) -> tuple[int, int] | None:
+        """(end of the frame, end of its header) if the whole frame at ``pos`` is in."""
+        size = len(data)
+        if size - pos < 2:
+            return None
+        b1 = data[pos + 1]
+        length = b1 & 0x7F
+        head = pos + 2
+        if length == 126:
+            if size - pos < 4:
+                return None
+            length = int.from_bytes(data[head : head + 2])
+            head += 2
+        elif length == 127:
+            if size - pos < 10:
+                return None
+            length = int.from_bytes(data[head : head + 8])
+            head += 8
+        end = head + (4 if b1 & 0x80 else 0) + length
+        return (end, head) if end <= size else None
+
+    def _hand_over(self, data: bytes, pos: int) -> None:
+        """Give the stream from ``pos`` to the stock parser until the next frame boundary."""
+        self._framing = False
+        super().data_received(data[pos:])
+
     def _deliver_direct(self) -> bool:
         direct = self._direct
         return (
@@ -155,6 +251,37 @@ class DuplexWebSocketProtocol(WebSocketsSansIOProtocol):
             and self.queue.empty()
             and not self.frames
         )
+
+    def _limit(self, max_bytes: int) -> None:
+        current = self.conn.max_message_size
+        self.conn.max_message_size = max_bytes if current is None else min(current, max_bytes)
+
+    def send_receive_event_to_app(self) -> None:
+        """uvicorn's, but invalid UTF-8 in a text message is one log line, not a traceback.
+
+        The answer is the same as uvicorn's (close 1007); a client sending such frames
+        in a loop must not be able to fill the logs with tracebacks.
+        """
+        if self.curr_msg_data_type == "text" and not self.close_sent and self.frames:
+            frames = self.frames
+            data = frames[0] if len(frames) == 1 else b"".join(frames)
+            self.frames = [data]
+            if not data.isascii():
+                try:
+                    data.decode()
+                except UnicodeDecodeError as exc:
+                    self.frames = []
+                    client = self.client
+                    log.info(
+                        "%s - invalid UTF-8 in a text message (%s at byte %d): close 1007",
+                        f"{client[0]}:{client[1]}" if client else "-",
+                        exc.reason,
+                        exc.start,
+                    )
+                    self.conn.send_close(1007, "invalid UTF-8")
+                    self.handle_parser_exception()
+                    return
+        super().send_receive_event_to_app()
 
     def _send_text(self, text: str) -> bool:
         if (
@@ -166,3 +293,63 @@ class DuplexWebSocketProtocol(WebSocketsSansIOProtocol):
             return False
         self.transport.write(text_frame(text.encode()))
         return True
+
+
+def direct_path_missing() -> str | None:
+    """What the direct path needs and this uvicorn/websockets lacks; None if nothing.
+
+    Builds one protocol object (no socket), checks the attributes the class uses, and
+    runs a handshake and two frames through its websockets parser to see the parser
+    come back to the frame boundary the class detects.
+    """
+    if _Stock is None:
+        return "uvicorn has no sans-I/O WebSocket protocol"
+    from uvicorn import Config
+    from uvicorn.server import ServerState
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:  # pragma: no cover
+        pass
+
+    config = Config(app, ws=STOCK_PROTOCOL, lifespan="off", log_config=None, interface="asgi3")
+    loop = asyncio.new_event_loop()
+    try:
+        proto = _Stock(config=config, server_state=ServerState(), app_state={}, _loop=loop)
+        missing = [a for a in PROTOCOL_ATTRS if not hasattr(proto, a)]
+        missing += [f"conn.{a}" for a in PARSER_ATTRS if not hasattr(proto.conn, a)]
+        if missing:
+            return "missing " + ", ".join(missing)
+        return _parser_probe(proto.conn)
+    except Exception as exc:  # any surprise means: not the internals we know
+        return f"{type(exc).__name__}: {exc}"
+    finally:
+        loop.close()
+
+
+def _parser_probe(conn: Any) -> str | None:
+    conn.receive_data(
+        b"GET / HTTP/1.1\r\nHost: probe\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+        b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+    )
+    (request,) = conn.events_received()
+    conn.send_response(conn.accept(request))
+    conn.data_to_send()
+    if not hasattr(conn.reader, "buffer") or not _parser_at_frame_boundary(conn):
+        return "websockets' parser does not wait at a frame boundary as expected"
+    first = Frame(Opcode.BINARY, b"ab", fin=False).serialize(mask=True, extensions=[])
+    conn.receive_data(first)
+    if conn.current_size != 2 or not _parser_at_frame_boundary(conn):
+        return "websockets' parser does not track fragmented messages as expected"
+    conn.receive_data(Frame(Opcode.CONT, b"cd").serialize(mask=True, extensions=[]))
+    if conn.current_size is not None or len(conn.events_received()) != 2:
+        return "websockets' parser does not end fragmented messages as expected"
+    return None
+
+
+def websocket_protocol() -> type[asyncio.Protocol] | str:
+    """The ``ws`` option for uvicorn: our class, or uvicorn's stock protocol (one log line)."""
+    missing = direct_path_missing()
+    if missing is None:
+        return DuplexWebSocketProtocol
+    stock = STOCK_PROTOCOL if _Stock is not None else "auto"
+    log.warning("direct WebSocket path off (%s); using uvicorn's %r protocol", missing, stock)
+    return stock

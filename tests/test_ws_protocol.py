@@ -2,32 +2,99 @@
 
 The byte stream is cut at arbitrary points, control and text frames are mixed in,
 and the results must equal what the stock path gives: same turns, same order,
-pings answered, limits enforced.
+pings answered, limits enforced. Every test using ``live_server`` or ``server_factory``
+runs twice: on the direct path, and on the stock protocol that `websocket_protocol()`
+falls back to when an internal it needs is missing (one is hidden to force it).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import logging
 import random
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
 import pytest
+import websockets
 from websockets.client import ClientProtocol
 from websockets.frames import Frame, Opcode
 from websockets.uri import parse_uri
 
 from duplex.protocol import InputAudioConfig, TurnDetectionConfig
+from server import ws_protocol
+from server.cli import uvicorn_options
+from server.http_api import HEALTH_MAX_MESSAGE_BYTES
 from server.modes.audio_ingest import AudioIngest
 from server.session import DuplexSession
-from server.ws_protocol import text_frame
-from tests.conftest import TOKEN
+from server.ws_protocol import STOCK_PROTOCOL, DuplexWebSocketProtocol, text_frame
+from tests.conftest import TOKEN, make_settings, start_server, stop_server
 from tests.speech import make_conversation
 from tests.wsutil import connect
 from vad import turns as vt
 
 SILENCE_1S = np.zeros(16000, dtype=np.int16)
+NO_KEEPALIVE = {"ws_ping_interval": None}  # only the frame at hand can close the socket
+
+
+@contextlib.contextmanager
+def internals_missing() -> Iterator[None]:
+    """As if uvicorn's protocol had no ``frames`` any more: the startup check must see it."""
+    stock = ws_protocol._Stock
+
+    class WithoutFrames(stock):  # type: ignore[misc, valid-type]
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            del self.frames
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(ws_protocol, "_Stock", WithoutFrames)
+        yield
+
+
+@pytest.fixture(scope="module", params=["direct", "fallback"])
+def ws_path(request) -> str:
+    return request.param
+
+
+@pytest.fixture(scope="module")
+def live_server(ws_path) -> Iterator[Any]:
+    with internals_missing() if ws_path == "fallback" else contextlib.nullcontext():
+        running, server, thread = start_server(make_settings())
+    yield running
+    stop_server(server, thread)
+
+
+@pytest.fixture
+def server_factory(ws_path) -> Iterator[Any]:
+    """conftest's, on the direct path or on the fallback (``ws_path``)."""
+    started: list[Any] = []
+
+    def start(**overrides: Any) -> Any:
+        uvicorn_kwargs = overrides.pop("uvicorn_kwargs", None)
+        with internals_missing() if ws_path == "fallback" else contextlib.nullcontext():
+            running, server, thread = start_server(make_settings(**overrides), uvicorn_kwargs)
+        started.append((server, thread))
+        return running
+
+    yield start
+    for server, thread in started:
+        stop_server(server, thread)
+
+
+@pytest.fixture(scope="module")
+def both() -> Iterator[dict[str, Any]]:
+    """A direct-path server and a stock-protocol one, no keepalive: same bytes to each."""
+    started = {
+        "direct": start_server(make_settings(), NO_KEEPALIVE),
+        "stock": start_server(make_settings(), NO_KEEPALIVE | {"ws": STOCK_PROTOCOL}),
+    }
+    yield {name: running for name, (running, _, _) in started.items()}
+    for _, server, thread in started.values():
+        stop_server(server, thread)
 
 
 @pytest.fixture(scope="module")
@@ -44,8 +111,9 @@ class RawClient:
         self.proto: ClientProtocol
 
     @classmethod
-    async def open(cls, server: Any) -> RawClient:
-        uri = parse_uri(server.ws_url + f"?token={TOKEN}")
+    async def open(cls, server: Any, path: str = "/v1/duplex") -> RawClient:
+        url = server.base.replace("http", "ws", 1) + path
+        uri = parse_uri(url + f"?token={TOKEN}")
         reader, writer = await asyncio.open_connection(uri.host, uri.port)
         client = cls(reader, writer)
         client.proto = ClientProtocol(uri, max_size=None)
@@ -128,14 +196,36 @@ def direct_count(monkeypatch) -> list[int]:
     return count
 
 
-async def test_audio_takes_the_direct_path_with_the_same_turns(live_server, audio, direct_count):
+async def test_audio_takes_the_direct_path_with_the_same_turns(
+    live_server, audio, direct_count, ws_path
+):
     data = audio.astype("<i2").tobytes()
     expected = _turns_offline(data)
     assert len(expected) == 2
     assert await _turn_ends(live_server, data) == expected
     # Messages queued behind a turn's events or a text message take the ASGI path, so
     # how many go direct depends on timing; that some do is what this test shows.
-    assert direct_count[0] > 0
+    if ws_path == "direct":
+        assert direct_count[0] > 0
+    else:
+        assert direct_count[0] == 0
+
+
+def test_the_startup_check_passes_on_the_installed_versions(caplog):
+    caplog.set_level(logging.INFO, logger=ws_protocol.__name__)
+    assert ws_protocol.direct_path_missing() is None
+    assert uvicorn_options(make_settings())["ws"] is DuplexWebSocketProtocol
+    assert not [r for r in caplog.records if r.name == ws_protocol.__name__]
+
+
+def test_missing_internals_fall_back_to_stock_with_one_log_line(caplog):
+    caplog.set_level(logging.INFO, logger=ws_protocol.__name__)
+    with internals_missing():
+        assert ws_protocol.direct_path_missing() == "missing frames"
+        assert uvicorn_options(make_settings())["ws"] == STOCK_PROTOCOL
+    assert [r.getMessage() for r in caplog.records if r.name == ws_protocol.__name__] == [
+        "direct WebSocket path off (missing frames); using uvicorn's 'websockets-sansio' protocol"
+    ]
 
 
 async def test_stock_uvicorn_protocol_gives_the_same_turns(server_factory, audio, direct_count):
@@ -273,3 +363,115 @@ async def test_large_message_over_many_reads(live_server):
     reply = "".join(e.get("delta", "") for e in got if e["type"] == "chunk")
     assert text in reply
     assert not [e for e in got if e["type"] == "error"]
+
+
+MASK = b"\x01\x02\x03\x04"
+LIMIT = 2 * 256 * 1024  # the test servers' ws_max_size (twice max_message_bytes)
+
+
+def _header(first: int, length: int, masked: bool = True) -> bytes:
+    """A frame header alone: the payload it declares is never sent."""
+    mask_bit = 0x80 if masked else 0
+    if length < 126:
+        head = bytes((first, mask_bit | length))
+    elif length < 65536:
+        head = bytes((first, mask_bit | 126)) + length.to_bytes(2)
+    else:
+        head = bytes((first, mask_bit | 127)) + length.to_bytes(8)
+    return head + (MASK if masked else b"")
+
+
+def _continuation_overflow(client: RawClient) -> bytes:
+    first = Frame(Opcode.BINARY, bytes(300_000), fin=False)
+    client.proto.send_frame(first)
+    return b"".join(client.proto.data_to_send()) + _header(0x80, 300_000)
+
+
+#: Violations visible in a frame header, and the close code stock websockets answers.
+HEADER_VIOLATIONS = {
+    "unmasked binary, 65535 declared": (lambda c: bytes.fromhex("827EFFFF"), 1002),
+    "8 MiB over the limit declared": (lambda c: _header(0x82, LIMIT + 8 * 2**20), 1009),
+    "8 MiB over the limit declared, text": (lambda c: _header(0x81, LIMIT + 8 * 2**20), 1009),
+    "reserved opcode 3": (lambda c: _header(0x83, 16), 1002),
+    "reserved control opcode 0xB": (lambda c: _header(0x8B, 4), 1002),
+    "continuation over the limit": (_continuation_overflow, 1009),
+    "unmasked text, 1000 declared": (lambda c: _header(0x81, 1000, masked=False), 1002),
+}
+
+
+@pytest.mark.parametrize("case", HEADER_VIOLATIONS)
+async def test_a_bad_frame_header_closes_at_once_as_stock_does(both, case):
+    """Only the header is sent: without a payload to wait for, and no keepalive, the
+    close can only come from the header (stock websockets refuses it there)."""
+    make, code = HEADER_VIOLATIONS[case]
+    for name, server in both.items():
+        client = await RawClient.open(server)
+        try:
+            await client.events(lambda got: any(e["type"] == "session.created" for e in got))
+            await client.write([make(client)])
+            got = await client.events(lambda got: False, timeout=10)
+        finally:
+            client.close()
+        assert got[-1] == {"type": "<close>", "code": code}, name
+
+
+async def test_health_socket_refuses_a_big_frame_at_its_header(both):
+    """Under the global limit but over the health socket's: refused before its payload."""
+    client = await RawClient.open(both["direct"], "/v1/ws/health")
+    try:
+        await client.events(lambda got: any(e["type"] == "hello" for e in got))
+        await client.write([_header(0x81, HEALTH_MAX_MESSAGE_BYTES + 1)])
+        got = await client.events(lambda got: False, timeout=10)
+    finally:
+        client.close()
+    assert got[-1] == {"type": "<close>", "code": 1009}
+
+
+@pytest.mark.parametrize("name", ["direct", "stock"])
+async def test_health_socket_answers_binary_and_big_text_as_documented(both, name):
+    url = both[name].base.replace("http", "ws", 1) + "/v1/ws/health"
+    async with websockets.connect(url) as ws:
+        assert json.loads(await ws.recv())["type"] == "hello"
+        await ws.send(b"\x00\x01")
+        error = json.loads(await ws.recv())
+        assert error["type"] == "error" and error["code"] == 400
+        await ws.send("still here")
+        assert json.loads(await ws.recv())["data"] == "still here"
+        await ws.send("x" * HEALTH_MAX_MESSAGE_BYTES)
+        assert json.loads(await ws.recv())["type"] == "echo"
+        await ws.send("x" * (HEALTH_MAX_MESSAGE_BYTES + 1))
+        with pytest.raises(websockets.ConnectionClosed) as closed:
+            await asyncio.wait_for(ws.recv(), 10)
+    assert closed.value.rcvd.code == 1009
+
+
+@pytest.fixture
+def server_logs() -> Iterator[list[logging.LogRecord]]:
+    """Every record of the loggers a WebSocket error can reach (uvicorn's do not propagate)."""
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler(logging.INFO)
+    handler.emit = records.append  # type: ignore[method-assign]
+    loggers = [logging.getLogger(n) for n in ("uvicorn.error", "uvicorn", "server")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.addHandler(handler)
+        lg.setLevel(logging.INFO)
+    yield records
+    for lg, level in zip(loggers, levels, strict=True):
+        lg.removeHandler(handler)
+        lg.setLevel(level)
+
+
+async def test_invalid_utf8_text_closes_1007_with_one_log_line(both, server_logs):
+    client = await RawClient.open(both["direct"])
+    try:
+        await client.events(lambda got: any(e["type"] == "session.created" for e in got))
+        before = len(server_logs)
+        await client.write([client.frame(Opcode.TEXT, b'{"type": "\xff\xfe"}')])
+        got = await client.events(lambda got: False, timeout=10)
+    finally:
+        client.close()
+    assert got[-1] == {"type": "<close>", "code": 1007}
+    utf8 = [r for r in server_logs[before:] if "UTF-8" in r.getMessage()]
+    assert len(utf8) == 1 and utf8[0].exc_info is None
+    assert not [r for r in server_logs[before:] if r.exc_info]
