@@ -18,6 +18,7 @@ from server import chat_api, http_api, ws
 from server.auth import TokenAuth
 from server.config import Settings
 from server.limits import SessionLimits
+from server.logs import install_redaction
 from server.modes.catalog import builtin_modes
 from server.providers.catalog import ProviderCatalog
 from server.registry import SessionRegistry
@@ -46,6 +47,7 @@ class AppState:
 
 def create_app(settings: Settings | None = None, *, tools: ToolRegistry | None = None) -> FastAPI:
     settings = settings or Settings()
+    install_redaction()  # no token in any log line, uvicorn's access log included
     auth = TokenAuth.from_settings(settings)
     store = open_store(
         settings.store_url,

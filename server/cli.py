@@ -78,14 +78,24 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def uvicorn_options(settings: Settings) -> dict[str, Any]:
-    """The WebSocket options every Duplex server runs with (the tests' servers too).
+    """The protocol options every Duplex server runs with (the tests' servers too).
 
-    The protocol is Duplex's direct path when this uvicorn and websockets have the
-    internals it uses, else uvicorn's stock protocol (`server/ws_protocol.py`).
+    The WebSocket protocol is Duplex's direct path when this uvicorn and websockets have
+    the internals it uses, else uvicorn's stock protocol (`server/ws_protocol.py`).
+    Call it once per server: the HTTP protocol class it returns counts that server's
+    connections (see server/http_protocol.py; uvicorn's ``limit_concurrency`` is not
+    used: it ignores WebSocket upgrades and idle connections).
     """
+    from server.http_protocol import ConnectionLimits, http_protocol
     from server.ws_protocol import websocket_protocol
 
+    limits = ConnectionLimits(
+        max_total=settings.max_connections,
+        max_per_client=settings.max_connections_per_client,
+        header_timeout_s=settings.header_timeout_s,
+    )
     return {
+        "http": http_protocol(limits),
         "ws": websocket_protocol(),
         "ws_per_message_deflate": settings.ws_per_message_deflate,
         # Room above our own limit, so oversize messages get a 413 error, not a dropped socket.

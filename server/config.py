@@ -35,6 +35,20 @@ class Settings(BaseSettings):
     max_image_pixels: int = 40_000_000
     ws_per_message_deflate: bool = False
 
+    # Abuse limits (docs/protocol.md "Limits"; 0 turns a cap off)
+    #: A connection must finish its request headers within this long (else 408, closed).
+    header_timeout_s: float = 10.0
+    #: Open connections (HTTP and WebSocket) across the server, and per client address.
+    max_connections: int = 10_000
+    max_connections_per_client: int = 1_000
+    #: Audio is read at most this many times faster than real time, after a burst of
+    #: `audio_burst_s` seconds of audio; faster input waits (the socket is not read).
+    audio_rate_limit: float = 10.0
+    audio_burst_s: float = 60.0
+    #: Other messages per second per session, after a burst; faster ones wait (error 429).
+    message_rate_limit: float = 200.0
+    message_burst: int = 400
+
     # Providers
     #: Echo provider pacing: 1.0 streams reply audio at real time, 0 as fast as possible.
     echo_pace: float = 1.0

@@ -1,8 +1,10 @@
-"""One log adapter for everything that acts on behalf of a session."""
+"""One log adapter for everything that acts on behalf of a session; credentials
+redacted from every log record."""
 
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import MutableMapping
 from typing import Any
 
@@ -20,3 +22,61 @@ class SessionLog(logging.LoggerAdapter):  # type: ignore[type-arg]
         extra = dict(self.extra or {})
         kwargs["extra"] = {**extra, **kwargs.get("extra", {})}
         return f"[{extra.get('session_id')}] {msg}", kwargs
+
+
+#: Credentials as they appear in URLs, headers and subprotocols. Group 1 is kept, the
+#: rest of the match becomes ``***``.
+_CREDENTIALS = re.compile(
+    r"(?i)"
+    r"([?&;](?:token|access_token|api_key|apikey|key|auth|password|secret)=)[^&\s\"'#;]+"
+    r"|((?:authorization|proxy-authorization|x-api-key|api-key|x-goog-api-key)"
+    r"[\"']?\s*[:=,]\s*[\"']?(?:(?:bearer|basic|token)\s+)?)[^\s\"',;)}\]]+"
+    r"|(\bbearer\s+)[^\s\"',;)}\]]+"
+    r"|(openai-insecure-api-key\.)[^\s\"',;)}\]]+"
+)
+
+
+def redact(text: str) -> str:
+    """``text`` with credentials replaced by ``***`` (tokens in query strings,
+    Authorization-style headers, bearer tokens, the OpenAI browser subprotocol)."""
+    if not _MAYBE.search(text):
+        return text
+    return _CREDENTIALS.sub(lambda m: (m.group(m.lastindex or 0) or "") + "***", text)
+
+
+#: Cheap pre-check: most log lines hold none of the words above.
+_MAYBE = re.compile(r"(?i)token|key|auth|password|secret|bearer")
+
+
+def _redact_arg(value: Any) -> Any:
+    if isinstance(value, str):
+        return redact(value)
+    if value is None or isinstance(value, (int, float, bool)):
+        return value
+    text = str(value)  # a URL object, a dict of headers...
+    redacted = redact(text)
+    return value if redacted == text else redacted
+
+
+def install_redaction() -> None:
+    """Redact credentials from every log record of the process, whichever logger
+    (uvicorn's access log included) and handler: at record creation, so no handler
+    or formatter configured later can miss it. Idempotent."""
+    previous = logging.getLogRecordFactory()
+    if getattr(previous, "duplex_redacts", False):
+        return
+
+    def factory(*args: Any, **kwargs: Any) -> logging.LogRecord:
+        record = previous(*args, **kwargs)
+        if isinstance(record.msg, str):
+            record.msg = redact(record.msg)
+        if isinstance(record.args, tuple):
+            record.args = tuple(_redact_arg(a) for a in record.args)
+        elif isinstance(record.args, dict):
+            record.args = {k: _redact_arg(v) for k, v in record.args.items()}
+        if record.exc_info and record.exc_info[0] is not None:
+            record.exc_text = redact(logging.Formatter().formatException(record.exc_info))
+        return record
+
+    factory.duplex_redacts = True  # type: ignore[attr-defined]
+    logging.setLogRecordFactory(factory)

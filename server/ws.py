@@ -4,19 +4,26 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
+from typing import Any
 
 from fastapi import APIRouter, WebSocket
+from pydantic import BaseModel
 from starlette.websockets import WebSocketDisconnect, WebSocketState
 
 from duplex.protocol import (
     INTERNAL,
+    RATE_LIMITED,
     TOO_LARGE,
     UNAUTHORIZED,
     ErrorEvent,
+    InputAudio,
     ProtocolError,
     encode_server_message,
     parse_client_message,
 )
+from server.config import Settings
+from server.rate import InputBudget, audio_bytes_per_second
 from server.session import DuplexSession
 from server.ws_protocol import DIRECT, DirectPath
 
@@ -54,8 +61,10 @@ async def duplex(ws: WebSocket) -> None:
     session.log.info("connected (tenant %s)", tenant)
     try:
         async with asyncio.TaskGroup() as tg:
-            reader = tg.create_task(_read(ws, session, app.settings.max_message_bytes))
-            tg.create_task(_write(ws, session, reader))
+            reader = tg.create_task(
+                _read(ws, session, app.settings.max_message_bytes, _budget(app.settings))
+            )
+            tg.create_task(_write(ws, session, reader, app.settings.output_stall_timeout_s))
     except* Exception as group:
         session.log.error("connection failed", exc_info=group.exceptions[0])
     finally:
@@ -64,7 +73,40 @@ async def duplex(ws: WebSocket) -> None:
         session.log.info("disconnected")
 
 
-async def _read(ws: WebSocket, session: DuplexSession, max_bytes: int) -> None:
+def _budget(settings: Settings) -> InputBudget:
+    return InputBudget.of(
+        settings.audio_rate_limit,
+        settings.audio_burst_s,
+        settings.message_rate_limit,
+        settings.message_burst,
+    )
+
+
+def _direct_take(
+    session: DuplexSession, max_bytes: int, budget: InputBudget
+) -> Callable[[bytes], bool]:
+    """The direct path's sink: audio within the budget goes straight to the session;
+    the rest takes the usual path, where it waits for its budget."""
+    cached: list[Any] = [None, 1.0]  # the input format, its bytes per second
+
+    def take(data: bytes) -> bool:
+        if len(data) > max_bytes:
+            return False
+        fmt = session.config.input_audio
+        if fmt is not cached[0]:
+            cached[:] = [fmt, audio_bytes_per_second(fmt)]
+        rate = cached[1]
+        if not budget.try_audio(len(data), rate):
+            return False
+        if session.send_audio_nowait(data):
+            return True
+        budget.refund_audio(len(data), rate)
+        return False
+
+    return take
+
+
+async def _read(ws: WebSocket, session: DuplexSession, max_bytes: int, budget: InputBudget) -> None:
     """Feed the session until the client goes or the session ends.
 
     Under `DuplexWebSocketProtocol`, binary audio arriving while this loop waits
@@ -72,9 +114,9 @@ async def _read(ws: WebSocket, session: DuplexSession, max_bytes: int) -> None:
     """
     direct: DirectPath | None = ws.scope.get("extensions", {}).get(DIRECT)
     if direct is not None:
-        direct.take = lambda data: len(data) <= max_bytes and session.send_audio_nowait(data)
+        direct.take = _direct_take(session, max_bytes, budget)
     try:
-        await _receive_loop(ws, session, max_bytes, direct)
+        await _receive_loop(ws, session, max_bytes, direct, budget)
     finally:
         if direct is not None:
             direct.take = None
@@ -82,7 +124,11 @@ async def _read(ws: WebSocket, session: DuplexSession, max_bytes: int) -> None:
 
 
 async def _receive_loop(
-    ws: WebSocket, session: DuplexSession, max_bytes: int, direct: DirectPath | None
+    ws: WebSocket,
+    session: DuplexSession,
+    max_bytes: int,
+    direct: DirectPath | None,
+    budget: InputBudget,
 ) -> None:
     while not session.closed:
         if direct is not None:
@@ -105,9 +151,15 @@ async def _receive_loop(
             continue
         try:
             if data is not None:
+                await _pace_audio(session, budget, len(data))
                 await session.send_audio(data)
             elif text is not None:
-                await session.handle(parse_client_message(text, session.services.limits.json))
+                message = parse_client_message(text, session.services.limits.json)
+                if isinstance(message, InputAudio):
+                    await _pace_audio(session, budget, len(message.audio))
+                else:
+                    await _pace_message(session, budget)
+                await session.handle(message)
         except ProtocolError as exc:
             await session.emit_error(exc.code, exc.message, fatal=exc.fatal)
         except Exception:
@@ -115,21 +167,51 @@ async def _receive_loop(
             await session.fail(INTERNAL, "internal error")
 
 
-async def _write(ws: WebSocket, session: DuplexSession, reader: asyncio.Task[None]) -> None:
+async def _pace_audio(session: DuplexSession, budget: InputBudget, size: int) -> None:
+    """Audio beyond its rate waits here, unread input stays in the socket (no error)."""
+    await budget.pace_audio(size, audio_bytes_per_second(session.config.input_audio))
+
+
+async def _pace_message(session: DuplexSession, budget: InputBudget) -> None:
+    """A message over the rate waits (and the client is told, once a second at most)."""
+    delay = budget.message_delay()
+    if delay <= 0:
+        return
+    if budget.notice_due():
+        rate = budget.messages.rate
+        await session.emit_error(
+            RATE_LIMITED, f"more than {rate:g} messages a second: reading is slowed down"
+        )
+    await asyncio.sleep(delay)
+
+
+async def _write(
+    ws: WebSocket, session: DuplexSession, reader: asyncio.Task[None], stall_timeout_s: float
+) -> None:
+    """Session output to the socket. A send that cannot complete for ``stall_timeout_s``
+    (the client stopped reading: the kernel's buffers and the transport's are full) ends
+    the session with a fatal 429 and drops the connection."""
     direct: DirectPath | None = ws.scope.get("extensions", {}).get(DIRECT)
     send_now = direct.send_text if direct is not None else None
     if send_now is not None:
         session.attach_output(lambda message: send_now(encode_server_message(message)))
+    stalled = False
     async for message in session.response():
         text = encode_server_message(message)
         if send_now is not None and send_now(text):
             continue
         try:
-            await ws.send_text(text)
-        except (WebSocketDisconnect, RuntimeError):
+            async with asyncio.timeout(stall_timeout_s):
+                await ws.send_text(text)
+        except TimeoutError:
+            stalled = True
+            break
+        except (WebSocketDisconnect, RuntimeError, OSError):
             break
     session.attach_output(None)
-    if ws.client_state == WebSocketState.CONNECTED:
+    if stalled:
+        await _drop_stalled(session, direct, stall_timeout_s, message, text)
+    elif ws.client_state == WebSocketState.CONNECTED:
         code = 1000
         if session.error is not None:
             code = CLOSE_INTERNAL if session.error.code >= 500 else CLOSE_POLICY
@@ -138,3 +220,24 @@ async def _write(ws: WebSocket, session: DuplexSession, reader: asyncio.Task[Non
         except RuntimeError:
             pass
     reader.cancel()
+
+
+async def _drop_stalled(
+    session: DuplexSession,
+    direct: DirectPath | None,
+    stall_timeout_s: float,
+    unsent: BaseModel,
+    unsent_text: str,
+) -> None:
+    """End the session with a fatal 429 and send that error (with its ``seq``) past the
+    backpressure, then drop the connection; queued output in between is discarded."""
+    session.log.warning("output stalled for %g s: closing", stall_timeout_s)
+    await session.fail(RATE_LIMITED, f"client is not reading: stalled for {stall_timeout_s:g} s")
+    last = unsent_text if unsent is session.error else None
+    if last is None:
+        async for item in session.response():  # bounded: the error is queued, then the end
+            if item is session.error:
+                last = encode_server_message(item)
+                break
+    if direct is not None and direct.abort is not None:
+        direct.abort(last, CLOSE_POLICY)

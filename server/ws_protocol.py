@@ -65,6 +65,7 @@ DIRECT = "duplex.direct_binary"
 STOCK_PROTOCOL = "websockets-sansio"
 
 _BINARY_FIN = 0x82  # FIN, no RSV bits, opcode 2
+_ABORT_GRACE_S = 2.0
 
 #: What this class reads or calls on uvicorn's protocol instance (checked at startup).
 PROTOCOL_ATTRS = (
@@ -75,6 +76,8 @@ PROTOCOL_ATTRS = (
     "transport",
     "writable",
     "close_sent",
+    "close_timer",
+    "loop",
     "handshake_complete",
     "curr_msg_data_type",
     "handle_connect",
@@ -102,6 +105,9 @@ class DirectPath:
     ready: bool = False
     send_text: Callable[[str], bool] | None = None
     limit: Callable[[int], None] | None = None
+    #: ``abort(last_text, code)``: for a peer that stopped reading, queue ``last_text``
+    #: and a close frame past the backpressure, then drop the connection shortly after.
+    abort: Callable[[str | None, int], None] | None = None
 
 
 def text_frame(payload: bytes) -> bytes:
@@ -127,7 +133,9 @@ def _parser_at_frame_boundary(conn: Any) -> bool:
 class DuplexWebSocketProtocol(_Stock or asyncio.Protocol):  # type: ignore[misc]
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self._direct = DirectPath(send_text=self._send_text, limit=self._limit)
+        self._direct = DirectPath(send_text=self._send_text, limit=self._limit, abort=self._abort)
+        #: Called once when the connection is gone (the server's connection count).
+        self.on_connection_lost: Callable[[], None] | None = None
         self._framing = False  # True once this class frames the stream itself
         self._pending = bytearray()  # an incomplete frame, when framing
         self._need = 0  # its whole size once its header is in (0: not yet)
@@ -137,6 +145,14 @@ class DuplexWebSocketProtocol(_Stock or asyncio.Protocol):  # type: ignore[misc]
         scope = getattr(self, "scope", None)
         if scope is not None:
             scope["extensions"][DIRECT] = self._direct
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        hook, self.on_connection_lost = self.on_connection_lost, None
+        try:
+            super().connection_lost(exc)
+        finally:
+            if hook is not None:
+                hook()
 
     def data_received(self, data: bytes) -> None:
         if not self._framing:
@@ -293,6 +309,19 @@ class DuplexWebSocketProtocol(_Stock or asyncio.Protocol):  # type: ignore[misc]
             return False
         self.transport.write(text_frame(text.encode()))
         return True
+
+    def _abort(self, last_text: str | None, code: int) -> None:
+        if self.transport.is_closing() or self.close_sent or self.conn.state is not OPEN:
+            return
+        if last_text is not None:
+            self.transport.write(text_frame(last_text.encode()))
+        self.conn.send_close(code)
+        self.transport.write(b"".join(self.conn.data_to_send()))
+        self.close_sent = True
+        # A peer that reads again gets the message and the close (its close reply cancels
+        # this timer and closes cleanly); one that does not is reset: a plain close would
+        # wait for the unsent bytes forever.
+        self.close_timer = self.loop.call_later(_ABORT_GRACE_S, self.transport.abort)
 
 
 def direct_path_missing() -> str | None:

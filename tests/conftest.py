@@ -25,6 +25,7 @@ OTHER_TOKEN = "test-token-b"
 class RunningServer:
     base: str  # http://127.0.0.1:PORT
     app: Any
+    server: uvicorn.Server | None = None
 
     @property
     def ws_url(self) -> str:
@@ -32,10 +33,15 @@ class RunningServer:
 
 
 def start_server(
-    settings: Settings, uvicorn_kwargs: dict[str, Any] | None = None, **app_kwargs: Any
+    settings: Settings,
+    uvicorn_kwargs: dict[str, Any] | None = None,
+    sndbuf: int | None = None,
+    **app_kwargs: Any,
 ) -> tuple[RunningServer, uvicorn.Server, threading.Thread]:
     app = create_app(settings, **app_kwargs)
     sock = socket.socket()
+    if sndbuf is not None:  # accepted connections inherit it (a fixed kernel send buffer)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, sndbuf)
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
     options = uvicorn_options(settings) | (uvicorn_kwargs or {})
@@ -48,7 +54,7 @@ def start_server(
         if time.monotonic() > deadline or not thread.is_alive():
             raise RuntimeError("server did not start")
         time.sleep(0.01)
-    return RunningServer(f"http://127.0.0.1:{port}", app), server, thread
+    return RunningServer(f"http://127.0.0.1:{port}", app, server), server, thread
 
 
 def stop_server(server: uvicorn.Server, thread: threading.Thread) -> None:
@@ -81,8 +87,9 @@ def server_factory() -> Iterator[Any]:
     def start(**overrides: Any) -> RunningServer:
         app_kwargs = overrides.pop("app_kwargs", {})
         uvicorn_kwargs = overrides.pop("uvicorn_kwargs", None)
+        sndbuf = overrides.pop("sndbuf", None)
         running, server, thread = start_server(
-            make_settings(**overrides), uvicorn_kwargs, **app_kwargs
+            make_settings(**overrides), uvicorn_kwargs, sndbuf, **app_kwargs
         )
         started.append((server, thread))
         return running
