@@ -43,7 +43,7 @@ Tenant = Annotated[str, Depends(tenant)]
 
 
 async def _record(request: Request, tenant: str, session_id: str) -> SessionRecord:
-    record = await _app(request).services.store.get_session(session_id)
+    record = await _app(request).services.store.get_session(session_id, tenant)
     if record is None or record.tenant != tenant:
         raise HTTPException(404, f"unknown session {session_id!r}")
     return record

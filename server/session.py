@@ -222,7 +222,7 @@ async def load_or_create_record(
 ) -> SessionRecord:
     """The tenant's session ``session_id`` (404 when unknown or foreign), or a new one."""
     if session_id:
-        record = await store.get_session(session_id)
+        record = await store.get_session(session_id, tenant)
         if record is None or record.tenant != tenant:
             raise ProtocolError(NOT_FOUND, f"unknown session {session_id!r}", fatal=True)
         return record

@@ -276,3 +276,34 @@ def test_tokens_never_appear_in_logs(server_factory):
     assert TOKEN not in logged, logged
     assert wrong not in logged, logged
     assert "token=***" in logged and "uvicorn.access" in logged, logged  # lines were logged
+
+
+def test_a_foreign_session_id_is_unknown_and_touches_nothing_with_redis(server_factory, redis_url):
+    import httpx
+    import redis
+
+    from tests.conftest import OTHER_TOKEN
+
+    running = server_factory(store_url=redis_url, store_ttl_s=3600)
+    owner = {"Authorization": f"Bearer {TOKEN}"}
+    foreign = {"Authorization": f"Bearer {OTHER_TOKEN}"}
+    created = httpx.post(f"{running.base}/v1/sessions", headers=owner, json={}, timeout=10)
+    session_id = created.json()["id"]
+    db = redis.Redis.from_url(redis_url)
+    key = f"duplex:session:{session_id}"
+    db.expire(key, 100)
+    try:
+        for path in ("", "/messages"):
+            theirs = httpx.get(f"{running.base}/v1/sessions/{session_id}{path}", headers=foreign)
+            unknown = httpx.get(f"{running.base}/v1/sessions/sess_nope{path}", headers=foreign)
+            assert theirs.status_code == unknown.status_code == 404
+            assert theirs.json() == {"detail": f"unknown session {session_id!r}"}
+        with connect(f"{running.ws_url}?token={OTHER_TOKEN}&session_id={session_id}") as ws:
+            refused = json.loads(ws.recv(timeout=10))
+        assert (refused["code"], refused["fatal"]) == (404, True)
+        assert db.ttl(key) <= 100, "a foreign lookup extended the owner's TTL"
+        mine = httpx.get(f"{running.base}/v1/sessions/{session_id}", headers=owner)
+        assert mine.status_code == 200
+        assert db.ttl(key) > 100, "the owner's own lookup slides the TTL"
+    finally:
+        db.close()

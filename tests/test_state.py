@@ -116,3 +116,11 @@ async def test_two_replicas_share_a_conversation_through_redis(server_factory, r
     contents = [m.content for m in await store.load_messages(session_id)]
     await store.close()
     assert contents[0] == "said on the first replica" and contents[2] == "and the second"
+
+
+async def test_a_foreign_lookup_answers_like_an_unknown_one(store):
+    await store.create_session(SessionRecord(id="s1", tenant="t"))
+    assert await store.get_session("s1", "other") is None
+    assert await store.get_session("missing", "other") is None
+    assert (await store.get_session("s1", "t")).tenant == "t"
+    assert (await store.get_session("s1")).tenant == "t", "no tenant: any (internal use)"

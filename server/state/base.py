@@ -43,7 +43,9 @@ class StateStore(ABC):
     async def create_session(self, record: SessionRecord) -> None: ...
 
     @abstractmethod
-    async def get_session(self, session_id: str) -> SessionRecord | None: ...
+    async def get_session(self, session_id: str, tenant: str | None = None) -> SessionRecord | None:
+        """The record, or None when unknown or (with ``tenant``) another tenant's. A
+        foreign id takes the unknown id's path and touches nothing (no TTL renewed)."""
 
     @abstractmethod
     async def update_session(self, record: SessionRecord) -> None: ...

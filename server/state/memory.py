@@ -50,7 +50,11 @@ class MemoryStore(StateStore):
         self._entries[record.id] = _Entry(replace(record), deque(maxlen=self._max_messages))
         self._expire()
 
-    async def get_session(self, session_id: str) -> SessionRecord | None:
+    async def get_session(self, session_id: str, tenant: str | None = None) -> SessionRecord | None:
+        self._expire()
+        found = self._entries.get(session_id)
+        if found is None or (tenant is not None and found.record.tenant != tenant):
+            return None
         entry = self._get(session_id)
         return replace(entry.record, variables=dict(entry.record.variables)) if entry else None
 

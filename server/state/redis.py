@@ -16,6 +16,21 @@ import redis.asyncio as aioredis
 from duplex.protocol import Message
 from server.state.base import SessionRecord, StateStore, StreamEvent
 
+#: The record if it exists and (when ARGV[1] is not empty) belongs to tenant ARGV[1];
+#: only then the TTLs slide. One round trip either way: a foreign id is answered like an
+#: unknown one, and another tenant's keys are never written.
+_GET_SESSION = """
+local raw = redis.call('GET', KEYS[1])
+if not raw then return false end
+if ARGV[1] ~= '' then
+  local ok, record = pcall(cjson.decode, raw)
+  if not ok or type(record) ~= 'table' or record['tenant'] ~= ARGV[1] then return false end
+end
+redis.call('EXPIRE', KEYS[1], ARGV[2])
+redis.call('EXPIRE', KEYS[2], ARGV[2])
+return raw
+"""
+
 
 class RedisStore(StateStore):
     def __init__(
@@ -30,16 +45,10 @@ class RedisStore(StateStore):
         self._ttl = max(1, int(ttl_s))
         self._max_messages = max_messages
         self._p = prefix
+        self._get_session = self._redis.register_script(_GET_SESSION)
 
     def _k(self, kind: str, *parts: str) -> str:
         return self._p + kind + ":" + ":".join(parts)
-
-    async def _touch(self, session_id: str) -> None:
-        """Slide the TTL of everything the session owns."""
-        async with self._redis.pipeline(transaction=False) as pipe:
-            for key in (self._k("session", session_id), self._k("messages", session_id)):
-                pipe.expire(key, self._ttl)
-            await pipe.execute()
 
     # ---- sessions -----------------------------------------------------------------------
 
@@ -51,11 +60,13 @@ class RedisStore(StateStore):
     async def update_session(self, record: SessionRecord) -> None:
         await self.create_session(record)
 
-    async def get_session(self, session_id: str) -> SessionRecord | None:
-        raw = await self._redis.get(self._k("session", session_id))
+    async def get_session(self, session_id: str, tenant: str | None = None) -> SessionRecord | None:
+        raw = await self._get_session(
+            keys=[self._k("session", session_id), self._k("messages", session_id)],
+            args=[tenant or "", self._ttl],
+        )
         if raw is None:
             return None
-        await self._touch(session_id)
         return SessionRecord(**json.loads(raw))
 
     async def delete_session(self, session_id: str) -> None:

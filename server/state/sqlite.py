@@ -76,12 +76,12 @@ class SqliteStore(StateStore):
         record.updated_at = time.time()
         await self._run(lambda db: _put_session(db, record, replace=True))
 
-    async def get_session(self, session_id: str) -> SessionRecord | None:
+    async def get_session(self, session_id: str, tenant: str | None = None) -> SessionRecord | None:
         row = await self._run(
             lambda db: db.execute(
                 "SELECT id, tenant, name, variables, config, parent_id, created_at, updated_at "
-                "FROM sessions WHERE id = ?",
-                (session_id,),
+                "FROM sessions WHERE id = ? AND (? IS NULL OR tenant = ?)",
+                (session_id, tenant, tenant),
             ).fetchone()
         )
         if row is None:
