@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import time
 from dataclasses import dataclass, field
+from time import monotonic
 
 from duplex.protocol import InputAudioConfig
 
@@ -53,19 +54,6 @@ class Bucket:
     def __post_init__(self) -> None:
         self.tokens = self.capacity
 
-    def try_take(self, cost: float) -> bool:
-        """Take ``cost`` tokens if they are there now; False (nothing taken) if not."""
-        if self.rate <= 0:
-            return True
-        now = time.monotonic()
-        tokens = min(self.capacity, self.tokens + (now - self.stamp) * self.rate)
-        self.stamp = now
-        if tokens < cost:
-            self.tokens = tokens
-            return False
-        self.tokens = tokens - cost
-        return True
-
     def refund(self, cost: float) -> None:
         if self.rate > 0:
             self.tokens = min(self.capacity, self.tokens + cost)
@@ -99,8 +87,25 @@ class InputBudget:
         )
 
     def try_audio(self, size: int, bytes_per_s: float) -> bool:
-        """Take a binary audio message's cost if the budget has it now."""
-        return self.audio.try_take(max(MIN_AUDIO_CHARGE_S, size / bytes_per_s))
+        """Take a binary audio message's cost if the budget has it now (`Bucket.try_take`
+        inlined: this runs for every audio message on the direct path)."""
+        bucket = self.audio
+        rate = bucket.rate
+        if rate <= 0:
+            return True
+        cost = size / bytes_per_s
+        if cost < MIN_AUDIO_CHARGE_S:
+            cost = MIN_AUDIO_CHARGE_S
+        now = monotonic()
+        tokens = bucket.tokens + (now - bucket.stamp) * rate
+        if tokens > bucket.capacity:
+            tokens = bucket.capacity
+        bucket.stamp = now
+        if tokens < cost:
+            bucket.tokens = tokens
+            return False
+        bucket.tokens = tokens - cost
+        return True
 
     def refund_audio(self, size: int, bytes_per_s: float) -> None:
         self.audio.refund(max(MIN_AUDIO_CHARGE_S, size / bytes_per_s))
