@@ -87,20 +87,24 @@ def _direct_take(
 ) -> Callable[[bytes], bool]:
     """The direct path's sink: audio within the budget goes straight to the session;
     the rest takes the usual path, where it waits for its budget."""
-    cached: list[Any] = [None, 1.0]  # the input format, its bytes per second
+    fmt: Any = None
+    bytes_per_s = 1.0
+    try_audio = budget.try_audio
+    send = session.send_audio_nowait
 
     def take(data: bytes) -> bool:
-        if len(data) > max_bytes:
+        nonlocal fmt, bytes_per_s
+        size = len(data)
+        if size > max_bytes:
             return False
-        fmt = session.config.input_audio
-        if fmt is not cached[0]:
-            cached[:] = [fmt, audio_bytes_per_second(fmt)]
-        rate = cached[1]
-        if not budget.try_audio(len(data), rate):
+        if session.config.input_audio is not fmt:  # changed by a session.update
+            fmt = session.config.input_audio
+            bytes_per_s = audio_bytes_per_second(fmt)
+        if not try_audio(size, bytes_per_s):
             return False
-        if session.send_audio_nowait(data):
+        if send(data):
             return True
-        budget.refund_audio(len(data), rate)
+        budget.refund_audio(size, bytes_per_s)
         return False
 
     return take
