@@ -73,6 +73,8 @@ class Settings(BaseSettings):
     persist_min_chars: int = 1024
 
     # Tools
+    #: Server-side tools: ``module:attribute`` entry points, comma separated (see load_tools).
+    tools: str = ""
     tool_hop_limit: int = 5
     client_tool_timeout_s: float = 30.0
 
