@@ -123,8 +123,7 @@ async def test_session_update_resumes_with_the_new_setup_or_is_refused(server_fa
         server = gemini_server(server_factory, fake)
         async with connect(server, TOKEN) as c:
             await open_gemini(c)
-            await c.send({"type": "input.text", "text": "Hello?", "final": True})
-            await c.until("response.done", timeout=15)
+            await c.ask("Hello?")
             await fake.wait_until(lambda: bool(fake.connections[0].handles))
             await c.send(
                 {

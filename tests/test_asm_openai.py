@@ -184,8 +184,7 @@ async def test_session_update_is_applied_live_or_by_reopening(server_factory):
         server = asm_server(server_factory, fake)
         async with connect(server, TOKEN) as c:
             await open_asm(c)
-            await c.send({"type": "input.text", "text": "My name is Ada", "final": True})
-            await c.until("response.done", timeout=15)
+            await c.ask("My name is Ada")
             await c.send(
                 {
                     "type": "session.update",
@@ -221,8 +220,7 @@ async def test_session_update_the_provider_refuses_is_not_acknowledged(server_fa
         server = asm_server(server_factory, fake)
         async with connect(server, TOKEN) as c:
             await open_asm(c)
-            await c.send({"type": "input.text", "text": "Hi", "final": True})
-            await c.until("response.done", timeout=15)
+            await c.ask("Hi")
             await c.send({"type": "session.update", "config": {"provider_options": {"speed": 99}}})
             error = (await c.until("error", timeout=10))[-1]
             assert error["code"] == 400 and not error["fatal"]
