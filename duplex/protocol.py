@@ -676,14 +676,19 @@ class WarningEvent(_Event):
 
 
 class ProviderReconnect(_Event):
-    """The realtime provider's connection was lost and is being reopened.
+    """The realtime provider's connection was lost and has been reopened.
 
     ``response_id`` is the response cut by it (its ``chunk.interrupted`` and
-    ``response.done`` follow), if one was in progress.
+    ``response.done`` came first), if one was in progress; ``attempt`` the
+    reconnect attempt that worked; ``context_kept`` whether the model still has
+    the conversation.
     """
 
     type: Literal["provider.reconnect"] = "provider.reconnect"
     response_id: str | None = None
+    attempt: int = 1
+    reason: str = ""
+    context_kept: bool = False
 
 
 #: Sub-events of a response that travel in a response's stream next to its chunks.

@@ -24,7 +24,7 @@ from server.providers.catalog import ProviderCatalog
 from server.registry import SessionRegistry
 from server.session import SessionServices
 from server.state.open import open_store
-from server.tools import ToolRegistry
+from server.tools import ToolRegistry, load_tools
 
 #: Middle-generation collections between full ones (CPython's default is 10). Cyclic
 #: garbage old enough to reach the oldest generation (a closed session's objects) waits
@@ -45,6 +45,10 @@ class AppState:
     registry: SessionRegistry
 
 
+def _entries(value: str) -> list[str]:
+    return [part.strip() for part in value.split(",") if part.strip()]
+
+
 def create_app(settings: Settings | None = None, *, tools: ToolRegistry | None = None) -> FastAPI:
     settings = settings or Settings()
     install_redaction()  # no token in any log line, uvicorn's access log included
@@ -58,7 +62,7 @@ def create_app(settings: Settings | None = None, *, tools: ToolRegistry | None =
     services = SessionServices(
         store=store,
         providers=ProviderCatalog.from_settings(settings),
-        tools=tools or ToolRegistry(),
+        tools=tools if tools is not None else load_tools(_entries(settings.tools)),
         limits=SessionLimits(
             output_queue_size=settings.output_queue_size,
             output_stall_timeout_s=settings.output_stall_timeout_s,

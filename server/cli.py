@@ -26,6 +26,13 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument(
         "--allow-anonymous", action="store_true", help="accept connections without a token"
     )
+    serve.add_argument(
+        "--tools",
+        action="append",
+        metavar="MODULE:ATTR",
+        help="server-side tools: a ToolRegistry, or a function that registers tools on one; "
+        "repeatable (adds to DUPLEX_TOOLS)",
+    )
 
     client = sub.add_parser("client", help="connect, send, print the events as they arrive")
     add_client_arguments(client)
@@ -55,10 +62,16 @@ def _serve(args: argparse.Namespace) -> int:
     if args.allow_anonymous:
         overrides["allow_anonymous"] = True
     settings = Settings(**overrides)
+    if args.tools:
+        settings.tools = ",".join([settings.tools, *args.tools]).strip(",")
     logging.basicConfig(
         level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s"
     )
-    app = create_app(settings)
+    try:
+        app = create_app(settings)
+    except ValueError as exc:  # a --tools entry point that cannot be loaded
+        print(f"duplex serve: {exc}", file=sys.stderr)
+        return 2
     generated = app.state.duplex.auth.generated
     if generated:
         print(f"Dev token (no token configured): {generated}", flush=True)

@@ -60,11 +60,24 @@ class Settings(BaseSettings):
     openai_audio_input: bool = False
     openai_realtime_url: str = "wss://api.openai.com/v1"
     openai_realtime_model: str = "gpt-realtime"
+    openai_realtime_connect_timeout_s: float = 10.0
+    openai_realtime_send_timeout_s: float = 10.0
+    openai_realtime_reconnect_attempts: int = 3
+    openai_realtime_reconnect_base_s: float = 0.5
+    openai_realtime_reconnect_max_s: float = 5.0
     gemini_api_key: str | None = Field(
         None, validation_alias=AliasChoices("DUPLEX_GEMINI_API_KEY", "GEMINI_API_KEY")
     )
     gemini_base_url: str = "wss://generativelanguage.googleapis.com"
     gemini_model: str = "models/gemini-2.5-flash-native-audio-preview-12-2025"
+    gemini_api_version: str = "v1beta"
+    gemini_connect_timeout_s: float = 10.0
+    gemini_reconnect_attempts: int = 5
+    gemini_reconnect_base_s: float = 0.25
+    gemini_reconnect_max_s: float = 5.0
+    gemini_replay_max_messages: int = 6000
+    gemini_replay_max_bytes: int = 16 * 1024 * 1024
+    gemini_replay_margin_s: float = 2.0
     stt_base_url: str | None = None
     stt_model: str = "gpt-4o-mini-transcribe"
     tts_base_url: str | None = None
@@ -74,6 +87,8 @@ class Settings(BaseSettings):
     persist_min_chars: int = 1024
 
     # Tools
+    #: Server-side tools: ``module:attribute`` entry points, comma separated (see load_tools).
+    tools: str = ""
     tool_hop_limit: int = 5
     client_tool_timeout_s: float = 30.0
 

@@ -555,7 +555,14 @@ class DuplexSession(BaseSession):
             await self._mode.close()
             self._mode = self._make_mode()
         else:
-            await self._mode.reconfigure(old)
+            try:
+                await self._mode.reconfigure(old)
+            except ProtocolError:
+                # Not applied: keep (and report) the settings in effect.
+                self.config = old
+                await self._save_record()
+                await self._mode.reconfigure(config)
+                raise
         await self.emit(SessionUpdated(session=self.info()))
 
     def _check_mode(self, config: SessionConfig) -> None:

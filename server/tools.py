@@ -31,10 +31,11 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import importlib
 import inspect
 import json
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from contextlib import aclosing
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -136,6 +137,13 @@ class ToolRegistry:
 
         return add(fn) if fn is not None else add
 
+    def include(self, other: ToolRegistry) -> None:
+        """Add every tool of ``other`` (a name already here is an error)."""
+        for tool_name, tool in other._tools.items():
+            if tool_name in self._tools:
+                raise ValueError(f"tool {tool_name!r} is already registered")
+            self._tools[tool_name] = tool
+
     def __contains__(self, name: object) -> bool:
         return name in self._tools
 
@@ -185,6 +193,36 @@ class ToolRegistry:
             return json.dumps(result, ensure_ascii=False, default=str)
         except (TypeError, ValueError) as exc:
             return _error_result(f"tool {call.name} returned an unserialisable result: {exc}")
+
+
+def load_tools(refs: Iterable[str], registry: ToolRegistry | None = None) -> ToolRegistry:
+    """Server tools from entry points, as ``duplex serve --tools module:attribute`` takes them.
+
+    ``attribute`` (dotted for nested names) is a :class:`ToolRegistry`, whose tools
+    are added, or a function that takes the registry and registers tools on it.
+    Raises ValueError with the reference when it cannot be loaded.
+    """
+    registry = registry if registry is not None else ToolRegistry()
+    for ref in refs:
+        module_name, sep, attr = ref.strip().partition(":")
+        if not (sep and module_name and attr):
+            raise ValueError(f"--tools {ref!r}: expected module:attribute")
+        try:
+            target: Any = importlib.import_module(module_name)
+            for part in attr.split("."):
+                target = getattr(target, part)
+        except (ImportError, AttributeError) as exc:
+            raise ValueError(f"--tools {ref!r}: cannot load it ({exc})") from exc
+        if isinstance(target, ToolRegistry):
+            registry.include(target)
+        elif callable(target) and not inspect.iscoroutinefunction(target):
+            target(registry)
+        else:
+            raise ValueError(
+                f"--tools {ref!r}: expected a ToolRegistry or a function taking one, "
+                f"not {type(target).__name__}"
+            )
+    return registry
 
 
 def _error_result(message: str) -> str:

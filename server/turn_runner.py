@@ -277,14 +277,5 @@ class TurnRunner:
             await store.drop_events(self.session.id, self.response_id)
 
     def heard_text(self, played_ms: float | None) -> str:
-        """The text of the last model call; when its audio was cut short, the share heard.
-
-        Text and audio of one reply run in parallel, so the words heard are taken
-        to be the same fraction of the text as the audio played is of the audio sent.
-        """
-        text = "".join(self.hop_text)
-        if played_ms is None or not self.audio.ms_sent or played_ms >= self.audio.ms_sent:
-            return text
-        keep = int(len(text) * played_ms / self.audio.ms_sent)
-        cut = text.rfind(" ", 0, keep + 1)
-        return text[: cut if cut > 0 else keep]
+        """The text of the last model call; when its audio was cut short, the share heard."""
+        return self.audio.heard_text("".join(self.hop_text), played_ms)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 
+import httpx
 import numpy as np
 
 from tests.conftest import TOKEN
@@ -90,6 +91,98 @@ async def test_go_away_then_resume_loses_no_input(server_factory):
         seen: set[bytes] = set()
         unique = [x for x in received if not (x in seen or seen.add(x))]
         assert unique == sent, "every chunk arrived, in order, across both connections"
+
+
+async def test_go_away_right_after_an_answer_with_lagging_server_loses_no_input(server_factory):
+    """The handle after the answer covers all but the last two chunks: they must be replayed."""
+    fake = FakeGeminiLive(scenario="go_away_after_answer", consume_lag=2, go_away_time_left_s=1)
+    async with fake:
+        server = gemini_server(server_factory, fake)
+        step = RATE // 10  # 100 ms chunks
+        speech = tone(400)
+        sent = [speech[i : i + step * 2] for i in range(0, len(speech), step * 2)]
+        sent += [(np.arange(step) % 5 + level).astype("<i2").tobytes() for level in range(1, 27)]
+        async with connect(server, TOKEN) as c:
+            await open_gemini(c, provider_options={"transparent_resumption": True})
+            for chunk in sent:  # at real time: the answer comes while input keeps flowing
+                await c.send(chunk)
+                await asyncio.sleep(0.1)
+            await fake.wait_until(
+                lambda: len(fake.connections) == 2 and len(fake.states) == 2, timeout=15
+            )
+            await c.send({"type": "ping", "id": "settle"})
+            await c.until("pong")
+            await fake.wait_until(lambda: set(sent) <= set(fake.session_audio()), timeout=5)
+        assert fake.connections[1].resumed_from is not None
+        heard = fake.session_audio()
+        assert [x for x in sent if x not in heard] == []
+
+
+async def test_session_update_resumes_with_the_new_setup_or_is_refused(server_factory):
+    async with FakeGeminiLive() as fake:
+        server = gemini_server(server_factory, fake)
+        async with connect(server, TOKEN) as c:
+            await open_gemini(c)
+            await c.ask("Hello?")
+            await fake.wait_until(lambda: bool(fake.connections[0].handles))
+            await c.send(
+                {
+                    "type": "session.update",
+                    "config": {"instructions": "Be terse.", "provider_options": {"top_k": 5}},
+                }
+            )
+            await c.until("session.updated", timeout=15)
+            assert len(fake.connections) == 2
+            second = fake.connections[1]
+            assert second.resumed_from == fake.connections[0].handles[-1]
+            assert second.setup["systemInstruction"]["parts"][0]["text"] == "Be terse."
+            assert second.setup["generationConfig"]["topK"] == 5
+            await c.send({"type": "session.update", "config": {"model": "gemini-other"}})
+            error = (await c.until("error", timeout=10))[-1]
+            assert error["code"] == 400 and "model" in error["message"]
+            await c.send({"type": "input.text", "text": "Again?", "final": True})
+            done = await c.until("response.done", timeout=15)
+        assert done[-1]["finish_reason"] == "stop"
+        assert len(fake.connections) == 2, "the refused change reopened nothing"
+        assert not [e for e in c.seen if e["type"] == "session.updated"][2:]
+
+
+async def test_barge_in_interrupts_once_and_cuts_the_stored_answer(server_factory):
+    async with FakeGeminiLive(hold_response=True, audio_chunks=10, audio_chunk_ms=100) as fake:
+        server = gemini_server(server_factory, fake)
+        async with connect(server, TOKEN) as c:
+            session_id = (await c.recv())["session"]["id"]
+            await c.send(
+                {"type": "session.update", "config": {"mode": "asm", "provider": "gemini-live"}}
+            )
+            await c.until("session.updated")
+            speech = tone(400) + b"\x00" * (RATE * 2 // 2)
+            for i in range(0, len(speech), CHUNK * 2):
+                await c.send(speech[i : i + CHUNK * 2])
+            rid = (await c.until("response.started", timeout=15))[-1]["response_id"]
+            audio = 0
+            while audio < 10:
+                event = await c.recv()
+                audio += event["type"] == "chunk" and "media" in event
+            await c.send({"type": "playback", "response_id": rid, "played_ms": 300})
+            talk = tone(200)
+            for i in range(0, len(talk), CHUNK * 2):  # the user talks over the reply
+                await c.send(talk[i : i + CHUNK * 2])
+            events = await c.until("response.done", timeout=10)
+            await c.send({"type": "ping", "id": "p"})
+            await c.until("pong")
+            await asyncio.sleep(0.5)  # past the grace window: the answer is stored
+        cut = [e for e in events if e["type"] == "chunk" and e.get("interrupted")]
+        assert len(cut) == 1 and cut[0]["response_id"] == rid
+        assert events[-1]["finish_reason"] == "interrupted"
+        async with httpx.AsyncClient(base_url=server.base) as http:
+            got = await http.get(
+                f"/v1/sessions/{session_id}/messages",
+                headers={"Authorization": f"Bearer {TOKEN}"},
+            )
+        answer = next(m for m in got.json()["messages"] if m["metadata"].get("response_id") == rid)
+        assert answer["metadata"]["played_ms"] == 300
+        assert len(answer["content"]) < len(fake.reply_text)
 
 
 async def test_wrong_key_is_reported_clearly(server_factory):

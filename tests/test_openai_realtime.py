@@ -22,6 +22,7 @@ from websockets.asyncio.client import connect as ws_connect
 from duplex.protocol import (
     ErrorEvent,
     ImageFrame,
+    ProviderReconnect,
     ResponseDone,
     ResponseStarted,
     SessionConfig,
@@ -506,17 +507,20 @@ async def test_dropped_connection_reconnects_and_reports() -> None:
     ):
         async with open_session(fake, instructions="Be brief.") as s:
             await s.send_text("Hello")
-            events = await collect(s, lambda e: isinstance(e, ErrorEvent))
+            events = await collect(s, lambda e: isinstance(e, ProviderReconnect))
             await s.send_text("Hello again")
             after = await collect(s, is_done)
         first, second = fake.connections
 
     response_id = next(e.response_id for e in events if isinstance(e, ResponseStarted))
     assert len(audio_of(events)) == 2
-    done, error = events[-2:]
-    assert done == ResponseDone(response_id=response_id, finish_reason="error")
-    assert isinstance(error, ErrorEvent) and not error.fatal and error.code == 502
-    assert error.message.startswith("provider connection lost; reconnected")
+    cut, done, note = events[-3:]
+    assert cut == StreamChunk(response_id=response_id, interrupted=True)
+    assert done == ResponseDone(response_id=response_id, finish_reason="interrupted")
+    # No stored conversation was given to re-seed from: the model starts afresh.
+    assert isinstance(note, ProviderReconnect) and note.response_id == response_id
+    assert note.attempt == 1 and not note.context_kept
+    assert not any(isinstance(e, ErrorEvent) for e in events)
     # The new connection was configured exactly like the first one.
     assert without_event_id(second.received[0]) == without_event_id(first.received[0])
     assert second.received_types()[1:] == ["conversation.item.create", "response.create"]
@@ -534,9 +538,9 @@ async def test_dropped_connection_gives_up_after_bounded_attempts() -> None:
     assert [status for status, _ in fake.rejected_handshakes] == [503, 503, 503]
     assert len(fake.connections) == 1
     done, error = events[-2:]
-    assert isinstance(done, ResponseDone) and done.finish_reason == "error"
+    assert isinstance(done, ResponseDone) and done.finish_reason == "interrupted"
     assert isinstance(error, ErrorEvent) and error.fatal and error.code == 502
-    assert error.message.startswith("provider connection lost; gave up after 3 attempt(s)")
+    assert error.message.startswith("OpenAI Realtime connection lost; gave up after 3 attempt(s)")
     assert "HTTP 503" in error.message
     assert info.value.fatal
 

@@ -19,6 +19,7 @@ import numpy as np
 from duplex.protocol import (
     BAD_REQUEST,
     PROVIDER_FAILED,
+    UNSUPPORTED_MEDIA,
     ErrorEvent,
     ImageFrame,
     Message,
@@ -46,8 +47,13 @@ from media.errors import MediaError
 from server.media_inputs import FrameSource
 from server.modes.audio_ingest import VAD_RATE, AudioIngest
 from server.modes.base import Mode, SessionPort
-from server.providers.base import ProviderError, RealtimeSession, RealtimeSetup
-from server.reply_audio import ReplyAudio
+from server.providers.base import (
+    Capabilities,
+    ProviderError,
+    RealtimeSession,
+    RealtimeSetup,
+)
+from server.reply_audio import Playback, ReplyAudio
 from server.tools import ClientToolWaiters, execute_tool_calls
 from vad import turns as vt
 
@@ -57,7 +63,17 @@ class _Response:
         self.response_id = response_id
         self.text: list[str] = []
         self.audio = ReplyAudio(out_rate)
-        self.played_ms: float | None = None
+        self.playback = Playback()
+        self.barged_in = False  # our VAD cancelled it because the user spoke
+        self.cut = False  # the client has been told to stop playing it
+
+    def interrupt(self) -> bool:
+        """Mark the reply cut now; False if it already was (one ``interrupted`` chunk)."""
+        if self.cut:
+            return False
+        self.cut = True
+        self.playback.cut()
+        return True
 
 
 class AsmMode(Mode):
@@ -68,6 +84,7 @@ class AsmMode(Mode):
         self._ingest: AudioIngest | None = None
         self._to_provider: StreamResampler | None = None
         self._provider_rate = VAD_RATE
+        self._caps = Capabilities()
         self._frames = FrameSource(
             session.config.video,
             session.limits.max_image_pixels,
@@ -93,19 +110,25 @@ class AsmMode(Mode):
                     raise ProtocolError(
                         BAD_REQUEST, f"unknown provider {session.config.provider!r}"
                     )
-                setup = RealtimeSetup(
-                    session_id=session.id,
-                    config=session.config,
-                    instructions=session.instructions(),
-                    tools=session.tools.merge_specs(session.config.tools),
-                )
+                setup = self._setup()
                 try:
                     self._rt = await provider.connect(setup)
                 except ProviderError as exc:
                     raise ProtocolError(exc.code, exc.message, fatal=exc.fatal) from None
                 self._provider_rate = provider.input_sample_rate
+                self._caps = provider.capabilities
                 session.spawn(self._pump(self._rt), "provider-events")
         return self._rt
+
+    def _setup(self) -> RealtimeSetup:
+        session = self.session
+        return RealtimeSetup(
+            session_id=session.id,
+            config=session.config,
+            instructions=session.instructions(),
+            tools=session.tools.merge_specs(session.config.tools),
+            history=session.messages,
+        )
 
     async def _pump(self, rt: RealtimeSession) -> None:
         async for event in rt.events():
@@ -120,8 +143,7 @@ class AsmMode(Mode):
             case StreamChunk():
                 await self._on_chunk(event)
             case ResponseDone():
-                await session.emit(event)
-                await self._record(event.response_id, event.finish_reason)
+                await self._on_done(event)
             case SpeechStarted() | SpeechStopped() | TurnEnded():
                 if not isinstance(event, SpeechStopped):
                     self._hops = 0  # the user speaks: a new turn
@@ -155,6 +177,8 @@ class AsmMode(Mode):
 
     async def _on_chunk(self, chunk: StreamChunk) -> None:
         response = self._response(chunk.response_id)
+        if chunk.interrupted:
+            response.interrupt()
         if chunk.media is not None and chunk.media.mime_type == "audio/pcm":
             media = response.audio.convert(chunk.media)
             if media is None:
@@ -207,20 +231,51 @@ class AsmMode(Mode):
     async def _emit_tool_event(self, event: Any) -> None:
         await self.session.emit(chunk_event(event) if isinstance(event, StreamChunk) else event)
 
-    async def _record(self, response_id: str, finish_reason: str) -> None:
-        response = self._responses.pop(response_id, None)
+    async def _on_done(self, event: ResponseDone) -> None:
+        """End a reply as VAD mode does: ``interrupted`` chunk first on a barge-in; an
+        interrupted or cancelled reply is truncated upstream and stored as far as heard."""
+        response = self._response(event.response_id)
         if self._current is response:
             self._current = None
-        if response is None:
-            return
-        meta: dict[str, Any] = {"response_id": response_id, "finish_reason": finish_reason}
-        if response.audio.ms_sent:
-            meta["audio_ms"] = round(response.audio.ms_sent, 1)
-        if response.played_ms is not None:
-            meta["played_ms"] = round(response.played_ms, 1)
+        reason = event.finish_reason
+        if reason == "cancelled" and response.barged_in:
+            reason = "interrupted"
+        if reason == "interrupted" and response.interrupt():
+            await self.session.emit(
+                chunk_event(StreamChunk(response_id=event.response_id, interrupted=True))
+            )
+        elif reason == "cancelled":
+            response.interrupt()  # the client asked: its next report says what it heard
+        if reason != event.finish_reason:
+            event = event.model_copy(update={"finish_reason": reason})
+        await self.session.emit(event)
+        if reason in ("interrupted", "cancelled"):
+            self.session.spawn(self._finish_cut(response, reason), "cut-reply")
+        else:
+            await self._record(response, reason, None)
+
+    async def _finish_cut(self, response: _Response, reason: str) -> None:
+        """Wait (bounded) for the position heard, truncate the provider's copy there, store."""
+        try:
+            played_ms = await response.playback.heard_ms()
+            if played_ms is not None and self._rt is not None and self._caps.can_truncate:
+                await self._rt.truncate(response.response_id, played_ms)
+        except ProviderError as exc:
+            await self.session.emit_error(exc.code, exc.message, fatal=exc.fatal)
+        finally:  # also when the session closes meanwhile: the last position known
+            await self._record(response, reason, response.playback.played_ms)
+
+    async def _record(self, response: _Response, reason: str, played_ms: float | None) -> None:
+        self._responses.pop(response.response_id, None)
+        meta: dict[str, Any] = {"response_id": response.response_id, "finish_reason": reason}
+        audio = response.audio
+        if audio.ms_sent:
+            meta["audio_ms"] = round(audio.ms_sent, 1)
+        if played_ms is not None:
+            meta["played_ms"] = round(min(played_ms, audio.ms_sent), 1)
+        text = audio.heard_text("".join(response.text), played_ms)
         await self.session.store.append_messages(
-            self.session.id,
-            [Message(role="assistant", content="".join(response.text), metadata=meta)],
+            self.session.id, [Message(role="assistant", content=text, metadata=meta)]
         )
 
     # ---- input ----------------------------------------------------------------------
@@ -254,6 +309,7 @@ class AsmMode(Mode):
             case vt.SpeechStart():
                 await session.emit(SpeechStarted(audio_start_ms=event.start_ms))
                 if self._current is not None and session.config.turn_detection.interrupt:
+                    self._current.barged_in = True
                     await rt.cancel_response()
             case vt.SpeechEnd():
                 await session.emit(SpeechStopped(audio_end_ms=event.end_ms))
@@ -285,10 +341,22 @@ class AsmMode(Mode):
         await rt.send_image(frame)
 
     async def on_frame(self, frame: ImageFrame, msg_id: str | None) -> None:
+        self._check_accepts("images", (await self._connected()).images)
         await self._frames.add_image(frame, speaking=self._speaking())
 
     async def on_video(self, chunk: VideoChunk, msg_id: str | None) -> None:
+        self._check_accepts("video", (await self._connected()).video)
         await self._frames.add_video(chunk, speaking=self._speaking(), msg_id=msg_id)
+
+    async def _connected(self) -> Capabilities:
+        await self._provider()
+        return self._caps
+
+    def _check_accepts(self, what: str, accepted: bool) -> None:
+        if not accepted:
+            raise ProtocolError(
+                UNSUPPORTED_MEDIA, f"provider {self.session.config.provider!r} takes no {what}"
+            )
 
     def _speaking(self) -> bool:
         return self._ingest is not None and self._ingest.detector.state == "speaking"
@@ -307,11 +375,10 @@ class AsmMode(Mode):
         await rt.cancel_response()
 
     async def on_playback(self, response_id: str, played_ms: float) -> None:
+        """Progress only: the provider's copy is truncated once, when a reply is cut."""
         response = self._responses.get(response_id)
         if response is not None:
-            response.played_ms = played_ms
-        if self._rt is not None:
-            await self._rt.truncate(response_id, played_ms)
+            response.playback.report(played_ms)
 
     async def on_tool_result(self, call_id: str, output: Any, msg_id: str | None) -> None:
         self._client_tools.resolve(call_id, output)
@@ -321,14 +388,16 @@ class AsmMode(Mode):
         if new.input_audio != old.input_audio or new.turn_detection != old.turn_detection:
             self._ingest = None
         self._frames.reconfigure(new.video)
-        if self._rt is not None and (
-            new.provider != old.provider
-            or new.instructions != old.instructions
-            or new.tools != old.tools
-            or new.voice != old.voice
-        ):
-            # Settings the provider took at setup: reopen with the new ones.
-            await self._close_provider()
+        if self._rt is None:
+            return  # the provider session opens with the new settings on the next input
+        if new.provider != old.provider:
+            await self._close_provider()  # another provider: a new session on the next input
+            return
+        try:
+            # Live where the provider can, else it reopens (resumed or re-seeded).
+            await self._rt.reconfigure(self._setup())
+        except ProviderError as exc:
+            raise ProtocolError(exc.code, exc.message) from None
 
     async def _close_provider(self) -> None:
         rt, self._rt = self._rt, None

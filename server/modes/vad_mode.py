@@ -9,7 +9,6 @@ reply streams interrupts it (barge-in).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from collections.abc import Coroutine
 from dataclasses import dataclass, field
 from typing import Any
@@ -40,15 +39,12 @@ from server.media_inputs import FrameSource
 from server.modes.audio_ingest import VAD_RATE, AudioIngest
 from server.modes.base import Mode, SessionPort
 from server.providers.base import AudioClip, ProviderError
-from server.reply_audio import ReplyResamplers
+from server.reply_audio import Playback, ReplyResamplers
 from server.tools import ClientToolWaiters
 from server.turn_runner import Turn, TurnRunner
 from vad import turns as vt
 
 MAX_TEXT_CHARS = 64_000
-#: After an interruption, how long to wait for the client's last ``playback`` report
-#: (it is sent when playback stops, so it crosses the interruption on the wire).
-PLAYBACK_GRACE_S = 0.3
 
 
 @dataclass
@@ -56,8 +52,7 @@ class _Active:
     runner: TurnRunner
     task: asyncio.Task[None] | None = None
     cancel_reason: str = "cancelled"
-    played_ms: float | None = None
-    reported: asyncio.Event = field(default_factory=asyncio.Event)
+    playback: Playback = field(default_factory=Playback)
 
 
 class VadMode(Mode):
@@ -150,8 +145,7 @@ class VadMode(Mode):
     async def on_playback(self, response_id: str, played_ms: float) -> None:
         active = self._active
         if active is not None and active.runner.response_id == response_id:
-            active.played_ms = played_ms
-            active.reported.set()
+            active.playback.report(played_ms)
 
     async def on_tool_result(self, call_id: str, output: Any, msg_id: str | None) -> None:
         self._client_tools.resolve(call_id, output)
@@ -282,7 +276,7 @@ class VadMode(Mode):
             await session.emit_error(exc.code or PROVIDER_FAILED, exc.message, fatal=exc.fatal)
         try:
             if reason == "interrupted":
-                active.reported.clear()
+                active.playback.cut()
                 await session.emit(
                     chunk_event(StreamChunk(response_id=runner.response_id, interrupted=True))
                 )
@@ -292,12 +286,12 @@ class VadMode(Mode):
                 )
             )
             if reason == "interrupted":
-                with contextlib.suppress(TimeoutError):
-                    async with asyncio.timeout(PLAYBACK_GRACE_S):
-                        await active.reported.wait()
+                await active.playback.heard_ms()
         finally:
             self._active = None
-            await runner.record(reason, active.played_ms if reason == "interrupted" else None)
+            await runner.record(
+                reason, active.playback.played_ms if reason == "interrupted" else None
+            )
 
     async def _stream(self, runner: TurnRunner) -> None:
         async for chunk in runner.chunks():

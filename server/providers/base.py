@@ -9,7 +9,7 @@ Live). Providers know the protocol types only, never the session or socket.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -134,6 +134,9 @@ class RealtimeSetup:
     instructions: str
     tools: list[ToolSpec]
     options: dict[str, Any] = field(default_factory=dict)
+    #: The stored conversation, oldest first: a provider that must open a new
+    #: upstream session re-seeds it from here.
+    history: Callable[[], Awaitable[list[Message]]] | None = None
 
 
 class RealtimeSession(ABC):
@@ -165,6 +168,14 @@ class RealtimeSession(ABC):
     async def send_tool_result(self, call_id: str, name: str, output: str) -> None: ...
 
     @abstractmethod
+    async def reconfigure(self, setup: RealtimeSetup) -> None:
+        """Apply changed session settings and return once they are in effect.
+
+        Raises ProviderError (code 400) for a change this provider cannot make
+        mid-session; the caller must then keep the old settings.
+        """
+
+    @abstractmethod
     def events(self) -> AsyncIterator[RealtimeEvent]:
         """Provider output, mapped to protocol types, until the session closes."""
 
@@ -172,9 +183,32 @@ class RealtimeSession(ABC):
     async def close(self) -> None: ...
 
 
+@dataclass(frozen=True, slots=True)
+class Capabilities:
+    """What a realtime provider really does, so the mode need not guess.
+
+    ``can_truncate``: ``truncate`` cuts the provider's copy of a reply to what was
+    heard (else the model keeps the whole reply). ``can_cancel``: the service
+    stops generating on ``cancel_response`` (else the provider only drops the
+    rest of the reply). ``own_turn_detection``: the service finds turns itself.
+    ``images`` / ``video``: ``send_image`` accepts still images / frames of a
+    video. ``can_resume``: a lost connection resumes the same upstream session.
+    ``live_config``: settings can change without a new upstream connection.
+    """
+
+    can_truncate: bool = False
+    can_cancel: bool = False
+    own_turn_detection: bool = False
+    images: bool = False
+    video: bool = False
+    can_resume: bool = False
+    live_config: bool = False
+
+
 class RealtimeProvider(ABC):
     #: The rate the mode resamples input audio to before ``send_audio``.
     input_sample_rate: int = 16000
+    capabilities: Capabilities = Capabilities()
 
     @abstractmethod
     async def connect(self, setup: RealtimeSetup) -> RealtimeSession: ...

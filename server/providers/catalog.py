@@ -27,6 +27,7 @@ class ProviderCatalog:
         from server.providers.gemini_live import GeminiLiveProvider
         from server.providers.openai_chat import OpenAIChatProvider
         from server.providers.openai_realtime import OpenAIRealtimeProvider
+        from server.providers.realtime_link import ReconnectPolicy
 
         http = httpx.AsyncClient(timeout=httpx.Timeout(60, connect=10))
         catalog = cls(http=http)
@@ -39,10 +40,29 @@ class ProviderCatalog:
             client=http,
         )
         catalog.realtime["openai-realtime"] = lambda: OpenAIRealtimeProvider(
-            settings.openai_api_key, settings.openai_realtime_url, settings.openai_realtime_model
+            settings.openai_api_key,
+            settings.openai_realtime_url,
+            settings.openai_realtime_model,
+            reconnect=ReconnectPolicy(
+                max_attempts=settings.openai_realtime_reconnect_attempts,
+                base_delay=settings.openai_realtime_reconnect_base_s,
+                max_delay=settings.openai_realtime_reconnect_max_s,
+            ),
+            connect_timeout=settings.openai_realtime_connect_timeout_s,
+            send_timeout=settings.openai_realtime_send_timeout_s,
         )
         catalog.realtime["gemini-live"] = lambda: GeminiLiveProvider(
-            settings.gemini_api_key, settings.gemini_base_url, settings.gemini_model
+            settings.gemini_api_key,
+            settings.gemini_base_url,
+            settings.gemini_model,
+            api_version=settings.gemini_api_version,
+            connect_timeout_s=settings.gemini_connect_timeout_s,
+            max_reconnect_attempts=settings.gemini_reconnect_attempts,
+            reconnect_backoff_s=settings.gemini_reconnect_base_s,
+            max_reconnect_backoff_s=settings.gemini_reconnect_max_s,
+            replay_max_messages=settings.gemini_replay_max_messages,
+            replay_max_bytes=settings.gemini_replay_max_bytes,
+            replay_margin_s=settings.gemini_replay_margin_s,
         )
         catalog.stt = SpeechToText(
             settings.stt_base_url or settings.openai_base_url,

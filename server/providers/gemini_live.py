@@ -23,12 +23,13 @@ import asyncio
 import base64
 import binascii
 import contextlib
+import dataclasses
 import json
 import logging
 import re
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import quote
@@ -42,7 +43,6 @@ from duplex.protocol import (
     FinishReason,
     ImageFrame,
     Media,
-    ProviderReconnect,
     ResponseDone,
     ResponseStarted,
     SpeechStarted,
@@ -56,12 +56,13 @@ from duplex.protocol import (
 )
 from server.logs import SessionLog
 from server.providers.base import (
+    Capabilities,
     ProviderError,
     RealtimeEvent,
     RealtimeProvider,
-    RealtimeSession,
     RealtimeSetup,
 )
+from server.providers.realtime_link import LinkEnded, RealtimeLink, ReconnectPolicy
 
 logger = logging.getLogger(__name__)
 
@@ -233,36 +234,30 @@ def _usage(raw: dict[str, Any] | None) -> dict[str, Any] | None:
     return out
 
 
-@dataclass(frozen=True, slots=True)
-class _Ended:
-    """Why a connection ended, and whether resuming the session may help."""
-
-    retryable: bool
-    message: str
-    code: int | None = None
-    upstream_code: str | None = None
-    go_away: bool = False
-
-
-def _classify_close(exc: ConnectionClosed) -> _Ended:
+def _classify_close(exc: ConnectionClosed) -> LinkEnded:
     frame = exc.rcvd
     if frame is None:
-        return _Ended(True, "connection dropped without a close frame (1006)", 1006)
+        return LinkEnded("connection dropped without a close frame (1006)", code=1006)
     code, reason = frame.code, frame.reason
     text = f"close {code}" + (f": {reason}" if reason else "")
     lowered = reason.lower()
     if "api key" in lowered or "api_key" in lowered:
-        return _Ended(
-            False,
+        return LinkEnded(
             f"Gemini Live rejected the API key ({text}); check GEMINI_API_KEY",
-            code,
-            _API_KEY_INVALID,
+            retryable=False,
+            code=code,
+            upstream_code=_API_KEY_INVALID,
         )
     if "quota" in lowered or "resource_exhausted" in lowered or "resource exhausted" in lowered:
-        return _Ended(False, f"Gemini Live quota exhausted ({text})", code, _QUOTA_EXHAUSTED)
+        return LinkEnded(
+            f"Gemini Live quota exhausted ({text})",
+            retryable=False,
+            code=code,
+            upstream_code=_QUOTA_EXHAUSTED,
+        )
     if code in _REFUSED_CLOSE_CODES:
-        return _Ended(False, f"Gemini Live refused the session ({text})", code)
-    return _Ended(True, f"Gemini Live connection closed ({text})", code)
+        return LinkEnded(f"Gemini Live refused the session ({text})", retryable=False, code=code)
+    return LinkEnded(f"Gemini Live connection closed ({text})", code=code)
 
 
 # --------------------------------------------------------------------------------------
@@ -348,6 +343,7 @@ class _Conn:
     ws: ClientConnection
     sent: list[int | None] = field(default_factory=lambda: [None])  # index 0 is ``setup``
     go_away_deadline: float | None = None
+    reopen: str | None = None  # why we closed it ourselves to resume with new settings
 
 
 # --------------------------------------------------------------------------------------
@@ -358,6 +354,15 @@ class GeminiLiveProvider(RealtimeProvider):
     """Opens Gemini Live sessions; one provider instance serves many sessions."""
 
     input_sample_rate = INPUT_SAMPLE_RATE
+    capabilities = Capabilities(
+        can_truncate=False,  # the model keeps the whole reply in its context
+        can_cancel=False,  # emulated: the rest of the reply is dropped, generation goes on
+        own_turn_detection=True,
+        images=True,
+        video=True,
+        can_resume=True,
+        live_config=False,  # settings go in ``setup``: a change resumes on a new connection
+    )
 
     def __init__(
         self,
@@ -374,6 +379,7 @@ class GeminiLiveProvider(RealtimeProvider):
         replay_max_messages: int = 6000,
         replay_max_bytes: int = 16 * 1024 * 1024,
         replay_margin_s: float = 2.0,
+        event_queue_size: int = 1024,
     ) -> None:
         self._api_key = api_key
         self.base_url = base_url.rstrip("/")
@@ -387,6 +393,7 @@ class GeminiLiveProvider(RealtimeProvider):
         self.replay_max_messages = replay_max_messages
         self.replay_max_bytes = replay_max_bytes
         self.replay_margin_s = replay_margin_s
+        self.event_queue_size = event_queue_size
 
     def _url(self) -> str:
         path = SERVICE_PATH.format(version=self.api_version)
@@ -413,29 +420,37 @@ class GeminiLiveProvider(RealtimeProvider):
 # Session
 
 
-class GeminiLiveSession(RealtimeSession):
-    """One Gemini session across as many connections as resumption needs."""
+class GeminiLiveSession(RealtimeLink):
+    """One Gemini session across as many connections as resumption needs, on the
+    realtime chassis (``RealtimeLink``)."""
+
+    label = "Gemini Live"
 
     def __init__(self, provider: GeminiLiveProvider, setup: RealtimeSetup) -> None:
+        super().__init__(
+            SessionLog(logger, setup.session_id),
+            policy=ReconnectPolicy(
+                max_attempts=provider.max_reconnect_attempts,
+                base_delay=provider.reconnect_backoff_s,
+                max_delay=provider.max_reconnect_backoff_s,
+            ),
+            queue_size=provider.event_queue_size,
+            task_name=f"gemini-live:{setup.session_id}",
+        )
         self._provider = provider
         self._setup = setup
         self._model = setup.config.model or provider.model
         self._manual = manual_activity(setup)
         self._modality = response_modality(setup)
-        self._log = SessionLog(logger, setup.session_id)
-
-        self._queue: asyncio.Queue[RealtimeEvent | None] = asyncio.Queue()
+        self._out: list[RealtimeEvent] = []  # mapped, not yet queued (see ``_flush``)
+        self._flush_lock = asyncio.Lock()
         self._send_lock = asyncio.Lock()  # one writer; replay and live sends keep seq order
         self._input_lock = asyncio.Lock()  # activityStart/audio/activityEnd stay together
         self._buffer = _ReplayBuffer(provider.replay_max_messages, provider.replay_max_bytes)
         self._conn: _Conn | None = None
         self._conn_count = 0
         self._handle: str | None = None
-        self._supervisor: asyncio.Task[None] | None = None
-        self._closed = False
-        self._failed: str | None = None
-        self._finished = False
-        self._reconnect_streak = 0
+        self._attached = asyncio.Event()  # set whenever a connection takes live sends
 
         # Input state
         self._pcm_carry = b""
@@ -450,42 +465,21 @@ class GeminiLiveSession(RealtimeSession):
         self._user_speaking = False
         self._input_transcript: list[str] = []
         self._tool_names: dict[str, str] = {}
-        self._turn_input_seq = -1  # newest input when the current response started
-        self._answered_seq = -1  # input up to here has had its answer
 
     # -- lifecycle ------------------------------------------------------------------
 
     async def _start(self) -> None:
         self._conn = await self._open(handle=None)
-        self._supervisor = asyncio.create_task(
-            self._supervise(), name=f"gemini-live:{self._setup.session_id}"
-        )
+        self._attached.set()
+        self._start_reader()
 
-    async def close(self) -> None:
-        """Stop reading, close the connection; idempotent, leaves no task behind."""
-        self._closed = True
-        task, self._supervisor = self._supervisor, None
-        if task is not None and not task.done():
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+    def _failed(self) -> None:
+        self._attached.set()  # wake a reconfigure waiting for a connection that won't come
+
+    async def _close_connection(self) -> None:
         conn, self._conn = self._conn, None
         if conn is not None:
             await self._close_ws(conn.ws)
-        self._finish()
-
-    def _finish(self) -> None:
-        if not self._finished:
-            self._finished = True
-            self._queue.put_nowait(None)
-
-    async def events(self) -> AsyncIterator[RealtimeEvent]:
-        while True:
-            item = await self._queue.get()
-            if item is None:
-                self._queue.put_nowait(None)  # a second reader ends too
-                return
-            yield item
 
     # -- input ----------------------------------------------------------------------
 
@@ -565,12 +559,46 @@ class GeminiLiveSession(RealtimeSession):
         self._log.info("response %s cancelled locally", self._response_id)
         self._suppress = True
         self._end_response("cancelled")
+        await self._flush()
 
     async def truncate(self, response_id: str, audio_end_ms: float) -> None:
         """Gemini has no truncate: its context keeps the whole response; nothing to send."""
         self._log.debug(
             "truncate(%s, %.0f ms) has no Gemini equivalent; ignored", response_id, audio_end_ms
         )
+
+    async def reconfigure(self, setup: RealtimeSetup) -> None:
+        """Gemini takes its settings only in ``setup``: resume on a new connection with them.
+
+        The model is part of the resumed session and cannot change (400).
+        """
+        model = setup.config.model or self._provider.model
+        if _model_name(model) != _model_name(self._model):
+            raise ProviderError(
+                "Gemini Live cannot change the model of a running session; "
+                "start a new session for another model",
+                code=400,
+            )
+        modality = response_modality(setup)
+        if build_setup(setup, model=model) == build_setup(self._setup, model=self._model):
+            return
+        self._check_usable()
+        async with self._input_lock:
+            self._setup, self._modality = setup, modality
+            self._manual = manual_activity(setup)
+            self._activity_open = False
+            conn = self._conn
+            self._attached.clear()
+            if conn is not None:
+                conn.reopen = "session configuration changed"
+                await self._close_ws(conn.ws)
+        try:
+            async with asyncio.timeout(self._provider.connect_timeout_s * 2):
+                await self._attached.wait()
+        except TimeoutError:
+            raise ProviderError("Gemini Live did not reopen with the new configuration") from None
+        if self._failure is not None:
+            raise ProviderError(self._failure, fatal=True)
 
     async def send_tool_result(self, call_id: str, name: str, output: str) -> None:
         name = name or self._tool_names.get(call_id, "")
@@ -591,11 +619,7 @@ class GeminiLiveSession(RealtimeSession):
         While reconnecting the message is only buffered: the new connection
         replays the buffer in order before any later message goes out.
         """
-        if self._closed or self._failed is not None:
-            raise ProviderError(
-                f"Gemini Live session is closed{': ' + self._failed if self._failed else ''}",
-                fatal=True,
-            )
+        self._check_usable()
         frame = json.dumps(payload, separators=(",", ":"))
         async with self._send_lock:
             entry = self._buffer.add(frame)
@@ -649,7 +673,7 @@ class GeminiLiveSession(RealtimeSession):
             await self._abort(ws)
             ended = _classify_close(exc)
             raise ProviderError(
-                p._redact(ended.message),
+                p._redact(ended.reason),
                 upstream_status=ended.code,
                 upstream_code=ended.upstream_code,
                 fatal=not ended.retryable,
@@ -700,33 +724,21 @@ class GeminiLiveSession(RealtimeSession):
         except (TimeoutError, OSError, WebSocketException):
             await self._abort(ws)
 
-    async def _supervise(self) -> None:
-        """Read the current connection; when it ends, resume or give up."""
-        try:
-            while self._conn is not None:
-                conn = self._conn
-                ended = await self._read(conn)
-                await self._detach(conn)
-                if self._closed:
-                    return
-                if not ended.retryable:
-                    self._fail(self._provider._redact(ended.message), ended.upstream_code)
-                    return
-                self._log.info("%s; resuming", ended.message)
-                self._cut_response_for_reconnect()
-                if await self._reconnect(ended) is None:
-                    return
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:  # a bug here must end the session visibly, not hang it
-            self._log.exception("Gemini Live session failed")
-            self._fail(f"internal error in the Gemini Live provider: {exc}", None)
-        finally:
-            conn, self._conn = self._conn, None
-            if conn is not None:
-                await self._close_ws(conn.ws)
-            if not self._closed:
-                self._finish()
+    async def _read(self) -> LinkEnded:
+        conn = self._conn
+        assert conn is not None
+        ended = await self._read_connection(conn)
+        await self._detach(conn)
+        return dataclasses.replace(ended, reason=self._provider._redact(ended.reason))
+
+    async def _lost(self, ended: LinkEnded) -> str | None:
+        rid = None
+        if ended.retryable:
+            rid = self._cut_response_for_reconnect()
+        elif self._response_id is not None:
+            self._end_response("error")
+        await self._flush()
+        return rid
 
     async def _detach(self, conn: _Conn) -> None:
         async with self._send_lock:
@@ -734,42 +746,24 @@ class GeminiLiveSession(RealtimeSession):
                 self._conn = None
         await self._close_ws(conn.ws)
 
-    async def _reconnect(self, ended: _Ended) -> _Conn | None:
-        p = self._provider
+    async def _reopen(self, attempt: int) -> bool:
+        """Resume with the latest handle; a refused handle starts a new session next time."""
         handle = self._handle
-        last = ended.message
-        for attempt in range(1, p.max_reconnect_attempts + 1):
-            self._reconnect_streak += 1
-            if self._reconnect_streak > p.max_reconnect_attempts:
-                break
-            if attempt > 1 or not ended.go_away:
-                await asyncio.sleep(
-                    min(p.reconnect_backoff_s * 2 ** (attempt - 1), p.max_reconnect_backoff_s)
+        try:
+            conn = await self._open(handle)
+        except ProviderError as exc:
+            if exc.upstream_code in (_API_KEY_INVALID, _QUOTA_EXHAUSTED) or handle is None:
+                raise
+            if exc.fatal:
+                self._log.warning(
+                    "resumption handle refused; starting a new Gemini session "
+                    "(earlier conversation context is lost)"
                 )
-            try:
-                conn = await self._open(handle)
-            except ProviderError as exc:
-                last = exc.message
-                self._log.warning("reconnect attempt %d failed: %s", attempt, exc.message)
-                if exc.upstream_code in (_API_KEY_INVALID, _QUOTA_EXHAUSTED):
-                    break
-                if exc.fatal and handle is not None:
-                    self._log.warning(
-                        "resumption handle refused; starting a new Gemini session "
-                        "(earlier conversation context is lost)"
-                    )
-                    handle = self._handle = None
-                    continue
-                if exc.fatal:
-                    break
-                continue
-            # Input whose answer the user already got is not replayed: Gemini would
-            # answer it again. Only matters when no handle arrived after that answer.
-            self._buffer.drop_through(self._answered_seq)
-            await self._attach(conn, resumed=handle is not None)
-            return conn
-        self._fail(p._redact(f"Gemini Live connection lost and could not be resumed: {last}"), None)
-        return None
+                self._handle = None
+                raise ProviderError(exc.message, upstream_status=exc.upstream_status) from None
+            raise
+        await self._attach(conn, resumed=handle is not None)
+        return handle is not None
 
     async def _attach(self, conn: _Conn, *, resumed: bool) -> None:
         """Replay everything no handle covers, then let live sends through."""
@@ -782,6 +776,7 @@ class GeminiLiveSession(RealtimeSession):
             except ConnectionClosed:
                 self._log.info("connection closed during replay; the reader will retry")
             self._conn = conn
+        self._attached.set()
         if self._buffer.evicted:
             self._log.warning(
                 "replay buffer overflowed earlier: %d oldest messages could not be replayed",
@@ -794,36 +789,45 @@ class GeminiLiveSession(RealtimeSession):
             replayed,
         )
 
-    async def _read(self, conn: _Conn) -> _Ended:
+    async def _read_connection(self, conn: _Conn) -> LinkEnded:
         loop = asyncio.get_running_loop()
         while True:
             wait: float | None = None
             if conn.go_away_deadline is not None:
                 # Leave now if nothing is being generated, else when it ends or time is up.
                 if self._response_id is None and not self._suppress:
-                    return _Ended(True, "server sent goAway", go_away=True)
+                    return LinkEnded("server sent goAway", immediate=True)
                 wait = conn.go_away_deadline - _GO_AWAY_MARGIN_S - loop.time()
                 if wait <= 0:
-                    return _Ended(True, "goAway deadline reached", go_away=True)
+                    return LinkEnded("goAway deadline reached", immediate=True)
             try:
                 async with asyncio.timeout(wait):
                     raw = await conn.ws.recv()
             except TimeoutError:
-                return _Ended(True, "goAway deadline reached", go_away=True)
+                return LinkEnded("goAway deadline reached", immediate=True)
             except ConnectionClosed as exc:
+                if conn.reopen:
+                    return LinkEnded(conn.reopen, immediate=True)
                 return _classify_close(exc)
             msg = _decode(raw)
             if msg is None:
                 self._log.warning("ignoring a server frame that is not a JSON object")
                 continue
-            self._reconnect_streak = 0
+            self._alive()
             await self._on_message(conn, msg)
+            await self._flush()
 
     # -- server messages ------------------------------------------------------------
 
-    def _emit(self, event: RealtimeEvent) -> None:
-        if not self._finished:
-            self._queue.put_nowait(event)
+    def _put(self, event: RealtimeEvent) -> None:
+        """Map synchronously; the events go on the bounded queue at the next ``_flush``."""
+        self._out.append(event)
+
+    async def _flush(self) -> None:
+        async with self._flush_lock:  # the reader and cancel_response keep their order
+            out, self._out = self._out, []
+            for event in out:
+                await self._emit(event)
 
     async def _on_message(self, conn: _Conn, msg: dict[str, Any]) -> None:
         # usageMetadata first: it often rides on the message that completes the turn.
@@ -839,7 +843,7 @@ class GeminiLiveSession(RealtimeSession):
             ids = [str(i) for i in msg["toolCallCancellation"].get("ids") or []]
             for call_id in ids:
                 self._tool_names.pop(call_id, None)
-            self._emit(
+            self._put(
                 ToolCancelled(
                     response_id=self._response_id or self._last_response_id or "", call_ids=ids
                 )
@@ -850,7 +854,7 @@ class GeminiLiveSession(RealtimeSession):
             conn.go_away_deadline = asyncio.get_running_loop().time() + left
             self._log.info("goAway: connection %d ends in %.1f s", conn.id, left)
         if isinstance(msg.get("error"), dict):
-            self._emit(
+            self._put(
                 ErrorEvent(
                     code=502,
                     message=self._provider._redact(
@@ -894,7 +898,7 @@ class GeminiLiveSession(RealtimeSession):
         transcription = sc.get("inputTranscription")
         if isinstance(transcription, dict) and transcription.get("text"):
             self._input_transcript.append(str(transcription["text"]))
-            self._emit(Transcript(text="".join(self._input_transcript).strip(), final=False))
+            self._put(Transcript(text="".join(self._input_transcript).strip(), final=False))
 
         turn = sc.get("modelTurn")
         if isinstance(turn, dict) and not self._suppress:
@@ -905,7 +909,7 @@ class GeminiLiveSession(RealtimeSession):
         out = sc.get("outputTranscription")
         if isinstance(out, dict) and out.get("text") and not self._suppress:
             rid = self._begin_response()
-            self._emit(StreamChunk(response_id=rid, delta=str(out["text"]), transcript=True))
+            self._put(StreamChunk(response_id=rid, delta=str(out["text"]), transcript=True))
 
         if sc.get("generationComplete"):
             self._log.debug("generationComplete for %s", self._response_id)
@@ -915,12 +919,12 @@ class GeminiLiveSession(RealtimeSession):
             if self._suppress:
                 self._suppress = False
             elif self._response_id is not None:
-                self._emit(StreamChunk(response_id=self._response_id, interrupted=True))
+                self._put(StreamChunk(response_id=self._response_id, interrupted=True))
                 self._end_response("interrupted")
                 if not self._manual and not self._user_speaking:
                     # Gemini's VAD heard the user start speaking over the answer.
                     self._user_speaking = True
-                    self._emit(SpeechStarted(audio_start_ms=self._audio_ms))
+                    self._put(SpeechStarted(audio_start_ms=self._audio_ms))
 
         if sc.get("turnComplete"):
             self._flush_transcript()
@@ -934,7 +938,7 @@ class GeminiLiveSession(RealtimeSession):
             return  # thinking summaries are not the answer
         if part.get("text"):
             rid = self._begin_response()
-            self._emit(StreamChunk(response_id=rid, delta=str(part["text"])))
+            self._put(StreamChunk(response_id=rid, delta=str(part["text"])))
         blob = part.get("inlineData")
         if isinstance(blob, dict) and blob.get("data"):
             try:
@@ -953,7 +957,7 @@ class GeminiLiveSession(RealtimeSession):
                 )
             else:
                 media = Media(mime_type=mime or "application/octet-stream", data=data)
-            self._emit(StreamChunk(response_id=rid, media=media))
+            self._put(StreamChunk(response_id=rid, media=media))
 
     async def _on_tool_call(self, call: dict[str, Any]) -> None:
         calls = [c for c in call.get("functionCalls") or [] if isinstance(c, dict)]
@@ -985,7 +989,7 @@ class GeminiLiveSession(RealtimeSession):
             tool_calls.append(
                 ToolCall(id=call_id, name=name, arguments=json.dumps(c.get("args") or {}))
             )
-        self._emit(StreamChunk(response_id=rid, tool_calls=tool_calls))
+        self._put(StreamChunk(response_id=rid, tool_calls=tool_calls))
         self._flush_transcript()
         self._end_response("tool_calls")
 
@@ -996,11 +1000,9 @@ class GeminiLiveSession(RealtimeSession):
             if self._user_speaking:
                 # Gemini answers only after the user's activity ended.
                 self._user_speaking = False
-                self._emit(SpeechStopped(audio_end_ms=self._audio_ms))
+                self._put(SpeechStopped(audio_end_ms=self._audio_ms))
             self._response_id = new_id("resp")
-            # Gemini answers the input it has when it starts answering.
-            self._turn_input_seq = self._buffer.last_seq
-            self._emit(ResponseStarted(response_id=self._response_id))
+            self._put(ResponseStarted(response_id=self._response_id))
         return self._response_id
 
     def _end_response(self, reason: FinishReason) -> None:
@@ -1008,36 +1010,25 @@ class GeminiLiveSession(RealtimeSession):
             return
         rid, self._response_id = self._response_id, None
         self._last_response_id = rid
-        if reason in ("stop", "tool_calls", "cancelled"):
-            self._answered_seq = max(self._answered_seq, self._turn_input_seq)
         usage, self._usage_raw = _usage(self._usage_raw), None
-        self._emit(ResponseDone(response_id=rid, finish_reason=reason, usage=usage))
+        self._put(ResponseDone(response_id=rid, finish_reason=reason, usage=usage))
 
     def _flush_transcript(self) -> None:
         text = "".join(self._input_transcript).strip()
         self._input_transcript.clear()
         if text:
-            self._emit(Transcript(text=text, final=True))
+            self._put(Transcript(text=text, final=True))
 
-    def _cut_response_for_reconnect(self) -> None:
-        """Say the connection is being reopened; a response cut by it ends like a barge-in
-        (queued output is dropped)."""
+    def _cut_response_for_reconnect(self) -> str | None:
+        """A response cut by a lost connection ends like a barge-in (queued output is
+        dropped); returns its id."""
         self._suppress = False
         self._flush_transcript()
-        self._emit(ProviderReconnect(response_id=self._response_id))
-        if self._response_id is not None:
-            self._emit(StreamChunk(response_id=self._response_id, interrupted=True))
+        rid = self._response_id
+        if rid is not None:
+            self._put(StreamChunk(response_id=rid, interrupted=True))
             self._end_response("interrupted")
-
-    def _fail(self, message: str, upstream_code: str | None) -> None:
-        if self._failed is not None:
-            return
-        self._failed = message
-        self._log.error("%s", message)
-        if self._response_id is not None:
-            self._end_response("error")
-        self._emit(ErrorEvent(code=502, message=message, fatal=True))
-        self._finish()
+        return rid
 
 
 def _decode(raw: str | bytes) -> dict[str, Any] | None:

@@ -17,9 +17,8 @@ import binascii
 import contextlib
 import json
 import logging
-import random
 from collections import OrderedDict
-from collections.abc import AsyncIterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Final
 from urllib.parse import quote
@@ -35,6 +34,7 @@ from duplex.protocol import (
     FinishReason,
     ImageFrame,
     Media,
+    Message,
     ResponseDone,
     ResponseStarted,
     SessionConfig,
@@ -46,12 +46,13 @@ from duplex.protocol import (
 )
 from server.logs import SessionLog
 from server.providers.base import (
+    Capabilities,
     ProviderError,
     RealtimeEvent,
     RealtimeProvider,
-    RealtimeSession,
     RealtimeSetup,
 )
+from server.providers.realtime_link import LinkEnded, RealtimeLink, ReconnectPolicy
 
 logger = logging.getLogger(__name__)
 
@@ -66,6 +67,9 @@ MIN_COMMIT_MS: Final = 100.0
 _MAX_TRACKED_RESPONSES: Final = 32
 _MAX_TRACKED_CLIENT_EVENTS: Final = 256
 _IMAGE_TYPES: Final = frozenset({"image/jpeg", "image/png"})
+#: How much of the stored conversation a new upstream session is re-seeded with.
+_RESEED_MAX_ITEMS: Final = 64
+_RESEED_MAX_CHARS: Final = 32_000
 
 #: Beta-era server event names and their GA equivalents.
 BETA_EVENT_ALIASES: Final[dict[str, str]] = {
@@ -76,22 +80,6 @@ BETA_EVENT_ALIASES: Final[dict[str, str]] = {
     "response.audio_transcript.delta": "response.output_audio_transcript.delta",
     "response.audio_transcript.done": "response.output_audio_transcript.done",
 }
-
-_END: Final = None  # queue sentinel: the event stream is over
-
-
-@dataclass(frozen=True, slots=True)
-class ReconnectPolicy:
-    """Bounded exponential backoff for a dropped upstream connection."""
-
-    max_attempts: int = 3
-    base_delay: float = 0.5
-    max_delay: float = 5.0
-
-    def delay(self, attempt: int) -> float:
-        """Delay before ``attempt`` (1-based), jittered so many sessions do not stampede."""
-        ceiling = min(self.max_delay, self.base_delay * 2 ** (attempt - 1))
-        return ceiling * (0.5 + random.random() / 2)
 
 
 @dataclass
@@ -178,6 +166,28 @@ def build_session_config(setup: RealtimeSetup) -> dict[str, Any]:
     if "max_output_tokens" in opts:
         session["max_output_tokens"] = opts["max_output_tokens"]
     return session
+
+
+def reseed_items(history: list[Message]) -> list[dict[str, Any]]:
+    """Conversation items for the newest text turns of ``history`` (oldest first)."""
+    items: list[dict[str, Any]] = []
+    chars = 0
+    for message in reversed(history):
+        if message.role not in ("user", "assistant") or not message.content:
+            continue
+        if len(items) >= _RESEED_MAX_ITEMS or chars + len(message.content) > _RESEED_MAX_CHARS:
+            break
+        chars += len(message.content)
+        kind = "input_text" if message.role == "user" else "output_text"
+        items.append(
+            {
+                "type": "message",
+                "role": message.role,
+                "content": [{"type": kind, "text": message.content}],
+            }
+        )
+    items.reverse()
+    return items
 
 
 # --------------------------------------------------------------------------------------
@@ -272,6 +282,15 @@ class OpenAIRealtimeProvider(RealtimeProvider):
     """Factory for OpenAI Realtime sessions; holds only settings, no connections."""
 
     input_sample_rate = SAMPLE_RATE
+    capabilities = Capabilities(
+        can_truncate=True,
+        can_cancel=True,
+        own_turn_detection=True,
+        images=True,
+        video=True,  # as still frames, about one a second
+        can_resume=False,  # a new upstream session, re-seeded from the stored conversation
+        live_config=True,
+    )
 
     def __init__(
         self,
@@ -305,6 +324,7 @@ class OpenAIRealtimeProvider(RealtimeProvider):
             )
         session = OpenAIRealtimeSession(
             url=self.url_for(setup.config.model or self.model),
+            url_for=lambda model: self.url_for(model or self.model),
             api_key=self.api_key,
             setup=setup,
             reconnect=self.reconnect,
@@ -316,13 +336,16 @@ class OpenAIRealtimeProvider(RealtimeProvider):
         return session
 
 
-class OpenAIRealtimeSession(RealtimeSession):
-    """One upstream Realtime session. ``events()`` has a single consumer."""
+class OpenAIRealtimeSession(RealtimeLink):
+    """One upstream Realtime session on the realtime chassis (``RealtimeLink``)."""
+
+    label = "OpenAI Realtime"
 
     def __init__(
         self,
         *,
         url: str,
+        url_for: Callable[[str | None], str],
         api_key: str,
         setup: RealtimeSetup,
         reconnect: ReconnectPolicy,
@@ -330,21 +353,25 @@ class OpenAIRealtimeSession(RealtimeSession):
         send_timeout: float,
         event_queue_size: int,
     ) -> None:
+        super().__init__(
+            SessionLog(logger, setup.session_id),
+            policy=reconnect,
+            queue_size=event_queue_size,
+            task_name=f"openai-realtime-reader:{setup.session_id}",
+        )
         self.session_id = setup.session_id
         self._url = url
+        self._url_for = url_for
+        self._reopen_reason: str | None = None  # set while a config change reopens the socket
+        self._update_waiter: tuple[str, asyncio.Future[None]] | None = None
+        self._audio_out = False  # the service refuses a new voice once it has spoken
         self._api_key = api_key
         self._session_config = build_session_config(setup)
-        self._reconnect_policy = reconnect
+        self._history = setup.history
         self._connect_timeout = connect_timeout
         self._send_timeout = send_timeout
-        self._log = SessionLog(logger, setup.session_id)
-        self._queue: asyncio.Queue[RealtimeEvent | None] = asyncio.Queue(event_queue_size)
         self._ws: ClientConnection | None = None
         self._connected = asyncio.Event()
-        self._reader: asyncio.Task[None] | None = None
-        self._closing = False
-        self._ended = False
-        self._failure: str | None = None
         self._event_seq = 0
         self._sent_types: OrderedDict[str, str] = OrderedDict()
         self._responses: OrderedDict[str, _ResponseState] = OrderedDict()
@@ -358,39 +385,16 @@ class OpenAIRealtimeSession(RealtimeSession):
     async def start(self) -> None:
         self._ws = await self._open()
         self._connected.set()
-        self._reader = asyncio.create_task(
-            self._run(), name=f"openai-realtime-reader:{self.session_id}"
-        )
+        self._start_reader()
         self._log.info("connected to %s", self._url)
 
-    async def close(self) -> None:
-        """Stop the reader, close the socket, end ``events()``; idempotent."""
-        if self._closing:
-            return
-        self._closing = True
-        self._connected.set()  # wake senders waiting for a reconnect; they see _closing
-        reader, self._reader = self._reader, None
-        if reader is not None:
-            reader.cancel()
-            try:
-                await reader
-            except asyncio.CancelledError:
-                current = asyncio.current_task()
-                if current is not None and current.cancelling():
-                    raise
+    def _failed(self) -> None:
+        self._connected.set()  # wake senders waiting for a reconnect; they see why
+
+    async def _close_connection(self) -> None:
         if self._ws is not None:
             with contextlib.suppress(ConnectionClosed, OSError):
                 await self._ws.close()
-        self._end_stream_now()
-        self._log.info("closed")
-
-    async def events(self) -> AsyncIterator[RealtimeEvent]:
-        while not self._ended:
-            item = await self._queue.get()
-            if item is _END:
-                self._ended = True
-                return
-            yield item
 
     # -- input -------------------------------------------------------------------------
 
@@ -478,6 +482,62 @@ class OpenAIRealtimeSession(RealtimeSession):
         )
         await self._send("response.create")
 
+    async def reconfigure(self, setup: RealtimeSetup) -> None:
+        """Apply a changed session: ``session.update`` when the service can take it live,
+        else a new upstream session (another model, or a voice after audio went out)
+        re-seeded with the conversation. Returns once the change is in effect."""
+        config = build_session_config(setup)
+        url = self._url_for(setup.config.model)
+        voice_changed = config["audio"]["output"].get("voice") != self._session_config["audio"][
+            "output"
+        ].get("voice")
+        if url == self._url and config == self._session_config:
+            return
+        self._check_usable()
+        if url != self._url or (voice_changed and self._audio_out):
+            self._url, self._session_config = url, config
+            await self._restart("session configuration changed")
+            return
+        waiter = asyncio.get_running_loop().create_future()
+        event = self._client_event("session.update", {"session": config})
+        self._update_waiter = (event["event_id"], waiter)
+        try:
+            ws = self._ws
+            assert ws is not None
+            try:
+                await ws.send(json.dumps(event))
+            except ConnectionClosed:
+                raise ProviderError(
+                    "OpenAI Realtime connection lost while updating the session",
+                    code=PROVIDER_FAILED,
+                ) from None
+            async with asyncio.timeout(self._send_timeout):
+                await waiter
+        except TimeoutError:
+            raise ProviderError(
+                "OpenAI Realtime did not confirm the session update", code=PROVIDER_FAILED
+            ) from None
+        finally:
+            self._update_waiter = None
+        self._session_config = config
+
+    async def _restart(self, reason: str) -> None:
+        """Close the socket on purpose; the reader reconnects at once with the new settings."""
+        self._reopen_reason = reason
+        self._connected.clear()
+        ws = self._ws
+        if ws is not None:
+            with contextlib.suppress(ConnectionClosed, OSError):
+                await ws.close()
+        try:
+            async with asyncio.timeout(self._connect_timeout * 2):
+                await self._connected.wait()
+        except TimeoutError:
+            raise ProviderError(
+                "OpenAI Realtime did not reopen with the new configuration", code=PROVIDER_FAILED
+            ) from None
+        self._check_usable()
+
     # -- connection --------------------------------------------------------------------
 
     async def _open(self) -> ClientConnection:
@@ -540,83 +600,67 @@ class OpenAIRealtimeSession(RealtimeSession):
                 raise _setup_error(event.get("error"))
             self._log.debug("ignoring %s while waiting for %s", kind, wanted)
 
-    async def _run(self) -> None:
-        """Read events until closed; on a lost connection, reconnect or give up."""
+    async def _read(self) -> LinkEnded:
+        ws = self._ws
+        assert ws is not None
         try:
-            await self._read_loop()
-        except Exception as exc:  # a bug must end the stream, not leave events() hanging
-            self._log.exception("reader failed")
-            self._failure = f"OpenAI Realtime reader failed: {exc!r}"
-            await self._emit(ErrorEvent(code=PROVIDER_FAILED, message=self._failure, fatal=True))
-            await self._queue.put(_END)
+            async for raw in ws:
+                self._alive()
+                await self._dispatch(raw)
+            reason = f"closed by OpenAI ({ws.close_code} {ws.close_reason or ''})".strip()
+        except ConnectionClosed as exc:
+            reason = str(exc)
+        self._connected.clear()
+        planned, self._reopen_reason = self._reopen_reason, None
+        if planned:
+            return LinkEnded(planned, immediate=True)
+        return LinkEnded(f"connection lost: {reason}")
 
-    async def _read_loop(self) -> None:
-        while True:
-            ws = self._ws
-            assert ws is not None
-            try:
-                async for raw in ws:
-                    await self._dispatch(raw)
-                reason = f"closed by OpenAI ({ws.close_code} {ws.close_reason or ''})".strip()
-            except ConnectionClosed as exc:
-                reason = str(exc)
-            if self._closing:
-                return
-            self._connected.clear()
-            self._log.warning("connection lost: %s", reason)
-            await self._abort_in_flight()
-            if not await self._reconnect():
-                await self._queue.put(_END)
-                return
+    async def _reseed(self, ws: ClientConnection) -> bool:
+        """Give the new upstream session the stored conversation, before any new input.
 
-    async def _reconnect(self) -> bool:
-        policy = self._reconnect_policy
-        last: ProviderError | None = None
-        attempt = 0
-        while attempt < policy.max_attempts:
-            attempt += 1
-            delay = policy.delay(attempt)
-            self._log.info(
-                "reconnecting in %.2fs (attempt %d/%d)", delay, attempt, policy.max_attempts
-            )
-            await asyncio.sleep(delay)
-            try:
-                ws = await self._open()
-            except ProviderError as exc:
-                last = exc
-                self._log.warning("reconnect attempt %d failed: %s", attempt, exc.message)
-                if exc.fatal:
-                    break
-                continue
-            self._ws = ws
-            # A new upstream session: old items (for truncate) and buffers are gone.
-            self._responses.clear()
-            self._uncommitted_ms = 0.0
-            self._partial_transcripts.clear()
-            self._connected.set()
-            self._log.info("reconnected after %d attempt(s)", attempt)
-            await self._emit(
-                ErrorEvent(
-                    code=PROVIDER_FAILED,
-                    message=(
-                        "provider connection lost; reconnected "
-                        "(the provider-side conversation context was reset)"
-                    ),
+        Text turns become ``conversation.item.create`` messages (user ``input_text``,
+        assistant ``output_text``, the answer as far as it was heard); the newest
+        ones within ``_RESEED_MAX_ITEMS`` / ``_RESEED_MAX_CHARS``. True when the
+        conversation (possibly empty) was restored.
+        """
+        if self._history is None:
+            return False
+        try:
+            history = await self._history()
+        except Exception:  # the store failing must not stop the reconnection
+            self._log.exception("could not read the stored conversation to re-seed")
+            return False
+        items = reseed_items(history)
+        try:
+            for item in items:
+                await ws.send(
+                    json.dumps(self._client_event("conversation.item.create", {"item": item}))
                 )
-            )
-            return True
-        detail = f": {last.message}" if last is not None else ""
-        self._failure = f"provider connection lost; gave up after {attempt} attempt(s){detail}"
-        self._log.error("%s", self._failure)
-        self._connected.set()  # wake waiting senders so they fail now
-        await self._emit(ErrorEvent(code=PROVIDER_FAILED, message=self._failure, fatal=True))
-        return False
+        except ConnectionClosed:
+            return False
+        self._log.info("re-seeded %d conversation item(s)", len(items))
+        return True
 
-    async def _abort_in_flight(self) -> None:
-        """Responses cut by a lost connection will never get ``response.done``: end them."""
+    async def _reopen(self, attempt: int) -> bool:
+        ws = await self._open()
+        self._ws = ws
+        # A new upstream session: old items (for truncate) and buffers are gone.
+        self._responses.clear()
+        self._uncommitted_ms = 0.0
+        self._partial_transcripts.clear()
+        kept = await self._reseed(ws)
+        self._connected.set()
+        return kept
+
+    async def _lost(self, ended: LinkEnded) -> str | None:
+        """Responses cut by a lost connection will never get ``response.done``: they end
+        like a barge-in (the client stops playing them)."""
         active, self._active = self._active, []
         for response_id in active:
-            await self._emit(ResponseDone(response_id=response_id, finish_reason="error"))
+            await self._emit(StreamChunk(response_id=response_id, interrupted=True))
+            await self._emit(ResponseDone(response_id=response_id, finish_reason="interrupted"))
+        return active[-1] if active else None
 
     # -- sending -----------------------------------------------------------------------
 
@@ -656,12 +700,6 @@ class OpenAIRealtimeSession(RealtimeSession):
             ) from None
         return True
 
-    def _check_usable(self) -> None:
-        if self._closing:
-            raise ProviderError("OpenAI Realtime session is closed", fatal=True)
-        if self._failure is not None:
-            raise ProviderError(self._failure, code=PROVIDER_FAILED, fatal=True)
-
     def _count_drop(self) -> None:
         self._dropped_audio_chunks += 1
         if self._dropped_audio_chunks == 1 or self._dropped_audio_chunks % 50 == 0:
@@ -670,15 +708,6 @@ class OpenAIRealtimeSession(RealtimeSession):
             )
 
     # -- receiving ---------------------------------------------------------------------
-
-    async def _emit(self, event: RealtimeEvent) -> None:
-        await self._queue.put(event)
-
-    def _end_stream_now(self) -> None:
-        """Queue the end marker without waiting (after close, pending events are moot)."""
-        while self._queue.full():
-            self._queue.get_nowait()
-        self._queue.put_nowait(_END)
 
     async def _dispatch(self, raw: str | bytes) -> None:
         try:
@@ -711,6 +740,7 @@ class OpenAIRealtimeSession(RealtimeSession):
         if kind == "response.output_audio.delta":
             pcm = base64.b64decode(event["delta"])
             state = self._response(event["response_id"])
+            self._audio_out = True
             state.audio_item_id = state.audio_item_id or event["item_id"]
             if state.audio_item_id == event["item_id"]:
                 state.audio_bytes += len(pcm)
@@ -756,6 +786,10 @@ class OpenAIRealtimeSession(RealtimeSession):
         if kind == "conversation.item.input_audio_transcription.failed":
             code, _type, message, _param = _error_fields(event.get("error"))
             self._log.warning("input transcription failed: %s: %s", code, message)
+            return []
+        if kind == "session.updated":
+            if self._update_waiter is not None and not self._update_waiter[1].done():
+                self._update_waiter[1].set_result(None)
             return []
         if kind == "error":
             return self._error(event.get("error"))
@@ -816,6 +850,13 @@ class OpenAIRealtimeSession(RealtimeSession):
         origin = None
         if isinstance(error, dict) and error.get("event_id"):
             origin = self._sent_types.get(error["event_id"])
+            waiter = self._update_waiter
+            if waiter is not None and waiter[0] == error["event_id"] and not waiter[1].done():
+                # The service refused the session.update: the caller says so, not an event.
+                waiter[1].set_exception(
+                    ProviderError(f"OpenAI Realtime refused the change: {message}", code=400)
+                )
+                return []
         context = ", ".join(
             part
             for part in (

@@ -249,7 +249,13 @@ function onServerMessage(msg) {
       addEntry("note", "warning", `${msg.code}: ${msg.message}`, { "data-type": msg.type });
       break;
     case "provider.reconnect":
-      addEntry("note", "provider", "connection lost, reconnecting", { "data-type": msg.type });
+      addEntry(
+        "note",
+        "provider",
+        `connection lost and reopened (${msg.reason}); ` +
+          (msg.context_kept ? "context kept" : "the model starts afresh"),
+        { "data-type": msg.type },
+      );
       break;
     case "pong":
       break;

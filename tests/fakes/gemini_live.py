@@ -23,7 +23,10 @@ Faithful to the public API where the provider depends on it:
   client messages and after each turn, with ``lastConsumedClientMessageIndex``
   when the setup asked for ``transparent`` resumption. The index counts the
   client messages of the connection with ``setup`` as message 0 (the provider
-  makes the same, conservative, assumption).
+  makes the same, conservative, assumption). ``consume_lag`` makes the server
+  lag behind its input, as the real one does under load: a handle then covers
+  (and its index names) only the messages up to ``consume_lag`` before the
+  newest one received.
 
 The fake keeps session state across connections: a handle restores exactly the
 input consumed up to the message it covers, so a test can check what the
@@ -78,7 +81,9 @@ REALTIME_FIELDS = frozenset(
     {"audio", "video", "text", "activityStart", "activityEnd", "audioStreamEnd", "mediaChunks"}
 )
 
-Scenario = Literal["normal", "tool_call", "go_away", "drop_mid_response", "quota_exceeded"]
+Scenario = Literal[
+    "normal", "tool_call", "go_away", "go_away_after_answer", "drop_mid_response", "quota_exceeded"
+]
 
 
 class _Refused(Exception):
@@ -148,6 +153,7 @@ class FakeGeminiLive:
         drop_after_chunks: int = 2,
         tool_args: dict[str, Any] | None = None,
         expected_rate: int = 16000,
+        consume_lag: int = 0,
     ) -> None:
         self.api_key = api_key
         self.scenario = scenario
@@ -166,6 +172,7 @@ class FakeGeminiLive:
         self.drop_after_chunks = drop_after_chunks
         self.tool_args = tool_args if tool_args is not None else {"city": "Paris"}
         self.expected_rate = expected_rate
+        self.consume_lag = consume_lag
 
         self.connections: list[ConnectionRecord] = []
         self.handles: dict[str, SessionState] = {}
@@ -275,6 +282,7 @@ class _FakeConnection:
         self.record = record
         self.state = SessionState()
         self.index = -1  # local index of the last client message (setup = 0)
+        self.inputs_after: list[int] = []  # len(state.inputs) after message i
         self.setup: dict[str, Any] = {}
         self.modality = "AUDIO"
         self.manual = False
@@ -361,6 +369,7 @@ class _FakeConnection:
             self.state = self.fake.handles[handle].copy()
             self.record.resumed_from = handle
         self.fake.states.append(self.state)
+        self.inputs_after.append(len(self.state.inputs))
         self.tools = [
             d["name"] for t in setup.get("tools", []) for d in t.get("functionDeclarations", [])
         ]
@@ -381,6 +390,7 @@ class _FakeConnection:
             await self._on_client_content(msg["clientContent"])
         else:  # a second setup, or an unknown message
             raise _Refused(1007, INVALID_ARGUMENT)
+        self.inputs_after.append(len(self.state.inputs))
         self.fake._notify()
         await self._after_message()
 
@@ -393,10 +403,7 @@ class _FakeConnection:
             and not self.fake._go_away_sent
             and self.audio_messages >= self.fake.go_away_after
         ):
-            self.fake._go_away_sent = True
-            left = self.fake.go_away_time_left_s
-            await self.send({"goAway": {"timeLeft": f"{left:g}s"}})
-            self.timers.append(asyncio.create_task(self._close_after(left)))
+            await self._go_away()
 
     async def _close_after(self, seconds: float) -> None:
         await asyncio.sleep(seconds)
@@ -407,11 +414,13 @@ class _FakeConnection:
         resumable = resumable and self.fake.issue_handles
         update: dict[str, Any] = {"resumable": resumable, "newHandle": ""}
         if resumable:
-            handle = self.fake._new_handle(self.state)
+            consumed = min(max(self.index - self.fake.consume_lag, 0), len(self.inputs_after) - 1)
+            state = SessionState(self.state.inputs[: self.inputs_after[consumed]], self.state.turns)
+            handle = self.fake._new_handle(state)
             self.record.handles.append(handle)
             update["newHandle"] = handle
             if self.transparent:
-                update["lastConsumedClientMessageIndex"] = str(self.index)  # int64 -> string
+                update["lastConsumedClientMessageIndex"] = str(consumed)  # int64 -> string
         await self.send({"sessionResumptionUpdate": update})
 
     async def _on_realtime(self, ri: Any) -> None:
@@ -587,6 +596,14 @@ class _FakeConnection:
             }
         )
         await self._resumption_update()
+        if self.fake.scenario == "go_away_after_answer" and not self.fake._go_away_sent:
+            await self._go_away()
+
+    async def _go_away(self) -> None:
+        self.fake._go_away_sent = True
+        left = self.fake.go_away_time_left_s
+        await self.send({"goAway": {"timeLeft": f"{left:g}s"}})
+        self.timers.append(asyncio.create_task(self._close_after(left)))
 
     async def _stream(self, reply: str) -> None:
         words = reply.split(" ")

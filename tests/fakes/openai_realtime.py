@@ -266,6 +266,20 @@ def validate_session(session: dict[str, Any]) -> None:
                     code="invalid_value",
                     param=f"{param}.rate",
                 )
+    speed = (audio.get("output") or {}).get("speed")
+    if speed is not None and not 0.25 <= speed <= 1.5:
+        above = speed > 1.5
+        raise RealtimeAPIError(
+            "Invalid 'session.audio.output.speed': decimal "
+            + (
+                "above maximum value. Expected a value <= 1.5"
+                if above
+                else "below minimum value. Expected a value >= 0.25"
+            )
+            + f", but got {speed} instead.",
+            code="decimal_above_max_value" if above else "decimal_below_min_value",
+            param="session.audio.output.speed",
+        )
     td_key = "turn_detection"
     if td_key in (audio.get("input") or {}):
         td = audio["input"][td_key]
@@ -308,6 +322,7 @@ class FakeConnection:
     timeline: list[tuple[float, str, str]] = field(default_factory=list)
     session: dict[str, Any] = field(default_factory=dict)
     closed: bool = False
+    ws: ServerConnection | None = field(default=None, repr=False)
 
     def received_of(self, kind: str) -> list[dict[str, Any]]:
         return [e for e in self.received if e.get("type") == kind]
@@ -536,6 +551,7 @@ class FakeOpenAIRealtime:
             headers={k.lower(): v for k, v in ws.request.headers.raw_items()},
             scenario=self.scenario,
             session=default_session(model),
+            ws=ws,
         )
         self.connections.append(conn)
         try:
@@ -543,6 +559,12 @@ class FakeOpenAIRealtime:
         finally:
             conn.closed = True
             await self._notify()
+
+    def drop_current(self) -> None:
+        """Cut the newest connection without a close frame, as a network failure does."""
+        ws = self.connections[-1].ws
+        assert ws is not None
+        ws.transport.abort()
 
     def _take_error(self) -> bool:
         if self._errors_left > 0:
