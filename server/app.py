@@ -9,8 +9,9 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass, fields
 from pathlib import Path
 
-from fastapi import FastAPI
+from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
 from fastapi.staticfiles import StaticFiles
 
 from duplex.protocol import ConfigLimits, JsonLimits
@@ -23,7 +24,9 @@ from server.modes.catalog import builtin_modes
 from server.providers.catalog import ProviderCatalog
 from server.registry import SessionRegistry
 from server.session import SessionServices
+from server.state.base import StoreUnavailable
 from server.state.open import open_store
+from server.state.resilient import ResilientStore
 from server.tools import ToolRegistry, load_tools
 
 #: Middle-generation collections between full ones (CPython's default is 10). Cyclic
@@ -59,6 +62,14 @@ def create_app(settings: Settings | None = None, *, tools: ToolRegistry | None =
         max_sessions=settings.store_max_sessions,
         max_messages=settings.store_max_messages,
     )
+    if not settings.store_url.startswith("memory:"):  # across a network or on a disk
+        store = ResilientStore(
+            store,
+            timeout_s=settings.store_timeout_s,
+            backlog_max_writes=settings.store_backlog_max_writes,
+            backlog_max_bytes=settings.store_backlog_max_bytes,
+            max_messages=settings.store_max_messages,
+        )
     services = SessionServices(
         store=store,
         providers=ProviderCatalog.from_settings(settings),
@@ -76,6 +87,7 @@ def create_app(settings: Settings | None = None, *, tools: ToolRegistry | None =
             config=ConfigLimits(
                 **{f.name: getattr(settings, f.name) for f in fields(ConfigLimits)}
             ),
+            close_timeout_s=2 * settings.store_timeout_s + 1,
         ),
         modes=builtin_modes(),
     )
@@ -100,6 +112,11 @@ def create_app(settings: Settings | None = None, *, tools: ToolRegistry | None =
     app = FastAPI(title="Duplex", version="0.1.0", lifespan=lifespan)
     app.state.duplex = state
     app.add_exception_handler(RequestValidationError, http_api.invalid_body)
+
+    @app.exception_handler(StoreUnavailable)
+    async def store_unavailable(request: Request, exc: StoreUnavailable) -> JSONResponse:
+        return JSONResponse({"detail": str(exc)}, status_code=503)
+
     app.include_router(http_api.router)
     app.include_router(ws.router)
     app.include_router(chat_api.router)

@@ -26,6 +26,11 @@ class Settings(BaseSettings):
     store_ttl_s: float = 24 * 3600
     store_max_sessions: int = 10_000
     store_max_messages: int = 1_000
+    #: Longest wait for one store call; a close waits at most about twice this.
+    store_timeout_s: float = 5.0
+    #: Writes kept in memory while the store is unreachable (oldest dropped beyond either).
+    store_backlog_max_writes: int = 10_000
+    store_backlog_max_bytes: int = 16 * 1024 * 1024
 
     # Limits
     max_message_bytes: int = 4 * 1024 * 1024

@@ -8,7 +8,7 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, HTTPException, Request, WebSocket, WebSocketDisconnect
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import Response
+from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, Field
 
 from duplex.protocol import (
@@ -20,7 +20,7 @@ from duplex.protocol import (
     new_id,
 )
 from server.session import check_variables, checked_config
-from server.state.base import SessionRecord
+from server.state.base import SessionRecord, StoreUnavailable
 from server.ws_protocol import DIRECT, DirectPath
 
 router = APIRouter()
@@ -54,10 +54,18 @@ async def healthz() -> dict[str, str]:
     return {"status": "ok"}
 
 
-@router.get("/readyz")
-async def readyz(request: Request) -> dict[str, Any]:
+@router.get("/readyz", response_model=None)
+async def readyz(request: Request) -> dict[str, Any] | JSONResponse:
+    """Ready when the store answers and holds no writes waiting for it; else 503."""
     app = _app(request)
-    await app.services.store.get_session("readyz-probe")  # the store answers
+    store = app.services.store
+    try:
+        await store.get_session("readyz-probe")
+        reason = store.unavailable()
+    except StoreUnavailable as exc:
+        reason = str(exc)
+    if reason is not None:
+        return JSONResponse({"status": "unavailable", "reason": reason}, status_code=503)
     return {"status": "ready", "sessions": app.registry.count()}
 
 

@@ -21,3 +21,5 @@ class SessionLimits:
     #: Bounds on client JSON (every door parses with them) and on what a config may keep.
     json: JsonLimits = field(default_factory=JsonLimits)
     config: ConfigLimits = field(default_factory=ConfigLimits)
+    #: Longest wait for a session's work to stop at close (storing the last answer included).
+    close_timeout_s: float = 11.0

@@ -28,6 +28,7 @@ from duplex.protocol import (
     INTERNAL,
     NOT_FOUND,
     RATE_LIMITED,
+    STORE_UNAVAILABLE,
     ClientMessage,
     ConfigLimits,
     ErrorEvent,
@@ -272,6 +273,7 @@ class DuplexSession(BaseSession):
             messages=self.messages,
         )
         self._check_mode(config)
+        self._unwatch = services.store.watch(record.id, self._store_changed)
         self._mode: Mode = self._make_mode()
 
     # ---- lifecycle ------------------------------------------------------------------
@@ -307,7 +309,12 @@ class DuplexSession(BaseSession):
         for task in list(self._tasks):
             task.cancel()
         if self._tasks:
-            await asyncio.gather(*self._tasks, return_exceptions=True)
+            _, stuck = await asyncio.wait(
+                set(self._tasks), timeout=self.services.limits.close_timeout_s
+            )
+            for task in stuck:
+                self.log.error("task %s did not stop at close", task.get_name())
+        self._unwatch()
         self._force_put(_CLOSE)
         self.done.set()
 
@@ -321,6 +328,19 @@ class DuplexSession(BaseSession):
         session = DuplexSession(record, self.config.model_copy(deep=True), self.services)
         await session.emit(SessionCreated(session=session.info()))
         return session
+
+    def _store_changed(self, available: bool) -> None:
+        """The state store went down (or came back): the session goes on either way."""
+        if available:
+            self.log.info("state store is back: history saved")
+        elif not self.emit_nowait(
+            ErrorEvent(
+                code=STORE_UNAVAILABLE,
+                message="state store unavailable: the session goes on; its history is kept "
+                "in memory and saved when the store is back",
+            )
+        ):
+            self.log.warning("state store unavailable (output queue full: client not told)")
 
     # ---- output ---------------------------------------------------------------------
 
@@ -620,15 +640,25 @@ class UnarySession(BaseSession):
             raise ProtocolError(BAD_REQUEST, f"unknown provider {self.config.provider!r}")
         runner = TurnRunner(self, provider, Turn(turn_id=new_id("turn"), text=content))
         reason = "error"
+        last: StreamChunk | None = None  # a chunk with finish_reason waits for the record
         try:
             async for chunk in runner.chunks():
-                yield chunk
+                if last is not None:
+                    yield last
+                    last = None
+                if chunk.finish_reason:
+                    last = chunk
+                else:
+                    yield chunk
             reason = runner.finish_reason or "stop"
+            await runner.record(reason)  # durable before the caller sees the end
+            if last is not None:
+                yield last
         except asyncio.CancelledError:
             reason = "cancelled"
             raise
         finally:
-            await asyncio.shield(runner.record(reason))
+            await runner.record(reason)  # once: a no-op after the record above
 
     async def execute(self, role: str, content: str) -> Message:
         """The whole answer as one assistant message."""

@@ -4,10 +4,15 @@ Shared by VAD mode and ``UnarySession`` so that a turn is answered and stored
 the same way whichever door it came in by. While the answer streams, its text
 is persisted in batches as stream events (readable after a crash); at the end
 it is compacted into messages.
+
+Durability order: the user's turn is stored before the provider is called (a crash
+mid-answer keeps the question); the answer is stored by ``record``, which callers
+await before they announce the end of the response.
 """
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AsyncExitStack, aclosing
@@ -70,7 +75,8 @@ class TurnRunner:
     whole, or cut to what the user heard when it is interrupted.
 
     Always call ``record()`` after ``chunks()``, whatever happened: it stores the
-    turn and releases the turn's ``request_id``.
+    turn and releases the turn's ``request_id``. It runs once, shielded from the
+    caller's cancellation (which it does not swallow) and bounded by the store's timeouts.
     """
 
     def __init__(
@@ -97,7 +103,8 @@ class TurnRunner:
         self.finish_reason: str | None = None
         self.usage: dict[str, Any] | None = None
         self.cached = False
-        self._recorded = False
+        self._recording: asyncio.Future[None] | None = None
+        self._user_stored = False
         self._exit = AsyncExitStack()
         self._unsaved: list[str] = []
         self._last_flush = time.monotonic()
@@ -146,7 +153,8 @@ class TurnRunner:
             self.turn.text = " ".join(part for part in (self.turn.text, transcript) if part)
             if self.on_transcript is not None:
                 await self.on_transcript(transcript)
-        request = await self.request()
+        request = await self.request()  # history as it was before this turn
+        await self._store_user()
         stream = run_tool_loop(
             lambda extra: self.provider.stream(with_tool_messages(request, extra)),
             session.tools,
@@ -205,9 +213,15 @@ class TurnRunner:
         )
 
     async def _stored_answer(self, request_id: str) -> Message | None:
+        """The stored answer to ``request_id``; notes whether its question is stored (a
+        retry of a turn that never finished), so it is not stored twice."""
         for message in reversed(await self.session.messages()):
-            if message.role == "assistant" and message.metadata.get("request_id") == request_id:
+            if message.metadata.get("request_id") != request_id:
+                continue
+            if message.role == "assistant":
                 return message
+            if message.role == "user":
+                self._user_stored = True
         return None
 
     # ---- persistence while streaming --------------------------------------------------
@@ -234,17 +248,24 @@ class TurnRunner:
     # ---- recording ----------------------------------------------------------------------
 
     async def record(self, finish_reason: str, played_ms: float | None = None) -> None:
-        """Store the user's turn and the answer as far as it went (once), then release."""
-        if self._recorded:
-            return
-        self._recorded = True
+        """Store the user's turn (unless already stored) and the answer as far as it went,
+        once, then release the ``request_id``.
+
+        The work runs in its own task: the caller's cancellation interrupts only the
+        wait (and is re-raised), never the write; later calls wait for the same work.
+        """
+        if self._recording is None:
+            self._recording = asyncio.ensure_future(self._record(finish_reason, played_ms))
+        await asyncio.shield(self._recording)
+
+    async def _record(self, finish_reason: str, played_ms: float | None) -> None:
         try:
             if not self.cached:
                 await self._store(finish_reason, played_ms)
         finally:
             await self._exit.aclose()
 
-    async def _store(self, finish_reason: str, played_ms: float | None) -> None:
+    def _user_message(self) -> Message:
         turn = self.turn
         user_meta: dict[str, Any] = {"turn_id": turn.turn_id}
         if turn.audio is not None:
@@ -253,6 +274,15 @@ class TurnRunner:
             user_meta["frames"] = len(turn.frames)
         if turn.request_id:
             user_meta["request_id"] = turn.request_id
+        return Message(role="user", content=turn.text, metadata=user_meta)
+
+    async def _store_user(self) -> None:
+        if not self._user_stored:
+            self._user_stored = True
+            await self.session.store.append_messages(self.session.id, [self._user_message()])
+
+    async def _store(self, finish_reason: str, played_ms: float | None) -> None:
+        turn = self.turn
         meta: dict[str, Any] = {"response_id": self.response_id, "finish_reason": finish_reason}
         if self.audio.ms_sent:
             meta["audio_ms"] = round(self.audio.ms_sent, 1)
@@ -268,11 +298,11 @@ class TurnRunner:
         messages.append(
             Message(role="assistant", content=self.heard_text(played_ms), metadata=meta)
         )
+        if not self._user_stored:  # the turn ended before the provider was called
+            self._user_stored = True
+            messages.insert(0, self._user_message())
         store = self.session.store
-        await store.append_messages(
-            self.session.id,
-            [Message(role="user", content=turn.text, metadata=user_meta), *messages],
-        )
+        await store.append_messages(self.session.id, messages)
         if self._persisted_any:
             await store.drop_events(self.session.id, self.response_id)
 

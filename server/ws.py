@@ -14,6 +14,7 @@ from starlette.websockets import WebSocketDisconnect, WebSocketState
 from duplex.protocol import (
     INTERNAL,
     RATE_LIMITED,
+    STORE_UNAVAILABLE,
     TOO_LARGE,
     UNAUTHORIZED,
     ErrorEvent,
@@ -25,6 +26,7 @@ from duplex.protocol import (
 from server.config import Settings
 from server.rate import InputBudget, audio_bytes_per_second
 from server.session import DuplexSession
+from server.state.base import StoreUnavailable
 from server.ws_protocol import DIRECT, DirectPath
 
 log = logging.getLogger(__name__)
@@ -32,14 +34,15 @@ router = APIRouter()
 
 CLOSE_POLICY = 1008
 CLOSE_INTERNAL = 1011
+CLOSE_TRY_AGAIN = 1013
 
 
-async def _refuse(ws: WebSocket, code: int, message: str) -> None:
+async def _refuse(ws: WebSocket, code: int, message: str, close: int | None = None) -> None:
     await ws.accept()
     await ws.send_text(
         encode_server_message(ErrorEvent(seq=1, code=code, message=message, fatal=True))
     )
-    await ws.close(CLOSE_INTERNAL if code >= 500 else CLOSE_POLICY)
+    await ws.close(close or (CLOSE_INTERNAL if code >= 500 else CLOSE_POLICY))
 
 
 @router.websocket("/v1/duplex")
@@ -55,6 +58,9 @@ async def duplex(ws: WebSocket) -> None:
         )
     except ProtocolError as exc:
         await _refuse(ws, exc.code, exc.message)
+        return
+    except StoreUnavailable as exc:
+        await _refuse(ws, STORE_UNAVAILABLE, f"{exc}; try again later", CLOSE_TRY_AGAIN)
         return
     await ws.accept()
     app.registry.add(tenant, session)

@@ -248,11 +248,12 @@ class AsmMode(Mode):
             response.interrupt()  # the client asked: its next report says what it heard
         if reason != event.finish_reason:
             event = event.model_copy(update={"finish_reason": reason})
-        await self.session.emit(event)
         if reason in ("interrupted", "cancelled"):
+            await self.session.emit(event)
             self.session.spawn(self._finish_cut(response, reason), "cut-reply")
         else:
-            await self._record(response, reason, None)
+            await self._record(response, reason, None)  # durable before response.done
+            await self.session.emit(event)
 
     async def _finish_cut(self, response: _Response, reason: str) -> None:
         """Wait (bounded) for the position heard, truncate the provider's copy there, store."""

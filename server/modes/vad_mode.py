@@ -239,6 +239,8 @@ class VadMode(Mode):
         while True:
             turn = await self._turns.get()
             await self._respond(turn)
+            if asyncio.current_task().cancelling():  # type: ignore[union-attr]
+                raise asyncio.CancelledError  # swallowed below us: the session is closing
 
     async def _respond(self, turn: Turn) -> None:
         session = self.session
@@ -264,22 +266,25 @@ class VadMode(Mode):
         active.task = asyncio.ensure_future(self._stream(runner))
         reason = "stop"
         try:
-            await active.task
-            reason = runner.finish_reason or "stop"
-        except asyncio.CancelledError:
-            if asyncio.current_task().cancelling():  # type: ignore[union-attr]
-                await runner.record("cancelled")  # the session is closing: keep what was said
-                raise
-            reason = active.cancel_reason
-        except ProviderError as exc:
-            reason = "error"
-            await session.emit_error(exc.code or PROVIDER_FAILED, exc.message, fatal=exc.fatal)
-        try:
+            try:
+                await active.task
+                reason = runner.finish_reason or "stop"
+            except asyncio.CancelledError:
+                if asyncio.current_task().cancelling():  # type: ignore[union-attr]
+                    reason = "cancelled"  # the session is closing: keep what was said
+                    raise
+                reason = active.cancel_reason
+            except ProviderError as exc:
+                reason = "error"
+                await session.emit_error(exc.code or PROVIDER_FAILED, exc.message, fatal=exc.fatal)
             if reason == "interrupted":
+                # Stored once the client reports how much it played (or the grace ends).
                 active.playback.cut()
                 await session.emit(
                     chunk_event(StreamChunk(response_id=runner.response_id, interrupted=True))
                 )
+            else:
+                await runner.record(reason)  # durable before response.done
             await session.emit(
                 ResponseDone(
                     response_id=runner.response_id, finish_reason=reason, usage=runner.usage
@@ -289,6 +294,7 @@ class VadMode(Mode):
                 await active.playback.heard_ms()
         finally:
             self._active = None
+            # Once (a no-op if stored above); a close waits for it, bounded, then re-raises.
             await runner.record(
                 reason, active.playback.played_ms if reason == "interrupted" else None
             )

@@ -8,10 +8,15 @@ from __future__ import annotations
 
 import time
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from duplex.protocol import Message
+
+
+class StoreUnavailable(Exception):
+    """The state store cannot be reached now (an outage): new sessions and REST calls get 503."""
 
 
 @dataclass
@@ -39,6 +44,9 @@ class StreamEvent:
 
 
 class StateStore(ABC):
+    #: Exceptions of this backend that mean "unreachable now, try again" (not a bug).
+    transient_errors: tuple[type[BaseException], ...] = ()
+
     @abstractmethod
     async def create_session(self, record: SessionRecord) -> None: ...
 
@@ -83,3 +91,12 @@ class StateStore(ABC):
 
     async def close(self) -> None:  # noqa: B027 - optional hook
         """Release connections and files."""
+
+    def unavailable(self) -> str | None:
+        """Why the store is known to be unavailable now (an outage), or None."""
+        return None
+
+    def watch(self, session_id: str, callback: Callable[[bool], None]) -> Callable[[], None]:
+        """Call ``callback(available)`` when the store goes down or comes back, while
+        ``session_id`` is live; returns the function that stops watching."""
+        return lambda: None

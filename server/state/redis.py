@@ -12,6 +12,7 @@ import dataclasses
 import json
 
 import redis.asyncio as aioredis
+import redis.exceptions
 
 from duplex.protocol import Message
 from server.state.base import SessionRecord, StateStore, StreamEvent
@@ -31,8 +32,17 @@ redis.call('EXPIRE', KEYS[2], ARGV[2])
 return raw
 """
 
+#: Socket timeouts: a dead or unreachable Redis fails a call instead of stalling it.
+SOCKET_TIMEOUT_S = 5.0
+
 
 class RedisStore(StateStore):
+    transient_errors = (
+        redis.exceptions.ConnectionError,
+        redis.exceptions.TimeoutError,
+        redis.exceptions.BusyLoadingError,
+    )
+
     def __init__(
         self,
         url: str,
@@ -41,7 +51,12 @@ class RedisStore(StateStore):
         max_messages: int = 1000,
         prefix: str = "duplex:",
     ) -> None:
-        self._redis = aioredis.from_url(url, decode_responses=True)
+        self._redis = aioredis.from_url(
+            url,
+            decode_responses=True,
+            socket_timeout=SOCKET_TIMEOUT_S,
+            socket_connect_timeout=SOCKET_TIMEOUT_S,
+        )
         self._ttl = max(1, int(ttl_s))
         self._max_messages = max_messages
         self._p = prefix

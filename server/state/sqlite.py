@@ -42,6 +42,8 @@ CREATE INDEX IF NOT EXISTS events_by_session ON events (session_id, seq);
 class SqliteStore(StateStore):
     """``max_messages``: the most recent messages a session loads (all are kept on disk)."""
 
+    transient_errors = (sqlite3.OperationalError,)  # locked, disk I/O, disk full
+
     def __init__(self, path: str, *, max_messages: int = 1000) -> None:
         self.path = path
         self.max_messages = max_messages
