@@ -241,8 +241,8 @@ class ResilientStore(StateStore):
             if w.session_id == session_id and w.method == "append_messages"
             for m in w.args[1]
         ]
-        if session_id in self._watchers:
-            self._copies[session_id] = [m.model_copy() for m in messages[-self._max_messages :]]
+        if session_id in self._watchers:  # shares the messages; copies go out in an outage
+            self._copies[session_id] = messages[-self._max_messages :]
         return messages
 
     async def append_messages(self, session_id: str, messages: list[Message]) -> None:
