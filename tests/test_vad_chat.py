@@ -272,4 +272,5 @@ async def test_crash_mid_stream_leaves_the_partial_answer_readable(tmp_path):
     partial = body["in_progress"]
     assert len(partial) == 1 and partial[0]["metadata"]["partial"] is True
     assert partial[0]["content"].startswith("one two three four five six")
-    assert body["messages"] == [], "the turn never completed"
+    # The question was stored before the provider was called; the answer never completed.
+    assert [(m["role"], m["content"]) for m in body["messages"]] == [("user", "count")]
