@@ -24,7 +24,7 @@ import numpy as np
 import pytest
 import websockets
 
-from server.state.base import open_store
+from server.state.open import open_store
 from tests.conftest import TOKEN
 from tests.wsutil import Conn, connect, reply_text
 
