@@ -155,6 +155,7 @@ class TurnRunner:
                 await self.on_transcript(transcript)
         request = await self.request()  # history as it was before this turn
         await self._store_user()
+        self._last_flush = time.monotonic()  # batches count from the answer's start
         stream = run_tool_loop(
             lambda extra: self.provider.stream(with_tool_messages(request, extra)),
             session.tools,
