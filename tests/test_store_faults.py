@@ -326,3 +326,43 @@ async def test_backlog_is_bounded_and_written_when_redis_is_back(own_redis, capl
         assert [m.content for m in await store.load_messages("s1")] == ["m2", "m3", "m4"]
     finally:
         await store.close()
+
+
+@pytest.mark.parametrize("kind", ["sqlite", "redis"])
+async def test_close_right_after_an_interrupted_response(kind, server_factory, tmp_path, request):
+    """An interrupted answer is stored after ``response.done`` (cut to what was played):
+    a client that hangs up at once still finds it in history, once, and the close ends."""
+    from tests.speech import synth
+
+    url = request.getfixturevalue("redis_url") if kind == "redis" else f"sqlite:///{tmp_path}/i.db"
+    server = server_factory(store_url=url, store_timeout_s=2.0, echo_pace=1.0)
+    speech = synth("Could you tell me about the weather tomorrow please", "en", 150)
+    pcm = np.concatenate([speech, np.zeros(16000, dtype=np.int16)]).astype("<i2").tobytes()
+    async with connect(server, TOKEN) as c:
+        session_id = (await c.recv())["session"]["id"]
+        live = _live(server, session_id)
+        for pos in range(0, len(pcm), 640):
+            await c.send(pcm[pos : pos + 640])
+        response_id = (await c.until("response.started", timeout=20))[-1]["response_id"]
+        audio_chunks = 0
+        while audio_chunks < 3:
+            event = await c.recv()
+            audio_chunks += event["type"] == "chunk" and "media" in event
+        await c.send({"type": "playback", "response_id": response_id, "played_ms": 200})
+        talk = speech[:16000].astype("<i2").tobytes()
+        for pos in range(0, len(talk), 640):
+            await c.send(talk[pos : pos + 640])
+        events = await c.until("response.done", timeout=10)
+        assert events[-1]["finish_reason"] == "interrupted"
+        c.ws.transport.abort()
+    assert not await _wait_closed([live])
+    async with httpx.AsyncClient(base_url=server.base, timeout=10) as http:
+        messages = (
+            await http.get(
+                f"/v1/sessions/{session_id}/messages", headers={"Authorization": f"Bearer {TOKEN}"}
+            )
+        ).json()["messages"]
+    answers = [m for m in messages if m["metadata"].get("response_id") == response_id]
+    assert len(answers) == 1 and answers[0]["metadata"]["finish_reason"] == "interrupted"
+    assert answers[0]["metadata"]["played_ms"] == 200
+    assert [m["role"] for m in messages] == ["user", "assistant"]

@@ -65,7 +65,13 @@ class SqliteStore(StateStore):
         def call() -> T:
             db = self._conn()
             with db:  # one transaction per call
-                return fn(db)
+                result = fn(db)
+            if isinstance(result, sqlite3.Cursor):
+                # A cursor must not be freed on another thread: its finalizer resets its
+                # statement while this thread runs the next one (SQLITE_MISUSE).
+                result.close()
+                return None  # type: ignore[return-value]
+            return result
 
         return await asyncio.get_running_loop().run_in_executor(self._pool, call)
 
