@@ -226,8 +226,8 @@ class ResilientStore(StateStore):
 
     async def load_messages(self, session_id: str) -> list[Message]:
         copy = self._copies.get(session_id)
-        if self._backlog and copy is not None:
-            return [m.model_copy() for m in copy]
+        if copy is not None and (self._backlog or self._down is not None):
+            return [m.model_copy() for m in copy]  # no wait on a store known to be down
         try:
             messages = await self._read("load_messages", session_id)
         except StoreUnavailable:
