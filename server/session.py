@@ -28,7 +28,6 @@ from duplex.protocol import (
     INTERNAL,
     NOT_FOUND,
     RATE_LIMITED,
-    STORE_UNAVAILABLE,
     ClientMessage,
     ConfigLimits,
     ErrorEvent,
@@ -54,6 +53,7 @@ from duplex.protocol import (
     ToolEvent,
     ToolResult,
     VideoChunk,
+    WarningEvent,
     describe_validation_error,
     new_id,
 )
@@ -330,17 +330,22 @@ class DuplexSession(BaseSession):
         return session
 
     def _store_changed(self, available: bool) -> None:
-        """The state store went down (or came back): the session goes on either way."""
+        """The state store went down (or came back): the session goes on either way, and
+        the client is told with a ``warning``."""
         if available:
             self.log.info("state store is back: history saved")
-        elif not self.emit_nowait(
-            ErrorEvent(
-                code=STORE_UNAVAILABLE,
+            warning = WarningEvent(
+                code="store_restored",
+                message="state store is back: the session's history is saved again",
+            )
+        else:
+            warning = WarningEvent(
+                code="store_unavailable",
                 message="state store unavailable: the session goes on; its history is kept "
                 "in memory and saved when the store is back",
             )
-        ):
-            self.log.warning("state store unavailable (output queue full: client not told)")
+        if not self.emit_nowait(warning):
+            self.log.warning("output queue full: client not told (%s)", warning.code)
 
     # ---- output ---------------------------------------------------------------------
 
