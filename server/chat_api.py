@@ -18,6 +18,7 @@ from pydantic import BaseModel, Field, ValidationError
 
 from duplex.protocol import (
     BAD_REQUEST,
+    STORE_UNAVAILABLE,
     UNAUTHORIZED,
     ProtocolError,
     StreamChunk,
@@ -27,6 +28,7 @@ from duplex.protocol import (
 from server.http_api import Tenant, checked_body
 from server.providers.base import ProviderError
 from server.session import UnarySession
+from server.state.base import StoreUnavailable
 
 router = APIRouter()
 
@@ -79,6 +81,8 @@ async def answer_events(session: UnarySession, question: str) -> AsyncIterator[d
         yield DONE
     except ProviderError as exc:
         yield error_envelope(exc.code, exc.message, session.id)
+    except StoreUnavailable as exc:
+        yield error_envelope(STORE_UNAVAILABLE, f"{exc}; try again later", session.id)
 
 
 async def _open(request_app: Any, tenant: str, session_id: str | None) -> UnarySession:
@@ -106,7 +110,7 @@ async def completions(
         if event is not DONE:
             last = event
     if last["code"] != 0:
-        raise HTTPException(502, last["message"])
+        raise HTTPException(503 if last["code"] == STORE_UNAVAILABLE else 502, last["message"])
     last["data"].pop("delta", None)
     return last
 
@@ -134,6 +138,9 @@ async def chat_ws(ws: WebSocket) -> None:
                 continue
             except ProtocolError as exc:
                 await ws.send_json(error_envelope(exc.code, exc.message))
+                continue
+            except StoreUnavailable as exc:
+                await ws.send_json(error_envelope(STORE_UNAVAILABLE, f"{exc}; try again later"))
                 continue
             async for event in answer_events(session, req.question):
                 if req.stream or event is DONE or event["code"] != 0 or event["data"].get("final"):

@@ -216,6 +216,17 @@ async def test_redis_outage_mid_session(own_redis, server_factory):
                 refused = await other.recv()
                 assert refused["type"] == "error" and refused["code"] == 503
                 assert refused["fatal"] and "store" in refused["message"]
+            answered = await http.post(
+                f"/v1/sessions/{session_id}/completions",
+                json={"question": "by the chat door", "stream": False},
+                headers={"Authorization": f"Bearer {TOKEN}"},
+            )
+            assert answered.status_code == 503, answered.text
+            chat_url = server.base.replace("http", "ws", 1) + f"/v1/ws/chat?token={TOKEN}"
+            async with websockets.connect(chat_url) as chat:
+                await chat.send(json.dumps({"type": "chat", "question": "hi", "stream": False}))
+                envelope = json.loads(await asyncio.wait_for(chat.recv(), 10))
+                assert envelope["code"] == 503 and "store" in envelope["message"]
 
             events = await _ask(c, "still during the outage")
             assert "still during" in reply_text(events)
