@@ -258,16 +258,14 @@ def _pcm(seconds: float, rate: int = 16000) -> bytes:
     return (np.sin(2 * np.pi * 220 * t) * 8000).astype("<i2").tobytes()
 
 
-async def test_kill_9_mid_answer_keeps_the_question(tmp_path):
-    """A server killed with SIGKILL while it answers: the user's turn is in history."""
-    db = tmp_path / "kill.db"
-    port = _free_port()
+def _serve(port: int, db: Path, cwd: Path) -> subprocess.Popen[bytes]:
+    """``duplex serve`` on a loopback port with a SQLite store, as its own process."""
     env = dict(os.environ, PYTHONPATH=str(ROOT), DUPLEX_ECHO_PACE="1.0")
-    proc = subprocess.Popen(  # noqa: ASYNC220 - started once, before any await
+    proc = subprocess.Popen(
         [
             sys.executable,
             "-m",
-            "server.cli",
+            "server.cli",  # what the `duplex` command runs
             "serve",
             "--port",
             str(port),
@@ -278,21 +276,36 @@ async def test_kill_9_mid_answer_keeps_the_question(tmp_path):
             "--log-level",
             "warning",
         ],
-        cwd=tmp_path,
+        cwd=cwd,
         env=env,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
+    _wait_port(port, proc, "duplex serve")
+    return proc
+
+
+def _stop(proc: subprocess.Popen[bytes]) -> None:
+    if proc.poll() is None:
+        proc.kill()
+        proc.wait(timeout=10)
+
+
+async def test_kill_9_mid_answer_keeps_the_question(tmp_path):
+    """A server killed with SIGKILL while it answers: the user's turn is in history, and
+    the client's retry with the same ``request_id`` on a new server stores it only once."""
+    db = tmp_path / "kill.db"
+    port = _free_port()
+    url = f"ws://127.0.0.1:{port}/v1/duplex"
+    headers = {"Authorization": f"Bearer {TOKEN}"}
+    proc = await asyncio.to_thread(_serve, port, db, tmp_path)
     try:
-        _wait_port(port, proc, "duplex serve")
-        url = f"ws://127.0.0.1:{port}/v1/duplex"
-        headers = {"Authorization": f"Bearer {TOKEN}"}
         async with websockets.connect(url, additional_headers=headers) as ws:
             c = Conn(ws)
             session_id = (await c.recv())["session"]["id"]
             await c.send({"type": "input.text", "text": "what did I ask?", "final": False})
             await c.send(_pcm(3.0))
-            await c.send({"type": "input.commit"})
+            await c.send({"type": "input.commit", "request_id": "q1"})
             while True:  # the answer is streaming (3 s of paced audio)
                 event = await c.recv()
                 if event["type"] == "chunk" and event.get("media"):
@@ -300,14 +313,32 @@ async def test_kill_9_mid_answer_keeps_the_question(tmp_path):
             proc.send_signal(signal.SIGKILL)
             proc.wait(timeout=10)
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(timeout=10)
+        _stop(proc)
     messages, _ = await _history(f"sqlite:///{db}", session_id)
     users = [m for m in messages if m.role == "user"]
     assert [m.content for m in users] == ["what did I ask?"], messages
     assert users[0].metadata.get("audio_ms") == pytest.approx(3000, abs=50)
-    assert json.loads(json.dumps(users[0].metadata))  # stored as plain JSON
+    assert users[0].metadata.get("request_id") == "q1"
+
+    proc = await asyncio.to_thread(_serve, port, db, tmp_path)
+    try:
+        async with websockets.connect(
+            f"{url}?session_id={session_id}", additional_headers=headers
+        ) as ws:
+            c = Conn(ws)
+            await c.recv()
+            await c.send(
+                {"type": "input.text", "text": "what did I ask?", "final": True, "request_id": "q1"}
+            )
+            events = await c.until("response.done", timeout=20)
+            assert events[-1]["finish_reason"] == "stop"
+    finally:
+        _stop(proc)
+    messages, _ = await _history(f"sqlite:///{db}", session_id)
+    assert [(m.role, m.metadata.get("request_id")) for m in messages] == [
+        ("user", "q1"),
+        ("assistant", "q1"),
+    ]
 
 
 async def test_backlog_is_bounded_and_written_when_redis_is_back(own_redis, caplog):
