@@ -58,6 +58,7 @@ def new_id(prefix: str) -> str:
 BAD_REQUEST = 400
 UNAUTHORIZED = 401
 NOT_FOUND = 404
+RESUME_GAP = 410  # a resume asked for messages the outbox no longer holds (not fatal)
 TOO_LARGE = 413
 UNSUPPORTED_MEDIA = 415
 RATE_LIMITED = 429
@@ -341,6 +342,14 @@ class Ping(_ClientMessage):
     type: Literal["ping"]
 
 
+class SessionResume(_ClientMessage):
+    """Continue a live session after a dropped socket (the first message of a connection)."""
+
+    type: Literal["session.resume"]
+    session_id: str = Field(max_length=128)
+    last_seq: int = Field(ge=0)
+
+
 ClientMessage = Annotated[
     SessionUpdate
     | InputText
@@ -351,7 +360,8 @@ ClientMessage = Annotated[
     | ResponseCancel
     | Playback
     | ToolResult
-    | Ping,
+    | Ping
+    | SessionResume,
     Field(discriminator="type"),
 ]
 
@@ -367,6 +377,7 @@ CLIENT_MESSAGE_TYPES = frozenset(
         "playback",
         "tool.result",
         "ping",
+        "session.resume",
     }
 )
 
@@ -594,6 +605,16 @@ class SessionUpdated(_Event):
     session: SessionInfo
 
 
+class SessionResumed(_Event):
+    """The answer to a resume. Not numbered (``seq`` 0): the replayed messages follow with
+    their own ``seq``, from ``first_seq`` (the next live one when nothing is replayed)."""
+
+    type: Literal["session.resumed"] = "session.resumed"
+    session: SessionInfo
+    last_seq: int
+    first_seq: int
+
+
 class SpeechStarted(_Event):
     type: Literal["speech.started"] = "speech.started"
     audio_start_ms: float
@@ -719,6 +740,7 @@ class Pong(_Event):
 ServerMessage = Annotated[
     SessionCreated
     | SessionUpdated
+    | SessionResumed
     | SpeechStarted
     | SpeechStopped
     | TurnEnded

@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import contextlib
 import json
 import logging
+import random
+import time
 import uuid
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
@@ -54,6 +55,23 @@ def error_for(code: int, message: str, *, fatal: bool = False) -> DuplexError:
     return cls(code, message, fatal=fatal)
 
 
+@dataclass(frozen=True)
+class Reconnect:
+    """How a session reconnects after its socket drops: exponential backoff from
+    ``initial_delay_s`` to ``max_delay_s`` with jitter (each wait is 50-100 % of the
+    step), giving up after ``max_wait_s`` (keep it within the server's resume grace)."""
+
+    initial_delay_s: float = 0.1
+    max_delay_s: float = 2.0
+    max_wait_s: float = 30.0
+    connect_timeout_s: float = 5.0
+
+
+#: Close codes after which the session is over: no reconnect (normal close, policy, a
+#: fatal server error, and 4001: the session was resumed on another connection).
+FINAL_CLOSE_CODES = frozenset({1000, 1008, 1011, 4001})
+
+
 @dataclass
 class Message:
     """An answer as it grows: ``content`` holds everything so far."""
@@ -94,19 +112,27 @@ class Client:
         *,
         session_id: str | None = None,
         on_event: Callable[[dict[str, Any]], None] | None = None,
+        reconnect: Reconnect | None = Reconnect(),
         **config: Any,
     ) -> Session:
         """Open a duplex session (new, or ``session_id`` continued); ``config`` is a
-        ``session.update`` config (mode, provider, instructions, variables, ...)."""
-        query = {"session_id": session_id} if session_id else {}
-        url = self.url + ("?" + urlencode(query) if query else "")
-        headers = {"Authorization": f"Bearer {self.token}"} if self.token else {}
-        ws = await websockets.connect(url, additional_headers=headers, max_size=None)
-        session = Session(self, ws, on_event)
+        ``session.update`` config (mode, provider, instructions, variables, ...).
+
+        When the socket drops, the session reconnects by itself and resumes after the last
+        ``seq`` it handed over (``reconnect=None``: it does not)."""
+        ws = await self._open({"session_id": session_id} if session_id else {})
+        session = Session(self, ws, on_event, reconnect)
         await session._start()
         if config:
             await session.update(**config)
         return session
+
+    async def _open(self, query: dict[str, Any], timeout: float | None = None) -> ClientConnection:
+        url = self.url + ("?" + urlencode(query) if query else "")
+        headers = {"Authorization": f"Bearer {self.token}"} if self.token else {}
+        return await websockets.connect(
+            url, additional_headers=headers, max_size=None, open_timeout=timeout
+        )
 
     async def _rest(self, method: str, path: str, **kwargs: Any) -> Any:
         response = await self.http.request(method, path, **kwargs)
@@ -125,11 +151,20 @@ class Session:
         client: Client,
         ws: ClientConnection,
         on_event: Callable[[dict[str, Any]], None] | None,
+        reconnect: Reconnect | None = None,
     ) -> None:
         self.client = client
         self.ws = ws
         self.id = ""
         self.info: dict[str, Any] = {}
+        #: The last ``seq`` handed to the caller: a resume continues after it.
+        self.last_seq = 0
+        #: How many times the session reconnected and resumed.
+        self.resumes = 0
+        self._reconnect = reconnect
+        self._connected = asyncio.Event()
+        self._connected.set()
+        self._closing = False
         self._on_event = on_event
         self._subscribers: list[asyncio.Queue[dict[str, Any] | None]] = []
         self._waiters: list[tuple[Callable[[dict[str, Any]], bool], asyncio.Future[Any]]] = []
@@ -147,20 +182,29 @@ class Session:
 
     async def _read(self) -> None:
         try:
-            async for raw in self.ws:
-                event = json.loads(raw)
-                if event.get("type") in SERVER_MESSAGE_TYPES:
-                    parse_server_message(raw)  # typed validation: a bad message raises here
-                else:
-                    # A newer server's message: passed on as it is, not a reason to fail.
-                    log.debug("unknown server message type %r", event.get("type"))
-                self._dispatch(event)
-            self._closed_error = ConnectionLost(1000, "connection closed")
-        except websockets.ConnectionClosed as exc:
-            self._closed_error = ConnectionLost(_close_code(exc), f"connection lost: {exc}")
+            while True:
+                try:
+                    async for raw in self.ws:
+                        event = json.loads(raw)
+                        if event.get("type") in SERVER_MESSAGE_TYPES:
+                            parse_server_message(raw)  # typed validation: raises if bad
+                        else:
+                            # A newer server's message: passed on as it is, not a failure.
+                            log.debug("unknown server message type %r", event.get("type"))
+                        self._dispatch(event)
+                except websockets.ConnectionClosed:
+                    pass
+                code = self.ws.close_code or 1006
+                if self._closing or self._reconnect is None or code in FINAL_CLOSE_CODES:
+                    self._closed_error = ConnectionLost(code, f"connection closed ({code})")
+                    break
+                await self._resume(self._reconnect, code)
+        except DuplexError as exc:
+            self._closed_error = exc
         except Exception as exc:
             self._closed_error = ConnectionLost(1006, f"reader failed: {exc!r}")
         finally:
+            self._connected.set()  # senders waiting for a reconnect see the error
             for _, fut in self._waiters:
                 if not fut.done():
                     fut.set_exception(self._closed_error or ConnectionLost(1006, "closed"))
@@ -168,8 +212,43 @@ class Session:
             for queue in self._subscribers:
                 queue.put_nowait(None)
 
+    async def _resume(self, policy: Reconnect, code: int) -> None:
+        """Reconnect with backoff and resume after ``last_seq``; raises when giving up."""
+        self._connected.clear()
+        log.info("session %s: lost (%d), resuming after seq %d", self.id, code, self.last_seq)
+        deadline = time.monotonic() + policy.max_wait_s
+        step = policy.initial_delay_s
+        while True:
+            await asyncio.sleep(step * random.uniform(0.5, 1.0))
+            try:
+                async with asyncio.timeout(policy.connect_timeout_s):
+                    ws = await self.client._open(
+                        {"session_id": self.id, "last_seq": self.last_seq},
+                        policy.connect_timeout_s,
+                    )
+                    first = json.loads(await ws.recv())
+            except (OSError, TimeoutError, websockets.WebSocketException) as exc:
+                log.info("session %s: resume attempt failed: %r", self.id, exc)
+            else:
+                if first["type"] == "error":
+                    await ws.close()
+                    raise error_for(first["code"], first["message"], fatal=True)
+                self.ws = ws
+                self.resumes += 1
+                self._connected.set()
+                self._dispatch(first)
+                return
+            if time.monotonic() + step > deadline:
+                raise ConnectionLost(code, f"could not resume within {policy.max_wait_s:g} s")
+            step = min(step * 2, policy.max_delay_s)
+
     def _dispatch(self, event: dict[str, Any]) -> None:
-        if event["type"] == "session.updated":
+        seq = event.get("seq") or 0
+        if seq:  # 0: connection-level (session.resumed and its errors), never replayed
+            if seq <= self.last_seq:
+                return  # handed over already (a resume replays from the server's outbox)
+            self.last_seq = seq
+        if event["type"] in ("session.updated", "session.resumed"):
             self.info = event["session"]
         if self._on_event is not None:
             self._on_event(event)
@@ -209,10 +288,23 @@ class Session:
     # ---- sending --------------------------------------------------------------------
 
     async def send(self, message: dict[str, Any]) -> None:
-        try:
-            await self.ws.send(json.dumps(message))
-        except websockets.ConnectionClosed as exc:
-            raise ConnectionLost(_close_code(exc), f"connection lost: {exc}") from None
+        await self._send(json.dumps(message))
+
+    async def _send(self, data: str | bytes) -> None:
+        """Send on the current socket; while the session reconnects, wait for it (once)."""
+        for attempt in (1, 2):
+            await self._connected.wait()
+            if self._closed_error is not None and (self._reader is None or self._reader.done()):
+                raise self._closed_error
+            ws = self.ws
+            try:
+                await ws.send(data)
+                return
+            except websockets.ConnectionClosed as exc:
+                if self._reconnect is None or attempt == 2 or self._closing:
+                    raise ConnectionLost(_close_code(exc), f"connection lost: {exc}") from None
+                if self.ws is ws:  # let the reader notice the drop and start resuming
+                    self._connected.clear()
 
     async def update(self, **config: Any) -> dict[str, Any]:
         msg_id = uuid.uuid4().hex
@@ -234,10 +326,7 @@ class Session:
 
     async def send_audio(self, pcm: bytes) -> None:
         """PCM (or the configured codec's bytes) as one binary frame."""
-        try:
-            await self.ws.send(pcm)
-        except websockets.ConnectionClosed as exc:
-            raise ConnectionLost(_close_code(exc), f"connection lost: {exc}") from None
+        await self._send(pcm)
 
     async def send_frame(
         self,
@@ -357,10 +446,12 @@ class Session:
         return body["id"]
 
     async def close(self) -> None:
+        self._closing = True
         await self.ws.close()
+        if not self._connected.is_set() and self._reader is not None:
+            self._reader.cancel()  # between reconnect attempts: stop trying
         if self._reader is not None:
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._reader
+            await asyncio.wait([self._reader])  # its outcome is in `_closed_error`
 
 
 def _is_error_for(event: dict[str, Any], msg_id: str) -> bool:

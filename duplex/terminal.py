@@ -12,7 +12,7 @@ import wave
 from pathlib import Path
 from typing import Any
 
-from duplex.sdk import Client, DuplexError, Session
+from duplex.sdk import Client, DuplexError, Reconnect, Session
 
 CHUNK_MS = 20
 VIDEO_MIME = {
@@ -38,6 +38,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--save-audio", type=Path, help="write the reply audio to this WAV")
     parser.add_argument("--idle", type=float, default=2.0, help="seconds of quiet before exit")
     parser.add_argument("--timeout", type=float, default=120.0)
+    parser.add_argument(
+        "--no-reconnect",
+        action="store_true",
+        help="exit when the connection drops instead of resuming the session",
+    )
 
 
 class Printer:
@@ -149,7 +154,12 @@ async def run(args: argparse.Namespace) -> int:
     }
     try:
         async with asyncio.timeout(args.timeout), Client(args.url, args.token) as client:
-            session = await client.connect(session_id=args.session, on_event=printer, **config)
+            session = await client.connect(
+                session_id=args.session,
+                on_event=printer,
+                reconnect=None if args.no_reconnect else Reconnect(),
+                **config,
+            )
             for text in args.text or []:
                 await session.ask(text, stream=False)
             if args.video:

@@ -88,6 +88,11 @@ def create_app(settings: Settings | None = None, *, tools: ToolRegistry | None =
                 **{f.name: getattr(settings, f.name) for f in fields(ConfigLimits)}
             ),
             close_timeout_s=2 * settings.store_timeout_s + 1,
+            outbox_max_messages=settings.outbox_max_messages,
+            outbox_max_bytes=settings.outbox_max_bytes,
+            outbox_max_age_s=settings.outbox_max_age_s,
+            outbox_flush_ms=settings.outbox_flush_ms,
+            resume_grace_s=settings.resume_grace_s,
         ),
         modes=builtin_modes(),
     )
@@ -107,6 +112,7 @@ def create_app(settings: Settings | None = None, *, tools: ToolRegistry | None =
         yield
         gc.set_threshold(*thresholds)
         await services.providers.aclose()
+        await services.outbox_writer.aclose()
         await store.close()
 
     app = FastAPI(title="Duplex", version="0.1.0", lifespan=lifespan)

@@ -91,6 +91,13 @@ class Settings(BaseSettings):
     persist_interval_ms: int = 200
     persist_min_chars: int = 1024
 
+    # Resume after reconnect (docs/protocol.md "Resuming a session")
+    outbox_max_messages: int = 2000
+    outbox_max_bytes: int = 2 * 1024 * 1024
+    outbox_max_age_s: float = 60.0
+    outbox_flush_ms: int = 150
+    resume_grace_s: float = 30.0
+
     # Tools
     #: Server-side tools: ``module:attribute`` entry points, comma separated (see load_tools).
     tools: str = ""

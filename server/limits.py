@@ -23,3 +23,11 @@ class SessionLimits:
     config: ConfigLimits = field(default_factory=ConfigLimits)
     #: Longest wait for a session's work to stop at close (storing the last answer included).
     close_timeout_s: float = 11.0
+    #: The outbox (recent server messages kept for resume, server/outbox.py): bounded by
+    #: count, by characters of JSON and by age; written to the store in batches this often.
+    outbox_max_messages: int = 2000
+    outbox_max_bytes: int = 2 * 1024 * 1024
+    outbox_max_age_s: float = 60.0
+    outbox_flush_ms: int = 150
+    #: How long a session outlives its dropped socket, waiting for a resume (0: closes at once).
+    resume_grace_s: float = 30.0

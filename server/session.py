@@ -46,6 +46,7 @@ from duplex.protocol import (
     SessionConfig,
     SessionCreated,
     SessionInfo,
+    SessionResume,
     SessionUpdate,
     SessionUpdated,
     StreamChunk,
@@ -55,14 +56,16 @@ from duplex.protocol import (
     VideoChunk,
     WarningEvent,
     describe_validation_error,
+    encode_server_message,
     new_id,
 )
 from server.idempotency import TurnLocks
 from server.limits import SessionLimits
 from server.logs import SessionLog
 from server.modes.base import Mode, ModeFactory, SessionPort
+from server.outbox import Outbox, OutboxWriter
 from server.providers.catalog import ProviderCatalog
-from server.state.base import SessionRecord, StateStore
+from server.state.base import OutboxEntry, SessionRecord, StateStore
 from server.tools import ToolRegistry
 from server.turn_runner import Turn, TurnRunner
 
@@ -90,6 +93,12 @@ class SessionServices:
     limits: SessionLimits = field(default_factory=SessionLimits)
     turn_locks: TurnLocks = field(default_factory=TurnLocks)
     modes: Mapping[str, ModeFactory] = field(default_factory=dict)
+    #: Copies every session's outbox to the store in shared batches (made from the above).
+    outbox_writer: OutboxWriter = None  # type: ignore[assignment]
+
+    def __post_init__(self) -> None:
+        if self.outbox_writer is None:
+            self.outbox_writer = OutboxWriter(self.store, self.limits)
 
 
 class BaseSession:
@@ -242,12 +251,33 @@ class DuplexSession(BaseSession):
     is full, producers wait (the provider stream and input handling pause, so
     memory stays bounded); if the consumer takes nothing for
     ``output_stall_timeout_s`` the session ends with a fatal ``error`` 429.
+
+    Every message is numbered (``seq``) and recorded in the outbox as it is sent. A
+    session whose connection went is *detached* (`detach`): it runs on for a grace
+    period, its output going to the outbox only, until a resume claims it (`claim_output`)
+    or the grace period ends it.
     """
 
-    def __init__(self, record: SessionRecord, config: SessionConfig, services: SessionServices):
+    def __init__(
+        self,
+        record: SessionRecord,
+        config: SessionConfig,
+        services: SessionServices,
+        *,
+        outbox: list[OutboxEntry] | None = None,
+    ):
         super().__init__(record, config, services)
         self._out: asyncio.Queue[Any] = asyncio.Queue(services.limits.output_queue_size)
-        self._seq = 0
+        self._seq = outbox[-1].seq if outbox else 0
+        self._outbox: Outbox | None = None
+        if services.limits.outbox_max_messages > 0:
+            self._outbox = Outbox(record.id, services.outbox_writer, services.limits, outbox)
+        self._drain: asyncio.Task[None] | None = None  # the output's reader while detached
+        self._grace: asyncio.TimerHandle | None = None
+        #: The connection serving this session now (owned by the socket layer).
+        self.connection: Any = None
+        #: Held while a connection takes the session's output over (server/resume.py).
+        self.claim_lock = asyncio.Lock()
         self._tasks: set[asyncio.Task[Any]] = set()
         self._closed = False
         self._rest: asyncio.Task[None] | None = None  # see `send_audio_nowait`
@@ -292,6 +322,21 @@ class DuplexSession(BaseSession):
         await session.emit(SessionCreated(session=session.info()))
         return session
 
+    @classmethod
+    async def reopen(
+        cls, services: SessionServices, *, tenant: str, session_id: str
+    ) -> DuplexSession:
+        """Continue ``session_id`` after its live session ended, for a resume: numbering
+        and outbox pick up where the store's copy of the outbox ends. No greeting is sent."""
+        record, config = await cls._load(services, tenant, session_id, None)
+        limits = services.limits
+        entries: list[OutboxEntry] = []
+        if limits.outbox_max_messages > 0:
+            entries = await services.store.load_outbox(
+                session_id, max_age_s=limits.outbox_max_age_s
+            )
+        return cls(record, config, services, outbox=entries)
+
     def info(self) -> SessionInfo:
         return SessionInfo(
             id=self.id,
@@ -304,6 +349,8 @@ class DuplexSession(BaseSession):
         if self._closed:
             return
         self._closed = True
+        if self._grace is not None:
+            self._grace.cancel()
         with contextlib.suppress(Exception):
             await self._mode.close()
         for task in list(self._tasks):
@@ -316,6 +363,8 @@ class DuplexSession(BaseSession):
                 self.log.error("task %s did not stop at close", task.get_name())
         self._unwatch()
         self._force_put(_CLOSE)
+        if self._outbox is not None:
+            await self._outbox.close()
         self.done.set()
 
     @property
@@ -349,10 +398,10 @@ class DuplexSession(BaseSession):
 
     # ---- output ---------------------------------------------------------------------
 
-    def attach_output(self, send_now: Callable[[BaseModel], bool] | None) -> None:
+    def attach_output(self, send_now: Callable[[str], bool] | None) -> None:
         """Let `emit` write straight to the connection when nothing is queued before the
-        message and the consumer of `response` waits: one loop turn less per message.
-        ``send_now(message)`` returns False when it cannot send at once (backpressure)."""
+        message and the consumer of `frames` waits: one loop turn less per message.
+        ``send_now(text)`` returns False when it cannot send at once (backpressure)."""
         self._send_now = send_now
 
     def emit_nowait(self, message: BaseModel) -> bool:
@@ -361,9 +410,12 @@ class DuplexSession(BaseSession):
             return True
         send_now = self._send_now
         if send_now is not None and self._consumer_waiting and self._out.empty():
-            message.seq = self._seq + 1  # type: ignore[attr-defined]
-            if send_now(message):
-                self._seq += 1
+            seq = message.seq = self._seq + 1  # type: ignore[attr-defined]
+            text = encode_server_message(message)
+            if send_now(text):
+                self._seq = seq
+                if self._outbox is not None:
+                    self._outbox.append(seq, text)
                 return True
         try:
             self._out.put_nowait(message)  # seq is assigned when it is taken out
@@ -424,9 +476,76 @@ class DuplexSession(BaseSession):
                 self._consumer_waiting = False
             if item is _CLOSE:
                 return
-            self._seq += 1
-            item.seq = self._seq
+            self._stamp(item)
             yield item
+
+    async def frames(self) -> AsyncIterator[str]:
+        """`response` as JSON text frames (what a connection writes)."""
+        while True:
+            self._consumer_waiting = True
+            try:
+                item = await self._out.get()
+            finally:
+                self._consumer_waiting = False
+            if item is _CLOSE:
+                return
+            yield self._stamp(item)
+
+    def _stamp(self, message: Any) -> str:
+        """Number a message as it leaves, and record it in the outbox."""
+        seq = self._seq = self._seq + 1
+        message.seq = seq
+        text = encode_server_message(message)
+        if self._outbox is not None:
+            self._outbox.append(seq, text)
+        return text
+
+    # ---- continuity (server/resume.py drives these) ---------------------------------------
+
+    @property
+    def last_seq(self) -> int:
+        """The ``seq`` of the last message sent (0: none yet)."""
+        return self._seq
+
+    def advance_seq(self, seq: int) -> None:
+        """Number the next message after ``seq`` at least (a resumed session whose store
+        outbox is gone goes on from the client's ``last_seq``)."""
+        self._seq = max(self._seq, seq)
+
+    def sent_after(self, last_seq: int) -> list[OutboxEntry]:
+        """The outbox's messages with ``seq > last_seq``, in order."""
+        return self._outbox.after(last_seq) if self._outbox is not None else []
+
+    def detach(self, grace_s: float, on_end: Callable[[], None]) -> None:
+        """The connection went: run on for ``grace_s``, output going to the outbox only
+        (the output queue never fills: nothing waits for a reader), then close.
+        ``on_end()`` runs once the session has ended while detached."""
+        self._send_now = None
+        self.connection = None
+        self._drain = asyncio.ensure_future(self._discard(on_end))
+        self._grace = asyncio.get_running_loop().call_later(grace_s, self._grace_over)
+        self.log.info("detached: waiting %.0f s for a resume", grace_s)
+
+    async def _discard(self, on_end: Callable[[], None]) -> None:
+        async for _ in self.frames():
+            pass
+        await self.done.wait()  # the outbox is in the store
+        on_end()
+
+    def _grace_over(self) -> None:
+        self._grace = None
+        self.log.info("no resume within the grace period: closing")
+        self._closer = asyncio.ensure_future(self.close())
+
+    async def claim_output(self) -> None:
+        """End the detached state (if any) so that a new connection reads the output."""
+        if self._grace is not None:
+            self._grace.cancel()
+            self._grace = None
+        drain, self._drain = self._drain, None
+        if drain is not None:
+            drain.cancel()
+            await asyncio.wait([drain])
 
     def spawn(self, coro: Awaitable[Any], name: str) -> asyncio.Task[Any]:
         """A background task owned by the session: cancelled at close, faults are fatal."""
@@ -500,6 +619,10 @@ class DuplexSession(BaseSession):
                 await self.update(message.config, message.id)
             case Ping():
                 await self.emit(Pong(id=message.id))
+            case SessionResume():
+                raise ProtocolError(
+                    BAD_REQUEST, "session.resume is only accepted as a connection's first message"
+                )
 
     def _check_open(self) -> None:
         if self.closed:

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import Callable
 from typing import Any
 
 from fastapi import APIRouter, WebSocket
-from pydantic import BaseModel
 from starlette.websockets import WebSocketDisconnect, WebSocketState
 
 from duplex.protocol import (
@@ -20,11 +20,13 @@ from duplex.protocol import (
     ErrorEvent,
     InputAudio,
     ProtocolError,
+    SessionResume,
     encode_server_message,
     parse_client_message,
 )
 from server.config import Settings
 from server.rate import InputBudget, audio_bytes_per_second
+from server.resume import Link, ResumeRequest, request_from_query, resume
 from server.session import DuplexSession
 from server.state.base import StoreUnavailable
 from server.ws_protocol import DIRECT, DirectPath
@@ -37,8 +39,11 @@ CLOSE_INTERNAL = 1011
 CLOSE_TRY_AGAIN = 1013
 
 
-async def _refuse(ws: WebSocket, code: int, message: str, close: int | None = None) -> None:
-    await ws.accept()
+async def _refuse(
+    ws: WebSocket, code: int, message: str, close: int | None = None, *, accept: bool = True
+) -> None:
+    if accept:
+        await ws.accept()
     await ws.send_text(
         encode_server_message(ErrorEvent(seq=1, code=code, message=message, fatal=True))
     )
@@ -52,10 +57,16 @@ async def duplex(ws: WebSocket) -> None:
     if tenant is None:
         await _refuse(ws, UNAUTHORIZED, "missing or invalid API token")
         return
+    link: Link | None = None
+    greeting: list[str] = []
     try:
-        session = await DuplexSession.open(
-            app.services, tenant=tenant, session_id=ws.query_params.get("session_id")
-        )
+        request = request_from_query(ws.query_params)
+        if request is not None:
+            session, link, greeting = await resume(app.services, app.registry, tenant, request)
+        else:
+            session = await DuplexSession.open(
+                app.services, tenant=tenant, session_id=ws.query_params.get("session_id")
+            )
     except ProtocolError as exc:
         await _refuse(ws, exc.code, exc.message)
         return
@@ -63,20 +74,80 @@ async def duplex(ws: WebSocket) -> None:
         await _refuse(ws, STORE_UNAVAILABLE, f"{exc}; try again later", CLOSE_TRY_AGAIN)
         return
     await ws.accept()
-    app.registry.add(tenant, session)
-    session.log.info("connected (tenant %s)", tenant)
-    try:
-        async with asyncio.TaskGroup() as tg:
-            reader = tg.create_task(
-                _read(ws, session, app.settings.max_message_bytes, _budget(app.settings))
+    while True:
+        asked = await _serve(ws, app, tenant, session, link or Link(ws=None), greeting)
+        if asked is None:
+            return
+        # session.resume as the first message: the fresh session (closed by `_serve`)
+        # gives way to the asked one
+        with contextlib.suppress(StoreUnavailable):  # it expires with the store's TTL
+            await app.services.store.delete_session(session.id)
+        try:
+            session, link, greeting = await resume(app.services, app.registry, tenant, asked)
+        except ProtocolError as exc:
+            await _refuse(ws, exc.code, exc.message, accept=False)
+            return
+        except StoreUnavailable as exc:
+            await _refuse(
+                ws, STORE_UNAVAILABLE, f"{exc}; try again later", CLOSE_TRY_AGAIN, accept=False
             )
-            tg.create_task(_write(ws, session, reader, app.settings.output_stall_timeout_s))
-    except* Exception as group:
-        session.log.error("connection failed", exc_info=group.exceptions[0])
+            return
+
+
+async def _serve(
+    ws: WebSocket, app: Any, tenant: str, session: DuplexSession, link: Link, greeting: list[str]
+) -> ResumeRequest | None:
+    """Run one session on the connection; returns a first-message resume request, if any.
+
+    When the client goes, a live session is detached for ``resume_grace_s`` (see
+    server/resume.py) instead of closed; one taken over by another connection is left alone.
+    """
+    link.ws = ws
+    session.connection = link
+    app.registry.add(tenant, session)
+    session.log.info("%s (tenant %s)", "resumed" if greeting else "connected", tenant)
+    settings = app.settings
+    asked: ResumeRequest | None = None
+    keep = True  # False when the server itself is stopping this connection
+    try:
+        try:
+            async with asyncio.TaskGroup() as tg:
+                writer = link.writer = tg.create_task(
+                    _write(
+                        ws,
+                        session,
+                        greeting,
+                        lambda: reader.cancel(),
+                        settings.output_stall_timeout_s,
+                    )
+                )
+                reader = tg.create_task(
+                    _read(
+                        ws,
+                        session,
+                        settings.max_message_bytes,
+                        _budget(settings),
+                        writer,
+                        not greeting,
+                    )
+                )
+            asked = None if reader.cancelled() else reader.result()
+        except* Exception as group:
+            session.log.error("connection failed", exc_info=group.exceptions[0])
+    except asyncio.CancelledError:
+        keep = False
+        raise
     finally:
-        app.registry.remove(tenant, session)
-        await session.close()
+        grace = app.services.limits.resume_grace_s
+        if link.replaced:
+            pass  # another connection serves the session now
+        elif session.closed or asked is not None or grace <= 0 or not keep:
+            await session.close()  # first: a resume meanwhile waits for it (server/resume.py)
+            app.registry.remove(tenant, session)
+        else:
+            session.detach(grace, lambda: app.registry.remove(tenant, session))
         session.log.info("disconnected")
+    return asked
 
 
 def _budget(settings: Settings) -> InputBudget:
@@ -116,21 +187,30 @@ def _direct_take(
     return take
 
 
-async def _read(ws: WebSocket, session: DuplexSession, max_bytes: int, budget: InputBudget) -> None:
-    """Feed the session until the client goes or the session ends.
+async def _read(
+    ws: WebSocket,
+    session: DuplexSession,
+    max_bytes: int,
+    budget: InputBudget,
+    writer: asyncio.Task[None],
+    fresh: bool,
+) -> ResumeRequest | None:
+    """Feed the session until the client goes or the session ends; then stop the writer.
 
     Under `DuplexWebSocketProtocol`, binary audio arriving while this loop waits
     skips the ASGI queue: the protocol hands it to the session synchronously.
+    ``fresh``: a ``session.resume`` first message is returned, not handled.
     """
     direct: DirectPath | None = ws.scope.get("extensions", {}).get(DIRECT)
     if direct is not None:
         direct.take = _direct_take(session, max_bytes, budget)
     try:
-        await _receive_loop(ws, session, max_bytes, direct, budget)
+        return await _receive_loop(ws, session, max_bytes, direct, budget, fresh)
     finally:
         if direct is not None:
             direct.take = None
-    await session.close()
+        if not session.closed:  # the client went; a closed session's writer ends by itself
+            writer.cancel()
 
 
 async def _receive_loop(
@@ -139,7 +219,8 @@ async def _receive_loop(
     max_bytes: int,
     direct: DirectPath | None,
     budget: InputBudget,
-) -> None:
+    fresh: bool,
+) -> ResumeRequest | None:
     while not session.closed:
         if direct is not None:
             direct.ready = True
@@ -165,6 +246,8 @@ async def _receive_loop(
                 await session.send_audio(data)
             elif text is not None:
                 message = parse_client_message(text, session.services.limits.json)
+                if fresh and isinstance(message, SessionResume):
+                    return ResumeRequest(message.session_id, message.last_seq)
                 if isinstance(message, InputAudio):
                     await _pace_audio(session, budget, len(message.audio))
                 else:
@@ -175,6 +258,8 @@ async def _receive_loop(
         except Exception:
             session.log.exception("internal error handling a message")
             await session.fail(INTERNAL, "internal error")
+        fresh = False
+    return None
 
 
 async def _pace_audio(session: DuplexSession, budget: InputBudget, size: int) -> None:
@@ -196,18 +281,29 @@ async def _pace_message(session: DuplexSession, budget: InputBudget) -> None:
 
 
 async def _write(
-    ws: WebSocket, session: DuplexSession, reader: asyncio.Task[None], stall_timeout_s: float
+    ws: WebSocket,
+    session: DuplexSession,
+    greeting: list[str],
+    stop_reader: Callable[[], Any],
+    stall_timeout_s: float,
 ) -> None:
-    """Session output to the socket. A send that cannot complete for ``stall_timeout_s``
-    (the client stopped reading: the kernel's buffers and the transport's are full) ends
-    the session with a fatal 429 and drops the connection."""
+    """The greeting (a resume's replay), then session output to the socket. A send that
+    cannot complete for ``stall_timeout_s`` (the client stopped reading: the kernel's
+    buffers and the transport's are full) ends the session with a fatal 429 and drops
+    the connection."""
+    for text in greeting:
+        try:
+            async with asyncio.timeout(stall_timeout_s):
+                await ws.send_text(text)
+        except (TimeoutError, WebSocketDisconnect, RuntimeError, OSError):
+            return  # the client is gone (or not reading): the session is detached
     direct: DirectPath | None = ws.scope.get("extensions", {}).get(DIRECT)
     send_now = direct.send_text if direct is not None else None
     if send_now is not None:
-        session.attach_output(lambda message: send_now(encode_server_message(message)))
+        session.attach_output(send_now)
     stalled = False
-    async for message in session.response():
-        text = encode_server_message(message)
+    text = ""
+    async for text in session.frames():
         if send_now is not None and send_now(text):
             continue
         try:
@@ -220,7 +316,7 @@ async def _write(
             break
     session.attach_output(None)
     if stalled:
-        await _drop_stalled(session, direct, stall_timeout_s, message, text)
+        await _drop_stalled(session, direct, stall_timeout_s, text)
     elif ws.client_state == WebSocketState.CONNECTED:
         code = 1000
         if session.error is not None:
@@ -229,21 +325,21 @@ async def _write(
             await ws.close(code)
         except RuntimeError:
             pass
-    reader.cancel()
+    stop_reader()
 
 
 async def _drop_stalled(
     session: DuplexSession,
     direct: DirectPath | None,
     stall_timeout_s: float,
-    unsent: BaseModel,
     unsent_text: str,
 ) -> None:
     """End the session with a fatal 429 and send that error (with its ``seq``) past the
     backpressure, then drop the connection; queued output in between is discarded."""
     session.log.warning("output stalled for %g s: closing", stall_timeout_s)
     await session.fail(RATE_LIMITED, f"client is not reading: stalled for {stall_timeout_s:g} s")
-    last = unsent_text if unsent is session.error else None
+    error = session.error
+    last = unsent_text if error is not None and error.seq else None  # it was being sent
     if last is None:
         async for item in session.response():  # bounded: the error is queued, then the end
             if item is session.error:

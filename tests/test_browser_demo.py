@@ -204,3 +204,146 @@ def test_browser_demo_voice_text_and_camera(server_factory: Any, tmp_path: Path)
             expect(page.locator("#status")).to_contain_text("closed (1008")
         finally:
             browser.close()
+
+
+class CuttableProxy:
+    """A loopback TCP proxy whose open connections can be cut, as a network drop cuts them.
+
+    The browser talks to the server through it; `cut()` closes every connection it carries
+    (both sides see the TCP connection end, no WebSocket close handshake) while it keeps
+    accepting new ones, so the page can reconnect.
+    """
+
+    def __init__(self, target_port: int) -> None:
+        import socket
+        import threading
+
+        self._target = target_port
+        self._listener = socket.socket()
+        self._listener.bind(("127.0.0.1", 0))
+        self._listener.listen(64)
+        self.port = self._listener.getsockname()[1]
+        self._lock = threading.Lock()
+        self._open: list[Any] = []
+        self._closed = False
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        import socket
+        import threading
+
+        while not self._closed:
+            try:
+                client, _ = self._listener.accept()
+            except OSError:
+                return
+            upstream = socket.create_connection(("127.0.0.1", self._target))
+            with self._lock:
+                self._open += [client, upstream]
+            for a, b in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
+
+    @staticmethod
+    def _pipe(src: Any, dst: Any) -> None:
+        import contextlib
+        import socket
+
+        with contextlib.suppress(OSError):
+            while data := src.recv(65536):
+                dst.sendall(data)
+        for s in (src, dst):
+            with contextlib.suppress(OSError):
+                s.shutdown(socket.SHUT_RDWR)
+
+    def cut(self) -> None:
+        import contextlib
+        import socket
+
+        with self._lock:
+            conns, self._open = self._open, []
+        for s in conns:
+            with contextlib.suppress(OSError):
+                s.shutdown(socket.SHUT_RDWR)
+            s.close()
+
+    def close(self) -> None:
+        self._closed = True
+        self._listener.close()
+        self.cut()
+
+
+def test_browser_demo_resumes_after_a_dropped_connection(
+    server_factory: Any, tmp_path: Path
+) -> None:
+    """The page reconnects by itself after its TCP connection is cut mid-answer, resumes
+    after the last `seq` it handled, and gets the rest of the answer, each message once."""
+    from playwright.sync_api import expect, sync_playwright
+
+    level = 32768 * 10 ** (-20 / 20)
+    clip = synth(TURN_1, voice="en-us", speed=150).astype(np.float64)
+    parts = [np.zeros(SAMPLE_RATE), clip * level / rms(clip), np.zeros(20 * SAMPLE_RATE)]
+    audio = np.clip(np.round(np.concatenate(parts)), -32768, 32767).astype(np.int16)
+    wav = tmp_path / "mic.wav"
+    with wave.open(str(wav), "wb") as w:
+        w.setnchannels(1)
+        w.setsampwidth(2)
+        w.setframerate(WAV_RATE)
+        w.writeframes(resample(audio, SAMPLE_RATE, WAV_RATE).astype("<i2").tobytes())
+
+    server = server_factory(echo_pace=1.0)  # the spoken answer plays back at real time
+    proxy = CuttableProxy(int(server.base.rsplit(":", 1)[1]))
+    received: list[dict[str, Any]] = []  # what the page received, over both sockets
+
+    def watch(ws: Any) -> None:
+        ws.on("framereceived", lambda p: received.append(json.loads(p)))
+
+    def reply_audio() -> list[dict[str, Any]]:
+        return [m for m in received if m.get("type") == "chunk" and "media" in m]
+
+    try:
+        with sync_playwright() as pw:
+            browser = pw.chromium.launch(
+                executable_path=str(CHROMIUM),
+                headless=True,
+                args=[
+                    "--no-sandbox",
+                    "--use-fake-ui-for-media-stream",
+                    "--use-fake-device-for-media-stream",
+                    f"--use-file-for-fake-audio-capture={wav}",
+                    "--disable-gpu",
+                ],
+            )
+            try:
+                page = browser.new_page()
+                page.on("websocket", watch)
+                page.set_default_timeout(30_000)
+                page.goto(f"http://127.0.0.1:{proxy.port}/?token={TOKEN}")
+                page.click("#connect")
+                expect(page.locator("#status")).to_have_attribute("data-state", "connected")
+                page.click("#mic")
+                for _ in range(600):  # up to 30 s (a safety bound, not a measurement)
+                    if len(reply_audio()) >= 5:  # half a second of the answer has come
+                        break
+                    page.wait_for_timeout(50)
+                assert len(reply_audio()) >= 5, "no answer"
+                proxy.cut()
+                expect(page.locator('.event[data-type="session.resumed"]')).to_be_visible()
+                expect(page.locator("#status")).to_have_attribute("data-state", "connected")
+                reply = page.locator(".reply").first
+                expect(reply).to_have_attribute("data-finish-reason", "stop", timeout=30_000)
+                heard = re.search(r"Heard (\d+\.\d\d) s of audio", reply.inner_text())
+                assert heard, reply.inner_text()
+                seqs = [m["seq"] for m in received if m.get("seq")]
+                assert seqs == list(range(1, len(seqs) + 1)), "a seq twice, or a gap"
+                response_id = reply.get_attribute("data-response-id")
+                seconds = sum(
+                    len(base64.b64decode(m["media"]["data"])) / 2 / m["media"]["sample_rate"]
+                    for m in reply_audio()
+                    if m["response_id"] == response_id
+                )
+                assert seconds == pytest.approx(float(heard.group(1)), abs=0.06)
+                page.click("#mic")
+            finally:
+                browser.close()
+    finally:
+        proxy.close()

@@ -86,7 +86,9 @@ async def test_events_do_not_depend_on_chunk_sizes(live_server, conversation):
 
 
 async def test_barge_in_interrupts_and_cuts_the_stored_answer(server_factory, conversation):
-    server = server_factory(echo_pace=1.0)  # reply audio at real time: long enough to talk over
+    # Reply audio at real time: long enough to talk over. No resume grace: leaving ends the
+    # session at once, so the cut answer is stored without waiting for a playback report.
+    server = server_factory(echo_pace=1.0, resume_grace_s=0)
     speech = synth("Could you tell me about the weather tomorrow please", "en", 150)
     async with connect(server, TOKEN) as c:
         session_id = (await c.recv())["session"]["id"]

@@ -43,6 +43,24 @@ class StreamEvent:
     created_at: float = field(default_factory=time.time)
 
 
+@dataclass(slots=True)
+class OutboxEntry:
+    """One server message as it was sent: its ``seq``, its JSON text, when (wall clock)."""
+
+    seq: int
+    text: str
+    at: float
+
+
+@dataclass(slots=True)
+class OutboxBatch:
+    """New outbox entries of one session; ``keep_from``: drop the stored ones below it."""
+
+    session_id: str
+    entries: list[OutboxEntry]
+    keep_from: int | None = None
+
+
 class StateStore(ABC):
     #: Exceptions of this backend that mean "unreachable now, try again" (not a bug).
     transient_errors: tuple[type[BaseException], ...] = ()
@@ -80,6 +98,16 @@ class StateStore(ABC):
     @abstractmethod
     async def drop_events(self, session_id: str, response_id: str) -> None:
         """Forget a response's stream events once it is compacted into a message."""
+
+    @abstractmethod
+    async def append_outbox(self, batches: list[OutboxBatch], *, max_age_s: float) -> None:
+        """Add sent messages to sessions' outboxes (many sessions in one call: the writer
+        batches them) and drop those below each ``keep_from`` (the live owner's window);
+        an outbox may expire ``max_age_s`` after its last write."""
+
+    @abstractmethod
+    async def load_outbox(self, session_id: str, *, max_age_s: float) -> list[OutboxEntry]:
+        """The session's outbox in ``seq`` order, without entries older than ``max_age_s``."""
 
     async def fork(self, source_id: str, record: SessionRecord) -> None:
         """Create ``record`` with an independent copy of the source's messages."""

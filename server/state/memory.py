@@ -7,7 +7,7 @@ from collections import OrderedDict, deque
 from dataclasses import dataclass, field, replace
 
 from duplex.protocol import Message
-from server.state.base import SessionRecord, StateStore, StreamEvent
+from server.state.base import OutboxBatch, OutboxEntry, SessionRecord, StateStore, StreamEvent
 
 
 @dataclass
@@ -15,6 +15,7 @@ class _Entry:
     record: SessionRecord
     messages: deque[Message]
     events: list[StreamEvent] = field(default_factory=list)
+    outbox: deque[OutboxEntry] = field(default_factory=deque)
     touched: float = field(default_factory=time.monotonic)
 
 
@@ -96,3 +97,21 @@ class MemoryStore(StateStore):
         entry = self._get(session_id)
         if entry is not None:
             entry.events = [e for e in entry.events if e.response_id != response_id]
+
+    async def append_outbox(self, batches: list[OutboxBatch], *, max_age_s: float) -> None:
+        for batch in batches:
+            entry = self._entries.get(batch.session_id)  # no LRU touch: only output
+            if entry is None:
+                continue
+            outbox = entry.outbox
+            outbox.extend(batch.entries)
+            if batch.keep_from is not None:
+                while outbox and outbox[0].seq < batch.keep_from:
+                    outbox.popleft()
+
+    async def load_outbox(self, session_id: str, *, max_age_s: float) -> list[OutboxEntry]:
+        entry = self._get(session_id)
+        if entry is None:
+            return []
+        oldest = time.time() - max_age_s
+        return [e for e in entry.outbox if e.at >= oldest]

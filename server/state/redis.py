@@ -3,19 +3,43 @@
 Keys (all under ``prefix``, all with a sliding TTL):
 ``session:{id}`` (JSON record), ``messages:{id}`` (list of JSON messages, trimmed to the
 newest ``max_messages``), ``responses:{id}`` (set of response ids with stream events)
-and ``events:{id}:{response_id}`` (list of JSON events).
+``events:{id}:{response_id}`` (list of JSON events) and ``outbox:{id}`` (sorted set of sent
+messages scored by ``seq``, each member ``"{at} {json}"``; it expires ``outbox_max_age_s`` after
+its last write).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import time
 
 import redis.asyncio as aioredis
 import redis.exceptions
 
 from duplex.protocol import Message
-from server.state.base import SessionRecord, StateStore, StreamEvent
+from server.state.base import OutboxBatch, OutboxEntry, SessionRecord, StateStore, StreamEvent
+
+#: KEYS: outbox keys. ARGV: ttl, then per key: entry count, keep_from ("" for none), and
+#: (seq, member) per entry. All keys in one call: a single Redis, not a cluster.
+_APPEND_OUTBOX = """
+local ttl = ARGV[1]
+local i = 2
+for k = 1, #KEYS do
+  local n = tonumber(ARGV[i])
+  local keep = ARGV[i + 1]
+  i = i + 2
+  for _ = 1, n do
+    redis.call('ZADD', KEYS[k], ARGV[i], ARGV[i + 1])
+    i = i + 2
+  end
+  if keep ~= '' then
+    redis.call('ZREMRANGEBYSCORE', KEYS[k], '-inf', '(' .. keep)
+  end
+  redis.call('EXPIRE', KEYS[k], ttl)
+end
+return #KEYS
+"""
 
 #: The record if it exists and (when ARGV[1] is not empty) belongs to tenant ARGV[1];
 #: only then the TTLs slide. One round trip either way: a foreign id is answered like an
@@ -61,6 +85,7 @@ class RedisStore(StateStore):
         self._max_messages = max_messages
         self._p = prefix
         self._get_session = self._redis.register_script(_GET_SESSION)
+        self._append_outbox = self._redis.register_script(_APPEND_OUTBOX)
 
     def _k(self, kind: str, *parts: str) -> str:
         return self._p + kind + ":" + ":".join(parts)
@@ -90,6 +115,7 @@ class RedisStore(StateStore):
             self._k("session", session_id),
             self._k("messages", session_id),
             self._k("responses", session_id),
+            self._k("outbox", session_id),
             *(self._k("events", session_id, r) for r in responses),
         )
 
@@ -141,6 +167,33 @@ class RedisStore(StateStore):
             pipe.delete(self._k("events", session_id, response_id))
             pipe.srem(self._k("responses", session_id), response_id)
             await pipe.execute()
+
+    # ---- outbox -------------------------------------------------------------------------
+
+    async def append_outbox(self, batches: list[OutboxBatch], *, max_age_s: float) -> None:
+        """All sessions' batches in one script call: a pipeline of ZADD and EXPIRE per
+        session cost 2.3 ms of client CPU for 50 sessions (redis-py packs and parses
+        each command), the script call a fraction of that."""
+        if not batches:
+            return
+        keys: list[str] = []
+        args: list[str | int | float] = [max(1, int(max_age_s + 1))]
+        for batch in batches:
+            keys.append(self._k("outbox", batch.session_id))
+            args += (len(batch.entries), "" if batch.keep_from is None else batch.keep_from)
+            for e in batch.entries:
+                args += (e.seq, f"{e.at!r} {e.text}")
+        await self._append_outbox(keys=keys, args=args)
+
+    async def load_outbox(self, session_id: str, *, max_age_s: float) -> list[OutboxEntry]:
+        rows = await self._redis.zrange(self._k("outbox", session_id), 0, -1, withscores=True)
+        oldest = time.time() - max_age_s
+        entries = []
+        for member, score in rows:
+            at, _, text = member.partition(" ")
+            if float(at) >= oldest:
+                entries.append(OutboxEntry(int(score), text, float(at)))
+        return entries
 
     async def close(self) -> None:
         await self._redis.aclose()

@@ -21,7 +21,14 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from duplex.protocol import Message
-from server.state.base import SessionRecord, StateStore, StoreUnavailable, StreamEvent
+from server.state.base import (
+    OutboxBatch,
+    OutboxEntry,
+    SessionRecord,
+    StateStore,
+    StoreUnavailable,
+    StreamEvent,
+)
 
 log = logging.getLogger(__name__)
 
@@ -71,14 +78,14 @@ class ResilientStore(StateStore):
 
     # ---- calls ----------------------------------------------------------------------
 
-    async def _call(self, method: str, *args: Any) -> Any:
+    async def _call(self, method: str, *args: Any, **kwargs: Any) -> Any:
         """``inner.method(*args)`` in its own task, waited for at most ``timeout_s``.
 
         The caller's cancellation interrupts only the wait (a driver that swallows
         cancellation cannot keep the caller running); the call itself goes on,
         bounded by the same timeout.
         """
-        task = asyncio.ensure_future(self._bounded(getattr(self.inner, method)(*args)))
+        task = asyncio.ensure_future(self._bounded(getattr(self.inner, method)(*args, **kwargs)))
         self._calls.add(task)
         task.add_done_callback(self._calls.discard)
         done, _ = await asyncio.wait({task}, timeout=self._timeout)
@@ -94,9 +101,9 @@ class ResilientStore(StateStore):
     def _transient_fault(self, exc: BaseException) -> bool:
         return isinstance(exc, self._transient)
 
-    async def _read(self, method: str, *args: Any) -> Any:
+    async def _read(self, method: str, *args: Any, **kwargs: Any) -> Any:
         try:
-            result = await self._call(method, *args)
+            result = await self._call(method, *args, **kwargs)
         except Exception as exc:
             if not self._transient_fault(exc):
                 raise
@@ -266,6 +273,21 @@ class ResilientStore(StateStore):
 
     async def drop_events(self, session_id: str, response_id: str) -> None:
         await self._write(session_id, "drop_events", session_id, response_id)
+
+    async def append_outbox(self, batches: list[OutboxBatch], *, max_age_s: float) -> None:
+        """Best effort and never in the backlog: during an outage the outbox stays in the
+        live sessions' memory (audio would crowd the history writes out of the backlog)."""
+        if self._backlog or self._down is not None:
+            return
+        try:
+            await self._call("append_outbox", batches, max_age_s=max_age_s)
+        except Exception as exc:
+            if not self._transient_fault(exc):
+                raise
+            self._mark_down(exc)
+
+    async def load_outbox(self, session_id: str, *, max_age_s: float) -> list[OutboxEntry]:
+        return await self._read("load_outbox", session_id, max_age_s=max_age_s)
 
     async def close(self) -> None:
         """Write what the backlog still holds if the store answers within the timeout,

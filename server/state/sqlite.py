@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from duplex.protocol import Message
-from server.state.base import SessionRecord, StateStore, StreamEvent
+from server.state.base import OutboxBatch, OutboxEntry, SessionRecord, StateStore, StreamEvent
 
 T = TypeVar("T")
 
@@ -36,6 +36,11 @@ CREATE TABLE IF NOT EXISTS events (
     kind TEXT NOT NULL, data TEXT NOT NULL, created_at REAL NOT NULL
 );
 CREATE INDEX IF NOT EXISTS events_by_session ON events (session_id, seq);
+CREATE TABLE IF NOT EXISTS outbox (
+    session_id TEXT NOT NULL, seq INTEGER NOT NULL, text TEXT NOT NULL, at REAL NOT NULL,
+    PRIMARY KEY (session_id, seq)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS outbox_by_time ON outbox (at);
 """
 
 
@@ -107,7 +112,11 @@ class SqliteStore(StateStore):
 
     async def delete_session(self, session_id: str) -> None:
         def delete(db: sqlite3.Connection) -> None:
-            for table, column in (("events", "session_id"), ("messages", "session_id")):
+            for table, column in (
+                ("events", "session_id"),
+                ("messages", "session_id"),
+                ("outbox", "session_id"),
+            ):
                 db.execute(f"DELETE FROM {table} WHERE {column} = ?", (session_id,))
             db.execute("DELETE FROM sessions WHERE id = ?", (session_id,))
 
@@ -180,6 +189,33 @@ class SqliteStore(StateStore):
                 (session_id, response_id),
             )
         )
+
+    # ---- outbox -------------------------------------------------------------------------
+
+    async def append_outbox(self, batches: list[OutboxBatch], *, max_age_s: float) -> None:
+        rows = [(b.session_id, e.seq, e.text, e.at) for b in batches for e in b.entries]
+        trims = [(b.session_id, b.keep_from) for b in batches if b.keep_from is not None]
+
+        def append(db: sqlite3.Connection) -> None:
+            db.executemany(
+                "INSERT OR REPLACE INTO outbox (session_id, seq, text, at) VALUES (?, ?, ?, ?)",
+                rows,
+            )
+            db.executemany("DELETE FROM outbox WHERE session_id = ? AND seq < ?", trims)
+            # Every session's expired entries (closed sessions' too): the index makes it cheap.
+            db.execute("DELETE FROM outbox WHERE at < ?", (time.time() - max_age_s,))
+
+        await self._run(append)
+
+    async def load_outbox(self, session_id: str, *, max_age_s: float) -> list[OutboxEntry]:
+        oldest = time.time() - max_age_s
+        rows = await self._run(
+            lambda db: db.execute(
+                "SELECT seq, text, at FROM outbox WHERE session_id = ? AND at >= ? ORDER BY seq",
+                (session_id, oldest),
+            ).fetchall()
+        )
+        return [OutboxEntry(r[0], r[1], r[2]) for r in rows]
 
     async def close(self) -> None:
         def close_db() -> None:

@@ -12,6 +12,12 @@ const PLAYBACK_LEAD_S = 0.05; // headroom before a buffer starts, so network jit
 const MAX_LOG_ENTRIES = 500;
 const TOKEN_KEY = "duplex.token";
 const AUDIO_UPDATE_ID = "demo-audio"; // the client id of the session.update declaring audio
+// Reconnect after a dropped socket (docs/protocol.md "Resuming a session"): backoff from
+// 100 ms doubling to 2 s, each wait 50-100 % of the step, giving up after 30 s.
+const RETRY_FIRST_MS = 100;
+const RETRY_MAX_MS = 2000;
+const RETRY_GIVE_UP_MS = 30000;
+const FINAL_CLOSE_CODES = [1000, 1008, 1011, 4001]; // the session is over: no reconnect
 
 const $ = (id) => document.getElementById(id);
 const ui = {
@@ -43,6 +49,9 @@ let speaking = false;
 let audioDeclared = false; // session.update sent: binary frames now have a known format
 let videoPolicy = { fps_speaking: 1, fps_idle: 0.2, max_dimension: 1024 };
 let textCount = 0;
+let sessionId = null; // the session to resume after a drop
+let lastSeq = 0; // the last numbered message handled: a resume replays what follows
+let retry = null; // {step, deadline, timer} while reconnecting
 const replies = new Map(); // response_id -> the reply's log entry
 
 // ---- the log -----------------------------------------------------------------------
@@ -99,7 +108,7 @@ function logError(code, message) {
 function setStatus(state, text) {
   ui.status.dataset.state = state;
   ui.status.textContent = text ?? state;
-  const live = state === "connecting" || state === "connected";
+  const live = state === "connecting" || state === "connected" || state === "reconnecting";
   ui.connect.textContent = live ? "Disconnect" : "Connect";
   ui.token.disabled = live;
   const ready = state === "connected";
@@ -130,7 +139,7 @@ function getAudioContext() {
   return audioCtx;
 }
 
-function connect() {
+function connect(resume = false) {
   const token = ui.token.value.trim();
   localStorage.setItem(TOKEN_KEY, token);
   getAudioContext().resume();
@@ -138,11 +147,18 @@ function connect() {
   const url = new URL("/v1/duplex", location.href);
   url.protocol = location.protocol === "https:" ? "wss:" : "ws:";
   if (token) url.searchParams.set("token", token);
+  if (resume) {
+    url.searchParams.set("session_id", sessionId);
+    url.searchParams.set("last_seq", String(lastSeq));
+  } else {
+    sessionId = null;
+    lastSeq = 0;
+  }
   const sock = new WebSocket(url);
   sock.binaryType = "arraybuffer";
   ws = sock;
   audioDeclared = false;
-  setStatus("connecting");
+  if (!resume) setStatus("connecting");
 
   // Handlers check `ws === sock` so a late event of an old socket changes nothing.
   sock.onmessage = (event) => {
@@ -154,6 +170,10 @@ function connect() {
       logError("-", `unreadable message from the server: ${event.data.slice(0, 200)}`);
       return;
     }
+    if (msg.seq) {
+      if (msg.seq <= lastSeq) return; // handled before the drop: never twice
+      lastSeq = msg.seq;
+    }
     onServerMessage(msg);
   };
   sock.onerror = () => {
@@ -162,6 +182,11 @@ function connect() {
   sock.onclose = (event) => {
     if (ws !== sock) return;
     ws = null;
+    if (sessionId && !FINAL_CLOSE_CODES.includes(event.code) && scheduleResume()) {
+      addEntry("note", "socket", `connection lost (${event.code}): resuming`);
+      return; // microphone, camera and playback go on; they send once reconnected
+    }
+    retry = null;
     const reason = event.reason ? `: ${event.reason}` : "";
     setStatus("closed", `closed (${event.code}${reason})`);
     ui.status.dataset.code = event.code;
@@ -169,8 +194,29 @@ function connect() {
   };
 }
 
+// The next reconnect attempt, or false once the time allowed is over.
+function scheduleResume() {
+  const now = Date.now();
+  if (retry === null) retry = { step: RETRY_FIRST_MS, deadline: now + RETRY_GIVE_UP_MS };
+  if (now >= retry.deadline) return false;
+  const wait = retry.step * (0.5 + Math.random() / 2);
+  retry.step = Math.min(retry.step * 2, RETRY_MAX_MS);
+  retry.timer = setTimeout(() => {
+    retry.timer = null;
+    connect(true);
+  }, wait);
+  setStatus("reconnecting", "reconnecting…");
+  return true;
+}
+
 function disconnect() {
+  if (retry?.timer) clearTimeout(retry.timer);
+  retry = null;
   if (ws) ws.close(1000, "bye");
+  else {
+    setStatus("closed", "closed (1000)");
+    teardown();
+  }
 }
 
 function teardown() {
@@ -185,6 +231,7 @@ function teardown() {
 function onServerMessage(msg) {
   switch (msg.type) {
     case "session.created":
+      sessionId = msg.session.id;
       showSession(msg.session);
       declareAudio();
       setStatus("connected");
@@ -193,6 +240,13 @@ function onServerMessage(msg) {
     case "session.updated":
       showSession(msg.session);
       logEvent(msg, "settings applied");
+      break;
+    case "session.resumed":
+      retry = null;
+      showSession(msg.session);
+      audioDeclared = true; // the session kept the capture format declared before
+      setStatus("connected");
+      logEvent(msg, `resumed after #${msg.last_seq}: replay from #${msg.first_seq}`);
       break;
     case "speech.started":
       setSpeaking(true);
@@ -597,7 +651,7 @@ function fail(what) {
 
 ui.connectForm.addEventListener("submit", (event) => {
   event.preventDefault();
-  if (ws) disconnect();
+  if (ws || retry) disconnect();
   else connect();
 });
 
