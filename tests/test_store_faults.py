@@ -147,7 +147,10 @@ async def test_close_right_after_response_done_keeps_every_turn(
     else:
         url = "memory://" if kind == "memory" else f"sqlite:///{tmp_path}/close.db"
     # Every delta is persisted as it goes: the store is busy when the client hangs up.
-    server = server_factory(store_url=url, store_timeout_s=2.0, persist_min_chars=1)
+    # A hung-up session waits resume_grace_s for a resume, then closes: keep that short.
+    server = server_factory(
+        store_url=url, store_timeout_s=2.0, persist_min_chars=1, resume_grace_s=0.2
+    )
     words = " ".join(f"w{n}" for n in range(60))
 
     async def one(i: int) -> tuple[str, Any]:
@@ -379,7 +382,8 @@ async def test_close_right_after_an_interrupted_response(kind, server_factory, t
     from tests.speech import synth
 
     url = request.getfixturevalue("redis_url") if kind == "redis" else f"sqlite:///{tmp_path}/i.db"
-    server = server_factory(store_url=url, store_timeout_s=2.0, echo_pace=1.0)
+    # A short resume grace: the session closes soon after the hang-up (see above).
+    server = server_factory(store_url=url, store_timeout_s=2.0, echo_pace=1.0, resume_grace_s=0.2)
     speech = synth("Could you tell me about the weather tomorrow please", "en", 150)
     pcm = np.concatenate([speech, np.zeros(16000, dtype=np.int16)]).astype("<i2").tobytes()
     async with connect(server, TOKEN) as c:
