@@ -9,13 +9,16 @@ from __future__ import annotations
 
 import base64
 import binascii
+import json
 import math
+import re
 import time
 import uuid
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal, get_args
 
 from pydantic import (
+    AfterValidator,
     BaseModel,
     BeforeValidator,
     ConfigDict,
@@ -26,7 +29,7 @@ from pydantic import (
     ValidationInfo,
     model_validator,
 )
-from pydantic_core import from_json
+from pydantic_core import PydanticSerializationError, from_json
 
 
 def _b64decode(value: Any) -> bytes:
@@ -545,10 +548,33 @@ class Media(BaseModel):
     height: int | None = None
 
 
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def clean_text(text: str) -> str:
+    """``text`` with every lone UTF-16 surrogate replaced by U+FFFD.
+
+    JSON allows ``"\\ud800"``, so an upstream provider can hand us a string that UTF-8
+    cannot encode: it would fail when sent or stored. Client input with one is refused
+    at parse time instead (see `parse_json`).
+    """
+    if text.isascii():
+        return text
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        return _SURROGATE.sub("\ufffd", text)
+    return text
+
+
+#: Text that may come from a provider: always encodable (see `clean_text`).
+CleanText = Annotated[str, AfterValidator(clean_text)]
+
+
 class ToolCall(BaseModel):
     id: str
     name: str
-    arguments: str = ""
+    arguments: CleanText = ""
 
 
 FinishReason = Literal[
@@ -560,8 +586,8 @@ class StreamChunk(BaseModel):
     """One piece of a streamed response: text delta, audio, tool calls, or an ending."""
 
     response_id: str = ""
-    delta: str | None = None
-    content: str | None = None
+    delta: CleanText | None = None
+    content: CleanText | None = None
     media: Media | None = None
     tool_calls: list[ToolCall] | None = None
     finish_reason: FinishReason | None = None
@@ -579,7 +605,7 @@ class Message(BaseModel):
 
     id: str = Field(default_factory=lambda: new_id("msg"))
     role: Literal["system", "user", "assistant", "tool"]
-    content: str = ""
+    content: CleanText = ""
     created_at: float = Field(default_factory=time.time)
     metadata: dict[str, Any] = Field(default_factory=dict)
 
@@ -845,7 +871,21 @@ def encode_server_message(msg: BaseModel) -> str:
         text = _encode_audio_chunk(msg)
         if text is not None:
             return text
-    return msg.model_dump_json(exclude_none=True)
+    try:
+        return msg.model_dump_json(exclude_none=True)
+    except PydanticSerializationError:  # a lone surrogate in a free-form field
+        data = _cleaned(msg.model_dump(mode="json", exclude_none=True))
+        return json.dumps(data, ensure_ascii=False, separators=(",", ":"))
+
+
+def _cleaned(value: Any) -> Any:
+    if isinstance(value, str):
+        return clean_text(value)
+    if isinstance(value, dict):
+        return {clean_text(k): _cleaned(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_cleaned(v) for v in value]
+    return value
 
 
 def parse_server_message(raw: str | bytes) -> ServerMessage:

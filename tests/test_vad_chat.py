@@ -274,3 +274,32 @@ async def test_crash_mid_stream_leaves_the_partial_answer_readable(tmp_path):
     assert partial[0]["content"].startswith("one two three four five six")
     # The question was stored before the provider was called; the answer never completed.
     assert [(m["role"], m["content"]) for m in body["messages"]] == [("user", "count")]
+
+
+@pytest.mark.parametrize("store", ["memory://", "sqlite"])
+async def test_provider_text_with_a_lone_surrogate_is_sent_and_stored(
+    server_factory, tmp_path, store
+):
+    """An upstream may send ``"\\ud800"`` (valid JSON, not encodable as UTF-8): the reply
+    goes out and into history with U+FFFD in its place, and the session goes on."""
+    url = store if store != "sqlite" else f"sqlite:///{tmp_path / 'duplex.db'}"
+    async with run_fake(api_key=KEY, seed=9) as fake:
+        fake.script(ChatReply(text="bad \ud800 text"), ChatReply(text="fine"))
+        server = chat_server(server_factory, fake, store_url=url)
+        async with connect(server, TOKEN) as c:
+            session_id = await use_chat(c)
+            first = await c.ask("one")
+            assert reply_text(first) == "bad \ufffd text"
+            assert first[-1]["finish_reason"] == "stop"
+            assert reply_text(await c.ask("two")) == "fine"
+        async with httpx.AsyncClient(base_url=server.base) as http:
+            r = await http.get(
+                f"/v1/sessions/{session_id}/messages",
+                headers={"Authorization": f"Bearer {TOKEN}"},
+            )
+        assert [m["content"] for m in r.json()["messages"]] == [
+            "one",
+            "bad \ufffd text",
+            "two",
+            "fine",
+        ]

@@ -389,6 +389,11 @@ class FakeOpenAI:
                 data = event  # raw (malformed or [DONE])
             else:
                 data = json.dumps(event, ensure_ascii=False)
+                if not data.isascii():
+                    try:
+                        data.encode()
+                    except UnicodeEncodeError:  # a lone surrogate: sent escaped, as JSON allows
+                        data = json.dumps(event)
             pending += f"data: {data}{end}{end}".encode()
             if reply.delay_s:
                 async for piece in self._pieces(pending):
