@@ -35,6 +35,10 @@ class ReplyResamplers:
         resampler = self._kept[key] = StreamResampler(in_rate, 1, out_rate, 1)
         return resampler
 
+    def clear(self) -> None:
+        """Let the kept resamplers go (their filter graphs are native memory)."""
+        self._kept.clear()
+
 
 class ReplyAudio:
     """Resamples a response's PCM pieces to ``out_rate`` (stateful across pieces, so no

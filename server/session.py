@@ -366,6 +366,11 @@ class DuplexSession(BaseSession):
         if self._outbox is not None:
             await self._outbox.close()
         self.done.set()
+        # Nothing of a closed session may wait for a full GC pass (rare: see server/app.py):
+        # drop the references that make cycles, so it is freed when its last user lets go.
+        self._mode = _CLOSED_MODE
+        self._send_now = None
+        self._rest = None
 
     @property
     def closed(self) -> bool:
@@ -738,6 +743,23 @@ class DuplexSession(BaseSession):
 
     def _make_mode(self) -> Mode:
         return self.services.modes[self.config.mode](self._port)
+
+
+class _ClosedMode(Mode):
+    """What a closed session forwards to: late reports are ignored, and it holds no
+    session (a mode that did would keep the closed session in a cycle)."""
+
+    def __init__(self) -> None:
+        pass
+
+    async def on_playback(self, response_id: str, played_ms: float) -> None:
+        pass
+
+    async def on_tool_result(self, call_id: str, output: Any, msg_id: str | None) -> None:
+        pass
+
+
+_CLOSED_MODE = _ClosedMode()
 
 
 class UnarySession(BaseSession):

@@ -153,6 +153,10 @@ class DuplexWebSocketProtocol(_Stock or asyncio.Protocol):  # type: ignore[misc]
         finally:
             if hook is not None:
                 hook()
+            # The path's bound methods would keep this protocol (and its buffers) in a
+            # cycle, left for a rare full collection (see server/app.py).
+            direct = self._direct
+            direct.take = direct.send_text = direct.limit = direct.abort = None
 
     def data_received(self, data: bytes) -> None:
         if not self._framing:

@@ -71,7 +71,7 @@ class VadMode(Mode):
         self._active: _Active | None = None
         self._resamplers = ReplyResamplers()  # responses stream one at a time
         self._client_tools = ClientToolWaiters(limits.client_tool_timeout_s)
-        self._worker = session.spawn(self._work(), "turns")
+        self._worker: asyncio.Task[None] | None = session.spawn(self._work(), "turns")
 
     # ---- input ----------------------------------------------------------------------
 
@@ -159,6 +159,8 @@ class VadMode(Mode):
     async def close(self) -> None:
         self._frames.close()
         self._client_tools.cancel_all()
+        self._resamplers.clear()
+        self._worker = None  # once cancelled, its traceback would hold this mode
 
     # ---- turns ----------------------------------------------------------------------
 
