@@ -62,9 +62,17 @@ class TurnConfig:
     pre_roll_ms: int = 300
     min_speech_ms: int = 200
     max_turn_ms: int = 30_000
+    #: Audio kept while no turn is open, for `commit` (beyond the little the turn edges
+    #: need). None: up to `pre_roll_ms + max_turn_ms`, so a commit holds everything since
+    #: the previous turn. A small value keeps a stream that is mostly quiet small: a
+    #: server holds ~1 MB per session otherwise (30 s of 16 kHz audio).
+    idle_history_ms: int | None = None
 
     def __post_init__(self) -> None:
-        for name in ("start_ms", "stop_ms", "pre_roll_ms", "min_speech_ms", "max_turn_ms"):
+        names = ["start_ms", "stop_ms", "pre_roll_ms", "min_speech_ms", "max_turn_ms"]
+        if self.idle_history_ms is not None:
+            names.append("idle_history_ms")
+        for name in names:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int):
                 raise ValueError(f"{name} must be an int (ms), got {value!r}")
@@ -178,6 +186,15 @@ class TurnDetector:
         # look at, and the block being decided, which is written before its frames step.
         self._keep = self._pre + self._max_turn + fs
         self._cap = self._keep + (self._edge_frames + self._ref_frames + _BLOCK_FRAMES) * fs
+        # With `idle_history_ms`: history a turn may still need before its onset (the
+        # pre-roll, the edges' reach and their noise reference), and what is kept with no
+        # turn open. The onset lies in the push being written, which is not yet stepped.
+        self._lookback = self._edge_frames * fs + max(self._ref_frames * fs, self._pre)
+        self._idle = (
+            None
+            if config.idle_history_ms is None
+            else max(self._lookback, samples(config.idle_history_ms))
+        )
         self._frame_bytes = 2 * fs
         # Recent audio as bytes, oldest first: the latest pushes as they came (no copy),
         # and before them sealed blocks of about `_SEAL_FRAMES` frames each. No
@@ -258,7 +275,7 @@ class TurnDetector:
         end = self._pos = pos + fs
         self._tail.append(pcm if type(pcm) is bytes else bytes(pcm))  # keep no caller buffer
         if end >= self._seal_at:
-            self._seal_tail()
+            self._seal_tail(fs)
         state = self._state
         if state is _QUIET:
             return self._step(True, pos) if voiced else []
@@ -294,7 +311,7 @@ class TurnDetector:
         if there is no new audio. Emits no SpeechEnd: a server that sent
         speech.started should close it.
         """
-        start = max(self._last_audio_end, self._pos - self._keep)
+        start = max(self._last_audio_end, self._pos - self._keep, self._blocks_start)
         if start >= self._pos:
             return None
         start_ms = start * self._ms_per_sample
@@ -378,15 +395,27 @@ class TurnDetector:
         self._tail.append(pcm if type(pcm) is bytes else bytes(pcm))  # keep no caller buffer
         self._pos += len(pcm) // 2
         if self._pos >= self._seal_at:
-            self._seal_tail()
+            self._seal_tail(len(pcm) // 2)
 
-    def _seal_tail(self) -> None:
-        """Join `_tail` into one block; drop blocks older than `_cap` samples."""
+    def _seal_tail(self, span: int) -> None:
+        """Join `_tail` into one block; drop whole blocks older than what may be read:
+        `_cap` samples, or with `idle_history_ms` what the open turn or, with none open,
+        a turn starting in the `span` samples just written could need."""
         self._blocks.append(b"".join(self._tail))
         self._tail = []
-        self._seal_at = self._pos + self._seal
+        pos = self._pos
+        self._seal_at = pos + self._seal
+        keep_from = pos - self._cap
+        if self._idle is not None:
+            if self._state is _QUIET:
+                keep_from = max(keep_from, pos - span - self._idle)
+            else:
+                keep_from = max(keep_from, self._onset - self._lookback)
+        self._drop_before(keep_from)
+
+    def _drop_before(self, keep_from: int) -> None:
         blocks = self._blocks
-        while self._pos - self._blocks_start - len(blocks[0]) // 2 >= self._cap:
+        while blocks and self._blocks_start + len(blocks[0]) // 2 <= keep_from:
             self._blocks_start += len(blocks.popleft()) // 2
 
     def _read_pcm(self, start: int, end: int) -> bytes:
@@ -465,7 +494,7 @@ class TurnDetector:
         """Learn the noise before the turn, drop leading blips, then move the onset back
         over weak speech the gate missed. One FFT covers all the frames involved."""
         fs, runs = self._fs, self._runs
-        earliest = max(self._pos - self._cap, self._last_audio_end, 0)
+        earliest = max(self._pos - self._cap, self._last_audio_end, self._blocks_start)
         ref_end = self._onset - min(self._edge_frames, (self._onset - earliest) // fs) * fs
         n_ref = min(self._ref_frames, (ref_end - earliest) // fs)
         self._edge_threshold = None
@@ -536,6 +565,8 @@ class TurnDetector:
             )
             self._last_audio_end = audio_end
         self._reset()
+        if self._idle is not None:  # the turn's audio is out: keep what the next one needs
+            self._drop_before(now - self._idle)
         return events
 
     def _take_id(self) -> int:

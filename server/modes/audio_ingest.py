@@ -46,6 +46,9 @@ class AudioIngest:
                 pre_roll_ms=turns.pre_roll_ms,
                 min_speech_ms=turns.min_speech_ms,
                 max_turn_ms=turns.max_turn_ms,
+                # A commit with no turn open holds the last second or so, not 30 s of
+                # audio kept for it in every session (~1 MB each); see docs/limits.md.
+                idle_history_ms=0,
             ),
             SpeechDetector(
                 DetectorConfig(
