@@ -119,6 +119,22 @@ def sniff_image(data: bytes) -> str | None:
     return None
 
 
+def image_pixels(data: bytes) -> int:
+    """Pixels a decode of ``data`` will hold, per its header; 0 when it is not a JPEG,
+    PNG or WebP with a readable header (`prepare_image` then says what is wrong).
+
+    Cheap (no decoding): a server bounds the pixels decoded at once with it.
+    """
+    kind = sniff_image(data)
+    if kind is None or kind not in _DECODERS:
+        return 0
+    try:
+        header = read_image_header(kind, data)
+    except MediaError:
+        return 0
+    return header.width * header.height
+
+
 def prepare_image(
     data: bytes,
     mime_type: str,

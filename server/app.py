@@ -18,6 +18,7 @@ from duplex.protocol import ConfigLimits, JsonLimits
 from server import chat_api, http_api, ws
 from server.auth import TokenAuth
 from server.config import Settings
+from server.decode_budget import PixelBudget
 from server.limits import SessionLimits
 from server.logs import install_redaction
 from server.modes.catalog import builtin_modes
@@ -79,6 +80,7 @@ def create_app(settings: Settings | None = None, *, tools: ToolRegistry | None =
             output_stall_timeout_s=settings.output_stall_timeout_s,
             max_pending_turns=settings.max_pending_turns,
             max_image_pixels=settings.max_image_pixels,
+            decode_wait_s=settings.decode_wait_s,
             tool_hop_limit=settings.tool_hop_limit,
             client_tool_timeout_s=settings.client_tool_timeout_s,
             persist_interval_ms=settings.persist_interval_ms,
@@ -95,6 +97,7 @@ def create_app(settings: Settings | None = None, *, tools: ToolRegistry | None =
             resume_grace_s=settings.resume_grace_s,
         ),
         modes=builtin_modes(),
+        decode_budget=PixelBudget(max(settings.max_decode_pixels, settings.max_image_pixels)),
     )
     state = AppState(settings, auth, services, SessionRegistry())
 

@@ -38,6 +38,9 @@ class Settings(BaseSettings):
     output_stall_timeout_s: float = 30.0
     max_pending_turns: int = 4
     max_image_pixels: int = 40_000_000
+    #: Image pixels decoded at once across the server (at least ``max_image_pixels``).
+    max_decode_pixels: int = 40_000_000
+    decode_wait_s: float = 10.0
     ws_per_message_deflate: bool = False
 
     # Abuse limits (docs/protocol.md "Limits"; 0 turns a cap off)

@@ -13,6 +13,8 @@ class SessionLimits:
     output_stall_timeout_s: float = 30.0
     max_pending_turns: int = 4
     max_image_pixels: int = 40_000_000
+    #: How long an image may wait for the app's decode budget before it is refused (429).
+    decode_wait_s: float = 10.0
     tool_hop_limit: int = 5
     client_tool_timeout_s: float = 30.0
     #: Streamed answers are persisted in batches: at least this often, or this many chars.

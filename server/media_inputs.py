@@ -12,10 +12,11 @@ from collections import deque
 from collections.abc import Awaitable, Callable
 from typing import Protocol
 
-from duplex.protocol import ImageFrame, ProtocolError, VideoChunk, VideoConfig
+from duplex.protocol import RATE_LIMITED, ImageFrame, ProtocolError, VideoChunk, VideoConfig
 from media.errors import MediaError
-from media.image import ImageLimits, prepare_image
+from media.image import ImageLimits, image_pixels, prepare_image
 from media.video import FramePolicy, VideoPushResult, VideoStream
+from server.decode_budget import PixelBudget
 
 #: Frames kept for the turn being collected (the newest win).
 MAX_PENDING_FRAMES = 8
@@ -44,8 +45,14 @@ class FrameSource:
         max_pixels: int,
         notify: Notify,
         forward: Callable[[ImageFrame], Awaitable[None]] | None = None,
+        *,
+        budget: PixelBudget | None = None,
+        decode_wait_s: float = 10.0,
     ) -> None:
         self.max_pixels = max_pixels
+        #: The app's decode budget (server/decode_budget.py); None: this source's own.
+        self.budget = budget if budget is not None else PixelBudget(max_pixels)
+        self.decode_wait_s = decode_wait_s
         self.notify = notify
         self.forward = forward
         self.pending: deque[ImageFrame] = deque(maxlen=MAX_PENDING_FRAMES)
@@ -65,10 +72,18 @@ class FrameSource:
             stream.limits = self.limits
 
     async def add_image(self, frame: ImageFrame, *, speaking: bool) -> None:
-        try:
-            prepared = await asyncio.to_thread(
+        held = await self._take_pixels(frame.data)
+        budget = self.budget
+        decode = asyncio.ensure_future(
+            asyncio.to_thread(
                 prepare_image, frame.data, frame.mime_type, self.limits, frame.width, frame.height
             )
+        )
+        # Released when the decode ends, not when this task does: a cancelled wait leaves
+        # the thread decoding, and its pixels still count.
+        decode.add_done_callback(lambda done: _released(done, budget, held))
+        try:
+            prepared = await asyncio.shield(decode)
         except MediaError as exc:
             raise ProtocolError(exc.code, exc.message) from None
         out = ImageFrame(
@@ -80,6 +95,19 @@ class FrameSource:
             frame.timestamp,
         )
         await self._accept(out, speaking)
+
+    async def _take_pixels(self, data: bytes) -> int:
+        """Wait (bounded) for the app's decode budget to hold this image's pixels."""
+        pixels = image_pixels(data)
+        if pixels > self.limits.max_pixels:
+            pixels = 0  # refused from its header, never decoded
+        try:
+            async with asyncio.timeout(self.decode_wait_s):
+                return await self.budget.acquire(pixels)
+        except TimeoutError:
+            raise ProtocolError(
+                RATE_LIMITED, "the server is busy decoding images; send the image again later"
+            ) from None
 
     async def add_video(self, chunk: VideoChunk, *, speaking: bool, msg_id: str | None) -> None:
         stream = self._streams.get(chunk.mime_type)
@@ -161,3 +189,9 @@ class FrameSource:
     def close(self) -> None:
         self._streams.clear()
         self.pending.clear()
+
+
+def _released(decode: asyncio.Future[object], budget: PixelBudget, pixels: int) -> None:
+    budget.release(pixels)
+    if not decode.cancelled():
+        decode.exception()  # retrieved: a caller that was cancelled no longer looks

@@ -59,6 +59,7 @@ from duplex.protocol import (
     encode_server_message,
     new_id,
 )
+from server.decode_budget import PixelBudget
 from server.idempotency import TurnLocks
 from server.limits import SessionLimits
 from server.logs import SessionLog
@@ -95,6 +96,8 @@ class SessionServices:
     modes: Mapping[str, ModeFactory] = field(default_factory=dict)
     #: Copies every session's outbox to the store in shared batches (made from the above).
     outbox_writer: OutboxWriter = None  # type: ignore[assignment]
+    #: Decoded image pixels in flight across the app (server/decode_budget.py).
+    decode_budget: PixelBudget = field(default_factory=lambda: PixelBudget(40_000_000))
 
     def __post_init__(self) -> None:
         if self.outbox_writer is None:
@@ -294,6 +297,7 @@ class DuplexSession(BaseSession):
             tools=services.tools,
             limits=services.limits,
             turn_locks=services.turn_locks,
+            decode_budget=services.decode_budget,
             emit=self.emit,
             emit_nowait=self.emit_nowait,
             emit_error=self.emit_error,

@@ -130,3 +130,86 @@ def test_server_ingest_keeps_little_audio_between_turns():
     for _ in range(3000):  # 60 s in 20 ms messages
         ingest.events(silence)
     assert _kept_bytes(ingest.detector) <= 2 * 32000 + 640
+
+
+# ---- image decodes ------------------------------------------------------------------------
+
+
+def _png(width: int, height: int) -> bytes:
+    import av
+
+    ctx = av.CodecContext.create("png", "w")
+    ctx.width, ctx.height, ctx.pix_fmt = width, height, "rgb24"
+    frame = av.VideoFrame.from_ndarray(np.zeros((height, width, 3), np.uint8), format="rgb24")
+    return b"".join(bytes(p) for p in ctx.encode(frame) + ctx.encode(None))
+
+
+async def test_image_decodes_wait_for_the_pixel_budget(server_factory, monkeypatch):
+    """Four sessions send a 3 Mpx PNG at once; the budget holds one and a half: the
+    decodes run one at a time and all four are answered. Each decode waits (bounded) for
+    a second one to start, so without the budget they would overlap."""
+    import base64
+    import threading
+
+    import server.media_inputs as media_inputs
+    from media.image import image_pixels
+
+    width, height = 2000, 1500
+    image = _png(width, height)
+    budget = width * height * 3 // 2
+    lock = threading.Lock()
+    inside: list[int] = []
+    most = [0]
+    two_inside = threading.Event()
+    real = media_inputs.prepare_image
+
+    def prepare(data, *args, **kwargs):
+        with lock:
+            inside.append(image_pixels(data))
+            most[0] = max(most[0], sum(inside))
+            if len(inside) >= 2:
+                two_inside.set()
+        two_inside.wait(0.5)  # a safety bound, not a measurement
+        try:
+            return real(data, *args, **kwargs)
+        finally:
+            with lock:
+                inside.remove(image_pixels(data))
+
+    monkeypatch.setattr(media_inputs, "prepare_image", prepare)
+    server = server_factory(max_decode_pixels=budget, max_image_pixels=budget)
+    message = {
+        "type": "input.image",
+        "data": base64.b64encode(image).decode(),
+        "mime_type": "image/png",
+    }
+
+    async def one(k: int) -> list[dict]:
+        async with connect(server, TOKEN) as c:
+            await c.recv()
+            await c.send(message)
+            await c.send({"type": "ping", "id": f"after-{k}"})
+            return await c.until("pong", timeout=30)
+
+    replies = await asyncio.gather(*(one(k) for k in range(4)))
+    assert all(r[-1]["id"] == f"after-{k}" for k, r in enumerate(replies))
+    assert not [e for r in replies for e in r if e["type"] == "error"]
+    assert 0 < most[0] <= budget
+
+
+async def test_pixel_budget_waits_in_order_and_a_cancelled_wait_gives_up_its_place():
+    from server.decode_budget import PixelBudget
+
+    budget = PixelBudget(10)
+    assert await budget.acquire(8) == 8
+    big = asyncio.ensure_future(budget.acquire(6))
+    small = asyncio.ensure_future(budget.acquire(1))  # fits, but must not overtake `big`
+    await asyncio.sleep(0)
+    assert not big.done() and not small.done()
+    big.cancel()
+    assert await asyncio.wait_for(small, 5) == 1  # granted once `big` left the queue
+    assert budget.in_use == 9
+    budget.release(8)
+    budget.release(1)
+    assert budget.in_use == 0
+    assert await budget.acquire(100) == 10  # more than the budget waits for all of it

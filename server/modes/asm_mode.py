@@ -90,6 +90,8 @@ class AsmMode(Mode):
             session.limits.max_image_pixels,
             session.emit_error,
             forward=self._send_image,
+            budget=session.decode_budget,
+            decode_wait_s=session.limits.decode_wait_s,
         )
         self._text: list[str] = []
         self._responses: dict[str, _Response] = {}

@@ -14,6 +14,7 @@ from typing import Any, ClassVar, Protocol
 from pydantic import BaseModel
 
 from duplex.protocol import ImageFrame, Message, SessionConfig, TextChunk, VideoChunk
+from server.decode_budget import PixelBudget
 from server.idempotency import TurnLocks
 from server.limits import SessionLimits
 from server.logs import SessionLog
@@ -44,6 +45,8 @@ class SessionPort:
     tools: ToolRegistry
     limits: SessionLimits
     turn_locks: TurnLocks
+    #: Decoded image pixels in flight across the app (server/decode_budget.py).
+    decode_budget: PixelBudget
     #: Send or queue one server message; waits while the output queue is full.
     emit: Callable[[BaseModel], Awaitable[None]]
     #: `emit` without waiting: False (nothing done) if the output queue is full.

@@ -65,7 +65,11 @@ class VadMode(Mode):
         self._text: list[str] = []
         self._text_chars = 0
         self._frames = FrameSource(
-            session.config.video, limits.max_image_pixels, session.emit_error
+            session.config.video,
+            limits.max_image_pixels,
+            session.emit_error,
+            budget=session.decode_budget,
+            decode_wait_s=limits.decode_wait_s,
         )
         self._ingest: AudioIngest | None = None
         self._active: _Active | None = None
@@ -296,6 +300,9 @@ class VadMode(Mode):
                 await active.playback.heard_ms()
         finally:
             self._active = None
+            # The reply resampler (~150 KB of filter graph, measured) is not kept between
+            # replies: rebuilding it costs 0.06-0.3 ms a response (docs/limits.md).
+            self._resamplers.clear()
             # Once (a no-op if stored above); a close waits for it, bounded, then re-raises.
             await runner.record(
                 reason, active.playback.played_ms if reason == "interrupted" else None

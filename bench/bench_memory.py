@@ -1,0 +1,286 @@
+"""Server memory: RSS per idle session, per live VAD session, and memory returned at close.
+
+Run: ``python -m bench.bench_memory`` (``--live 100,500`` for more live points, ``--quick``
+for 3 rounds of 50). Prints markdown.
+
+The server is ``python -m server.cli serve`` on 127.0.0.1, default settings (VAD mode,
+the echo provider replying with the user's audio at real time, resampled to 24 kHz),
+started by this script and restarted for each part. RSS is the server process's
+``VmRSS`` from /proc; the client (this process) is not counted. Audio: one espeak-ng
+conversation (pink noise, 20 dB SNR) as 20 ms binary messages of PCM16 16 kHz mono, each
+session paced at real time from its own start, starts spread over ``--stagger`` seconds.
+
+1. Idle: RSS of the server with N sessions connected that send nothing, minus RSS before
+   they connected, divided by N.
+2. Live: N sessions stream the conversation in a loop (turns, echo replies, barge-in as
+   it comes) and read everything. After ``--warm`` seconds, RSS is sampled every second
+   for ``--measure`` seconds; per session = (median - RSS of the warmed-up server with no
+   session) / N.
+3. Rounds: ``--rounds`` rounds of ``--round-size`` sessions; each session connects,
+   streams one turn and a second of silence at real time, reads until its reply is done,
+   and closes. RSS two seconds after each round. Target: after 10 rounds within 10 % of
+   RSS after the first.
+
+Everything is bounded in time: every wait has a timeout, and a session that gets no
+reply within 30 s counts as failed (shown in the table) rather than hanging the run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+from bench.bench_turns import MSG_BYTES, conversations
+from bench.bench_ws import ServerProc, header, machine_line, md_table, open_ws, start_duplex
+
+PERIOD = 0.02
+SILENCE_1S = bytes(32000)
+
+
+def rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError("no VmRSS")
+
+
+def messages_of(pcm: bytes) -> list[bytes]:
+    return [pcm[i : i + MSG_BYTES] for i in range(0, len(pcm) - MSG_BYTES + 1, MSG_BYTES)]
+
+
+async def _drain(ws, done: asyncio.Event | None = None, replies: list[int] | None = None) -> None:
+    with contextlib.suppress(Exception):
+        async for raw in ws:
+            if isinstance(raw, str) and '"response.done"' in raw:
+                if replies is not None:
+                    replies[0] += 1
+                if done is not None:
+                    done.set()
+
+
+async def _paced(ws, messages: list[bytes], start: float, until: float | None = None) -> None:
+    """Send ``messages`` at real time from ``start`` (in a loop while ``until`` is set)."""
+    i = 0
+    while True:
+        if until is None and i == len(messages):
+            return
+        due = start + i * PERIOD
+        if until is not None and due >= until:
+            return
+        delay = due - time.monotonic()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        await ws.send(messages[i % len(messages)])
+        i += 1
+
+
+# ---- parts ------------------------------------------------------------------------------
+
+
+async def idle_part(server: ServerProc, n: int) -> tuple[float, float]:
+    before = rss_mb(server.pid)
+    sockets = await asyncio.gather(*(open_ws(server, True) for _ in range(n)))
+    await asyncio.sleep(2)
+    during = rss_mb(server.pid)
+    await asyncio.gather(*(ws.close() for ws in sockets))
+    return before, during
+
+
+async def live_part(
+    server: ServerProc, n: int, messages: list[bytes], stagger: float, warm: float, measure: float
+) -> dict[str, float]:
+    await asyncio.sleep(1)
+    base = rss_mb(server.pid)
+    sockets = []
+    for _ in range(n):
+        sockets.append(await asyncio.wait_for(open_ws(server, True), 30))
+    replies = [0]
+    t0 = time.monotonic()
+    until = t0 + stagger + warm + measure
+    tasks = [asyncio.ensure_future(_drain(ws, replies=replies)) for ws in sockets]
+    senders = [
+        asyncio.ensure_future(_paced(ws, messages, t0 + stagger * k / n, until))
+        for k, ws in enumerate(sockets)
+    ]
+    await asyncio.sleep(stagger + warm)
+    samples = []
+    end = time.monotonic() + measure
+    while time.monotonic() < end:
+        samples.append(rss_mb(server.pid))
+        await asyncio.sleep(1)
+    await asyncio.wait_for(asyncio.gather(*senders), 30)
+    lag = time.monotonic() - until
+    await asyncio.gather(*(ws.close() for ws in sockets), return_exceptions=True)
+    for task in tasks:
+        task.cancel()
+    live = statistics.median(samples)
+    return {
+        "base": base,
+        "live": live,
+        "max": max(samples),
+        "per_kb": (live - base) * 1024 / n,
+        "replies": replies[0],
+        "lag": lag,
+    }
+
+
+async def _one_session(server: ServerProc, messages: list[bytes], start: float) -> bool:
+    await asyncio.sleep(max(0.0, start - time.monotonic()))
+    try:
+        ws = await asyncio.wait_for(open_ws(server, True), 30)
+    except Exception:
+        return False
+    done = asyncio.Event()
+    reader = asyncio.ensure_future(_drain(ws, done))
+    try:
+        await _paced(ws, messages, time.monotonic())
+        await asyncio.wait_for(done.wait(), 30)
+        return True
+    except Exception:
+        return False
+    finally:
+        await ws.close()
+        reader.cancel()
+
+
+async def rounds_part(
+    server: ServerProc, rounds: int, size: int, messages: list[bytes], stagger: float
+) -> tuple[float, list[tuple[int, float, int, float]]]:
+    await asyncio.sleep(1)
+    base = rss_mb(server.pid)
+    rows = []
+    for r in range(1, rounds + 1):
+        t0 = time.monotonic()
+        ok = await asyncio.gather(
+            *(_one_session(server, messages, t0 + stagger * k / size) for k in range(size))
+        )
+        took = time.monotonic() - t0
+        await asyncio.sleep(2)
+        rows.append((r, rss_mb(server.pid), size - sum(ok), took))
+    return base, rows
+
+
+# ---- main -------------------------------------------------------------------------------
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--idle", type=int, default=200, help="idle sessions")
+    ap.add_argument("--live", default="100", help="live session counts, comma separated")
+    ap.add_argument("--rounds", type=int, default=10)
+    ap.add_argument("--round-size", type=int, default=200)
+    ap.add_argument("--stagger", type=float, default=2.0, help="seconds over which starts spread")
+    ap.add_argument("--warm", type=float, default=20.0)
+    ap.add_argument("--measure", type=float, default=10.0)
+    ap.add_argument("--quick", action="store_true", help="3 rounds of 50, live 50, short")
+    args = ap.parse_args(argv)
+    if args.quick:
+        args.idle, args.live, args.rounds, args.round_size = 50, "50", 3, 50
+        args.warm, args.measure = 8.0, 4.0
+    conv = conversations(1, 2)[0]
+    pcm = conv.audio.astype("<i2").tobytes()
+    loop_messages = messages_of(pcm + SILENCE_1S)
+    first_end = int(conv.turns[0][1] * 32) // MSG_BYTES * MSG_BYTES  # byte offset
+    turn_messages = messages_of(pcm[: first_end + 32000] + SILENCE_1S)
+    return asyncio.run(_run(args, loop_messages, turn_messages))
+
+
+async def _run(args: argparse.Namespace, loop_messages: list[bytes], turn_messages: list[bytes]):
+    out = [header("Memory", ["bench.bench_memory", *sys.argv[1:]]), machine_line(), ""]
+
+    server = start_duplex()
+    try:
+        await _warm_up(server, turn_messages)
+        before, during = await idle_part(server, args.idle)
+    finally:
+        server.stop()
+    idle_kb = (during - before) * 1024 / args.idle
+    out += ["**Idle sessions** (connected, nothing sent):", ""]
+    out.append(
+        md_table(
+            ["sessions", "RSS before (MB)", "RSS connected (MB)", "per session (KB)"],
+            [(args.idle, before, during, idle_kb)],
+        )
+    )
+
+    live_rows = []
+    for n in (int(x) for x in args.live.split(",")):
+        server = start_duplex()
+        try:
+            await _warm_up(server, turn_messages)
+            r = await live_part(server, n, loop_messages, args.stagger, args.warm, args.measure)
+        finally:
+            server.stop()
+        live_rows.append(
+            (n, r["base"], r["live"], r["max"], r["per_kb"], int(r["replies"]), r["lag"])
+        )
+    out += ["", "**Live VAD sessions** (paced audio, echo replies at real time):", ""]
+    out.append(
+        md_table(
+            [
+                "sessions",
+                "RSS no session (MB)",
+                "RSS live, median (MB)",
+                "max (MB)",
+                "per session (KB)",
+                "replies",
+                "sender lag at end (s)",
+            ],
+            live_rows,
+        )
+    )
+
+    server = start_duplex()
+    try:
+        await _warm_up(server, turn_messages)
+        base, rows = await rounds_part(
+            server, args.rounds, args.round_size, turn_messages, args.stagger
+        )
+    finally:
+        server.stop()
+    first = rows[0][1]
+    out += [
+        "",
+        f"**Close and return** ({args.round_size} sessions a round: connect, one turn at "
+        f"real time, reply, close; RSS 2 s after each round; before the first: {base:.1f} MB):",
+        "",
+    ]
+    out.append(
+        md_table(
+            ["round", "RSS (MB)", "vs round 1", "failed sessions", "round took (s)"],
+            [
+                (r, rss, f"{(rss / first - 1) * 100:+.1f} %", fail, took)
+                for r, rss, fail, took in rows
+            ],
+        )
+    )
+    last = rows[-1][1]
+    out += [
+        "",
+        "Targets: per live session <= 256 KB: "
+        + ", ".join(
+            f"N={row[0]}: {row[4]:.0f} KB ({'met' if row[4] <= 256 else 'NOT met'})"
+            for row in live_rows
+        )
+        + "; after the last round within 10 % of round 1: "
+        + f"{(last / first - 1) * 100:+.1f} % ({'met' if last <= first * 1.1 else 'NOT met'}).",
+    ]
+    print("\n".join(out))
+    print(json.dumps({"idle_kb": idle_kb, "live": live_rows, "rounds": rows}), file=sys.stderr)
+    return 0
+
+
+async def _warm_up(server: ServerProc, messages: list[bytes]) -> None:
+    """A few sessions through a whole turn first: code paths and caches loaded once."""
+    t0 = time.monotonic()
+    await asyncio.gather(*(_one_session(server, messages, t0 + k * 0.1) for k in range(5)))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
