@@ -245,6 +245,7 @@ class VadMode(Mode):
         while True:
             turn = await self._turns.get()
             await self._respond(turn)
+            del turn  # its audio (32 KB a second) would otherwise wait here for the next turn
             if asyncio.current_task().cancelling():  # type: ignore[union-attr]
                 raise asyncio.CancelledError  # swallowed below us: the session is closing
 
