@@ -30,7 +30,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import json
 import statistics
 import sys
 import time
@@ -179,6 +178,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--warm", type=float, default=20.0)
     ap.add_argument("--measure", type=float, default=10.0)
     ap.add_argument("--quick", action="store_true", help="3 rounds of 50, live 50, short")
+    ap.add_argument("--parts", default="idle,live,rounds", help="which parts to run")
+    ap.add_argument(
+        "--server-env",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="an environment variable for the server (repeatable), e.g. a DUPLEX_* setting",
+    )
     args = ap.parse_args(argv)
     if args.quick:
         args.idle, args.live, args.rounds, args.round_size = 50, "50", 3, 50
@@ -192,87 +199,83 @@ def main(argv: list[str] | None = None) -> int:
 
 
 async def _run(args: argparse.Namespace, loop_messages: list[bytes], turn_messages: list[bytes]):
-    out = [header("Memory", ["bench.bench_memory", *sys.argv[1:]]), machine_line(), ""]
+    out = [header("Memory", ["bench.bench_memory", *sys.argv[1:]]), machine_line()]
+    env = dict(item.split("=", 1) for item in args.server_env)
+    if env:
+        out.append(f"Server environment: {', '.join(f'`{k}={v}`' for k, v in env.items())}.")
+    parts = set(args.parts.split(","))
+    targets = []
 
-    server = start_duplex()
-    try:
-        await _warm_up(server, turn_messages)
-        before, during = await idle_part(server, args.idle)
-    finally:
-        server.stop()
-    idle_kb = (during - before) * 1024 / args.idle
-    out += ["**Idle sessions** (connected, nothing sent):", ""]
-    out.append(
-        md_table(
-            ["sessions", "RSS before (MB)", "RSS connected (MB)", "per session (KB)"],
-            [(args.idle, before, during, idle_kb)],
-        )
-    )
-
-    live_rows = []
-    for n in (int(x) for x in args.live.split(",")):
-        server = start_duplex()
+    if "idle" in parts:
+        server = start_duplex(env)
         try:
             await _warm_up(server, turn_messages)
-            r = await live_part(server, n, loop_messages, args.stagger, args.warm, args.measure)
+            before, during = await idle_part(server, args.idle)
         finally:
             server.stop()
-        live_rows.append(
-            (n, r["base"], r["live"], r["max"], r["per_kb"], int(r["replies"]), r["lag"])
+        idle_kb = (during - before) * 1024 / args.idle
+        out += ["", "**Idle sessions** (connected, nothing sent):", ""]
+        out.append(
+            md_table(
+                ["sessions", "RSS before (MB)", "RSS connected (MB)", "per session (KB)"],
+                [(args.idle, before, during, idle_kb)],
+            )
         )
-    out += ["", "**Live VAD sessions** (paced audio, echo replies at real time):", ""]
-    out.append(
-        md_table(
-            [
-                "sessions",
-                "RSS no session (MB)",
-                "RSS live, median (MB)",
-                "max (MB)",
-                "per session (KB)",
-                "replies",
-                "sender lag at end (s)",
-            ],
-            live_rows,
-        )
-    )
 
-    server = start_duplex()
-    try:
-        await _warm_up(server, turn_messages)
-        base, rows = await rounds_part(
-            server, args.rounds, args.round_size, turn_messages, args.stagger
-        )
-    finally:
-        server.stop()
-    first = rows[0][1]
-    out += [
-        "",
-        f"**Close and return** ({args.round_size} sessions a round: connect, one turn at "
-        f"real time, reply, close; RSS 2 s after each round; before the first: {base:.1f} MB):",
-        "",
-    ]
-    out.append(
-        md_table(
-            ["round", "RSS (MB)", "vs round 1", "failed sessions", "round took (s)"],
-            [
-                (r, rss, f"{(rss / first - 1) * 100:+.1f} %", fail, took)
-                for r, rss, fail, took in rows
-            ],
-        )
-    )
-    last = rows[-1][1]
-    out += [
-        "",
-        "Targets: per live session <= 256 KB: "
-        + ", ".join(
-            f"N={row[0]}: {row[4]:.0f} KB ({'met' if row[4] <= 256 else 'NOT met'})"
+    if "live" in parts:
+        live_rows = []
+        for n in (int(x) for x in args.live.split(",")):
+            server = start_duplex(env)
+            try:
+                await _warm_up(server, turn_messages)
+                r = await live_part(server, n, loop_messages, args.stagger, args.warm, args.measure)
+            finally:
+                server.stop()
+            live_rows.append(
+                (n, r["base"], r["live"], r["max"], r["per_kb"], int(r["replies"]), r["lag"])
+            )
+        out += ["", "**Live VAD sessions** (paced audio, echo replies at real time):", ""]
+        headers = ["sessions", "RSS no session (MB)", "RSS live, median (MB)", "max (MB)"]
+        headers += ["per session (KB)", "replies", "sender lag at end (s)"]
+        out.append(md_table(headers, live_rows))
+        targets += [
+            f"per live session <= 256 KB at N={row[0]}: {row[4]:.0f} KB "
+            f"({'met' if row[4] <= 256 else 'NOT met'})"
             for row in live_rows
+        ]
+
+    if "rounds" in parts:
+        server = start_duplex(env)
+        try:
+            await _warm_up(server, turn_messages)
+            base, rows = await rounds_part(
+                server, args.rounds, args.round_size, turn_messages, args.stagger
+            )
+        finally:
+            server.stop()
+        first, last = rows[0][1], rows[-1][1]
+        out += [
+            "",
+            f"**Close and return** ({args.round_size} sessions a round: connect, one turn at "
+            f"real time, reply, close; RSS 2 s after each round; before the first: "
+            f"{base:.1f} MB):",
+            "",
+        ]
+        out.append(
+            md_table(
+                ["round", "RSS (MB)", "vs round 1", "failed sessions", "round took (s)"],
+                [
+                    (r, rss, f"{(rss / first - 1) * 100:+.1f} %", fail, took)
+                    for r, rss, fail, took in rows
+                ],
+            )
         )
-        + "; after the last round within 10 % of round 1: "
-        + f"{(last / first - 1) * 100:+.1f} % ({'met' if last <= first * 1.1 else 'NOT met'}).",
-    ]
+        targets.append(
+            f"after round {len(rows)} within 10 % of round 1: {(last / first - 1) * 100:+.1f} % "
+            f"({'met' if last <= first * 1.1 else 'NOT met'})"
+        )
+    out += ["", "Targets: " + "; ".join(targets) + "."]
     print("\n".join(out))
-    print(json.dumps({"idle_kb": idle_kb, "live": live_rows, "rounds": rows}), file=sys.stderr)
     return 0
 
 
