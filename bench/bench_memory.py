@@ -1,7 +1,8 @@
 """Server memory: RSS per idle session, per live VAD session, and memory returned at close.
 
 Run: ``python -m bench.bench_memory`` (``--live 100,500`` for more live points, ``--quick``
-for 3 rounds of 50). Prints markdown.
+for 3 rounds of 50; ``--parts rounds`` for one part; ``--server-env NAME=VALUE`` passes a
+setting to the server). Prints markdown.
 
 The server is ``python -m server.cli serve`` on 127.0.0.1, default settings (VAD mode,
 the echo provider replying with the user's audio at real time, resampled to 24 kHz),
@@ -16,7 +17,10 @@ session paced at real time from its own start, starts spread over ``--stagger`` 
    it comes) and read everything. After ``--warm`` seconds, RSS is sampled every second
    for ``--measure`` seconds; per session = (median - RSS of the warmed-up server with no
    session) / N.
-3. Rounds: ``--rounds`` rounds of ``--round-size`` sessions; each session connects,
+3. Images: ``--images`` sessions (8) send the same 36-megapixel PNG at once (a small
+   file); the server's peak RSS while they decode, with the default decode budget and
+   with a budget large enough to bound nothing (``DUPLEX_MAX_DECODE_PIXELS``).
+4. Rounds: ``--rounds`` rounds of ``--round-size`` sessions; each session connects,
    streams one turn and a second of silence at real time, reads until its reply is done,
    and closes. RSS two seconds after each round. Target: after 10 rounds within 10 % of
    RSS after the first.
@@ -29,7 +33,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
 import contextlib
+import json
 import statistics
 import sys
 import time
@@ -165,6 +171,52 @@ async def rounds_part(
     return base, rows
 
 
+def big_png(width: int, height: int) -> bytes:
+    """A PNG that inflates to ``width*height`` RGB pixels from a small file."""
+    import av
+    import numpy as np
+
+    ctx = av.CodecContext.create("png", "w")
+    ctx.width, ctx.height, ctx.pix_fmt = width, height, "rgb24"
+    plane = np.zeros((height, width, 3), np.uint8)
+    plane[::64, :, 0] = 255  # some structure, still tiny once compressed
+    frame = av.VideoFrame.from_ndarray(plane, format="rgb24")
+    return b"".join(bytes(p) for p in ctx.encode(frame) + ctx.encode(None))
+
+
+async def images_part(server: ServerProc, n: int, png: bytes) -> tuple[float, float, float, int]:
+    """``n`` sessions each send the same large PNG at once; peak RSS while they decode."""
+    message = json.dumps(
+        {"type": "input.image", "data": base64.b64encode(png).decode(), "mime_type": "image/png"}
+    )
+    sockets = await asyncio.gather(*(open_ws(server, True) for _ in range(n)))
+    await asyncio.sleep(1)
+    before = rss_mb(server.pid)
+    peak = before
+    errors = 0
+
+    async def one(ws) -> None:
+        nonlocal errors
+        await ws.send(message)
+        await ws.send('{"type":"ping","id":"after"}')
+        async with asyncio.timeout(120):
+            while True:
+                reply = json.loads(await ws.recv())
+                errors += reply["type"] == "error"
+                if reply["type"] == "pong":
+                    return
+
+    t0 = time.monotonic()
+    sends = asyncio.ensure_future(asyncio.gather(*(one(ws) for ws in sockets)))
+    while not sends.done():
+        peak = max(peak, rss_mb(server.pid))
+        await asyncio.sleep(0.02)
+    await sends
+    took = time.monotonic() - t0
+    await asyncio.gather(*(ws.close() for ws in sockets))
+    return before, peak, took, errors
+
+
 # ---- main -------------------------------------------------------------------------------
 
 
@@ -178,7 +230,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--warm", type=float, default=20.0)
     ap.add_argument("--measure", type=float, default=10.0)
     ap.add_argument("--quick", action="store_true", help="3 rounds of 50, live 50, short")
-    ap.add_argument("--parts", default="idle,live,rounds", help="which parts to run")
+    ap.add_argument("--parts", default="idle,live,images,rounds", help="which parts to run")
+    ap.add_argument("--images", type=int, default=8, help="concurrent large images")
     ap.add_argument(
         "--server-env",
         action="append",
@@ -243,6 +296,28 @@ async def _run(args: argparse.Namespace, loop_messages: list[bytes], turn_messag
             f"({'met' if row[4] <= 256 else 'NOT met'})"
             for row in live_rows
         ]
+
+    if "images" in parts:
+        width = height = 6000
+        png = big_png(width, height)
+        rows_i = []
+        for budget in (None, 40_000_000 * 8):
+            extra = {} if budget is None else {"DUPLEX_MAX_DECODE_PIXELS": str(budget)}
+            server = start_duplex({**env, **extra})
+            try:
+                before, peak, took, errors = await images_part(server, args.images, png)
+            finally:
+                server.stop()
+            label = "default (40 Mpx)" if budget is None else f"{budget / 1e6:.0f} Mpx (no bound)"
+            rows_i.append((label, before, peak, peak - before, took, errors))
+        out += [
+            "",
+            f"**Image decodes** ({args.images} sessions send a {width}x{height} PNG of "
+            f"{len(png) / 1000:.0f} kB at once; peak RSS sampled every 20 ms):",
+            "",
+        ]
+        headers = ["decode budget", "RSS before (MB)", "peak (MB)", "growth (MB)"]
+        out.append(md_table([*headers, "all decoded in (s)", "errors"], rows_i))
 
     if "rounds" in parts:
         server = start_duplex(env)

@@ -46,6 +46,7 @@ def main(argv: list[str] | None = None) -> int:
 def _serve(args: argparse.Namespace) -> int:
     import uvicorn
 
+    from server.allocator import fix_mmap_threshold
     from server.app import create_app
 
     overrides: dict[str, Any] = {}
@@ -67,6 +68,7 @@ def _serve(args: argparse.Namespace) -> int:
     logging.basicConfig(
         level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s"
     )
+    fix_mmap_threshold()  # see server/allocator.py: freed memory goes back to the system
     try:
         app = create_app(settings)
     except ValueError as exc:  # a --tools entry point that cannot be loaded

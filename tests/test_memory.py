@@ -213,3 +213,15 @@ async def test_pixel_budget_waits_in_order_and_a_cancelled_wait_gives_up_its_pla
     budget.release(1)
     assert budget.in_use == 0
     assert await budget.acquire(100) == 10  # more than the budget waits for all of it
+
+
+def test_mmap_threshold_is_pinned_on_glibc_unless_the_environment_chose(monkeypatch):
+    import platform
+
+    from server.allocator import fix_mmap_threshold
+
+    monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", "65536")
+    assert fix_mmap_threshold() is False  # the operator's choice stands
+    monkeypatch.delenv("MALLOC_MMAP_THRESHOLD_")
+    if platform.libc_ver()[0] == "glibc":
+        assert fix_mmap_threshold() is True
