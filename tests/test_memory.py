@@ -225,3 +225,19 @@ def test_mmap_threshold_is_pinned_on_glibc_unless_the_environment_chose(monkeypa
     monkeypatch.delenv("MALLOC_MMAP_THRESHOLD_")
     if platform.libc_ver()[0] == "glibc":
         assert fix_mmap_threshold() is True
+
+
+def test_reply_resamplers_go_back_to_the_app_pool_which_keeps_few_idle():
+    """Between replies a session holds no resampler (~150 KB each); the app keeps at most
+    ``max_idle`` for the next replies, of any session."""
+    from server.reply_audio import ReplyResamplers, ResamplerPool
+
+    pool = ResamplerPool(max_idle=2)
+    sessions = [ReplyResamplers(pool) for _ in range(3)]
+    taken = [s.fresh(16000, 24000) for s in sessions]
+    assert len({id(r) for r in taken}) == 3 and pool.idle == 0
+    for s in sessions:
+        s.clear()
+    assert pool.idle == 2
+    assert ReplyResamplers(pool).fresh(16000, 24000) in taken
+    assert pool.idle == 1

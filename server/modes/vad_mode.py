@@ -73,7 +73,8 @@ class VadMode(Mode):
         )
         self._ingest: AudioIngest | None = None
         self._active: _Active | None = None
-        self._resamplers = ReplyResamplers()  # responses stream one at a time
+        # Responses stream one at a time; between them the resampler goes back to the app.
+        self._resamplers = ReplyResamplers(session.resamplers)
         self._client_tools = ClientToolWaiters(limits.client_tool_timeout_s)
         self._worker: asyncio.Task[None] | None = session.spawn(self._work(), "turns")
 
@@ -301,8 +302,8 @@ class VadMode(Mode):
                 await active.playback.heard_ms()
         finally:
             self._active = None
-            # The reply resampler (~150 KB of filter graph, measured) is not kept between
-            # replies: rebuilding it costs 0.06-0.3 ms a response (docs/limits.md).
+            # The reply resampler (~150 KB of filter graph, measured) goes back to the
+            # app's pool between replies (docs/limits.md).
             self._resamplers.clear()
             # Once (a no-op if stored above); a close waits for it, bounded, then re-raises.
             await runner.record(
