@@ -377,6 +377,8 @@ class DuplexSession(BaseSession):
         # Nothing of a closed session may wait for a full GC pass (rare: see server/app.py):
         # drop the references that make cycles, so it is freed when its last user lets go.
         self._mode = _CLOSED_MODE
+        # The port holds the session's bound methods; a closed session keeps an empty one.
+        self._port = SessionPort.__new__(SessionPort)
         self._send_now = None
         self._rest = None
 

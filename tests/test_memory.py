@@ -103,7 +103,7 @@ def test_quiet_stream_keeps_little_audio_and_turns_are_unchanged(speech):
     stream = quiet[: 16000 * 2 * 3] + speech + quiet + speech + quiet[: 16000 * 2 * 2]
     reference = TurnDetector(TurnConfig(), SpeechDetector())
     want = reference.push_pcm(stream) + reference.flush()
-    assert sum(type(e).__name__ == "TurnEnded" for e in want) == 2
+    assert sum(type(e).__name__ == "TurnEnd" for e in want) == 2
     rng = np.random.default_rng(3)
     for sizes in ([640], [640 * 5], [640 * 50], list(rng.integers(1, 120, 50) * 640)):
         td = TurnDetector(TurnConfig(idle_history_ms=0), SpeechDetector())
