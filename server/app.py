@@ -81,6 +81,7 @@ def create_app(settings: Settings | None = None, *, tools: ToolRegistry | None =
             max_pending_turns=settings.max_pending_turns,
             max_image_pixels=settings.max_image_pixels,
             decode_wait_s=settings.decode_wait_s,
+            vad_idle_history_ms=settings.vad_idle_history_ms,
             tool_hop_limit=settings.tool_hop_limit,
             client_tool_timeout_s=settings.client_tool_timeout_s,
             persist_interval_ms=settings.persist_interval_ms,

@@ -15,6 +15,8 @@ class SessionLimits:
     max_image_pixels: int = 40_000_000
     #: How long an image may wait for the app's decode budget before it is refused (429).
     decode_wait_s: float = 10.0
+    #: Audio a VAD session keeps while no turn is open: what `input.commit` then holds.
+    vad_idle_history_ms: int = 0
     tool_hop_limit: int = 5
     client_tool_timeout_s: float = 30.0
     #: Streamed answers are persisted in batches: at least this often, or this many chars.

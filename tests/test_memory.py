@@ -241,3 +241,25 @@ def test_reply_resamplers_go_back_to_the_app_pool_which_keeps_few_idle():
     assert pool.idle == 2
     assert ReplyResamplers(pool).fresh(16000, 24000) in taken
     assert pool.idle == 1
+
+
+@pytest.mark.parametrize("history_ms", [0, 5000])
+async def test_vad_commit_with_no_turn_open_holds_the_configured_history(
+    server_factory, history_ms
+):
+    """A steady tone is no speech: a commit then holds what the session kept between
+    turns, 1-2 s by default, all of it with ``DUPLEX_VAD_IDLE_HISTORY_MS`` above it."""
+    server = server_factory(vad_idle_history_ms=history_ms)
+    t = np.arange(3 * 16000) / 16000
+    tone = (np.sin(2 * np.pi * 220 * t) * 8000).astype("<i2").tobytes()
+    async with connect(server, TOKEN) as c:
+        await c.recv()
+        for i in range(0, len(tone), 640):
+            await c.send(tone[i : i + 640])
+        await c.send({"type": "input.commit"})
+        ended = (await c.until("turn.ended"))[-1]
+    held = ended["audio_end_ms"] - ended["audio_start_ms"]
+    if history_ms:
+        assert held == pytest.approx(3000, abs=50)
+    else:
+        assert 500 <= held <= 2600

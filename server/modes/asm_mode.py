@@ -287,7 +287,11 @@ class AsmMode(Mode):
         rt = await self._provider()
         if self._ingest is None:
             cfg = self.session.config
-            self._ingest = AudioIngest(cfg.input_audio, cfg.turn_detection)
+            self._ingest = AudioIngest(
+                cfg.input_audio,
+                cfg.turn_detection,
+                idle_history_ms=self.session.limits.vad_idle_history_ms,
+            )
             self._to_provider = (
                 StreamResampler(VAD_RATE, 1, self._provider_rate, 1)
                 if self._provider_rate != VAD_RATE

@@ -33,7 +33,9 @@ class IngestResult:
 class AudioIngest:
     """One per session; rebuilt when the input format or turn settings change."""
 
-    def __init__(self, audio: InputAudioConfig, turns: TurnDetectionConfig) -> None:
+    def __init__(
+        self, audio: InputAudioConfig, turns: TurnDetectionConfig, *, idle_history_ms: int = 0
+    ) -> None:
         self.manual = turns.type == "manual"
         self.decoder = make_decoder(audio.format, audio.sample_rate, audio.channels)
         rate = self.decoder.sample_rate if self.decoder else audio.sample_rate
@@ -46,9 +48,9 @@ class AudioIngest:
                 pre_roll_ms=turns.pre_roll_ms,
                 min_speech_ms=turns.min_speech_ms,
                 max_turn_ms=turns.max_turn_ms,
-                # A commit with no turn open holds the last second or so, not 30 s of
-                # audio kept for it in every session (~1 MB each); see docs/limits.md.
-                idle_history_ms=0,
+                # A commit with no turn open holds this much (at least the last second or
+                # so), not 30 s kept for it in every session (~1 MB each): docs/limits.md.
+                idle_history_ms=min(idle_history_ms, turns.max_turn_ms),
             ),
             SpeechDetector(
                 DetectorConfig(

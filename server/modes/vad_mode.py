@@ -100,7 +100,11 @@ class VadMode(Mode):
         back as a coroutine that must run before the next input."""
         if self._ingest is None:
             cfg = self.session.config
-            self._ingest = AudioIngest(cfg.input_audio, cfg.turn_detection)
+            self._ingest = AudioIngest(
+                cfg.input_audio,
+                cfg.turn_detection,
+                idle_history_ms=self.session.limits.vad_idle_history_ms,
+            )
         try:
             events = self._ingest.events(pcm)
         except MediaError as exc:
