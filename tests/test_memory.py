@@ -30,10 +30,12 @@ async def _until_removed(registry, tenant: str, session_id: str) -> None:
     raise AssertionError("the session was not removed after its connection closed")
 
 
-async def test_closed_session_is_freed_by_reference_counting(live_server, speech):
-    """A session that streamed audio, got a spoken reply and closed leaves nothing alive,
-    with the cyclic GC off: the server freezes the heap and runs full collections
-    rarely, so anything left in a cycle would wait there, native buffers included."""
+async def test_closed_session_is_freed_by_reference_counting(server_factory, speech):
+    """A session that streamed audio, got a spoken reply and closed (after its resume
+    grace) leaves nothing alive, with the cyclic GC off: the server freezes the heap and
+    runs full collections rarely, so anything left in a cycle would wait there, native
+    buffers included."""
+    live_server = server_factory(resume_grace_s=0.2)
     registry = live_server.app.state.duplex.registry
     gc.collect()
     gc.disable()
