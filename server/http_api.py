@@ -154,7 +154,10 @@ def _session_view(record: SessionRecord) -> dict[str, Any]:
 
 
 @router.post("/v1/sessions", status_code=201)
-async def create_session(request: Request, tenant: Tenant, body: SessionCreate) -> dict[str, Any]:
+async def create_session(
+    request: Request, tenant: Tenant, body: SessionCreate | None = None
+) -> dict[str, Any]:
+    body = body or SessionCreate()  # no body: an empty session
     checked_body(request, body)
     limits = _limits(request)
     _check(limits.check_name, "name", body.name)
@@ -195,6 +198,7 @@ async def patch_session(
         record.name = body.name
     if body.variables is not None:
         record.variables.update(body.variables)
+    record.updated_at = time.time()  # what the store keeps, and what this answers
     await app.services.store.update_session(record)
     return _session_view(record)
 
