@@ -33,7 +33,6 @@ from server.session import UnarySession
 from server.state.base import StoreUnavailable
 
 
-
 class EnvelopeRoute(APIRoute):
     """HTTP errors of this door (auth, body, session, provider) come in its envelope,
     with the same HTTP status, instead of FastAPI's ``{"detail": ...}``."""
