@@ -15,10 +15,11 @@ from typing import Protocol
 from duplex.protocol import ImageFrame, ProtocolError, VideoChunk, VideoConfig
 from media.errors import MediaError
 from media.image import ImageLimits, prepare_image
+from media.mp4file import MAX_FILE_FRAMES
 from media.video import FramePolicy, VideoPushResult, VideoStream
 
 #: Frames kept for the turn being collected (the newest win).
-MAX_PENDING_FRAMES = 8
+MAX_PENDING_FRAMES = MAX_FILE_FRAMES
 #: Video streams one session may have open at once (one decoder each).
 MAX_VIDEO_STREAMS = 2
 
@@ -100,6 +101,7 @@ class FrameSource:
             timestamp_ms=chunk.timestamp,
             width=chunk.width,
             height=chunk.height,
+            final=chunk.final,
         )
         await self._take_result(result, msg_id)
 
