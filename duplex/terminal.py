@@ -203,7 +203,7 @@ async def stream_wav(session: Session, source: WavSource, *, fast: bool) -> None
         if not fast:  # real time: never ahead of the wall clock
             await asyncio.sleep(max(0.0, started + sent * CHUNK_MS / 1000 - time.monotonic()))
     # Half a second of silence lets a turn that ends with the file end by itself.
-    silence = b"\x00" * (rate * channels * 2 * CHUNK_MS // 1000)
+    silence = bytes(rate * CHUNK_MS // 1000 * channels * 2)  # whole samples at any rate
     for _ in range(1000 // CHUNK_MS):
         await session.send_audio(silence)
         if not fast:

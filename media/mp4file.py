@@ -31,7 +31,11 @@ MAX_FILE_FRAMES = 8
 FRAGMENTED = "fragmented"
 WHOLE = "whole"
 
-_FORMATS = ("mov", "mp4", "m4a", "3gp", "3g2", "mj2")  # libavformat's "mov,mp4,..." demuxer
+#: Boxes an MP4 or QuickTime file can start with.
+_FIRST_BOXES = {
+    b"ftyp", b"styp", b"moov", b"moof", b"mdat", b"free", b"skip", b"wide", b"pnot",
+    b"uuid", b"sidx", b"junk", b"pdin", b"meta",
+}  # fmt: skip
 
 
 @dataclass
@@ -80,7 +84,9 @@ class Mp4File:
                 if self._pos + 16 > len(data):
                     return
                 size, header = struct.unpack(">Q", data[self._pos + 8 : self._pos + 16])[0], 16
-            if not all(0x20 <= c < 0x7F for c in kind):
+            if not all(0x20 <= c < 0x7F for c in kind) or (
+                self._pos == 0 and kind not in _FIRST_BOXES
+            ):
                 raise MediaError(415, "not MP4 data: no MP4 box where one should start")
             if size > self.max_bytes:
                 raise MediaError(

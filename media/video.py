@@ -427,7 +427,7 @@ class VideoStream:
             return bytes(file.data)
         if file.layout == WHOLE and (file.complete or event.index == self._final_index):
             self._file, self._file_state = None, "done"
-            self._sample_file(bytes(file.data), event.index, now_ms, result)
+            self._sample_file(bytes(file.data), event.index, now_ms, result, file.complete)
         elif event.index == self._final_index:
             self._file, self._file_state = None, "done"
             kind = "a whole" if file.layout == WHOLE else "an"
@@ -442,7 +442,12 @@ class VideoStream:
         return b""
 
     def _sample_file(
-        self, data: bytes, chunk_index: int, now_ms: float, result: VideoPushResult
+        self,
+        data: bytes,
+        chunk_index: int,
+        now_ms: float,
+        result: VideoPushResult,
+        complete: bool,
     ) -> None:
         """Frames of a whole file, over its media time (at ``fps_speaking``: a clip is
         something the user shows; ``fps_idle`` when that is 0)."""
@@ -455,6 +460,10 @@ class VideoStream:
             frames = sample_file(data, interval, self.limits, self._file_limits[1])
         except MediaError as error:
             self.stats.errors += 1
+            if not complete:  # marked final before its moov or mdat was whole
+                error = MediaError(
+                    error.code, f"incomplete MP4 file of {len(data)} bytes: {error.message}"
+                )
             result.notices.append(error)  # one file, one report: never deduplicated away
             return
         for frame in frames:
