@@ -66,7 +66,9 @@ async def readyz(request: Request) -> dict[str, Any] | JSONResponse:
         reason = str(exc)
     if reason is not None:
         return JSONResponse({"status": "unavailable", "reason": reason}, status_code=503)
-    return {"status": "ready", "sessions": app.registry.count()}
+    # What it counts: the duplex sessions this replica holds (connected, or detached
+    # within their resume grace period); not the stored ones.
+    return {"status": "ready", "live_sessions": app.registry.count()}
 
 
 #: The health socket echoes short greetings; a frame declaring more is refused at its
