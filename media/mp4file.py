@@ -163,20 +163,16 @@ def sample_file(
             )
         ctx.thread_count = 1
         targets = _targets(stream, interval_ms, max_frames)
-        frames: list[FileFrame] = []
         try:
-            for target in targets:
-                picked = _frame_at(container, stream, target)
-                if picked is None:
-                    continue
-                if frames and picked.pts is not None and picked.time * 1000 <= frames[-1].pts_ms:
-                    continue  # the same frame again (keyframe-only seeking in a short file)
-                jpeg, w, h = frame_to_jpeg(picked, limits.max_dimension, limits.jpeg_quality)
-                frames.append(FileFrame(jpeg, w, h, (picked.time or 0.0) * 1000))
+            picked = _Picker(ctx, targets).run(container.demux(stream))
         except av.error.FFmpegError as exc:
             codec = ctx.codec.long_name if ctx.codec else "unknown codec"
             message = f"undecodable video in the MP4 file ({codec}: {_reason(exc)})"
             raise MediaError(415, message) from None
+        frames = []
+        for frame in picked:
+            jpeg, w, h = frame_to_jpeg(frame, limits.max_dimension, limits.jpeg_quality)
+            frames.append(FileFrame(jpeg, w, h, float(frame.pts * stream.time_base) * 1000))
         if not frames:
             raise MediaError(415, "the MP4 file holds no decodable video frame")
         return frames
@@ -200,21 +196,77 @@ def _targets(stream: av.VideoStream, interval_ms: float, max_frames: int) -> lis
     return [min(last, start + int(t / 1000 / base)) for t in times]
 
 
-def _frame_at(container: av.container.InputContainer, stream: av.VideoStream, target: int):
-    """The last frame shown at or before ``target``: seek to the keyframe before it and
-    decode forward (only as far as the target)."""
-    container.seek(target, backward=True, any_frame=False, stream=stream)
-    best = None
-    for packet in container.demux(stream):
-        for frame in packet.decode():
-            if frame.pts is None:
-                continue
-            if frame.pts > target and best is not None:
-                return best
-            best = frame
-            if frame.pts >= target:
-                return best
-    return best
+class _Picker:
+    """One pass over the packets: for each target time, the last frame shown at or before
+    it. Packets stay compressed until a target is reached; then decoding starts from the
+    newest keyframe before it (or goes on from where the decoder is, when no keyframe
+    came since), so each packet is decoded at most once and GOPs between targets never.
+    """
+
+    def __init__(self, ctx: av.CodecContext, targets: list[int]) -> None:
+        self.ctx = ctx
+        self.targets = targets
+        self.next = 0  # index of the target being looked for
+        self.best: av.VideoFrame | None = None  # the newest frame at or before it so far
+        self.picked: list[av.VideoFrame] = []
+        self.pending: list[av.Packet] = []  # demuxed, not decoded yet
+        self.fresh = False  # pending starts with a keyframe: flush the decoder first
+        self.seen = -math.inf  # the newest decode time demuxed
+
+    def run(self, packets) -> list[av.VideoFrame]:
+        live = False  # the demuxer passed the target, the decoder has not: decode as they come
+        for packet in packets:
+            if self.next >= len(self.targets):
+                return self.picked
+            if packet.size == 0:
+                continue  # the demuxer's end-of-stream packet: drained below
+            time = packet.dts if packet.dts is not None else packet.pts
+            if time is not None:
+                self.seen = max(self.seen, time)
+            if not live and self._passed():  # every frame shown by the target is demuxed
+                self._decode(self.pending)
+                self.pending = []
+                live = self._passed()
+            if live:
+                self._decode([packet])
+                live = self._passed()
+            elif packet.is_keyframe:
+                self.pending, self.fresh = [packet], True  # what came before is not needed
+            else:
+                self.pending.append(packet)
+        self._decode(self.pending)
+        for frame in self.ctx.decode(None):
+            self._take(frame)
+        if self.next < len(self.targets) and self.best is not None:
+            self._pick(self.best)
+        return self.picked
+
+    def _passed(self) -> bool:
+        """Whether the demuxer is past the target being looked for (a packet decoded after
+        it: pts >= dts > target) while no frame shown after it has come out yet."""
+        return self.next < len(self.targets) and self.seen > self.targets[self.next]
+
+    def _decode(self, packets: list[av.Packet]) -> None:
+        if packets and self.fresh:
+            self.ctx.flush_buffers()
+            self.fresh = False
+        for packet in packets:
+            for frame in self.ctx.decode(packet):
+                self._take(frame)
+
+    def _take(self, frame: av.VideoFrame) -> None:
+        """Frames come out in display order: one past a target resolves it."""
+        if frame.pts is None:
+            return
+        while self.next < len(self.targets) and frame.pts > self.targets[self.next]:
+            if self.best is not None:
+                self._pick(self.best)
+            self.next += 1
+        self.best = frame
+
+    def _pick(self, frame: av.VideoFrame) -> None:
+        if not self.picked or self.picked[-1].pts != frame.pts:  # a short clip: once each
+            self.picked.append(frame)
 
 
 def _reason(exc: Exception) -> str:

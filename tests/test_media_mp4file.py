@@ -5,6 +5,7 @@ Before: a whole MP4 sent as video/mp4 gave no frames and no error.
 
 from __future__ import annotations
 
+import io
 import tempfile
 from pathlib import Path
 
@@ -14,21 +15,27 @@ import pytest
 
 from media.errors import MediaError
 from media.image import ImageLimits
-from media.mp4file import FRAGMENTED, WHOLE, Mp4File, sample_file
+from media.mp4file import FRAGMENTED, WHOLE, Mp4File, _Picker, _targets, sample_file
 from media.video import FramePolicy, VideoStream
 
 
-def clip(fmt: str = "mp4", codec: str = "libx264", *, frames: int = 30, options=None) -> bytes:
+def clip(
+    fmt: str = "mp4", codec: str = "libx264", *, frames: int = 30, options=None, gop: int = 0
+) -> bytes:
     """A 3 s, 10 fps, 160x120 clip whose picture changes every frame."""
     with tempfile.TemporaryDirectory() as folder:  # faststart rewrites the file: a real one
         path = Path(folder) / f"clip.{fmt}"
-        _write(path, fmt, codec, frames, options or {})
+        _write(path, fmt, codec, frames, options or {}, gop)
         return path.read_bytes()
 
 
-def _write(path: Path, fmt: str, codec: str, frames: int, options: dict[str, str]) -> None:
+def _write(
+    path: Path, fmt: str, codec: str, frames: int, options: dict[str, str], gop: int
+) -> None:
     with av.open(str(path), "w", format=fmt, options=options) as container:
         stream = container.add_stream(codec, rate=10)
+        if gop:
+            stream.codec_context.gop_size = gop
         stream.width, stream.height = 160, 120
         stream.pix_fmt = "yuvj420p" if codec == "mjpeg" else "yuv420p"
         for i in range(frames):
@@ -79,6 +86,39 @@ def test_a_long_file_is_spread_over_at_most_max_frames():
     frames = sample_file(data, 1000.0, ImageLimits(), max_frames=8)
     assert len(frames) == 8
     assert frames[0].pts_ms == 0.0 and frames[-1].pts_ms == 29900.0
+
+
+class _CountingDecoder:
+    def __init__(self, ctx) -> None:
+        self.ctx, self.packets = ctx, 0
+
+    def decode(self, packet):
+        self.packets += packet is not None
+        return self.ctx.decode(packet)
+
+    def flush_buffers(self) -> None:
+        self.ctx.flush_buffers()
+
+
+def test_only_the_gops_of_the_frames_taken_are_decoded():
+    """A 30 s clip with a keyframe every second, 8 frames taken: 8 GOPs decoded at most,
+    each packet at most once (no seeking back and decoding again)."""
+    data = clip("mp4", frames=300, gop=10)
+    with av.open(io.BytesIO(data), format="mov") as container:
+        stream = container.streams.video[0]
+        counting = _CountingDecoder(stream.codec_context)
+        targets = _targets(stream, 1000.0, 8)
+        picked = _Picker(counting, targets).run(container.demux(stream))
+    assert len(picked) == 8
+    assert picked[0].pts == stream.start_time == 0
+    assert counting.packets <= 8 * 10 + 8 * 4, counting.packets  # GOPs + B-frame delay
+    assert counting.packets < 300 / 2
+    # One GOP for the whole clip (a screen recording): still each packet at most once.
+    with av.open(io.BytesIO(clip("mp4", frames=300, gop=300)), format="mov") as container:
+        stream = container.streams.video[0]
+        counting = _CountingDecoder(stream.codec_context)
+        picked = _Picker(counting, _targets(stream, 1000.0, 8)).run(container.demux(stream))
+    assert len(picked) == 8 and counting.packets <= 300
 
 
 def test_layout_is_told_apart():
