@@ -5,10 +5,9 @@ file, often after the ``mdat`` it describes, so nothing can be decoded before th
 is complete. :class:`Mp4File` collects the bytes of one recording, walks its top-level
 boxes as they arrive to tell a whole file from a fragmented one (a fragmented one has
 ``mvex`` in its ``moov`` and ``moof`` boxes; it goes to the streaming demuxer instead),
-and knows when the file is complete. :func:`sample_file` then opens it with
-libavformat (a complete file in memory can be probed and seeked) and decodes only the
-frames it hands out: for each one it seeks to the keyframe before it and decodes
-forward to it.
+and knows when the file is complete. :func:`sample_file` then demuxes it with
+libavformat (a complete file in memory can be probed) and, in one pass, decodes only
+what the frames it hands out need (see :class:`_Picker`).
 """
 
 from __future__ import annotations

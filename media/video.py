@@ -5,7 +5,11 @@ Annex B, WebM/Matroska with VP8, VP9 or H.264, or fragmented MP4 with H.264
 or VP9), puts them back in ``chunk_index`` order, demuxes them incrementally
 and hands out at most ``fps_speaking`` / ``fps_idle`` JPEG frames per second.
 
-Demuxing is ours, not libavformat's: ``av.open()`` reads a file-like object
+A whole (non-fragmented) MP4/MOV file is the exception: nothing in it can be decoded
+before it is complete, so its chunks are collected and the complete file goes to
+libavformat (``media.mp4file``), sampled over its media time.
+
+Streams are demuxed by us, not libavformat: ``av.open()`` reads a file-like object
 synchronously and wants to probe and seek, which a live stream of arbitrary
 byte ranges cannot offer. Both containers are simple to walk incrementally:
 WebM is EBML elements (ID, size, payload) and fragmented MP4 is boxes
@@ -158,7 +162,7 @@ def sniff_video(data: bytes) -> str | None:
     """Container named by the data's first bytes, whatever was declared."""
     if data[:4] == EBML_MAGIC:
         return WEBM
-    if data[4:8] in (b"ftyp", b"styp", b"moov", b"moof"):
+    if data[4:8] in (b"ftyp", b"styp", b"moov", b"moof", b"mdat", b"wide", b"free"):
         return MP4
     if data[:4] == b"\x00\x00\x00\x01" or data[:3] == b"\x00\x00\x01":
         return H264
