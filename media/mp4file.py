@@ -140,7 +140,10 @@ class FileFrame:
 
 
 def sample_file(
-    data: bytes, interval_ms: float, limits: ImageLimits, max_frames: int = MAX_FILE_FRAMES
+    data: bytes | bytearray,
+    interval_ms: float,
+    limits: ImageLimits,
+    max_frames: int = MAX_FILE_FRAMES,
 ) -> list[FileFrame]:
     """JPEG frames of a whole MP4/MOV file: one every ``interval_ms`` of media time from its
     first frame, at most ``max_frames`` (then spread evenly over the file, the last frame

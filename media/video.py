@@ -431,7 +431,7 @@ class VideoStream:
             return bytes(file.data)
         if file.layout == WHOLE and (file.complete or event.index == self._final_index):
             self._file, self._file_state = None, "done"
-            self._sample_file(bytes(file.data), event.index, now_ms, result, file.complete)
+            self._sample_file(file.data, event.index, now_ms, result, file.complete)
         elif event.index == self._final_index:
             self._file, self._file_state = None, "done"
             kind = "a whole" if file.layout == WHOLE else "an"
@@ -447,7 +447,7 @@ class VideoStream:
 
     def _sample_file(
         self,
-        data: bytes,
+        data: bytes | bytearray,
         chunk_index: int,
         now_ms: float,
         result: VideoPushResult,
