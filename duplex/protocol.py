@@ -73,11 +73,15 @@ STORE_UNAVAILABLE = 503
 class ProtocolError(Exception):
     """A client message that cannot be accepted; becomes an ``error`` message."""
 
-    def __init__(self, code: int, message: str, *, fatal: bool = False) -> None:
+    def __init__(
+        self, code: int, message: str, *, fatal: bool = False, id: str | None = None
+    ) -> None:
         super().__init__(message)
         self.code = code
         self.message = message
         self.fatal = fatal
+        #: The ``id`` of the client message that caused it, echoed on the ``error``.
+        self.id = id
 
 
 # --------------------------------------------------------------------------------------
@@ -113,6 +117,8 @@ class VideoChunk:
     timestamp: float | None = None
     width: int | None = None
     height: int | None = None
+    #: The last chunk of a recording or file: decode what is left now (docs/media.md).
+    final: bool = False
 
 
 # --------------------------------------------------------------------------------------
@@ -123,9 +129,13 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+#: Input sample rates accepted (Hz): any integer in this range; libswresample converts.
+MIN_INPUT_RATE, MAX_INPUT_RATE = 8000, 96000
+
+
 class InputAudioConfig(_Strict):
     format: Literal["pcm16", "opus", "mulaw", "alaw"] = "pcm16"
-    sample_rate: Literal[8000, 16000, 24000, 32000, 44100, 48000] = 16000
+    sample_rate: int = Field(16000, ge=MIN_INPUT_RATE, le=MAX_INPUT_RATE)
     channels: Literal[1, 2] = 1
 
 
@@ -318,6 +328,7 @@ class InputVideo(_ClientMessage):
     duration_ms: float | None = None
     width: int | None = Field(None, gt=0)
     height: int | None = Field(None, gt=0)
+    final: bool = False
 
 
 class InputCommit(_ClientMessage):
@@ -495,17 +506,78 @@ def parse_client_message(raw: str | bytes, limits: JsonLimits | None = None) -> 
     obj = parse_json(raw, limits)
     if not isinstance(obj, dict):
         raise ProtocolError(BAD_REQUEST, "a message must be a JSON object")
+    msg_id = obj.get("id")
+    # Echoed on the error below only when it is a valid id (a string of up to 128 chars).
+    msg_id = msg_id if isinstance(msg_id, str) and len(msg_id) <= MAX_ID_CHARS else None
     kind = obj.get("type")
     if not isinstance(kind, str):
         if "type" not in obj:
-            raise ProtocolError(BAD_REQUEST, "a message needs a `type`")
-        raise ProtocolError(BAD_REQUEST, f"`type` must be a string, not {_json_type(kind)}")
+            raise ProtocolError(BAD_REQUEST, "a message needs a `type`", id=msg_id)
+        raise ProtocolError(
+            BAD_REQUEST, f"`type` must be a string, not {_json_type(kind)}", id=msg_id
+        )
     if kind not in CLIENT_MESSAGE_TYPES:
-        raise ProtocolError(BAD_REQUEST, f"unknown message type: {_short(kind)}")
+        raise ProtocolError(BAD_REQUEST, f"unknown message type: {_short(kind)}", id=msg_id)
     try:
         return _client_adapter.validate_python(obj)
     except ValidationError as exc:
-        raise ProtocolError(BAD_REQUEST, f"invalid {kind}: {_describe(exc)}") from None
+        raise ProtocolError(BAD_REQUEST, f"invalid {kind}: {_describe(exc)}", id=msg_id) from None
+
+
+#: Bytes of an oversize message searched for its ``id`` (docs/protocol.md "Errors").
+ID_PEEK_BYTES = 1024
+MAX_ID_CHARS = 128
+
+
+def peek_id(head: str) -> str | None:
+    """The top-level ``"id"`` of a JSON object whose first bytes are ``head``, if it is
+    a plain string there (no escapes); for messages too large to parse.
+
+    A small scanner: it follows strings and nesting, so an ``"id"`` inside ``data``
+    or a nested object is never taken for the message's own.
+    """
+    depth, i, n = 0, 0, len(head)
+    expect_key = False
+    while i < n:
+        c = head[i]
+        if c == '"':
+            end = head.find('"', i + 1)
+            while end != -1 and _escaped(head, end):
+                end = head.find('"', end + 1)
+            if end == -1:
+                return None
+            if depth == 1 and expect_key and head[i + 1 : end] == "id":
+                rest = head[end + 1 :].lstrip()
+                if not rest.startswith(":"):
+                    return None
+                value = rest[1:].lstrip()
+                close = value.find('"', 1)
+                if not value.startswith('"') or close == -1:
+                    return None
+                found = value[1:close]
+                if "\\" in found or len(found) > MAX_ID_CHARS:
+                    return None
+                return found
+            expect_key = False
+            i = end + 1
+            continue
+        if c in "{[":
+            depth += 1
+            expect_key = c == "{" and depth == 1
+        elif c in "}]":
+            depth -= 1
+        elif c == "," and depth == 1:
+            expect_key = True
+        i += 1
+    return None
+
+
+def _escaped(text: str, quote: int) -> bool:
+    """Whether the quote at ``quote`` is escaped (an odd run of backslashes before it)."""
+    run = 0
+    while quote - run - 1 >= 0 and text[quote - run - 1] == "\\":
+        run += 1
+    return run % 2 == 1
 
 
 def _json_type(value: Any) -> str:

@@ -346,8 +346,15 @@ class Session:
         await self.send(message)
 
     async def send_video(
-        self, data: bytes, mime_type: str, chunk_index: int, *, is_key_frame: bool | None = None
+        self,
+        data: bytes,
+        mime_type: str,
+        chunk_index: int,
+        *,
+        is_key_frame: bool | None = None,
+        final: bool = False,
     ) -> None:
+        """One chunk of a video stream or file; ``final`` marks its last chunk."""
         message: dict[str, Any] = {
             "type": "input.video",
             "data": base64.b64encode(data).decode(),
@@ -356,6 +363,8 @@ class Session:
         }
         if is_key_frame is not None:
             message["is_key_frame"] = is_key_frame
+        if final:
+            message["final"] = True
         await self.send(message)
 
     async def commit(self, request_id: str | None = None) -> None:

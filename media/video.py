@@ -5,7 +5,11 @@ Annex B, WebM/Matroska with VP8, VP9 or H.264, or fragmented MP4 with H.264
 or VP9), puts them back in ``chunk_index`` order, demuxes them incrementally
 and hands out at most ``fps_speaking`` / ``fps_idle`` JPEG frames per second.
 
-Demuxing is ours, not libavformat's: ``av.open()`` reads a file-like object
+A whole (non-fragmented) MP4/MOV file is the exception: nothing in it can be decoded
+before it is complete, so its chunks are collected and the complete file goes to
+libavformat (``media.mp4file``), sampled over its media time.
+
+Streams are demuxed by us, not libavformat: ``av.open()`` reads a file-like object
 synchronously and wants to probe and seek, which a live stream of arbitrary
 byte ranges cannot offer. Both containers are simple to walk incrementally:
 WebM is EBML elements (ID, size, payload) and fragmented MP4 is boxes
@@ -45,6 +49,7 @@ from media.errors import MediaError
 from media.fmp4 import Fmp4Demuxer
 from media.h264 import AnnexBDemuxer
 from media.image import ImageLimits, frame_to_jpeg
+from media.mp4file import FRAGMENTED, MAX_FILE_BYTES, MAX_FILE_FRAMES, WHOLE, Mp4File, sample_file
 from media.reorder import ChunkReorder, ReorderEvent
 from media.samples import CODEC_NAMES, Break, Sample
 from media.webm import WebmVideoDemuxer
@@ -157,7 +162,7 @@ def sniff_video(data: bytes) -> str | None:
     """Container named by the data's first bytes, whatever was declared."""
     if data[:4] == EBML_MAGIC:
         return WEBM
-    if data[4:8] in (b"ftyp", b"styp", b"moov", b"moof"):
+    if data[4:8] in (b"ftyp", b"styp", b"moov", b"moof", b"mdat", b"wide", b"free"):
         return MP4
     if data[:4] == b"\x00\x00\x00\x01" or data[:3] == b"\x00\x00\x01":
         return H264
@@ -200,6 +205,8 @@ class VideoStream:
         reorder_window: int = 4,
         reorder_timeout_ms: float = 1000.0,
         first_chunk_index: int = 0,
+        max_file_bytes: int = MAX_FILE_BYTES,
+        max_file_frames: int = MAX_FILE_FRAMES,
     ) -> None:
         self.mime_type = mime_type
         self.container, self._declared_codec = parse_video_mime(mime_type)
@@ -233,6 +240,12 @@ class VideoStream:
         self._last_notice: dict[int, str] = {}
         self._declared_size: tuple[int | None, int | None] | None = None
         self._size_reported: tuple[object, ...] = ()
+        # MP4 only: a recording's bytes until its layout is known, and a whole file's
+        # until it is complete ("collect"); then "stream" (fragmented) or "done".
+        self._file_limits = (max_file_bytes, max_file_frames)
+        self._file: Mp4File | None = None
+        self._file_state = "collect" if self.container == MP4 else "stream"
+        self._final_index: int | None = None
 
     @property
     def codec(self) -> str | None:
@@ -256,11 +269,15 @@ class VideoStream:
         timestamp_ms: float | None = None,
         width: int | None = None,
         height: int | None = None,
+        final: bool = False,
     ) -> VideoPushResult:
         """Take one chunk; return the frames due now and any problems found.
 
         ``width``/``height`` are what the client declares; decoded frames of
-        another size are reported (once per size) and still used.
+        another size are reported (once per size) and still used. ``final`` marks
+        the recording's last chunk: once it is in, what is left is decoded, the
+        newest frame is sent whatever the rate, and the next chunk (index 0)
+        starts a new recording.
         """
         result = VideoPushResult()
         self.stats.chunks_received += 1
@@ -280,6 +297,8 @@ class VideoStream:
             payload = None  # its place in the order is kept, its bytes are lost
         if payload is not None and chunk_index == self._reorder_args[0]:
             self._maybe_restart(payload)
+        if final:
+            self._final_index = chunk_index
         events, accepted = self._reorder.add(chunk_index, payload, timestamp_ms, now_ms)
         if not accepted:
             self.stats.chunks_ignored += 1
@@ -298,10 +317,19 @@ class VideoStream:
             return
         if digest == self._first_digest or sniff_video(data) != self.container:
             return
+        self._restart()
         self._first_digest = digest
+
+    def _restart(self) -> None:
+        """A new recording: chunk indexes, demuxer and GOP start afresh."""
+        self._first_digest = None
         self._reorder = ChunkReorder(*self._reorder_args, 4 * self.limits.max_bytes)
         self._demux = _make_demuxer(self.container, self.limits, self._declared_codec)
         self._first_chunk = self._refusing = False
+        self._file = None
+        self._file_state = "collect" if self.container == MP4 else "stream"
+        self._final_index = None
+        self._incident = False
         self._forget_gop()
 
     def poll(self, *, now_ms: float, speaking: bool) -> VideoPushResult:
@@ -329,6 +357,11 @@ class VideoStream:
 
     def _run(self, events: list[ReorderEvent], now_ms: float, result: VideoPushResult) -> None:
         for event in events:
+            if event.missing is None and event.index == self._final_index:
+                if event.data is not None:
+                    self._take_chunk(event, now_ms, result)
+                self._end_recording(event, now_ms, result)
+                return  # later chunks, if any, belonged to the old recording's numbering
             if event.missing:
                 first, last = event.missing
                 self.stats.gaps += 1
@@ -363,6 +396,10 @@ class VideoStream:
             if self._refusing:
                 self._refusing = False
                 self._discontinuity()
+        if self._file_state != "stream":
+            data = self._collect_file(data, event, now_ms, result)
+            if not data:
+                return
         time_ms = event.timestamp_ms if event.timestamp_ms is not None else now_ms
         for item in self._demux.feed(data, event.index, event.timestamp_ms, time_ms):
             if isinstance(item, Break):
@@ -371,6 +408,88 @@ class VideoStream:
                 self._discontinuity(reset_demuxer=False)
             else:
                 self._take_sample(item, result)
+
+    def _collect_file(
+        self, data: bytes, event: ReorderEvent, now_ms: float, result: VideoPushResult
+    ) -> bytes:
+        """MP4: hold a recording's bytes until its layout is known. A fragmented one goes
+        on to the streaming demuxer (everything so far is returned); a whole file is
+        sampled once complete, or at its final chunk. Returns the bytes to demux."""
+        if self._file_state == "done":
+            return b""  # the rest of a file already sampled, or refused
+        if self._file is None:
+            self._file = Mp4File(self._file_limits[0])
+        file = self._file
+        try:
+            file.add(data)
+        except MediaError as error:
+            self._notify(result, error)
+            self._file, self._file_state = None, "done"
+            return b""
+        if file.layout == FRAGMENTED:
+            self._file, self._file_state = None, "stream"
+            return bytes(file.data)
+        if file.layout == WHOLE and (file.complete or event.index == self._final_index):
+            self._file, self._file_state = None, "done"
+            self._sample_file(file.data, event.index, now_ms, result, file.complete)
+        elif event.index == self._final_index:
+            self._file, self._file_state = None, "done"
+            kind = "a whole" if file.layout == WHOLE else "an"
+            self._notify(
+                result,
+                MediaError(
+                    415,
+                    f"the video/mp4 data ended without {kind} MP4 file's moov and mdat "
+                    f"({len(file.data)} bytes): incomplete, or not an MP4 file",
+                ),
+            )
+        return b""
+
+    def _sample_file(
+        self,
+        data: bytes | bytearray,
+        chunk_index: int,
+        now_ms: float,
+        result: VideoPushResult,
+        complete: bool,
+    ) -> None:
+        """Frames of a whole file, over its media time (at ``fps_speaking``: a clip is
+        something the user shows; ``fps_idle`` when that is 0)."""
+        interval = self.policy.interval_ms(True)
+        if math.isinf(interval):
+            interval = self.policy.interval_ms(False)
+        if math.isinf(interval):
+            return  # the session asked for no frames
+        try:
+            frames = sample_file(data, interval, self.limits, self._file_limits[1])
+        except MediaError as error:
+            self.stats.errors += 1
+            if not complete:  # marked final before its moov or mdat was whole
+                error = MediaError(
+                    error.code, f"incomplete MP4 file of {len(data)} bytes: {error.message}"
+                )
+            result.notices.append(error)  # one file, one report: never deduplicated away
+            return
+        for frame in frames:
+            result.frames.append(
+                VideoFrameOut(frame.data, frame.width, frame.height, frame.pts_ms, chunk_index)
+            )
+        self.stats.frames_decoded += len(frames)
+        self.stats.frames_emitted += len(frames)
+        self._last_emit_ms = now_ms
+
+    def _end_recording(self, event: ReorderEvent, now_ms: float, result: VideoPushResult) -> None:
+        """The final chunk is in: a streamed recording's newest frame goes out now (if not
+        sent yet), then everything starts afresh for the next recording."""
+        if self._file_state == "collect" and self._file is not None:  # its last chunk refused
+            message = "the MP4 file is incomplete: its last chunk was refused"
+            self._notify(result, MediaError(415, message))
+        elif self._file_state == "stream" and self._decoder is not None and self._key is not None:
+            self._decode_forward(result)
+            latest = self._latest
+            if latest is not None and latest[1] is not self._emitted:
+                self._emit(latest, now_ms, result)
+        self._restart()
 
     def _take_sample(self, sample: Sample, result: VideoPushResult) -> None:
         self.stats.samples += 1
@@ -429,8 +548,12 @@ class VideoStream:
         if self._last_emit_ms is not None and now_ms - self._last_emit_ms < interval:
             return
         picked = self._pick(interval, result)
-        if picked is None:
-            return
+        if picked is not None:
+            self._emit(picked, now_ms, result)
+
+    def _emit(
+        self, picked: tuple[av.VideoFrame, Sample], now_ms: float, result: VideoPushResult
+    ) -> None:
         frame, sample = picked
         try:
             jpeg, width, height = frame_to_jpeg(
@@ -547,6 +670,8 @@ class VideoStream:
     # -- state
 
     def _discontinuity(self, reset_demuxer: bool = True) -> None:
+        if self._file is not None:  # a whole file with a hole cannot be decoded: dropped
+            self._file, self._file_state = None, "done"
         if reset_demuxer:
             self._demux.reset()
         self._forget_gop()

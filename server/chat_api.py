@@ -9,11 +9,13 @@ Both use the envelope text clients already know from RAGFlow's API:
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, Coroutine
 from typing import Any
 
 from fastapi import APIRouter, HTTPException, Request, WebSocket, WebSocketDisconnect
-from fastapi.responses import StreamingResponse
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.routing import APIRoute
 from pydantic import BaseModel, Field, ValidationError
 
 from duplex.protocol import (
@@ -30,7 +32,37 @@ from server.providers.base import ProviderError
 from server.session import UnarySession
 from server.state.base import StoreUnavailable
 
-router = APIRouter()
+
+class EnvelopeRoute(APIRoute):
+    """HTTP errors of this door (auth, body, session, provider) come in its envelope,
+    with the same HTTP status, instead of FastAPI's ``{"detail": ...}``."""
+
+    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
+        handler = super().get_route_handler()
+
+        async def route(request: Request) -> Response:
+            session_id = request.path_params.get("session_id")
+            try:
+                return await handler(request)
+            except HTTPException as exc:
+                body = error_envelope(exc.status_code, str(exc.detail), session_id)
+            except RequestValidationError as exc:
+                body = error_envelope(422, f"invalid request: {_describe_body(exc)}", session_id)
+            return JSONResponse(body, int(body["code"]))
+
+        return route
+
+
+def _describe_body(exc: RequestValidationError) -> str:
+    """One line, without echoing the input (see ``http_api.invalid_body``)."""
+    parts = []
+    for err in exc.errors()[:3]:
+        loc = ".".join(str(p)[:64] for p in err.get("loc", ())[1:]) or "body"
+        parts.append(f"{loc}: {err.get('msg')}")
+    return "; ".join(parts) or "the body does not parse"
+
+
+router = APIRouter(route_class=EnvelopeRoute)
 
 
 class CompletionRequest(BaseModel):

@@ -5,24 +5,57 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import sqlite3
 import sys
+from importlib import metadata
 from typing import Any
+
+from pydantic import ValidationError
 
 from duplex.terminal import add_arguments as add_client_arguments
 from duplex.terminal import run as run_client
 from server.config import Settings
 
+STORE_HELP = (
+    "state store URL (default: $DUPLEX_STORE_URL or memory://): memory:// (in this process), "
+    "sqlite:///relative.db or sqlite:////absolute.db (kept across restarts), "
+    "redis://host:port/db, rediss://host:port/db (TLS) or unix:///path/redis.sock "
+    "(shared by replicas; pip install 'duplex[redis]')"
+)
+
+
+class CliError(Exception):
+    """A problem the user can fix (a setting, a flag): printed as one line, exit code 2."""
+
+
+def _version() -> str:
+    try:
+        return metadata.version("duplex")
+    except metadata.PackageNotFoundError:  # run from a source tree without installing
+        return "unknown"
+
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="duplex", description=__doc__)
+    version = f"duplex {_version()}"
+    parser.add_argument("--version", action="version", version=version)
     sub = parser.add_subparsers(dest="command", required=True)
 
     serve = sub.add_parser("serve", help="run the server")
-    serve.add_argument("--host", help="bind address (default 127.0.0.1)")
-    serve.add_argument("--port", type=int, help="port (default 8000)")
-    serve.add_argument("--token", action="append", help="API token[:tenant]; repeatable")
-    serve.add_argument("--store", help="state store URL: memory:// or sqlite:///path")
-    serve.add_argument("--log-level", help="debug, info, warning, error")
+    serve.add_argument("--host", help="bind address (default: $DUPLEX_HOST or 127.0.0.1)")
+    serve.add_argument("--port", type=int, help="port (default: $DUPLEX_PORT or 8000)")
+    serve.add_argument(
+        "--token",
+        action="append",
+        help="API token[:tenant]; repeatable (default: $DUPLEX_API_TOKENS, else a dev token "
+        "is generated and printed)",
+    )
+    serve.add_argument("--store", help=STORE_HELP)
+    serve.add_argument(
+        "--log-level",
+        choices=["debug", "info", "warning", "error"],
+        help="(default: $DUPLEX_LOG_LEVEL or info)",
+    )
     serve.add_argument(
         "--allow-anonymous", action="store_true", help="accept connections without a token"
     )
@@ -34,13 +67,25 @@ def main(argv: list[str] | None = None) -> int:
         "repeatable (adds to DUPLEX_TOOLS)",
     )
 
-    client = sub.add_parser("client", help="connect, send, print the events as they arrive")
+    client = sub.add_parser(
+        "client",
+        help="connect, send, print the events as they arrive",
+        description="Connect to a Duplex server, send text, a WAV, a video file or the "
+        "microphone, and print every event with the time since start.",
+    )
+    client.add_argument("--version", action="version", version=version)
     add_client_arguments(client)
 
     args = parser.parse_args(argv)
-    if args.command == "serve":
-        return _serve(args)
-    return asyncio.run(run_client(args))
+    try:
+        if args.command == "serve":
+            return _serve(args)
+        return asyncio.run(run_client(args))
+    except CliError as exc:
+        print(f"duplex {args.command}: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -62,7 +107,7 @@ def _serve(args: argparse.Namespace) -> int:
         overrides["log_level"] = args.log_level
     if args.allow_anonymous:
         overrides["allow_anonymous"] = True
-    settings = Settings(**overrides)
+    settings = _settings(overrides)
     if args.tools:
         settings.tools = ",".join([settings.tools, *args.tools]).strip(",")
     logging.basicConfig(
@@ -71,9 +116,8 @@ def _serve(args: argparse.Namespace) -> int:
     fix_mmap_threshold()  # see server/allocator.py: freed memory goes back to the system
     try:
         app = create_app(settings)
-    except ValueError as exc:  # a --tools entry point that cannot be loaded
-        print(f"duplex serve: {exc}", file=sys.stderr)
-        return 2
+    except (ValueError, OSError, sqlite3.Error) as exc:  # store URL, tokens file, --tools
+        raise CliError(f"cannot start: {exc}") from None
     generated = app.state.duplex.auth.generated
     if generated:
         print(f"Dev token (no token configured): {generated}", flush=True)
@@ -90,6 +134,30 @@ def _serve(args: argparse.Namespace) -> int:
         **uvicorn_options(settings),
     )
     return 0
+
+
+def _settings(overrides: dict[str, Any]) -> Settings:
+    """Settings from the environment and the flags; a bad value is one line naming it."""
+    try:
+        return Settings(**overrides)
+    except ValidationError as exc:
+        problems = []
+        for err in exc.errors()[:3]:
+            name = str(err["loc"][0]) if err["loc"] else "?"
+            flag = _FLAGS.get(name)
+            where = f"DUPLEX_{name.upper()}" + (f" (or {flag})" if flag else "")
+            problems.append(f"{where}: {err['msg']}")  # never the value: it may be a secret
+        raise CliError("bad setting " + "; ".join(problems)) from None
+
+
+_FLAGS = {
+    "host": "--host",
+    "port": "--port",
+    "api_tokens": "--token",
+    "store_url": "--store",
+    "log_level": "--log-level",
+    "tools": "--tools",
+}
 
 
 def uvicorn_options(settings: Settings) -> dict[str, Any]:

@@ -66,7 +66,9 @@ async def readyz(request: Request) -> dict[str, Any] | JSONResponse:
         reason = str(exc)
     if reason is not None:
         return JSONResponse({"status": "unavailable", "reason": reason}, status_code=503)
-    return {"status": "ready", "sessions": app.registry.count()}
+    # What it counts: the duplex sessions this replica holds (connected, or detached
+    # within their resume grace period); not the stored ones.
+    return {"status": "ready", "live_sessions": app.registry.count()}
 
 
 #: The health socket echoes short greetings; a frame declaring more is refused at its
@@ -154,7 +156,10 @@ def _session_view(record: SessionRecord) -> dict[str, Any]:
 
 
 @router.post("/v1/sessions", status_code=201)
-async def create_session(request: Request, tenant: Tenant, body: SessionCreate) -> dict[str, Any]:
+async def create_session(
+    request: Request, tenant: Tenant, body: SessionCreate | None = None
+) -> dict[str, Any]:
+    body = body or SessionCreate()  # no body: an empty session
     checked_body(request, body)
     limits = _limits(request)
     _check(limits.check_name, "name", body.name)
@@ -195,6 +200,7 @@ async def patch_session(
         record.name = body.name
     if body.variables is not None:
         record.variables.update(body.variables)
+    record.updated_at = time.time()  # what the store keeps, and what this answers
     await app.services.store.update_session(record)
     return _session_view(record)
 

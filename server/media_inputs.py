@@ -15,11 +15,12 @@ from typing import Protocol
 from duplex.protocol import RATE_LIMITED, ImageFrame, ProtocolError, VideoChunk, VideoConfig
 from media.errors import MediaError
 from media.image import ImageLimits, image_pixels, prepare_image
+from media.mp4file import MAX_FILE_FRAMES
 from media.video import FramePolicy, VideoPushResult, VideoStream
 from server.decode_budget import PixelBudget
 
 #: Frames kept for the turn being collected (the newest win).
-MAX_PENDING_FRAMES = 8
+MAX_PENDING_FRAMES = MAX_FILE_FRAMES
 #: Video streams one session may have open at once (one decoder each).
 MAX_VIDEO_STREAMS = 2
 
@@ -128,6 +129,7 @@ class FrameSource:
             timestamp_ms=chunk.timestamp,
             width=chunk.width,
             height=chunk.height,
+            final=chunk.final,
         )
         await self._take_result(result, msg_id)
 

@@ -619,6 +619,7 @@ class DuplexSession(BaseSession):
                         message.timestamp,
                         message.width,
                         message.height,
+                        message.final,
                     ),
                     message.id,
                 )

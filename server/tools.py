@@ -376,7 +376,7 @@ async def run_tool_loop(
       with ``finish_reason="tool_limit_reached"`` (the last requested calls are
       not run);
     * last: ``StreamChunk(finish_reason=..., metadata={"usage": <summed over hops>,
-      "hops": n})``.
+      "hops": n})``, each key only when there is usage / at least one tool round.
 
     ``new_messages`` (if given) receives the messages to persist after the user's
     message, as they happen: each hop's assistant tool-call message and tool
@@ -516,8 +516,12 @@ def _has_payload(chunk: StreamChunk) -> bool:
     )
 
 
-def _final_meta(usage: dict[str, Any], hops: int) -> dict[str, Any]:
-    return {"usage": usage, "hops": hops} if usage else {"hops": hops}
+def _final_meta(usage: dict[str, Any], hops: int) -> dict[str, Any] | None:
+    """Usage and tool rounds, when there are any: a plain answer carries no metadata."""
+    meta: dict[str, Any] = {"usage": usage} if usage else {}
+    if hops:
+        meta["hops"] = hops
+    return meta or None
 
 
 def _final_reason(finish: str | None) -> FinishReason:

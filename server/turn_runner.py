@@ -68,6 +68,8 @@ class Turn:
     request_id: str | None = None
     audio_start_ms: float | None = None
     audio_end_ms: float | None = None
+    #: When the user's turn ended: its stored message's time, before any answer's.
+    created_at: float = field(default_factory=time.time)
 
 
 class TurnRunner:
@@ -275,7 +277,10 @@ class TurnRunner:
             user_meta["frames"] = len(turn.frames)
         if turn.request_id:
             user_meta["request_id"] = turn.request_id
-        return Message(role="user", content=turn.text, metadata=user_meta)
+        # When the turn ended, even if stored only with its answer: before the answer's time.
+        return Message(
+            role="user", content=turn.text, created_at=turn.created_at, metadata=user_meta
+        )
 
     async def _store_user(self) -> None:
         if not self._user_stored:

@@ -12,6 +12,7 @@ from fastapi import APIRouter, WebSocket
 from starlette.websockets import WebSocketDisconnect, WebSocketState
 
 from duplex.protocol import (
+    ID_PEEK_BYTES,
     INTERNAL,
     RATE_LIMITED,
     STORE_UNAVAILABLE,
@@ -23,6 +24,7 @@ from duplex.protocol import (
     SessionResume,
     encode_server_message,
     parse_client_message,
+    peek_id,
 )
 from server.config import Settings
 from server.rate import InputBudget, audio_bytes_per_second
@@ -238,7 +240,11 @@ async def _receive_loop(
         text = frame.get("text")
         size = len(data) if data is not None else len((text or "").encode())
         if size > max_bytes:
-            await session.emit_error(TOO_LARGE, f"message of {size} bytes is over {max_bytes}")
+            # The id is echoed when the first bytes hold it (docs/protocol.md "Errors").
+            msg_id = peek_id(text[:ID_PEEK_BYTES]) if text is not None else None
+            await session.emit_error(
+                TOO_LARGE, f"message of {size} bytes is over {max_bytes}", id=msg_id
+            )
             continue
         try:
             if data is not None:
@@ -254,7 +260,7 @@ async def _receive_loop(
                     await _pace_message(session, budget)
                 await session.handle(message)
         except ProtocolError as exc:
-            await session.emit_error(exc.code, exc.message, fatal=exc.fatal)
+            await session.emit_error(exc.code, exc.message, id=exc.id, fatal=exc.fatal)
         except Exception:
             session.log.exception("internal error handling a message")
             await session.fail(INTERNAL, "internal error")

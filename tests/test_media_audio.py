@@ -178,8 +178,10 @@ def test_every_format_gives_fixed_frames_and_correct_clock(rate, channels, frame
     framer = PcmFramer(rate, channels, frame_ms=frame_ms)
     frames = frame_all(framer, pcm.tobytes(), [rate // 50 * 2 * channels])
     frames += framer.flush()
-    assert framer.input_ms == pytest.approx(seconds * 1000)
-    expected = math.ceil(seconds * 1000 / frame_ms)
+    # The clip's true duration (0.9 s is not a whole number of samples at 11025 Hz).
+    clip_ms = len(pcm) // channels * 1000 / rate
+    assert framer.input_ms == pytest.approx(clip_ms)
+    expected = math.ceil(clip_ms / frame_ms)
     assert len(frames) == expected == framer.frames_out
     assert {f.shape for f in frames} == {(16 * frame_ms,)}
     mono = np.concatenate(frames)
@@ -310,7 +312,8 @@ def test_batching_changes_latency_not_output():
 
 
 @pytest.mark.parametrize(
-    "rate,channels", [(22050, 1), (96000, 1), (16000, 0), (16000, 3), (0, 1), (16000.5, 1)]
+    "rate,channels",
+    [(7999, 1), (96001, 1), (192000, 1), (16000, 0), (16000, 3), (0, 1), (16000.5, 1)],
 )
 def test_unsupported_declared_format_is_a_400(rate, channels):
     with pytest.raises(MediaError) as info:
@@ -319,6 +322,16 @@ def test_unsupported_declared_format_is_a_400(rate, channels):
     assert ("sample_rate" in info.value.message) or ("channels" in info.value.message)
     with pytest.raises(MediaError):
         make_decoder("pcm16", rate, channels)
+
+
+@pytest.mark.parametrize("rate", [8000, 11025, 12345, 22050, 37800, 88200, 96000])
+def test_any_integer_rate_from_8_to_96_khz_is_accepted(rate):
+    """espeak-ng writes 22,050 Hz, old recorders 11,025, pro gear 88.2/96 kHz."""
+    pcm = sine(rate, 0.5, 1000.0)
+    framer = PcmFramer(rate, 1, frame_ms=20)
+    frames = framer.push(pcm.tobytes()) + framer.flush()
+    assert dominant_freq(np.concatenate(frames), 16000) == pytest.approx(1000.0, abs=20)
+    assert make_decoder("mulaw", rate, 1) is not None
 
 
 def test_bad_server_parameters_are_value_errors():

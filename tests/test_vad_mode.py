@@ -177,7 +177,7 @@ async def test_bad_audio_is_refused_without_losing_audio(live_server, conversati
         assert len(ended) == len(conversation.turns)
         for event, (onset, _) in zip(ended, conversation.turns, strict=True):
             assert abs(event["audio_start_ms"] - onset) <= 100, "no audio lost: times unchanged"
-        await c.send({"type": "session.update", "config": {"input_audio": {"sample_rate": 22050}}})
+        await c.send({"type": "session.update", "config": {"input_audio": {"sample_rate": 4000}}})
         err = await c.recv()
         assert err["code"] == 400 and "sample_rate" in err["message"]
         await c.send({"type": "input.audio", "audio": "not base64!"})

@@ -64,7 +64,8 @@ class MemoryStore(StateStore):
         if entry is None:
             await self.create_session(record)
         else:
-            entry.record = replace(record, updated_at=time.time())
+            record.updated_at = time.time()  # the caller's record is current too
+            entry.record = replace(record)
 
     async def delete_session(self, session_id: str) -> None:
         self._entries.pop(session_id, None)
