@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 import webrtcvad
 
-from tests.speech import NOISES, Conversation, frames_of, make_conversation
+from tests.speech import ALL_NOISES, Conversation, frames_of, make_conversation
 from vad.detector import DetectorConfig, SpeechDetector
 from vad.turns import TurnConfig, TurnDetector, TurnEnd
 
@@ -70,6 +70,8 @@ class Score:
     matched: int
     onset_errors: list[float]
     end_errors: list[float]
+    split: int = 0  # true turns that two or more detected turns overlap
+    merged: int = 0  # detected turns that overlap two or more true turns
 
     @property
     def precision(self) -> float:
@@ -115,8 +117,19 @@ def match(truth: Sequence[tuple[float, float]], found: Sequence[TurnEnd]) -> lis
     return pairs
 
 
+def split_merged(truth: Sequence[tuple[float, float]], found: Sequence[TurnEnd]) -> tuple[int, int]:
+    """(true turns overlapped by 2+ detected turns, detected turns overlapping 2+ true)."""
+
+    def overlap(a: tuple[float, float], f: TurnEnd) -> bool:
+        return f.start_ms < a[1] and a[0] < f.end_ms
+
+    split = sum(sum(overlap(t, f) for f in found) > 1 for t in truth)
+    merged = sum(sum(overlap(t, f) for t in truth) > 1 for f in found)
+    return split, merged
+
+
 def score(name: str, conversations: Iterable[Conversation]) -> Score:
-    files = n_true = n_found = n_matched = 0
+    files = n_true = n_found = n_matched = n_split = n_merged = 0
     onset_err: list[float] = []
     end_err: list[float] = []
     for conv in conversations:
@@ -126,23 +139,37 @@ def score(name: str, conversations: Iterable[Conversation]) -> Score:
         n_true += len(conv.turns)
         n_found += len(found)
         n_matched += len(pairs)
+        split, merged = split_merged(conv.turns, found)
+        n_split, n_merged = n_split + split, n_merged + merged
         onset_err += [found[j].start_ms - conv.turns[i][0] for i, j in pairs]
         end_err += [found[j].end_ms - conv.turns[i][1] for i, j in pairs]
-    return Score(name, files, n_true, n_found, n_matched, onset_err, end_err)
+    return Score(name, files, n_true, n_found, n_matched, onset_err, end_err, n_split, n_merged)
+
+
+STEP_BACK_DB = (10.0, 15.0)  # "step-back": speech drops this much halfway (pink noise)
 
 
 def conditions() -> list[tuple[str, str | None, float | None]]:
-    return [("clean", None, None)] + [
-        (f"{noise} {snr:g} dB", noise, snr) for noise in NOISES for snr in SNRS
-    ]
+    """(name, noise, SNR). Names keep their order across versions: seeds follow it.
+
+    "step-back" is pink noise with the speaker stepping back halfway (speech 10-15 dB
+    quieter from the middle turn on; the SNR is that of the far speech)."""
+    return (
+        [("clean", None, None)]
+        + [(f"{noise} {snr:g} dB", noise, snr) for noise in ALL_NOISES for snr in SNRS]
+        + [(f"step-back {snr:g} dB", "pink", snr) for snr in SNRS]
+    )
 
 
 def conversation(
     condition: int, index: int, n_turns: int, cache_dir: Path | None = None
 ) -> Conversation:
-    _, noise, snr = conditions()[condition]
+    name, noise, snr = conditions()[condition]
     seed = SEED_BASE + 1000 * condition + index
-    return make_conversation(seed, n_turns, noise=noise, snr_db=snr, cache_dir=cache_dir)
+    step_back = STEP_BACK_DB if name.startswith("step-back") else None
+    return make_conversation(
+        seed, n_turns, noise=noise, snr_db=snr, step_back_db=step_back, cache_dir=cache_dir
+    )
 
 
 def accuracy(n_files: int, n_turns: int, cache_dir: Path) -> list[Score]:
@@ -218,7 +245,7 @@ def _row(s: Score, bold: bool = False) -> str:
     return (
         f"| {name} | {s.files} | {s.true_turns} | {s.detected} | {s.precision:.3f} "
         f"| {s.recall:.3f} | {f1} | {_ms(s.onset_errors, 50)} / {_ms(s.onset_errors, 95)} "
-        f"| {_ms(s.end_errors, 50)} / {_ms(s.end_errors, 95)} | {bias} |"
+        f"| {_ms(s.end_errors, 50)} / {_ms(s.end_errors, 95)} | {bias} | {s.split} / {s.merged} |"
     )
 
 
@@ -232,14 +259,24 @@ def report(scores: list[Score], cpu: list[CpuResult]) -> str:
             sum(s.matched for s in group),
             [e for s in group for e in s.onset_errors],
             [e for s in group for e in s.end_errors],
+            sum(s.split for s in group),
+            sum(s.merged for s in group),
         )
 
     lines = [
         "| condition | files | true turns | detected | P | R | F1 "
-        "| \\|onset err\\| p50 / p95 ms | \\|end err\\| p50 / p95 ms | mean end err ms |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| \\|onset err\\| p50 / p95 ms | \\|end err\\| p50 / p95 ms | mean end err ms "
+        "| split / merged |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
         *(_row(s) for s in scores),
         _row(pooled("all 5 dB", [s for s in scores if s.condition.endswith(" 5 dB")]), True),
+        _row(
+            pooled(
+                "white, pink, hum, clean (the earlier set)",
+                [s for s in scores if s.condition.split()[0] in ("clean", "white", "pink", "hum")],
+            ),
+            True,
+        ),
         _row(pooled("all", scores), True),
         "",
         "| CPU (process time), fresh detectors per file | µs per 20 ms frame "

@@ -40,6 +40,12 @@ ENGLISH_VOICES: tuple[str, ...] = ("en", "en-us", "en+f3", "en-us+m3", "en+f4")
 VOICES: tuple[str, ...] = (*ENGLISH_VOICES, "de")
 SPEEDS: tuple[int, ...] = (130, 165, 200)
 NOISES: tuple[str, ...] = ("white", "pink", "hum")
+#: Real-room noises beyond the stationary three: 1/f ("pink-full") and 1/f^2 ("brown")
+#: noise whose spectrum continues below 20 Hz (wind, HVAC, traffic, handling; the SNR is
+#: still measured over the full band), low-frequency "rumble" whose level swings slowly,
+#: "babble" (several quiet voices), "music" (chords and a melody) and "keyboard" clicks.
+WIDE_NOISES: tuple[str, ...] = ("pink-full", "brown", "rumble", "babble", "music", "keyboard")
+ALL_NOISES: tuple[str, ...] = (*NOISES, *WIDE_NOISES)
 
 PHRASES_EN: tuple[str, ...] = (
     "Hello there, how are you today?",
@@ -200,11 +206,138 @@ def hum_noise(
     )
 
 
-def make_noise(kind: str, n: int, rng: np.random.Generator) -> np.ndarray:
-    """Unit-free float noise of the given kind ("white", "pink", "hum")."""
-    makers = {"white": white_noise, "pink": pink_noise, "hum": hum_noise}
+def _shaped(n: int, rng: np.random.Generator, exponent: float, rate: int) -> np.ndarray:
+    """Noise with a 1/f^exponent power spectrum down to the lowest FFT bin (no floor)."""
+    spec = np.fft.rfft(rng.standard_normal(n))
+    f = np.fft.rfftfreq(n, 1.0 / rate)
+    shape = np.zeros_like(f)
+    shape[1:] = f[1:] ** (-exponent / 2)
+    return np.fft.irfft(spec * shape, n)
+
+
+def pink_full_noise(n: int, rng: np.random.Generator, rate: int = SAMPLE_RATE) -> np.ndarray:
+    """1/f noise with no 20 Hz floor: most of its power lies below the speech band."""
+    return _shaped(n, rng, 1.0, rate)
+
+
+def brown_noise(n: int, rng: np.random.Generator, rate: int = SAMPLE_RATE) -> np.ndarray:
+    """1/f^2 (Brownian) noise with no floor, as wind or handling noise."""
+    return _shaped(n, rng, 2.0, rate)
+
+
+def rumble_noise(n: int, rng: np.random.Generator, rate: int = SAMPLE_RATE) -> np.ndarray:
+    """HVAC/traffic rumble: 1/f noise from the lowest FFT bin up to ~300 Hz (24 dB/octave
+    roll-off above), its level swinging slowly by up to +-6 dB (two random sinusoids in
+    dB, periods 3-9 s), over a quiet pink bed 25 dB down. About a tenth of its power lies
+    within the speech band (100-300 Hz), so a high-pass filter alone does not remove it."""
+    spec = np.fft.rfft(rng.standard_normal(n))
+    f = np.fft.rfftfreq(n, 1.0 / rate)
+    shape = np.zeros_like(f)
+    shape[1:] = f[1:] ** -0.5 / (1.0 + (f[1:] / 300.0) ** 4)
+    low = np.fft.irfft(spec * shape, n)
+    t = np.arange(n) / rate
+    swing_db = sum(
+        3.0 * np.sin(2 * np.pi * t / rng.uniform(3.0, 9.0) + rng.uniform(0, 2 * np.pi))
+        for _ in range(2)
+    )
+    low = low / rms(low) * 10 ** (swing_db / 20)
+    bed = pink_noise(n, rng, rate=rate)
+    return low + bed / rms(bed) * 10 ** (-25 / 20)
+
+
+def music_noise(n: int, rng: np.random.Generator, rate: int = SAMPLE_RATE) -> np.ndarray:
+    """Background music: a chord (three harmonic tones) every 1-2 s and a melody of
+    0.15-0.5 s notes over it, each note with a fast attack and exponential decay."""
+    out = np.zeros(n)
+    t_all = np.arange(n) / rate
+
+    def note(start: int, length: int, hz: float, amp: float, decay_s: float) -> None:
+        end = min(n, start + length)
+        t = t_all[: end - start]
+        env = np.minimum(1.0, t / 0.01) * np.exp(-t / decay_s)
+        tone = sum(0.6**k * np.sin(2 * np.pi * hz * (k + 1) * t) for k in range(5))
+        out[start:end] += amp * env * tone
+
+    scale = 220.0 * 2 ** (np.array([0, 2, 4, 5, 7, 9, 11, 12]) / 12)
+    pos = 0
+    while pos < n:  # chords
+        length = int(rng.uniform(1.0, 2.0) * rate)
+        root = int(rng.integers(0, 4))
+        for step in (0, 2, 4):
+            note(pos, length, float(scale[root + step]) / 2, 0.5, 1.0)
+        pos += length
+    pos = 0
+    while pos < n:  # melody
+        length = int(rng.uniform(0.15, 0.5) * rate)
+        note(pos, length, float(rng.choice(scale)) * 2, 0.7, 0.3)
+        pos += length
+    return out
+
+
+def keyboard_noise(n: int, rng: np.random.Generator, rate: int = SAMPLE_RATE) -> np.ndarray:
+    """Typing: clicks (3-12 ms bursts of band-passed noise, decaying, each press with a
+    softer release) every 80-350 ms, in bursts of 3-15 keys with 0.5-2 s rests."""
+    out = np.zeros(n)
+    pos = int(rng.uniform(0, 0.5) * rate)
+    while pos < n:
+        for _ in range(int(rng.integers(3, 16))):
+            for offset, amp in ((0, 1.0), (int(rng.uniform(0.06, 0.12) * rate), 0.4)):
+                length = int(rng.uniform(0.003, 0.012) * rate)
+                start = pos + offset
+                if start + length >= n:
+                    break
+                burst = np.diff(rng.standard_normal(length + 1))  # +6 dB/octave: clicky
+                env = np.exp(-np.arange(length) / (length / 4))
+                out[start : start + length] += amp * rng.uniform(0.5, 1.0) * burst * env
+            pos += int(rng.uniform(0.08, 0.35) * rate)
+        pos += int(rng.uniform(0.5, 2.0) * rate)
+    return out
+
+
+def babble_noise(
+    n: int,
+    rng: np.random.Generator,
+    rate: int = SAMPLE_RATE,
+    voices: int = 5,
+    cache_dir: Path | None = None,
+) -> np.ndarray:
+    """Several people talking at once, none of them to us: `voices` streams of espeak-ng
+    phrases (each its own voice, speed and random start) summed at equal levels."""
+    if rate != SAMPLE_RATE:
+        raise ValueError("babble is made at 16 kHz")
+    out = np.zeros(n)
+    for _ in range(voices):
+        voice = str(rng.choice(list(ENGLISH_VOICES)))
+        speed = int(rng.choice(list(SPEEDS)))
+        pos = -int(rng.uniform(0, 2.0) * rate)
+        while pos < n:
+            clip = synth(str(rng.choice(list(PHRASES_EN))), voice, speed, cache_dir)
+            clip = clip.astype(np.float64) / rms(clip)
+            a, b = max(pos, 0), min(pos + len(clip), n)
+            if b > a:
+                out[a:b] += clip[a - pos : b - pos]
+            pos += len(clip) + int(rng.uniform(0.05, 0.4) * rate)
+    return out
+
+
+def make_noise(
+    kind: str, n: int, rng: np.random.Generator, cache_dir: Path | None = None
+) -> np.ndarray:
+    """Unit-free float noise of the given kind (one of `ALL_NOISES`)."""
+    if kind == "babble":
+        return babble_noise(n, rng, cache_dir=cache_dir)
+    makers = {
+        "white": white_noise,
+        "pink": pink_noise,
+        "hum": hum_noise,
+        "pink-full": pink_full_noise,
+        "brown": brown_noise,
+        "rumble": rumble_noise,
+        "music": music_noise,
+        "keyboard": keyboard_noise,
+    }
     if kind not in makers:
-        raise ValueError(f"unknown noise {kind!r}; expected one of {sorted(makers)}")
+        raise ValueError(f"unknown noise {kind!r}; expected one of {sorted(ALL_NOISES)}")
     return makers[kind](n, rng)
 
 
@@ -243,6 +376,7 @@ def make_conversation(
     gap_ms: tuple[float, float] = (1500.0, 2500.0),
     lead_ms: tuple[float, float] = (300.0, 1000.0),
     max_phrases: int = 3,
+    step_back_db: tuple[float, float] | None = None,
     cache_dir: Path | None = None,
 ) -> Conversation:
     """Build a deterministic multi-turn conversation with exact turn boundaries.
@@ -250,6 +384,10 @@ def make_conversation(
     Each turn has one voice and speed (drawn from `voices`/`speeds`), 1..`max_phrases`
     phrases, and a level within +-4 dB of -26 dBFS so the detector cannot rely on a fixed
     loudness. German text is used for German voices.
+
+    step_back_db: the speaker steps back from the microphone halfway through: from turn
+    ``n_turns // 2`` on, speech is quieter by a random amount in this range (dB). The
+    SNR is then measured over the quieter part, so the far speech has `snr_db`.
     """
     if (noise is None) != (snr_db is None):
         raise ValueError("give both noise and snr_db, or neither")
@@ -270,11 +408,16 @@ def make_conversation(
         pos += n
 
     add_silence(lead_ms)
+    far: list[tuple[int, int]] = []  # voiced spans after the step back
+    drop_db = rng.uniform(*step_back_db) if step_back_db is not None else 0.0
     for turn in range(n_turns):
         voice = str(rng.choice(list(voices)))
         speed = int(rng.choice(list(speeds)))
         texts = PHRASES_DE if voice.split("+")[0] == "de" else PHRASES_EN
         gain_db = rng.uniform(-4.0, 4.0)
+        stepped_back = step_back_db is not None and turn >= n_turns // 2
+        if stepped_back:
+            gain_db -= drop_db
         speakers.append((voice, speed))
         turn_start = pos
         for p in range(int(rng.integers(1, max_phrases + 1))):
@@ -286,6 +429,8 @@ def make_conversation(
             clip *= target_rms * 10 ** (gain_db / 20) / rms(clip)
             pieces.append(clip)
             voiced.append((pos, pos + len(clip)))
+            if stepped_back:
+                far.append(voiced[-1])
             phrases.append((_ms(pos), _ms(pos + len(clip))))
             pos += len(clip)
         turns.append((_ms(turn_start), _ms(pos)))
@@ -295,7 +440,8 @@ def make_conversation(
         audio = np.clip(np.round(speech), -32768, 32767).astype(np.int16)
     else:
         assert snr_db is not None
-        audio = mix_at_snr(speech, make_noise(noise, len(speech), rng), snr_db, voiced)
+        noise_audio = make_noise(noise, len(speech), rng, cache_dir)
+        audio = mix_at_snr(speech, noise_audio, snr_db, far or voiced)
     return Conversation(audio, turns, phrases, spoken, speakers)
 
 

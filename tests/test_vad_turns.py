@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 from tests.speech import (
     ENGLISH_VOICES,
     NOISES,
+    WIDE_NOISES,
     SAMPLE_RATE,
     VOICES,
     Conversation,
@@ -83,6 +84,26 @@ def assert_turns_match(conv: Conversation, events: list[TurnEvent]) -> None:
 def test_turns_in_noise(seed: int, noise: str, snr_db: float, speech_cache: Path) -> None:
     """Every voice and speed at random; phrase pauses of 120-300 ms, gaps of 1.5-2.5 s."""
     conv = make_conversation(seed, n_turns=3, noise=noise, snr_db=snr_db, cache_dir=speech_cache)
+    assert_turns_match(conv, run(detector(), conv.audio))
+
+
+@pytest.mark.parametrize("snr_db", [20.0, 10.0, 5.0])
+@pytest.mark.parametrize("noise", WIDE_NOISES)
+@pytest.mark.parametrize("seed", [1, 2])
+def test_turns_in_real_noise(seed: int, noise: str, snr_db: float, speech_cache: Path) -> None:
+    """1/f and brown noise with no 20 Hz floor (rumble from wind, HVAC, handling: SNR
+    over the full band), rumble with slow level swings, babble, music, typing."""
+    conv = make_conversation(seed, n_turns=3, noise=noise, snr_db=snr_db, cache_dir=speech_cache)
+    assert_turns_match(conv, run(detector(), conv.audio))
+
+
+@pytest.mark.parametrize("snr_db", [20.0, 10.0, 5.0])
+def test_turns_when_the_speaker_steps_back(snr_db: float, speech_cache: Path) -> None:
+    """Speech 10-15 dB quieter from the middle turn on, in pink noise (SNR of the far
+    speech)."""
+    conv = make_conversation(
+        3, n_turns=4, noise="pink", snr_db=snr_db, step_back_db=(10.0, 15.0), cache_dir=speech_cache
+    )
     assert_turns_match(conv, run(detector(), conv.audio))
 
 

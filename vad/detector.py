@@ -51,6 +51,7 @@ _SPREAD_MS = 1000  # time constant of the noise-fluctuation estimate
 _SPREAD_PRIOR_DB = 3.0  # before the first block is measured: cautious, as for pink noise
 _SPREAD_CAP_DB = 6.0  # frames further above the floor are not noise; keep them out of it
 _SPREAD_CAP = 10 ** (_SPREAD_CAP_DB / 10)
+_HIGHPASS_HZ = 100.0  # below the speech band: rumble, wind, handling, most mains hum
 # Turn-edge refinement (see `band_levels`, `edge_threshold`).
 _EDGE_BANDS_HZ = (250, 1000, 2000, 4000, 8000)
 _EDGE_MARGIN_DB = 2.0
@@ -142,6 +143,8 @@ class SpeechDetector:
         st[kernel.S_OVERRIDE_DB] = config.override_db
         st[kernel.S_ALPHA] = 1.0 - math.exp(-block * config.frame_ms / _SPREAD_MS)
         st[kernel.S_SPREAD_CAP] = _SPREAD_CAP
+        hp = kernel.highpass_coefficients(config.sample_rate, _HIGHPASS_HZ)
+        st[kernel.S_HP_G], st[kernel.S_HP_A1], st[kernel.S_HP_A2] = hp
         for f in (F0, F1):
             set_thresholds(st, f)
         self._blk = np.zeros((2, block))  # energies of the block being filled, per feature

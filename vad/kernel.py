@@ -47,7 +47,14 @@ S_RATE = 18  # sample rate
 S_MARGIN_DB, S_SPREAD_FACTOR, S_OVERRIDE_DB = 19, 20, 21  # DetectorConfig's
 S_ALPHA = 22  # smoothing of the fluctuation estimate, per block
 S_SPREAD_CAP = 23  # frames above floor x this are not noise
-STATE_SIZE = 24
+# The high-pass filter (`SpeechDetector`): integer coefficients scaled by 2**HP_Q (the
+# gain already times 2**HP_F), and its state: the last two inputs and outputs, outputs
+# scaled by 2**HP_F. All are integers held exactly in float64.
+S_HP_G, S_HP_A1, S_HP_A2 = 24, 25, 26
+S_HP_X1, S_HP_X2, S_HP_Y1, S_HP_Y2 = 27, 28, 29, 30
+STATE_SIZE = 31
+HP_Q = 30  # coefficient fraction bits
+HP_F = 12  # output fraction bits kept in the filter state
 
 # A frame's result: bit 0 voiced, bit 1 webrtcvad failed.
 VOICED, VAD_ERROR = 1, 2
@@ -78,17 +85,36 @@ def _compile(signature: str | tuple, **options: object):  # type: ignore[no-unty
 @njit(inline="always")
 def _frame(x, st, blk, ring, shifted, vad):  # type: ignore[no-untyped-def]
     n = x.size
-    prev = np.int64(x[0])
-    full = prev * prev
+    # High-pass (2nd-order Butterworth, in integer arithmetic so it is exact and
+    # reproducible): y = (G (x - 2 x1 + x2) - A1 y1 - A2 y2) >> HP_Q, outputs carrying
+    # HP_F fraction bits. Its integer output feeds both energies and webrtcvad.
+    g = np.int64(st[S_HP_G])
+    a1 = np.int64(st[S_HP_A1])
+    a2 = np.int64(st[S_HP_A2])
+    x1 = np.int64(st[S_HP_X1])
+    x2 = np.int64(st[S_HP_X2])
+    y1 = np.int64(st[S_HP_Y1])
+    y2 = np.int64(st[S_HP_Y2])
+    full = np.int64(0)
     diff = np.int64(0)
-    for i in range(1, n):
+    prev = np.int64(0)
+    for i in range(n):
         v = np.int64(x[i])
-        full += v * v
-        d = v - prev
-        diff += d * d
-        prev = v
-    # Sums of int16 squares are exact integers in float64. One more per sample keeps
-    # digital silence above zero.
+        y = (g * (v - 2 * x1 + x2) - a1 * y1 - a2 * y2) >> HP_Q
+        x2, x1, y2, y1 = x1, v, y1, y
+        out = y >> HP_F
+        full += out * out
+        if i:
+            d = out - prev
+            diff += d * d
+        prev = out
+        shifted[i] = min(32767, max(-32768, out))
+    st[S_HP_X1] = x1
+    st[S_HP_X2] = x2
+    st[S_HP_Y1] = y1
+    st[S_HP_Y2] = y2
+    # Sums of squares of the filter's integer output are exact integers in float64.
+    # One more per sample keeps digital silence above zero.
     e0 = float(full) + n
     e1 = float(diff) + n
     k = int(st[S_FILLED])
@@ -102,10 +128,8 @@ def _frame(x, st, blk, ring, shifted, vad):  # type: ignore[no-untyped-def]
     shift = int(st[S_SHIFT])
     if shift:
         for i in range(n):
-            shifted[i] = x[i] >> shift
-        r = _process(vad, int(st[S_RATE]), shifted.ctypes.data, n)
-    else:
-        r = _process(vad, int(st[S_RATE]), x.ctypes.data, n)
+            shifted[i] >>= shift
+    r = _process(vad, int(st[S_RATE]), shifted.ctypes.data, n)
     if r == 1:
         voiced = e0 >= st[S_MIN_ENERGY] and (e0 > st[F0 + GATE] or e1 > st[F1 + GATE])
     else:  # overruled only by a plainly loud frame
@@ -164,6 +188,17 @@ def set_thresholds(st, f):  # type: ignore[no-untyped-def]
     st[f + LOUD_F] = 10.0 ** (max(st[S_OVERRIDE_DB], 2.0 * margin) / 10.0)
     st[f + GATE] = st[f + FLOOR] * st[f + GATE_F]
     st[f + LOUD] = st[f + FLOOR] * st[f + LOUD_F]
+
+
+def highpass_coefficients(rate: int, cutoff_hz: float) -> tuple[int, int, int]:
+    """(G, A1, A2) of a 2nd-order Butterworth high-pass (bilinear transform), as the
+    integers `_frame` uses: G carries 2**(HP_Q + HP_F), A1 and A2 carry 2**HP_Q."""
+    k = math.tan(math.pi * cutoff_hz / rate)
+    norm = 1.0 + math.sqrt(2.0) * k + k * k
+    g = 1.0 / norm
+    a1 = 2.0 * (k * k - 1.0) / norm
+    a2 = (1.0 - math.sqrt(2.0) * k + k * k) / norm
+    return round(g * 2 ** (HP_Q + HP_F)), round(a1 * 2**HP_Q), round(a2 * 2**HP_Q)
 
 
 @_compile(types.int64(types.float64, types.float64))
