@@ -147,7 +147,12 @@ class TurnDetectionConfig(_Strict):
     type: Literal["vad", "manual"] = "vad"
     aggressiveness: int = Field(3, ge=0, le=3)
     start_ms: int = Field(200, ge=10, le=5000)
-    stop_ms: int = Field(800, ge=100, le=10000)
+    #: Silence that ends a turn, or "auto": learn the session's pauses inside turns and
+    #: end turns after their 90th percentile + 200 ms, within min_stop_ms..max_stop_ms
+    #: (800 until five pauses are known). See docs/turn-taking.md.
+    stop_ms: Annotated[int, Field(ge=100, le=10000)] | Literal["auto"] = 800
+    min_stop_ms: int = Field(300, ge=100, le=10000)
+    max_stop_ms: int = Field(1500, ge=100, le=10000)
     pre_roll_ms: int = Field(300, ge=0, le=2000)
     min_speech_ms: int = Field(200, ge=0, le=5000)
     max_turn_ms: int = Field(30000, ge=1000, le=300000)
@@ -156,6 +161,21 @@ class TurnDetectionConfig(_Strict):
     #: For realtime providers (ASM mode): use the provider's own turn detection
     #: ("server_vad" / "semantic_vad") or drive commits with ours ("duplex").
     provider_vad: Literal["server_vad", "semantic_vad", "duplex", "none"] = "server_vad"
+
+    @property
+    def fixed_stop_ms(self) -> int:
+        """`stop_ms` as a number: 800 (where "auto" starts) for "auto". For providers'
+        own turn detection, which has no adaptive mode."""
+        return 800 if self.stop_ms == "auto" else self.stop_ms
+
+    @model_validator(mode="after")
+    def _stop_bounds(self) -> TurnDetectionConfig:
+        if self.min_stop_ms > self.max_stop_ms:
+            raise ValueError("min_stop_ms must not exceed max_stop_ms")
+        longest = self.max_stop_ms if self.stop_ms == "auto" else self.stop_ms
+        if self.max_turn_ms <= longest:
+            raise ValueError('max_turn_ms must exceed stop_ms (max_stop_ms with "auto")')
+        return self
 
 
 class VideoConfig(_Strict):

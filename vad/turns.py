@@ -11,6 +11,9 @@
 * stopping: a voiced frame returns to *speaking* with no event, so pauses shorter than
   `stop_ms` never split a turn. `stop_ms` of non-speech ends the turn: SpeechEnd,
   then TurnEnd, or TurnDiscard if it held less than `min_speech_ms` of speech.
+  With `adaptive_stop`, each return to *speaking* after a pause of 200 ms or more
+  records that pause, and the silence that ends a turn follows the pauses recorded
+  (`TurnConfig`); the silence that ends a turn is never recorded.
 
 When a turn opens, leading noise blips are dropped from it. Then both edges move outward
 over adjacent frames that stand out from the noise before the turn in some frequency band
@@ -51,11 +54,24 @@ _EDGE_MS = 300  # how far a turn edge may move outward
 _NOISE_REF_MS = 200  # audio before that: the noise reference for the edges
 _MIN_NOISE_FRAMES = 5  # fewer make no usable noise statistics for the edges
 _PREPARE_MAX_MS = 100  # pushes up to this long refine a turn's end one push early
+# Adaptive end of turn (`TurnConfig.adaptive_stop`).
+_PAUSE_MIN_MS = 150  # shorter silences: dips within words and noise, not pauses
+_PAUSES_KEPT = 30  # the latest pauses learned from: old habits fade
+_PAUSES_NEEDED = 3  # fewer: `stop_ms` may grow, but not shrink
+_PAUSE_MARGIN_MS = 200  # the end-of-turn silence is the longest pause kept plus this
 
 
 @dataclass(frozen=True)
 class TurnConfig:
-    """Turn-taking timings in ms; see docs/turn-taking.md for the defaults' rationale."""
+    """Turn-taking timings in ms; see docs/turn-taking.md for the defaults' rationale.
+
+    adaptive_stop: learn this stream's pauses inside turns (silences of at least 200 ms
+        that more speech of the same turn followed; the latest 30) and end turns after
+        the longest of them plus 200 ms, bounded by min_stop_ms..max_stop_ms. It starts
+        at `stop_ms`; a longer pause raises it at once, and it is lowered only once 5
+        pauses are known. A silence that ended a turn is never learned from, so turn
+        ends cannot teach it to wait longer.
+    """
 
     start_ms: int = 200
     stop_ms: int = 800
@@ -67,9 +83,20 @@ class TurnConfig:
     #: the previous turn. A small value keeps a stream that is mostly quiet small: a
     #: server holds ~1 MB per session otherwise (30 s of 16 kHz audio).
     idle_history_ms: int | None = None
+    adaptive_stop: bool = False
+    min_stop_ms: int = 300
+    max_stop_ms: int = 1500
 
     def __post_init__(self) -> None:
-        names = ["start_ms", "stop_ms", "pre_roll_ms", "min_speech_ms", "max_turn_ms"]
+        names = [
+            "start_ms",
+            "stop_ms",
+            "pre_roll_ms",
+            "min_speech_ms",
+            "max_turn_ms",
+            "min_stop_ms",
+            "max_stop_ms",
+        ]
         if self.idle_history_ms is not None:
             names.append("idle_history_ms")
         for name in names:
@@ -78,12 +105,19 @@ class TurnConfig:
                 raise ValueError(f"{name} must be an int (ms), got {value!r}")
             if not 0 <= value <= _MAX_MS:
                 raise ValueError(f"{name} must be within 0..{_MAX_MS} ms, got {value}")
+        if not isinstance(self.adaptive_stop, bool):
+            raise ValueError(f"adaptive_stop must be a bool, got {self.adaptive_stop!r}")
         if self.stop_ms == 0:
             raise ValueError("stop_ms must be > 0, or every pause would end the turn")
-        if self.max_turn_ms <= max(self.start_ms, self.min_speech_ms, self.stop_ms):
+        if self.min_stop_ms == 0 or self.min_stop_ms > self.max_stop_ms:
+            raise ValueError(
+                f"need 0 < min_stop_ms ({self.min_stop_ms}) <= max_stop_ms ({self.max_stop_ms})"
+            )
+        longest_stop = max(self.stop_ms, self.max_stop_ms if self.adaptive_stop else 0)
+        if self.max_turn_ms <= max(self.start_ms, self.min_speech_ms, longest_stop):
             raise ValueError(
                 f"max_turn_ms ({self.max_turn_ms}) must exceed start_ms ({self.start_ms}), "
-                f"min_speech_ms ({self.min_speech_ms}) and stop_ms ({self.stop_ms})"
+                f"min_speech_ms ({self.min_speech_ms}) and stop_ms ({longest_stop})"
             )
 
 
@@ -215,6 +249,12 @@ class TurnDetector:
         self._end_hot: tuple[int, list[bool]] | None = None  # see `_prepare_end`
         self._runs: list[list[int]] = []
         self._next_id = 1
+        # Adaptive end of turn: the latest pauses inside turns, in samples.
+        self._adaptive = config.adaptive_stop
+        self._pauses: deque[int] = deque(maxlen=_PAUSES_KEPT)
+        self._pause_min = samples(_PAUSE_MIN_MS)
+        self._stop_bounds = (samples(config.min_stop_ms), samples(config.max_stop_ms))
+        self._pause_margin = samples(_PAUSE_MARGIN_MS)
 
     @property
     def state(self) -> TurnState:
@@ -224,6 +264,16 @@ class TurnDetector:
     def clock_ms(self) -> float:
         """Duration of all audio consumed so far, in ms."""
         return self._pos * self._ms_per_sample
+
+    @property
+    def stop_ms(self) -> float:
+        """The silence that ends a turn now: `stop_ms`, or what `adaptive_stop` learned."""
+        return self._stop * self._ms_per_sample
+
+    @property
+    def pauses_ms(self) -> list[float]:
+        """The pauses inside turns that `adaptive_stop` learns from, oldest first."""
+        return [p * self._ms_per_sample for p in self._pauses]
 
     @property
     def speech_ms(self) -> float:
@@ -443,6 +493,8 @@ class TurnDetector:
         end = start + self._fs
         state = self._state
         if voiced:
+            if state is _STOPPING and self._adaptive and self._silence >= self._pause_min:
+                self._learn_pause(self._silence)
             self._silence = 0
             self._last_voiced_end = end
             self._voiced += self._fs
@@ -475,6 +527,20 @@ class TurnDetector:
         if self._silence >= self._stop:
             return self._end(forced=False, now=end)
         return self._check_max(end)
+
+    def _learn_pause(self, silence: int) -> None:
+        """A pause inside a turn ended in speech: update the end-of-turn silence.
+
+        It becomes the longest of the latest pauses plus a margin. Only pauses shorter
+        than the current setting are ever seen (longer ones end the turn), so a pause
+        near the setting is a near miss and raises it at once; lowering it waits until
+        `_PAUSES_NEEDED` pauses are known."""
+        self._pauses.append(silence)
+        lo, hi = self._stop_bounds
+        stop = min(hi, max(lo, max(self._pauses) + self._pause_margin))
+        stop = -(-stop // self._fs) * self._fs  # whole frames
+        if stop > self._stop or len(self._pauses) >= _PAUSES_NEEDED:
+            self._stop = stop
 
     def _check_max(self, now: int) -> list[TurnEvent]:
         if now - self._onset >= self._max_turn:

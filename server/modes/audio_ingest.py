@@ -44,7 +44,10 @@ class AudioIngest:
         self.detector = TurnDetector(
             TurnConfig(
                 start_ms=turns.start_ms,
-                stop_ms=turns.stop_ms,
+                stop_ms=turns.fixed_stop_ms,
+                adaptive_stop=turns.stop_ms == "auto",
+                min_stop_ms=turns.min_stop_ms,
+                max_stop_ms=turns.max_stop_ms,
                 pre_roll_ms=turns.pre_roll_ms,
                 min_speech_ms=turns.min_speech_ms,
                 max_turn_ms=turns.max_turn_ms,

@@ -128,7 +128,7 @@ def build_setup(setup: RealtimeSetup, *, model: str, handle: str | None = None) 
     if not manual:
         # Gemini has one server VAD; "semantic_vad" maps to it as well.
         detection["prefixPaddingMs"] = td.pre_roll_ms
-        detection["silenceDurationMs"] = td.stop_ms
+        detection["silenceDurationMs"] = td.fixed_stop_ms
         if opts.get("start_of_speech_sensitivity"):
             detection["startOfSpeechSensitivity"] = str(opts["start_of_speech_sensitivity"])
         if opts.get("end_of_speech_sensitivity"):

@@ -118,7 +118,7 @@ def build_turn_detection(config: SessionConfig) -> dict[str, Any] | None:
         return None
     out: dict[str, Any] = {"type": td.provider_vad, "interrupt_response": td.interrupt}
     if td.provider_vad == "server_vad":
-        out["silence_duration_ms"] = td.stop_ms
+        out["silence_duration_ms"] = td.fixed_stop_ms
         out["prefix_padding_ms"] = td.pre_roll_ms
     extra = config.provider_options.get("turn_detection") or {}
     if not isinstance(extra, dict):
