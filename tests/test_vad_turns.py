@@ -14,9 +14,9 @@ from hypothesis import strategies as st
 from tests.speech import (
     ENGLISH_VOICES,
     NOISES,
-    WIDE_NOISES,
     SAMPLE_RATE,
     VOICES,
+    WIDE_NOISES,
     Conversation,
     frames_of,
     make_conversation,

@@ -20,14 +20,20 @@ has no idea what "louder than the room" means. So we track the room ourselves:
   heavy noise webrtcvad rejects stretches of plainly loud vowels.
 
 Two energies are gated: the full band, and the first difference (+6 dB/octave). The second
-ignores hum and pink noise's low-frequency swing, and favours fricatives.
+ignores hum and pink noise's low-frequency swing, and favours fricatives. The full band
+leaves out, in every 10 ms, the least-squares straight line through the samples: energy
+that changes more slowly than speech (1/f and brown noise below the speech band: wind,
+HVAC and traffic rumble, handling, DC) is not heard; the response is that of a high-pass
+near 100 Hz (-21 dB at 25 Hz, within 1 dB from 150 Hz up). Without it such rumble, which
+webrtcvad itself mostly ignores, kept the floor and gate swinging, and turns merged.
 
 Cost: every frame must reach webrtcvad, since its noise model needs the noise too. All
 the rest (two energies, the floor, the shift, the gate, and once per block the window
 and the fluctuation estimate) is compiled into the same call as webrtcvad (`vad.kernel`),
 which costs about as much as webrtcvad's own Python wrapper. This class sets the state
 up and checks its inputs. Energies are sums of int16 squares, so they are exact integers
-in float64: neither chunking nor the order of summation can change a decision.
+in float64 (the detrending is a fixed sequence of float operations on them): neither
+chunking nor the call path can change a decision.
 """
 
 from __future__ import annotations
@@ -51,7 +57,6 @@ _SPREAD_MS = 1000  # time constant of the noise-fluctuation estimate
 _SPREAD_PRIOR_DB = 3.0  # before the first block is measured: cautious, as for pink noise
 _SPREAD_CAP_DB = 6.0  # frames further above the floor are not noise; keep them out of it
 _SPREAD_CAP = 10 ** (_SPREAD_CAP_DB / 10)
-_HIGHPASS_HZ = 100.0  # below the speech band: rumble, wind, handling, most mains hum
 # Turn-edge refinement (see `band_levels`, `edge_threshold`).
 _EDGE_BANDS_HZ = (250, 1000, 2000, 4000, 8000)
 _EDGE_MARGIN_DB = 2.0
@@ -143,8 +148,7 @@ class SpeechDetector:
         st[kernel.S_OVERRIDE_DB] = config.override_db
         st[kernel.S_ALPHA] = 1.0 - math.exp(-block * config.frame_ms / _SPREAD_MS)
         st[kernel.S_SPREAD_CAP] = _SPREAD_CAP
-        hp = kernel.highpass_coefficients(config.sample_rate, _HIGHPASS_HZ)
-        st[kernel.S_HP_G], st[kernel.S_HP_A1], st[kernel.S_HP_A2] = hp
+        st[kernel.S_SPAN] = config.sample_rate // 100
         for f in (F0, F1):
             set_thresholds(st, f)
         self._blk = np.zeros((2, block))  # energies of the block being filled, per feature

@@ -47,14 +47,8 @@ S_RATE = 18  # sample rate
 S_MARGIN_DB, S_SPREAD_FACTOR, S_OVERRIDE_DB = 19, 20, 21  # DetectorConfig's
 S_ALPHA = 22  # smoothing of the fluctuation estimate, per block
 S_SPREAD_CAP = 23  # frames above floor x this are not noise
-# The high-pass filter (`SpeechDetector`): integer coefficients scaled by 2**HP_Q (the
-# gain already times 2**HP_F), and its state: the last two inputs and outputs, outputs
-# scaled by 2**HP_F. All are integers held exactly in float64.
-S_HP_G, S_HP_A1, S_HP_A2 = 24, 25, 26
-S_HP_X1, S_HP_X2, S_HP_Y1, S_HP_Y2 = 27, 28, 29, 30
-STATE_SIZE = 31
-HP_Q = 30  # coefficient fraction bits
-HP_F = 12  # output fraction bits kept in the filter state
+S_SPAN = 24  # samples in 10 ms: the energy leaves out each such span's trend
+STATE_SIZE = 25
 
 # A frame's result: bit 0 voiced, bit 1 webrtcvad failed.
 VOICED, VAD_ERROR = 1, 2
@@ -85,37 +79,31 @@ def _compile(signature: str | tuple, **options: object):  # type: ignore[no-unty
 @njit(inline="always")
 def _frame(x, st, blk, ring, shifted, vad):  # type: ignore[no-untyped-def]
     n = x.size
-    # High-pass (2nd-order Butterworth, in integer arithmetic so it is exact and
-    # reproducible): y = (G (x - 2 x1 + x2) - A1 y1 - A2 y2) >> HP_Q, outputs carrying
-    # HP_F fraction bits. Its integer output feeds both energies and webrtcvad.
-    g = np.int64(st[S_HP_G])
-    a1 = np.int64(st[S_HP_A1])
-    a2 = np.int64(st[S_HP_A2])
-    x1 = np.int64(st[S_HP_X1])
-    x2 = np.int64(st[S_HP_X2])
-    y1 = np.int64(st[S_HP_Y1])
-    y2 = np.int64(st[S_HP_Y2])
+    span = int(st[S_SPAN])
+    half = span - 1  # weights 2i - (span - 1), i in the span: odd, centred, integers
+    slope_norm = span * (span * span - 1) / 3.0  # sum of the weights squared
     full = np.int64(0)
     diff = np.int64(0)
-    prev = np.int64(0)
-    for i in range(n):
-        v = np.int64(x[i])
-        y = (g * (v - 2 * x1 + x2) - a1 * y1 - a2 * y2) >> HP_Q
-        x2, x1, y2, y1 = x1, v, y1, y
-        out = y >> HP_F
-        full += out * out
-        if i:
-            d = out - prev
+    trend = 0.0  # energy of each 10 ms span's straight-line fit, summed
+    prev = np.int64(x[0])
+    for j in range(0, n, span):
+        level = np.int64(0)
+        slope = np.int64(0)
+        for i in range(span):
+            v = np.int64(x[j + i])
+            full += v * v
+            level += v
+            slope += (2 * i - half) * v
+            d = v - prev
             diff += d * d
-        prev = out
-        shifted[i] = min(32767, max(-32768, out))
-    st[S_HP_X1] = x1
-    st[S_HP_X2] = x2
-    st[S_HP_Y1] = y1
-    st[S_HP_Y2] = y2
-    # Sums of squares of the filter's integer output are exact integers in float64.
-    # One more per sample keeps digital silence above zero.
-    e0 = float(full) + n
+            prev = v
+        trend += float(level * level) / span + float(slope) * float(slope) / slope_norm
+    # The full-band energy leaves out each 10 ms span's straight-line fit (least
+    # squares): what changes more slowly than speech (1/f and brown rumble, wind,
+    # handling, DC; about a 2nd-order high-pass near 100 Hz) is not heard. The same
+    # operations in the same order on every call path: the same decisions. One more per
+    # sample keeps digital silence above zero.
+    e0 = max(float(full) - trend, 0.0) + n
     e1 = float(diff) + n
     k = int(st[S_FILLED])
     blk[0, k] = e0
@@ -128,8 +116,10 @@ def _frame(x, st, blk, ring, shifted, vad):  # type: ignore[no-untyped-def]
     shift = int(st[S_SHIFT])
     if shift:
         for i in range(n):
-            shifted[i] >>= shift
-    r = _process(vad, int(st[S_RATE]), shifted.ctypes.data, n)
+            shifted[i] = x[i] >> shift
+        r = _process(vad, int(st[S_RATE]), shifted.ctypes.data, n)
+    else:
+        r = _process(vad, int(st[S_RATE]), x.ctypes.data, n)
     if r == 1:
         voiced = e0 >= st[S_MIN_ENERGY] and (e0 > st[F0 + GATE] or e1 > st[F1 + GATE])
     else:  # overruled only by a plainly loud frame
@@ -188,17 +178,6 @@ def set_thresholds(st, f):  # type: ignore[no-untyped-def]
     st[f + LOUD_F] = 10.0 ** (max(st[S_OVERRIDE_DB], 2.0 * margin) / 10.0)
     st[f + GATE] = st[f + FLOOR] * st[f + GATE_F]
     st[f + LOUD] = st[f + FLOOR] * st[f + LOUD_F]
-
-
-def highpass_coefficients(rate: int, cutoff_hz: float) -> tuple[int, int, int]:
-    """(G, A1, A2) of a 2nd-order Butterworth high-pass (bilinear transform), as the
-    integers `_frame` uses: G carries 2**(HP_Q + HP_F), A1 and A2 carry 2**HP_Q."""
-    k = math.tan(math.pi * cutoff_hz / rate)
-    norm = 1.0 + math.sqrt(2.0) * k + k * k
-    g = 1.0 / norm
-    a1 = 2.0 * (k * k - 1.0) / norm
-    a2 = (1.0 - math.sqrt(2.0) * k + k * k) / norm
-    return round(g * 2 ** (HP_Q + HP_F)), round(a1 * 2**HP_Q), round(a2 * 2**HP_Q)
 
 
 @_compile(types.int64(types.float64, types.float64))
