@@ -149,6 +149,7 @@ class SpeechDetector:
         st[kernel.S_ALPHA] = 1.0 - math.exp(-block * config.frame_ms / _SPREAD_MS)
         st[kernel.S_SPREAD_CAP] = _SPREAD_CAP
         st[kernel.S_SPAN] = config.sample_rate // 100
+        st[kernel.S_SUB] = config.sample_rate // 400
         for f in (F0, F1):
             set_thresholds(st, f)
         self._blk = np.zeros((2, block))  # energies of the block being filled, per feature

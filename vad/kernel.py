@@ -48,7 +48,8 @@ S_MARGIN_DB, S_SPREAD_FACTOR, S_OVERRIDE_DB = 19, 20, 21  # DetectorConfig's
 S_ALPHA = 22  # smoothing of the fluctuation estimate, per block
 S_SPREAD_CAP = 23  # frames above floor x this are not noise
 S_SPAN = 24  # samples in 10 ms: the energy leaves out each such span's trend
-STATE_SIZE = 25
+S_SUB = 25  # samples in 2.5 ms: a frame with half its energy in one such piece is a click
+STATE_SIZE = 26
 
 # A frame's result: bit 0 voiced, bit 1 webrtcvad failed.
 VOICED, VAD_ERROR = 1, 2
@@ -86,17 +87,23 @@ def _frame(x, st, blk, ring, shifted, vad):  # type: ignore[no-untyped-def]
     diff = np.int64(0)
     trend = 0.0  # energy of each 10 ms span's straight-line fit, summed
     prev = np.int64(x[0])
+    sub = int(st[S_SUB])
+    peak = np.int64(0)  # energy of the loudest 2.5 ms of the frame
     for j in range(0, n, span):
         level = np.int64(0)
         slope = np.int64(0)
-        for i in range(span):
-            v = np.int64(x[j + i])
-            full += v * v
-            level += v
-            slope += (2 * i - half) * v
-            d = v - prev
-            diff += d * d
-            prev = v
+        for q in range(0, span, sub):
+            part = np.int64(0)
+            for i in range(q, q + sub):
+                v = np.int64(x[j + i])
+                part += v * v
+                level += v
+                slope += (2 * i - half) * v
+                d = v - prev
+                diff += d * d
+                prev = v
+            full += part
+            peak = max(peak, part)
         trend += float(level * level) / span + float(slope) * float(slope) / slope_norm
     # The full-band energy leaves out each 10 ms span's straight-line fit (least
     # squares): what changes more slowly than speech (1/f and brown rumble, wind,
@@ -120,10 +127,14 @@ def _frame(x, st, blk, ring, shifted, vad):  # type: ignore[no-untyped-def]
         r = _process(vad, int(st[S_RATE]), shifted.ctypes.data, n)
     else:
         r = _process(vad, int(st[S_RATE]), x.ctypes.data, n)
-    if r == 1:
+    if 2 * peak > full:  # half the energy in 2.5 ms: a click, a tap, a key, not speech
+        voiced = False
+    elif r == 1:
         voiced = e0 >= st[S_MIN_ENERGY] and (e0 > st[F0 + GATE] or e1 > st[F1 + GATE])
     else:  # overruled only by a plainly loud frame
-        voiced = e0 >= st[S_MIN_ENERGY] and (e0 > st[F0 + LOUD] or e1 > st[F1 + LOUD])
+        voiced = e0 >= st[S_MIN_ENERGY] and (
+            (e0 > st[F0 + LOUD] and e1 > st[F1 + GATE]) or e1 > st[F1 + LOUD]
+        )
     if k + 1 == blk.shape[1]:
         _close_block(st, blk, ring)
     return (VOICED if voiced else 0) | (VAD_ERROR if r < 0 else 0)
@@ -145,7 +156,9 @@ def _close_block(st, blk, ring):  # type: ignore[no-untyped-def]
     filled = int(st[S_FILLED])
     for row, f in ((0, F0), (1, F1)):
         floor = st[f + FLOOR]
-        cap = floor * st[S_SPREAD_CAP]
+        # Noise that swings more (narrow-band rumble) has frames further above its
+        # floor: the line between noise and not-noise moves out with the spread.
+        cap = floor * max(st[S_SPREAD_CAP], 10.0 ** (min(2.0 * st[f + SPREAD], 10.0) / 10.0))
         lowest = np.inf
         total = 0.0  # exact: a sum of exact integers, in any order
         k = 0

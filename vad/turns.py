@@ -11,7 +11,7 @@
 * stopping: a voiced frame returns to *speaking* with no event, so pauses shorter than
   `stop_ms` never split a turn. `stop_ms` of non-speech ends the turn: SpeechEnd,
   then TurnEnd, or TurnDiscard if it held less than `min_speech_ms` of speech.
-  With `adaptive_stop`, each return to *speaking* after a pause of 200 ms or more
+  With `adaptive_stop`, each return to *speaking* after a pause of 150 ms or more
   records that pause, and the silence that ends a turn follows the pauses recorded
   (`TurnConfig`); the silence that ends a turn is never recorded.
 
@@ -57,7 +57,7 @@ _PREPARE_MAX_MS = 100  # pushes up to this long refine a turn's end one push ear
 # Adaptive end of turn (`TurnConfig.adaptive_stop`).
 _PAUSE_MIN_MS = 150  # shorter silences: dips within words and noise, not pauses
 _PAUSES_KEPT = 30  # the latest pauses learned from: old habits fade
-_PAUSES_NEEDED = 3  # fewer: `stop_ms` may grow, but not shrink
+_PAUSES_NEEDED = 4  # fewer: `stop_ms` may grow, but not shrink
 _PAUSE_MARGIN_MS = 200  # the end-of-turn silence is the longest pause kept plus this
 
 
@@ -65,10 +65,10 @@ _PAUSE_MARGIN_MS = 200  # the end-of-turn silence is the longest pause kept plus
 class TurnConfig:
     """Turn-taking timings in ms; see docs/turn-taking.md for the defaults' rationale.
 
-    adaptive_stop: learn this stream's pauses inside turns (silences of at least 200 ms
+    adaptive_stop: learn this stream's pauses inside turns (silences of at least 150 ms
         that more speech of the same turn followed; the latest 30) and end turns after
         the longest of them plus 200 ms, bounded by min_stop_ms..max_stop_ms. It starts
-        at `stop_ms`; a longer pause raises it at once, and it is lowered only once 5
+        at `stop_ms`; a longer pause raises it at once, and it is lowered only once 4
         pauses are known. A silence that ended a turn is never learned from, so turn
         ends cannot teach it to wait longer.
     """
