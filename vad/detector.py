@@ -57,6 +57,7 @@ _SPREAD_MS = 1000  # time constant of the noise-fluctuation estimate
 _SPREAD_PRIOR_DB = 3.0  # before the first block is measured: cautious, as for pink noise
 _SPREAD_CAP_DB = 6.0  # frames further above the floor are not noise; keep them out of it
 _SPREAD_CAP = 10 ** (_SPREAD_CAP_DB / 10)
+_HPK = 4
 # Turn-edge refinement (see `band_levels`, `edge_threshold`).
 _EDGE_BANDS_HZ = (250, 1000, 2000, 4000, 8000)
 _EDGE_MARGIN_DB = 2.0
@@ -150,6 +151,7 @@ class SpeechDetector:
         st[kernel.S_SPREAD_CAP] = _SPREAD_CAP
         st[kernel.S_SPAN] = config.sample_rate // 100
         st[kernel.S_SUB] = config.sample_rate // 400
+        st[kernel.S_CLICKS] = config.frame_ms >= 20  # in 10 ms, 5 ms is no click's mark
         for f in (F0, F1):
             set_thresholds(st, f)
         self._blk = np.zeros((2, block))  # energies of the block being filled, per feature

@@ -48,8 +48,14 @@ S_MARGIN_DB, S_SPREAD_FACTOR, S_OVERRIDE_DB = 19, 20, 21  # DetectorConfig's
 S_ALPHA = 22  # smoothing of the fluctuation estimate, per block
 S_SPREAD_CAP = 23  # frames above floor x this are not noise
 S_SPAN = 24  # samples in 10 ms: the energy leaves out each such span's trend
-S_SUB = 25  # samples in 2.5 ms: a frame with half its energy in one such piece is a click
-STATE_SIZE = 26
+S_SUB = 25  # samples in 2.5 ms
+S_CLICKS = 28  # 1: frames with 80% of their energy in 5 ms are clicks (frames >= 20 ms)
+S_LAST = 26  # the previous frame's last sample
+S_EMPHASIS = 27  # 1: webrtcvad hears the frame's first difference, 0: the frame
+STATE_SIZE = 29
+# Noise whose first-difference floor is this far below its full-band floor (dB) falls
+# with frequency: webrtcvad hears it pre-emphasised. White noise is at +3 dB.
+EMPHASIS_ON_DB, EMPHASIS_OFF_DB = 1.0, 2.0
 
 # A frame's result: bit 0 voiced, bit 1 webrtcvad failed.
 VOICED, VAD_ERROR = 1, 2
@@ -88,7 +94,8 @@ def _frame(x, st, blk, ring, shifted, vad):  # type: ignore[no-untyped-def]
     trend = 0.0  # energy of each 10 ms span's straight-line fit, summed
     prev = np.int64(x[0])
     sub = int(st[S_SUB])
-    peak = np.int64(0)  # energy of the loudest 2.5 ms of the frame
+    peak = np.int64(0)  # energy of the loudest 5 ms (two adjacent 2.5 ms pieces)
+    before = np.int64(0)  # energy of the previous 2.5 ms piece
     for j in range(0, n, span):
         level = np.int64(0)
         slope = np.int64(0)
@@ -103,7 +110,8 @@ def _frame(x, st, blk, ring, shifted, vad):  # type: ignore[no-untyped-def]
                 diff += d * d
                 prev = v
             full += part
-            peak = max(peak, part)
+            peak = max(peak, part + before)
+            before = part
         trend += float(level * level) / span + float(slope) * float(slope) / slope_norm
     # The full-band energy leaves out each 10 ms span's straight-line fit (least
     # squares): what changes more slowly than speech (1/f and brown rumble, wind,
@@ -119,15 +127,23 @@ def _frame(x, st, blk, ring, shifted, vad):  # type: ignore[no-untyped-def]
     if e0 < st[F0 + FLOOR] or e1 < st[F1 + FLOOR]:  # a new minimum: the floor falls at once
         _lower(st, F0, e0)
         _lower(st, F1, e1)
-        st[S_SHIFT] = shift_for(st[F0 + FLOOR], st[S_TARGET])
+        st[S_SHIFT] = shift_for(st[F1 + FLOOR] if st[S_EMPHASIS] else st[F0 + FLOOR], st[S_TARGET])
     shift = int(st[S_SHIFT])
-    if shift:
+    if st[S_EMPHASIS]:  # webrtcvad hears the first difference (see `_close_block`)
+        last = np.int64(st[S_LAST])
+        for i in range(n):
+            v = np.int64(x[i])
+            shifted[i] = min(32767, max(-32768, (v - last) >> shift))
+            last = v
+        r = _process(vad, int(st[S_RATE]), shifted.ctypes.data, n)
+    elif shift:
         for i in range(n):
             shifted[i] = x[i] >> shift
         r = _process(vad, int(st[S_RATE]), shifted.ctypes.data, n)
     else:
         r = _process(vad, int(st[S_RATE]), x.ctypes.data, n)
-    if 2 * peak > full:  # half the energy in 2.5 ms: a click, a tap, a key, not speech
+    st[S_LAST] = x[n - 1]
+    if st[S_CLICKS] and 5 * peak > 4 * full:  # 80% of it in 5 ms: a click, a key, a tap
         voiced = False
     elif r == 1:
         voiced = e0 >= st[S_MIN_ENERGY] and (e0 > st[F0 + GATE] or e1 > st[F1 + GATE])
@@ -177,10 +193,18 @@ def _close_block(st, blk, ring):  # type: ignore[no-untyped-def]
         ring[row, at] = lowest
         st[f + FLOOR] = ring[row, : min(held + 1, ring.shape[1])].min()
         set_thresholds(st, f)
+    # Pre-emphasis whitens noise that falls with frequency (rumble, traffic, pink), so
+    # webrtcvad's lowest bands stop taking its swings for speech; on flat (white) noise
+    # it would only boost the noise where speech is weak. Hysteresis: no flapping.
+    tilt = 10.0 * math.log10(st[F1 + FLOOR] / st[F0 + FLOOR])
+    if tilt < EMPHASIS_ON_DB:
+        st[S_EMPHASIS] = 1.0
+    elif tilt > EMPHASIS_OFF_DB:
+        st[S_EMPHASIS] = 0.0
+    st[S_SHIFT] = shift_for(st[F1 + FLOOR] if st[S_EMPHASIS] else st[F0 + FLOOR], st[S_TARGET])
     st[S_BLOCKS] = min(held + 1, ring.shape[1])
     st[S_RING] = (at + 1) % ring.shape[1]
     st[S_FILLED] = 0
-    st[S_SHIFT] = shift_for(st[F0 + FLOOR], st[S_TARGET])
 
 
 @_compile(types.void(_STATE, types.int64))

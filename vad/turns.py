@@ -50,6 +50,7 @@ _MAX_MS = 600_000  # ten minutes: a larger setting is a unit mistake, not a use 
 _BLOCK_FRAMES = 50  # push_pcm classifies and buffers at most this many frames at a time
 _SEAL_FRAMES = 50  # buffered audio is kept in bytes blocks of about this many frames
 _SUBSTANTIAL_MS = 80  # a starting candidate with this much speech survives longer pauses
+_RESUME_MS = 40  # in *stopping*, a turn resumes on this much speech (one gap allowed)
 _EDGE_MS = 300  # how far a turn edge may move outward
 _NOISE_REF_MS = 200  # audio before that: the noise reference for the edges
 _MIN_NOISE_FRAMES = 5  # fewer make no usable noise statistics for the edges
@@ -243,6 +244,10 @@ class TurnDetector:
         self._onset = 0  # first sample of the turn
         self._voiced = 0  # speech samples in the turn (or candidate)
         self._silence = 0  # current run of non-speech samples
+        # In *stopping*: speech samples of the current run (one frame without speech
+        # allowed inside), from `_resume_start` to `_resume_end`; not yet a resumption.
+        self._resume = self._resume_start = self._resume_end = 0
+        self._resume_min = max(1, samples(_RESUME_MS) // fs) * fs
         self._last_voiced_end = 0
         self._last_audio_end = 0  # where the previous turn's audio ended
         self._edge_threshold: np.ndarray | None = None  # per band, from before the turn
@@ -335,7 +340,7 @@ class TurnDetector:
                     self._voiced += fs
                     self._last_voiced_end = end
                     return []
-            elif state is _STOPPING and self._silence + fs < self._stop:
+            elif state is _STOPPING and self._silence + fs < self._stop and not self._resume:
                 self._silence += fs
                 if self._silence + fs >= self._stop:  # the next frame may end the turn
                     self._prepare_end()
@@ -418,7 +423,12 @@ class TurnDetector:
                 self._voiced += span
                 self._last_voiced_end = self._pos
                 return []
-            if state is _STOPPING and True not in decisions and self._silence + span < self._stop:
+            if (
+                state is _STOPPING
+                and True not in decisions
+                and self._silence + span < self._stop
+                and not self._resume
+            ):
                 self._silence += span
                 return []
         events: list[TurnEvent] = []
@@ -434,6 +444,7 @@ class TurnDetector:
                 and not voiced
                 and self._silence + fs < self._stop
                 and end - self._onset < self._max_turn
+                and not self._resume
             ):
                 self._silence += fs
             else:
@@ -492,9 +503,23 @@ class TurnDetector:
         """Advance by one frame that starts at sample `start`."""
         end = start + self._fs
         state = self._state
+        if voiced and state is _STOPPING:
+            if not self._resume:
+                self._resume_start = start
+            self._resume += self._fs
+            self._resume_end = end
+            if self._resume < self._resume_min:  # one frame: noise, a click, or speech
+                self._silence += self._fs
+                if self._silence >= self._stop:
+                    return self._end(forced=False, now=end)
+                return self._check_max(end)
+            # Speech again: the pause ended where this run of speech began.
+            pause = self._silence - (start - self._resume_start)
+            if self._adaptive and pause >= self._pause_min:
+                self._learn_pause(pause)
+            self._voiced += self._resume - self._fs  # the run's earlier frames; this one below
+            self._resume = 0
         if voiced:
-            if state is _STOPPING and self._adaptive and self._silence >= self._pause_min:
-                self._learn_pause(self._silence)
             self._silence = 0
             self._last_voiced_end = end
             self._voiced += self._fs
@@ -518,6 +543,8 @@ class TurnDetector:
         if state is _QUIET:
             return []
         self._silence += self._fs
+        if self._resume and end - self._resume_end > self._fs:  # a 2nd frame without speech
+            self._resume = 0
         if state is _STARTING:
             patience = self._stop if self._voiced >= self._substantial else self._start
             if self._silence >= patience:
@@ -643,6 +670,7 @@ class TurnDetector:
         self._state = _QUIET
         self._voiced = 0
         self._silence = 0
+        self._resume = 0
         self._edge_threshold = None
         self._end_hot = None
 
