@@ -55,7 +55,7 @@ S_EMPHASIS = 27  # 1: webrtcvad hears the frame's first difference, 0: the frame
 STATE_SIZE = 29
 # Noise whose first-difference floor is this far below its full-band floor (dB) falls
 # with frequency: webrtcvad hears it pre-emphasised. White noise is at +3 dB.
-EMPHASIS_ON_DB, EMPHASIS_OFF_DB = 1.0, 2.0
+EMPHASIS_ON_DB, EMPHASIS_OFF_DB = -3.0, -2.0
 
 # A frame's result: bit 0 voiced, bit 1 webrtcvad failed.
 VOICED, VAD_ERROR = 1, 2
@@ -87,37 +87,41 @@ def _compile(signature: str | tuple, **options: object):  # type: ignore[no-unty
 def _frame(x, st, blk, ring, shifted, vad):  # type: ignore[no-untyped-def]
     n = x.size
     span = int(st[S_SPAN])
-    half = span - 1  # weights 2i - (span - 1), i in the span: odd, centred, integers
-    slope_norm = span * (span * span - 1) / 3.0  # sum of the weights squared
+    sub = int(st[S_SUB])
+    pieces = span // sub  # 2.5 ms pieces per 10 ms span: 4
+    # The trend of a span: its projection on a constant and on a ramp that steps once
+    # per piece (weights 2q - (pieces - 1), odd and centred). Exact integer sums.
+    ramp_norm = sub * pieces * (pieces * pieces - 1) / 3.0  # the ramp's squared length
     full = np.int64(0)
     diff = np.int64(0)
-    trend = 0.0  # energy of each 10 ms span's straight-line fit, summed
+    trend = 0.0
     prev = np.int64(x[0])
-    sub = int(st[S_SUB])
     peak = np.int64(0)  # energy of the loudest 5 ms (two adjacent 2.5 ms pieces)
     before = np.int64(0)  # energy of the previous 2.5 ms piece
     for j in range(0, n, span):
         level = np.int64(0)
         slope = np.int64(0)
-        for q in range(0, span, sub):
+        for q in range(pieces):
             part = np.int64(0)
-            for i in range(q, q + sub):
-                v = np.int64(x[j + i])
+            total = np.int64(0)
+            for i in range(j + q * sub, j + (q + 1) * sub):
+                v = np.int64(x[i])
                 part += v * v
-                level += v
-                slope += (2 * i - half) * v
+                total += v
                 d = v - prev
                 diff += d * d
                 prev = v
             full += part
+            level += total
+            slope += (2 * q - (pieces - 1)) * total
             peak = max(peak, part + before)
             before = part
-        trend += float(level * level) / span + float(slope) * float(slope) / slope_norm
-    # The full-band energy leaves out each 10 ms span's straight-line fit (least
-    # squares): what changes more slowly than speech (1/f and brown rumble, wind,
-    # handling, DC; about a 2nd-order high-pass near 100 Hz) is not heard. The same
-    # operations in the same order on every call path: the same decisions. One more per
-    # sample keeps digital silence above zero.
+        trend += float(level * level) / span + float(slope) * float(slope) / ramp_norm
+    # The full-band energy leaves out each 10 ms span's trend (a least-squares fit of
+    # a level and a slope): what changes more slowly than speech (1/f and brown rumble,
+    # wind, handling, DC; about a 2nd-order high-pass near 100 Hz) is not heard. The
+    # same operations in the same order on every call path: the same decisions. One
+    # more per sample keeps digital silence above zero.
     e0 = max(float(full) - trend, 0.0) + n
     e1 = float(diff) + n
     k = int(st[S_FILLED])

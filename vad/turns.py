@@ -11,7 +11,7 @@
 * stopping: a voiced frame returns to *speaking* with no event, so pauses shorter than
   `stop_ms` never split a turn. `stop_ms` of non-speech ends the turn: SpeechEnd,
   then TurnEnd, or TurnDiscard if it held less than `min_speech_ms` of speech.
-  With `adaptive_stop`, each return to *speaking* after a pause of 150 ms or more
+  With `adaptive_stop`, each return to *speaking* after a pause of 200 ms or more
   records that pause, and the silence that ends a turn follows the pauses recorded
   (`TurnConfig`); the silence that ends a turn is never recorded.
 
@@ -51,27 +51,29 @@ _BLOCK_FRAMES = 50  # push_pcm classifies and buffers at most this many frames a
 _SEAL_FRAMES = 50  # buffered audio is kept in bytes blocks of about this many frames
 _SUBSTANTIAL_MS = 80  # a starting candidate with this much speech survives longer pauses
 _RESUME_MS = 40  # in *stopping*, a turn resumes on this much speech (one gap allowed)
+# (until it is known, the silence goes on counting, and the turn cannot end)
 _EDGE_MS = 300  # how far a turn edge may move outward
 _NOISE_REF_MS = 200  # audio before that: the noise reference for the edges
 _MIN_NOISE_FRAMES = 5  # fewer make no usable noise statistics for the edges
 _PREPARE_MAX_MS = 100  # pushes up to this long refine a turn's end one push early
 # Adaptive end of turn (`TurnConfig.adaptive_stop`).
-_PAUSE_MIN_MS = 150  # shorter silences: dips within words and noise, not pauses
+_PAUSE_MIN_MS = 200  # shorter silences: dips within words and noise, not pauses
 _PAUSES_KEPT = 30  # the latest pauses learned from: old habits fade
-_PAUSES_NEEDED = 4  # fewer: `stop_ms` may grow, but not shrink
-_PAUSE_MARGIN_MS = 200  # the end-of-turn silence is the longest pause kept plus this
+_PAUSES_NEEDED = 3  # fewer: the setting may grow, but not shrink
+_PAUSE_MARGIN_MS = 100  # the end-of-turn silence is the longest pause kept, plus a
+_PAUSE_MARGIN = 0.25  # quarter, plus this
 
 
 @dataclass(frozen=True)
 class TurnConfig:
     """Turn-taking timings in ms; see docs/turn-taking.md for the defaults' rationale.
 
-    adaptive_stop: learn this stream's pauses inside turns (silences of at least 150 ms
+    adaptive_stop: learn this stream's pauses inside turns (silences of at least 200 ms
         that more speech of the same turn followed; the latest 30) and end turns after
-        the longest of them plus 200 ms, bounded by min_stop_ms..max_stop_ms. It starts
-        at `stop_ms`; a longer pause raises it at once, and it is lowered only once 4
-        pauses are known. A silence that ended a turn is never learned from, so turn
-        ends cannot teach it to wait longer.
+        the longest of them plus a quarter plus 100 ms, bounded by
+        min_stop_ms..max_stop_ms. It starts at `stop_ms`; a longer pause raises it at
+        once, and it is lowered only once 3 pauses are known. A silence that ended a
+        turn is never learned from, so turn ends cannot teach it to wait longer.
     """
 
     start_ms: int = 200
@@ -509,9 +511,7 @@ class TurnDetector:
             self._resume += self._fs
             self._resume_end = end
             if self._resume < self._resume_min:  # one frame: noise, a click, or speech
-                self._silence += self._fs
-                if self._silence >= self._stop:
-                    return self._end(forced=False, now=end)
+                self._silence += self._fs  # the turn does not end while this is open
                 return self._check_max(end)
             # Speech again: the pause ended where this run of speech began.
             pause = self._silence - (start - self._resume_start)
@@ -551,7 +551,7 @@ class TurnDetector:
                 self._reset()
             return []
         self._state = _STOPPING
-        if self._silence >= self._stop:
+        if self._silence >= self._stop and not self._resume:
             return self._end(forced=False, now=end)
         return self._check_max(end)
 
@@ -564,7 +564,8 @@ class TurnDetector:
         `_PAUSES_NEEDED` pauses are known."""
         self._pauses.append(silence)
         lo, hi = self._stop_bounds
-        stop = min(hi, max(lo, max(self._pauses) + self._pause_margin))
+        longest = max(self._pauses)
+        stop = min(hi, max(lo, longest + int(_PAUSE_MARGIN * longest) + self._pause_margin))
         stop = -(-stop // self._fs) * self._fs  # whole frames
         if stop > self._stop or len(self._pauses) >= _PAUSES_NEEDED:
             self._stop = stop
