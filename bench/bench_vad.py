@@ -4,7 +4,10 @@ Run: ``python -m bench.bench_vad`` (``--quick`` for a smaller set). Prints markd
 
 Accuracy: espeak-ng conversations from tests/speech.py (seeds disjoint from the unit
 tests and from the seeds used while tuning), one fresh detector per file, and the default
-settings for every file and condition. A detected turn (TurnEnd) matches a true turn
+settings for every file and condition. Conditions (`conditions`): clean; every noise of
+`tests.speech.ALL_NOISES` (white, pink, hum; 1/f and brown with no 20 Hz floor, rumble,
+babble, music, keyboard) and a speaker stepping back, at 20, 10 and 5 dB SNR. Split and
+merged turns are counted. A detected turn (TurnEnd) matches a true turn
 when its onset is within 100 ms of the true onset. Matching is one-to-one, greedy by onset
 error. Precision = matched / detected, recall = matched / true. End errors are reported
 for matched turns (positive: we end later than the last audible sample).

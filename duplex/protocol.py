@@ -148,8 +148,8 @@ class TurnDetectionConfig(_Strict):
     aggressiveness: int = Field(3, ge=0, le=3)
     start_ms: int = Field(200, ge=10, le=5000)
     #: Silence that ends a turn, or "auto": learn the session's pauses inside turns and
-    #: end turns after their 90th percentile + 200 ms, within min_stop_ms..max_stop_ms
-    #: (800 until five pauses are known). See docs/turn-taking.md.
+    #: end turns after 1.25 x the longest + 100 ms, within min_stop_ms..max_stop_ms
+    #: (from 800; lowered once three pauses are known). See docs/turn-taking.md.
     stop_ms: Annotated[int, Field(ge=100, le=10000)] | Literal["auto"] = 800
     min_stop_ms: int = Field(300, ge=100, le=10000)
     max_stop_ms: int = Field(1500, ge=100, le=10000)
