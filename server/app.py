@@ -23,6 +23,7 @@ from server.limits import SessionLimits
 from server.logs import install_redaction
 from server.modes.catalog import builtin_modes
 from server.providers.catalog import ProviderCatalog
+from server.realtime_door import routes as realtime_routes
 from server.registry import SessionRegistry
 from server.session import SessionServices
 from server.state.base import StoreUnavailable
@@ -121,6 +122,7 @@ def create_app(settings: Settings | None = None, *, tools: ToolRegistry | None =
 
     app = FastAPI(title="Duplex", version="0.1.0", lifespan=lifespan)
     app.state.duplex = state
+    app.state.realtime = realtime_routes.setup(settings)
     app.add_exception_handler(RequestValidationError, http_api.invalid_body)
 
     @app.exception_handler(StoreUnavailable)
@@ -130,6 +132,7 @@ def create_app(settings: Settings | None = None, *, tools: ToolRegistry | None =
     app.include_router(http_api.router)
     app.include_router(ws.router)
     app.include_router(chat_api.router)
+    app.include_router(realtime_routes.router)
     if STATIC_DIR.is_dir():
         app.mount("/", StaticFiles(directory=STATIC_DIR, html=True), name="demo")
     return app

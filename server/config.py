@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from pydantic import AliasChoices, Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -92,6 +93,17 @@ class Settings(BaseSettings):
     stt_model: str = "gpt-4o-mini-transcribe"
     tts_base_url: str | None = None
     tts_model: str = "gpt-4o-mini-tts"
+
+    # OpenAI Realtime door (/v1/realtime, docs/openai-realtime.md)
+    #: Realtime model names -> the Duplex session config each one opens (JSON in the env).
+    realtime_models: dict[str, dict[str, Any]] = Field(
+        default_factory=lambda: {"duplex-echo": {"provider": "echo"}}
+    )
+    realtime_default_model: str = "duplex-echo"
+    #: Signs ephemeral client secrets; random per process when unset (set it, the same on
+    #: every replica, when secrets minted on one replica are used on another).
+    client_secret_key: str | None = None
+    client_secret_ttl_s: float = Field(600, ge=10, le=7200)
 
     persist_interval_ms: int = 200
     persist_min_chars: int = 1024

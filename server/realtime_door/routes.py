@@ -1,0 +1,273 @@
+"""The door's routes: ``WS /v1/realtime``, ``GET /v1/models``,
+``POST /v1/realtime/client_secrets``."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from dataclasses import dataclass
+from typing import Any
+
+from fastapi import APIRouter, HTTPException, Request, WebSocket
+from fastapi.responses import JSONResponse
+from starlette.websockets import WebSocketDisconnect, WebSocketState
+
+from duplex.protocol import ErrorEvent, ProtocolError, SessionConfig, check_json_value
+from server.config import Settings
+from server.realtime_door.bridge import RealtimeBridge
+from server.realtime_door.client_secrets import PREFIX, ClientSecrets
+from server.realtime_door.errors import DoorError, error_body
+from server.realtime_door.models import RealtimeModel, RealtimeModels
+from server.realtime_door.session_map import RealtimeSessionState
+from server.session import DuplexSession
+
+router = APIRouter()
+
+#: The WebSocket subprotocol carrying an API key (browsers cannot set headers).
+KEY_PROTOCOL = "openai-insecure-api-key."
+CLOSE_POLICY = 1008
+CLOSE_INTERNAL = 1011
+
+
+@dataclass
+class RealtimeDoor:
+    """What the door keeps per app (``app.state.realtime``)."""
+
+    models: RealtimeModels
+    secrets: ClientSecrets
+
+
+def setup(settings: Settings) -> RealtimeDoor:
+    return RealtimeDoor(
+        RealtimeModels.from_settings(settings),
+        ClientSecrets(settings.client_secret_key, settings.client_secret_ttl_s),
+    )
+
+
+def _dumps(event: dict[str, Any]) -> str:
+    return json.dumps(event, separators=(",", ":"), ensure_ascii=False)
+
+
+def _offered_protocols(ws: WebSocket) -> list[str]:
+    header = ws.headers.get("sec-websocket-protocol") or ""
+    return [p.strip() for p in header.split(",") if p.strip()]
+
+
+def _credential(authorization: str | None, protocols: list[str]) -> str | None:
+    if authorization:
+        scheme, _, value = authorization.partition(" ")
+        if scheme.lower() == "bearer" and value.strip():
+            return value.strip()
+    for protocol in protocols:
+        if protocol.startswith(KEY_PROTOCOL):
+            return protocol[len(KEY_PROTOCOL) :]
+    return None
+
+
+def _tenant(
+    request: Request | WebSocket, credential: str | None, *, allow_secret: bool
+) -> tuple[str | None, str | None]:
+    """(tenant, model the credential is bound to) or (None, None)."""
+    app = request.app.state.duplex
+    if credential and credential.startswith(PREFIX):
+        if not allow_secret:
+            return None, None
+        secret = request.app.state.realtime.secrets.check(credential)
+        return (secret.tenant, secret.model) if secret else (None, None)
+    tenant = app.auth.tenant_for(f"Bearer {credential}" if credential else None, None)
+    return tenant, None
+
+
+async def _refuse(ws: WebSocket, status: int, code: str, message: str) -> None:
+    """Refuse the handshake with an HTTP status where the server can (``401``), else
+    accept, send the ``error`` event and close."""
+    body = {"error": error_body("invalid_request_error", code, message, None, None)}
+    if "websocket.http.response" in ws.scope.get("extensions", {}):
+        await ws.send_denial_response(JSONResponse(body, status_code=status))
+        return
+    await ws.accept()
+    await ws.send_text(_dumps({"type": "error", "event_id": "event_refused"} | body))
+    await ws.close(CLOSE_POLICY)
+
+
+@router.websocket("/v1/realtime")
+async def realtime(ws: WebSocket) -> None:
+    app = ws.app.state.duplex
+    door: RealtimeDoor = ws.app.state.realtime
+    protocols = _offered_protocols(ws)
+    tenant, bound_model = _tenant(
+        ws, _credential(ws.headers.get("authorization"), protocols), allow_secret=True
+    )
+    if tenant is None:
+        await _refuse(ws, 401, "invalid_api_key", "missing, invalid or expired API key")
+        return
+    name = ws.query_params.get("model") or bound_model
+    if bound_model is not None and name != bound_model:
+        await _refuse(ws, 403, "model_mismatch", "the client secret is for another model")
+        return
+    model = door.models.get(name)
+    if model is None:
+        await _refuse(
+            ws,
+            404,
+            "model_not_found",
+            f"The model {str(name)[:64]!r} does not exist (GET /v1/models lists them)",
+        )
+        return
+    state = RealtimeSessionState(model)
+    try:
+        config = _initial_config(model, state)
+        session = await DuplexSession.open(app.services, tenant=tenant, config=config)
+    except (ProtocolError, ValueError) as exc:
+        await _refuse(ws, 500, "internal_error", str(exc)[:200])
+        return
+    await ws.accept(subprotocol="realtime" if "realtime" in protocols else None)
+    app.registry.add(tenant, session)
+    session.log.info("realtime connected (tenant %s, model %s)", tenant, model.name)
+    bridge = RealtimeBridge(session, state, session.services.limits.json)
+    try:
+        async with asyncio.TaskGroup() as tg:
+            reader = tg.create_task(_read(ws, session, bridge, app.settings.max_message_bytes))
+            tg.create_task(_write(ws, session, bridge, reader))
+    except* Exception as group:
+        session.log.error("realtime connection failed", exc_info=group.exceptions[0])
+    finally:
+        app.registry.remove(tenant, session)
+        await session.close()
+        session.log.info("realtime disconnected")
+
+
+def _initial_config(model: RealtimeModel, state: RealtimeSessionState) -> SessionConfig:
+    return SessionConfig().merged(model.config).merged(state.duplex_patch())
+
+
+async def _read(
+    ws: WebSocket, session: DuplexSession, bridge: RealtimeBridge, max_bytes: int
+) -> None:
+    while not session.closed:
+        try:
+            frame = await ws.receive()
+        except (WebSocketDisconnect, RuntimeError):
+            break
+        if frame["type"] == "websocket.disconnect":
+            break
+        text = frame.get("text")
+        if text is None:
+            text = (frame.get("bytes") or b"").decode("utf-8", "replace")
+        if len(text) > max_bytes and len(text.encode()) > max_bytes:
+            await bridge.receive_error(
+                DoorError("too_large", f"event of {len(text.encode())} bytes is over {max_bytes}")
+            )
+            continue
+        try:
+            await bridge.receive(text)
+        except Exception:
+            session.log.exception("internal error handling a realtime event")
+            await session.fail(500, "internal error")
+    await session.close()
+
+
+async def _write(
+    ws: WebSocket, session: DuplexSession, bridge: RealtimeBridge, reader: asyncio.Task[None]
+) -> None:
+    async for message in session.response():
+        try:
+            for event in bridge.translate(message):
+                await ws.send_text(_dumps(event))
+        except (WebSocketDisconnect, RuntimeError):
+            break
+        if isinstance(message, ErrorEvent) and message.fatal:
+            break
+    if ws.client_state == WebSocketState.CONNECTED:
+        code = 1000
+        if session.error is not None:
+            code = CLOSE_INTERNAL if session.error.code >= 500 else CLOSE_POLICY
+        try:
+            await ws.close(code)
+        except RuntimeError:
+            pass
+    reader.cancel()
+
+
+# ---- HTTP -------------------------------------------------------------------------------
+
+
+def _http_tenant(request: Request, *, allow_secret: bool = False) -> str:
+    credential = _credential(request.headers.get("authorization"), [])
+    tenant, _ = _tenant(request, credential, allow_secret=allow_secret)
+    if tenant is None:
+        raise HTTPException(401, "missing or invalid API token")
+    return tenant
+
+
+@router.get("/v1/models")
+async def list_models(request: Request) -> dict[str, Any]:
+    """The Realtime models this server offers (OpenAI's list format)."""
+    _http_tenant(request, allow_secret=True)
+    door: RealtimeDoor = request.app.state.realtime
+    return {
+        "object": "list",
+        "data": [
+            {"id": name, "object": "model", "created": 0, "owned_by": "duplex"}
+            for name in door.models.names()
+        ],
+    }
+
+
+@router.post("/v1/realtime/client_secrets")
+async def client_secrets(request: Request) -> JSONResponse:
+    """A short-lived secret for one tenant and model, for a browser to connect with."""
+    tenant = _http_tenant(request)
+    door: RealtimeDoor = request.app.state.realtime
+    try:
+        body = await request.json() if await request.body() else {}
+        check_json_value(body, request.app.state.duplex.services.limits.json)
+        if not isinstance(body, dict):
+            raise DoorError("invalid_type", "the body must be a JSON object")
+        ttl = _ttl(body.get("expires_after"), door.secrets.ttl_s)
+        session = body.get("session") or {}
+        if not isinstance(session, dict):
+            raise DoorError("invalid_type", "`session` must be an object", "session")
+        model = door.models.get(session.get("model"))
+        if model is None:
+            raise DoorError("model_not_found", "unknown model", "session.model")
+        state = RealtimeSessionState(model)
+        if session:
+            state = state.updated({k: v for k, v in session.items() if k != "model"})
+    except DoorError as exc:
+        return JSONResponse(
+            {"error": error_body(exc.type, exc.code, exc.message, exc.param, None)}, 400
+        )
+    except (ValueError, ProtocolError):
+        return JSONResponse(
+            {
+                "error": error_body(
+                    "invalid_request_error", "invalid_json", "invalid JSON body", None, None
+                )
+            },
+            400,
+        )
+    value, expires_at = door.secrets.mint(tenant, model.name, ttl)
+    return JSONResponse(
+        {"value": value, "expires_at": expires_at, "session": state.render("")},
+        headers={"Cache-Control": "no-store"},
+    )
+
+
+def _ttl(expires_after: Any, default: float) -> float:
+    if expires_after is None:
+        return default
+    if not isinstance(expires_after, dict):
+        raise DoorError("invalid_type", "`expires_after` must be an object", "expires_after")
+    seconds = expires_after.get("seconds", default)
+    if (
+        isinstance(seconds, bool)
+        or not isinstance(seconds, int | float)
+        or not 10 <= seconds <= 7200
+    ):
+        raise DoorError(
+            "invalid_value",
+            "expires_after.seconds must be from 10 to 7200",
+            "expires_after.seconds",
+        )
+    return min(float(seconds), default) if default else float(seconds)
