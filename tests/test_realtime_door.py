@@ -170,7 +170,7 @@ async def test_text_modality_session_update_and_models(live_server):
     assert events[-1].response.output_modalities == ["text"]
     models = await client_for(live_server).models.list()
     assert [m.id for m in models.data] == ["duplex-echo"]
-    r = httpx.get(f"{live_server.base}/v1/models")
+    r = await asyncio.to_thread(httpx.get, f"{live_server.base}/v1/models")
     assert r.status_code == 401
 
 
@@ -214,7 +214,7 @@ async def test_bad_events_answer_error_events_and_the_session_goes_on(live_serve
         ]
         assert all(e.type == "invalid_request_error" and e.message for e in errors)
         # Not JSON at all: still an error event, not a closed socket.
-        await conn._connection.send("{not json")  # noqa: SLF001 - raw frame on purpose
+        await conn._connection.send("{not json")  # a raw frame, on purpose
         bad = await until(conn, "error")
         assert bad[-1].error.code == "invalid_json"
         await say_text(conn, "still here")
@@ -243,7 +243,8 @@ async def test_auth_bearer_subprotocol_and_refusals(live_server):
     assert unknown.value.response.status_code == 404
     # A Realtime session is a Duplex session: the other tenant cannot read it.
     async with connect(live_server) as conn:
-        r = httpx.get(
+        r = await asyncio.to_thread(
+            httpx.get,
             f"{live_server.base}/v1/sessions/{conn.session_id}/messages",
             headers={"Authorization": f"Bearer {OTHER_TOKEN}"},
         )
@@ -472,7 +473,7 @@ async def test_barge_in_then_truncate_cuts_the_stored_answer(server_factory):
         return bool(answers) and answers[0]["metadata"].get("played_ms") == played
 
     messages = await stored_when(server, session_id, cut)
-    answer = [m for m in messages if m["role"] == "assistant"][0]
+    answer = next(m for m in messages if m["role"] == "assistant")
     assert answer["metadata"]["finish_reason"] == "interrupted"
     assert len(answer["content"]) < len(transcript)
     assert transcript.startswith(answer["content"])
@@ -541,7 +542,8 @@ async def test_item_retrieve_and_delete_edit_the_stored_history(live_server):
 
 
 async def test_client_secrets(live_server):
-    r = httpx.post(
+    r = await asyncio.to_thread(
+        httpx.post,
         f"{live_server.base}/v1/realtime/client_secrets",
         headers={"Authorization": f"Bearer {TOKEN}"},
         json={
@@ -557,10 +559,11 @@ async def test_client_secrets(live_server):
         await conn.response.create()
         events = await until(conn, "response.done", stop_on_error=True)
         # Tenant-scoped: the session belongs to the tenant that minted the secret.
-        assert stored(live_server, conn.session_id) is not None
+        assert await asyncio.to_thread(stored, live_server, conn.session_id) is not None
     assert events[-1].response.status == "completed"
     # A secret cannot mint secrets or use the REST API as the tenant.
-    r = httpx.post(
+    r = await asyncio.to_thread(
+        httpx.post,
         f"{live_server.base}/v1/realtime/client_secrets",
         headers={"Authorization": f"Bearer {secret['value']}"},
         json={},
