@@ -124,6 +124,10 @@ class RealtimeBridge:
         self._commit_items: deque[str] = deque()
         self._pending_user_items: list[str] = []
         self._turn_items: OrderedDict[str, str] = OrderedDict()
+        #: Audio went to the session since the last user audio item (server VAD), and
+        #: the latest such item (for transcripts a provider sends without a turn id).
+        self._uncommitted = False
+        self._last_audio_item: str | None = None
         # Responses: requested (waiting for the session to start one), streaming, and
         # a response paused on function calls until the client's outputs and response.create.
         self._requested: deque[dict[str, Any]] = deque()
@@ -216,6 +220,7 @@ class RealtimeBridge:
             if len(self._buffer) > cap:
                 del self._buffer[: len(self._buffer) - cap]
         else:
+            self._uncommitted = True
             await self.session.send_audio(audio, event_id)
 
     def _buffer_cap(self) -> int:
@@ -454,9 +459,12 @@ class RealtimeBridge:
                 self._committed.clear()
                 await self.session.send_audio(audio, event_id)
                 await self.session.commit(None, event_id)
-            else:
-                # Whatever the conversation holds now (text items, images) is the turn.
+            elif self._pending_user_items or self.state.model.mode == "vad":
+                # Whatever the conversation holds now (text items, images) is the turn
+                # (in VAD mode an empty one: the model answers the history as it is).
                 await self.session.send_text(TextChunk("", final=True), event_id)
+            else:
+                await self.session.commit(None, event_id)  # a realtime provider answers
         except BaseException:
             self._requested.pop()
             raise
@@ -555,6 +563,8 @@ class RealtimeBridge:
                 item_id = self._speech_item or new_item_id()
                 events = self._user_audio_item(item_id)
             self._speech_item = None
+            self._uncommitted = False
+            self._last_audio_item = item_id
             items.append(item_id)
         for item_id in items:
             entry = self._items.get(item_id)
@@ -594,7 +604,10 @@ class RealtimeBridge:
         ]
 
     def _transcript(self, message: Transcript) -> list[Event]:
-        item_id = self._turn_items.get(message.turn_id or "")
+        if message.turn_id is None:
+            item_id = self._last_audio_item  # a realtime provider's transcript
+        else:
+            item_id = self._turn_items.get(message.turn_id)
         if item_id is None:
             return []
         if not message.final:
@@ -659,8 +672,16 @@ class RealtimeBridge:
 
     def _response_started(self, message: ResponseStarted) -> list[Event]:
         options = self._requested.popleft() if self._requested else {}
+        events: list[Event] = []
+        if self._uncommitted and self.state.model.mode == "asm":
+            # A realtime provider found the turn itself and said nothing before answering:
+            # the audio it heard becomes the user's item now.
+            item_id = self._speech_item or new_item_id()
+            self._speech_item, self._uncommitted = None, False
+            self._last_audio_item = item_id
+            events = self._user_audio_item(item_id)
         response = self._open_response(message.response_id, message.response_id, options)
-        return [self._response_created(response)]
+        return [*events, self._response_created(response)]
 
     def _current(self, duplex_id: str) -> _Response | None:
         response = self._response
