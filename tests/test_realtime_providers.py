@@ -27,7 +27,11 @@ def transcript_of(events: list) -> str:
 
 async def test_cascade_spoken_and_text_turns(server_factory):
     async with run_fake(api_key=KEY, seed=7) as fake:
-        fake.script(ChatReply(text="A table for two, done."), ChatReply(text="You are welcome."))
+        fake.script(
+            ChatReply(text="A table for two, done."),
+            ChatReply(text="You are welcome."),
+            ChatReply(text="Bye."),
+        )
         fake.script_transcript("I would like to book a table for two.")
         server = server_factory(
             openai_base_url=fake.url,
@@ -41,6 +45,7 @@ async def test_cascade_spoken_and_text_turns(server_factory):
             await conn.session.update(
                 session={
                     "type": "realtime",
+                    "instructions": "Be kind.",
                     "audio": {"input": {"transcription": {"model": "whisper-1"}}},
                 }
             )
@@ -48,8 +53,11 @@ async def test_cascade_spoken_and_text_turns(server_factory):
             await append(conn, pcm24("I would like to book a table for two.") + silence24(1200))
             spoken = await until(conn, "response.done", stop_on_error=True)
             await say_text(conn, "Thanks!")
-            await conn.response.create()
+            await conn.response.create(response={"instructions": "Answer in French."})
             typed = await until(conn, "response.done", stop_on_error=True)
+            await say_text(conn, "Goodbye")
+            await conn.response.create(response={"output_modalities": ["text"]})
+            last = await until(conn, "response.done", stop_on_error=True)
     kinds = types(spoken)
     committed = spoken[kinds.index("input_audio_buffer.committed")]
     done = [e for e in spoken if e.type.endswith("input_audio_transcription.completed")]
@@ -60,8 +68,14 @@ async def test_cascade_spoken_and_text_turns(server_factory):
     assert spoken[-1].response.status == "completed"
     assert transcript_of(typed) == "You are welcome."
     assert len(audio_of(typed)) > 0
-    chat = fake.requests_to("/v1/chat/completions")[1].json["messages"]
-    assert chat[-1] == {"role": "user", "content": "Thanks!"}
+    requests = [r.json["messages"] for r in fake.requests_to("/v1/chat/completions")]
+    assert requests[1][-1] == {"role": "user", "content": "Thanks!"}
+    # Per-response instructions hold for that response only.
+    assert [m["content"] for m in requests[1] if m["role"] == "system"] == ["Answer in French."]
+    assert [m["content"] for m in requests[2] if m["role"] == "system"] == ["Be kind."]
+    # A text-only response: text deltas, no audio.
+    assert "".join(e.delta for e in last if e.type == "response.output_text.delta") == "Bye."
+    assert not audio_of(last)
 
 
 def tone24(ms: int) -> bytes:

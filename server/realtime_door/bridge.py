@@ -13,6 +13,7 @@ place among the session's own messages: one writer, one order.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import itertools
@@ -136,6 +137,9 @@ class RealtimeBridge:
         self._awaiting_calls: list[str] = []
         self._outputs: dict[str, str] = {}
         self._continuations = itertools.count(2)
+        #: Bringing the session's instructions back after a response that had its own;
+        #: the next client event waits for it.
+        self._restoring: asyncio.Task[None] | None = None
         self._handlers: dict[str, Callable[[Event, str | None], Awaitable[None]]] = {
             "session.update": self._session_update,
             "input_audio_buffer.append": self._append,
@@ -174,6 +178,9 @@ class RealtimeBridge:
     async def receive(self, raw: str | bytes) -> None:
         """Handle one client event; a bad one answers an ``error`` event, never raises."""
         event_id: str | None = None
+        if self._restoring is not None:
+            await asyncio.wait({self._restoring})
+            self._restoring = None
         try:
             event = parse_json(raw, self._json_limits)
             if not isinstance(event, dict):
@@ -887,7 +894,9 @@ class RealtimeBridge:
     ) -> list[Event]:
         self._response = None
         if response.restore_instructions:
-            self.session.spawn(self._restore_instructions(), "realtime-instructions")
+            self._restoring = self.session.spawn(
+                self._restore_instructions(), "realtime-instructions"
+            )
         body = self._response_object(response, status, status_details=details, usage=_usage(usage))
         return [self.event("response.done", response=body)]
 
