@@ -65,6 +65,7 @@ DIRECT = "duplex.direct_binary"
 STOCK_PROTOCOL = "websockets-sansio"
 
 _BINARY_FIN = 0x82  # FIN, no RSV bits, opcode 2
+_TEXT_FIN = 0x81  # FIN, no RSV bits, opcode 1
 _ABORT_GRACE_S = 2.0
 
 #: What this class reads or calls on uvicorn's protocol instance (checked at startup).
@@ -102,6 +103,8 @@ class DirectPath:
     """
 
     take: Callable[[bytes], bool] | None = None
+    #: The same for text messages (the Realtime door's audio appends), when set.
+    take_text: Callable[[str], bool] | None = None
     ready: bool = False
     send_text: Callable[[str], bool] | None = None
     limit: Callable[[int], None] | None = None
@@ -179,8 +182,8 @@ class DuplexWebSocketProtocol(_Stock or asyncio.Protocol):  # type: ignore[misc]
     def _frames(self, data: bytes) -> None:
         """Cut ``data`` into frames: direct audio to the sink, the rest to the stock parser.
 
-        Only a frame that may go direct (FIN binary, masked, no fragmented message
-        open, within the size limit) is waited for here; any other frame is handed
+        Only a frame that may go direct (FIN binary, or FIN text when the app takes text,
+        masked, no fragmented message open, within the size limit) is waited for here; any other frame is handed
         over as soon as its first bytes show that, complete or not.
         """
         pos, size = 0, len(data)
@@ -188,7 +191,9 @@ class DuplexWebSocketProtocol(_Stock or asyncio.Protocol):  # type: ignore[misc]
         max_size = conn.max_message_size
         view = memoryview(data)
         while pos < size:
-            if data[pos] != _BINARY_FIN or conn.current_size is not None:
+            kind = data[pos]
+            text = kind == _TEXT_FIN and self._direct.take_text is not None
+            if (kind != _BINARY_FIN and not text) or conn.current_size is not None:
                 head = self._header_end(data, pos)
                 if head is None:  # not a candidate and not complete: the parser's from here
                     self._hand_over(data, pos)
@@ -223,7 +228,16 @@ class DuplexWebSocketProtocol(_Stock or asyncio.Protocol):  # type: ignore[misc]
             if end > size:
                 self._need = end - pos
                 break
-            if self._deliver_direct():
+            if text and self._deliver_direct(text=True):
+                payload = apply_mask(view[head + 4 : end], data[head : head + 4])
+                try:
+                    taken = self._direct.take_text(payload.decode())  # type: ignore[misc]
+                except UnicodeDecodeError:  # the parser reports it
+                    taken = False
+                if taken:
+                    pos = end
+                    continue
+            elif not text and self._deliver_direct():
                 payload = apply_mask(view[head + 4 : end], data[head : head + 4])
                 if self._direct.take(payload):  # type: ignore[misc]
                     pos = end
@@ -262,11 +276,11 @@ class DuplexWebSocketProtocol(_Stock or asyncio.Protocol):  # type: ignore[misc]
         self._framing = False
         super().data_received(data[pos:])
 
-    def _deliver_direct(self) -> bool:
+    def _deliver_direct(self, text: bool = False) -> bool:
         direct = self._direct
         return (
             direct.ready
-            and direct.take is not None
+            and (direct.take_text if text else direct.take) is not None
             and not self.close_sent
             and self.queue.empty()
             and not self.frames

@@ -170,6 +170,33 @@ class RealtimeBridge:
 
     # ---- client events --------------------------------------------------------------
 
+    def take_nowait(self, text: str) -> bool:
+        """An ``input_audio_buffer.append`` under server VAD, handled without waiting (the
+        server's direct receive path); False (nothing done) for anything else."""
+        if (
+            self.state.manual
+            or self._restoring is not None
+            or '"input_audio_buffer.append"' not in text
+        ):
+            return False
+        try:
+            event = parse_json(text, self._json_limits)
+        except ProtocolError:
+            return False
+        if not isinstance(event, dict) or event.get("type") != "input_audio_buffer.append":
+            return False
+        audio = event.get("audio")
+        if not isinstance(audio, str):
+            return False
+        try:
+            pcm = base64.b64decode(audio, validate=True)
+        except (binascii.Error, ValueError):
+            return False  # the usual path reports it
+        if not self.session.send_audio_nowait(pcm):
+            return False
+        self._uncommitted = True
+        return True
+
     async def receive_error(self, exc: DoorError, event_id: str | None = None) -> None:
         """Answer an event refused before it was parsed (e.g. too large)."""
         body = error_body(exc.type, exc.code, exc.message, exc.param, event_id)

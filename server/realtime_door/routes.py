@@ -10,6 +10,7 @@ from typing import Any
 
 from fastapi import APIRouter, HTTPException, Request, WebSocket
 from fastapi.responses import JSONResponse
+from pydantic import BaseModel
 from starlette.websockets import WebSocketDisconnect, WebSocketState
 
 from duplex.protocol import ErrorEvent, ProtocolError, SessionConfig, check_json_value
@@ -20,6 +21,7 @@ from server.realtime_door.errors import DoorError, error_body
 from server.realtime_door.models import RealtimeModel, RealtimeModels
 from server.realtime_door.session_map import RealtimeSessionState
 from server.session import DuplexSession
+from server.ws_protocol import DIRECT, DirectPath
 
 router = APIRouter()
 
@@ -144,13 +146,42 @@ def _initial_config(model: RealtimeModel, state: RealtimeSessionState) -> Sessio
 async def _read(
     ws: WebSocket, session: DuplexSession, bridge: RealtimeBridge, max_bytes: int
 ) -> None:
+    """Feed the bridge until the client goes or the session ends. Under Duplex's WebSocket
+    protocol, audio appends arriving while this loop waits skip the ASGI queue
+    (`RealtimeBridge.take_nowait`), as binary audio does on /v1/duplex."""
+    direct: DirectPath | None = ws.scope.get("extensions", {}).get(DIRECT)
+    if direct is not None:
+        # At most 4 UTF-8 bytes a character: anything that could be over the limit takes
+        # the usual path, which checks the size exactly.
+        direct.take_text = lambda text: len(text) <= max_bytes // 4 and bridge.take_nowait(text)
+    try:
+        await _receive_loop(ws, session, bridge, max_bytes, direct)
+    finally:
+        if direct is not None:
+            direct.take_text = None
+    await session.close()
+
+
+async def _receive_loop(
+    ws: WebSocket,
+    session: DuplexSession,
+    bridge: RealtimeBridge,
+    max_bytes: int,
+    direct: DirectPath | None,
+) -> None:
     while not session.closed:
+        if direct is not None:
+            direct.ready = True
         try:
             frame = await ws.receive()
         except (WebSocketDisconnect, RuntimeError):
             break
+        finally:
+            if direct is not None:
+                direct.ready = False
         if frame["type"] == "websocket.disconnect":
             break
+        await session.settle()  # audio taken directly is fully handled first
         text = frame.get("text")
         if text is None:
             text = (frame.get("bytes") or b"").decode("utf-8", "replace")
@@ -164,20 +195,43 @@ async def _read(
         except Exception:
             session.log.exception("internal error handling a realtime event")
             await session.fail(500, "internal error")
-    await session.close()
 
 
 async def _write(
     ws: WebSocket, session: DuplexSession, bridge: RealtimeBridge, reader: asyncio.Task[None]
 ) -> None:
+    """Write the session's messages as Realtime events. Under Duplex's WebSocket protocol a
+    message emitted while this loop waits is translated and written at once (as
+    /v1/duplex does); what could not be written then is kept (`stash`) and written here,
+    in order, when the message comes out of the queue."""
+    direct: DirectPath | None = ws.scope.get("extensions", {}).get(DIRECT)
+    send_now = direct.send_text if direct is not None else None
+    stash: dict[int, list[str]] = {}
+    if send_now is not None:
+
+        def write_now(message: BaseModel) -> bool:
+            texts = [_dumps(event) for event in bridge.translate(message)]
+            for i, text in enumerate(texts):
+                if not send_now(text):
+                    stash[id(message)] = texts[i:]
+                    return False
+            return True
+
+        session.attach_output(write_now)
     async for message in session.response():
+        texts = stash.pop(id(message), None)
+        if texts is None:
+            texts = [_dumps(event) for event in bridge.translate(message)]
         try:
-            for event in bridge.translate(message):
-                await ws.send_text(_dumps(event))
+            for text in texts:
+                if send_now is not None and send_now(text):
+                    continue
+                await ws.send_text(text)
         except (WebSocketDisconnect, RuntimeError):
             break
         if isinstance(message, ErrorEvent) and message.fatal:
             break
+    session.attach_output(None)
     if ws.client_state == WebSocketState.CONNECTED:
         code = 1000
         if session.error is not None:
