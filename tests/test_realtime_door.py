@@ -628,3 +628,50 @@ def test_g711_encoder_matches_the_decoder_tables():
         coded = table[np.frombuffer(g711.encode(ramp.tobytes(), law), np.uint8)]
         error = np.abs(coded.astype(np.int32) - ramp.astype(np.int32))
         assert error.max() <= np.abs(ramp.astype(np.int32)).max() // 16 + 16  # log quantiser
+
+
+async def test_held_audio_and_outputs_stay_bounded():
+    """Commits without response.create, and outputs for calls nobody waits for, keep at
+    most one turn of audio and MAX_OUTPUTS outputs."""
+    from duplex.protocol import JsonLimits
+    from server.config import Settings
+    from server.modes.catalog import builtin_modes
+    from server.providers.catalog import ProviderCatalog
+    from server.realtime_door.bridge import MAX_OUTPUTS, RealtimeBridge
+    from server.realtime_door.models import RealtimeModel
+    from server.realtime_door.session_map import RealtimeSessionState
+    from server.session import DuplexSession, SessionServices
+    from server.state.memory import MemoryStore
+
+    services = SessionServices(
+        store=MemoryStore(),
+        providers=ProviderCatalog.from_settings(Settings(echo_pace=0)),
+        modes=builtin_modes(),
+    )
+    state = RealtimeSessionState(RealtimeModel("duplex-echo", {"provider": "echo"}))
+    session = await DuplexSession.open(services, tenant="t", config=None)
+    bridge = RealtimeBridge(session, state, JsonLimits())
+    try:
+        await bridge.receive(
+            json.dumps(
+                {
+                    "type": "session.update",
+                    "session": {"type": "realtime", "audio": {"input": {"turn_detection": None}}},
+                }
+            )
+        )
+        ten_seconds = base64.b64encode(silence24(10_000)).decode()
+        for _ in range(8):
+            await bridge.receive(
+                json.dumps({"type": "input_audio_buffer.append", "audio": ten_seconds})
+            )
+            await bridge.receive(json.dumps({"type": "input_audio_buffer.commit"}))
+        held = sum(len(a) for _, a in bridge._committed)
+        assert held <= 24000 * 2 * 30  # max_turn_ms (30 s) at 24 kHz
+        for i in range(MAX_OUTPUTS + 10):
+            item = {"type": "function_call_output", "call_id": f"c{i}", "output": "{}"}
+            await bridge.receive(json.dumps({"type": "conversation.item.create", "item": item}))
+        assert len(bridge._outputs) == MAX_OUTPUTS
+        assert "c0" not in bridge._outputs and f"c{MAX_OUTPUTS + 9}" in bridge._outputs
+    finally:
+        await session.close()

@@ -58,6 +58,8 @@ from server.session import DuplexSession
 MAX_ITEMS = 1000
 #: Turn ids -> user item ids remembered (transcripts arrive after the turn).
 MAX_TURNS = 64
+#: Function-call outputs kept for the next response.create (oldest dropped).
+MAX_OUTPUTS = 64
 _G711 = {"audio/pcmu": "mulaw", "audio/pcma": "alaw"}
 _STATUS = {
     "stop": ("completed", None),
@@ -277,6 +279,10 @@ class RealtimeBridge:
         item_id = new_item_id()
         self._committed.append((item_id, bytes(self._buffer)))
         self._buffer.clear()
+        # Commits without response.create keep at most one turn's audio (the latest).
+        cap = self._buffer_cap()
+        while len(self._committed) > 1 and sum(len(a) for _, a in self._committed) > cap:
+            self._committed.pop(0)
         await self._emit(*self._user_audio_item(item_id))
 
     async def _clear(self, event: Event, event_id: str | None) -> None:
@@ -304,6 +310,8 @@ class RealtimeBridge:
             call_id = _field(item, "call_id", str, "item.call_id")
             output = _field(item, "output", str, "item.output")
             self._outputs[call_id[:256]] = output
+            while len(self._outputs) > MAX_OUTPUTS:
+                del self._outputs[next(iter(self._outputs))]
             item = {"type": "function_call_output", "call_id": call_id, "output": output}
         else:
             raise DoorError(
@@ -316,6 +324,7 @@ class RealtimeBridge:
         entry = _Item(item)
         if kind == "message" and item["role"] == "user":
             self._pending_user_items.append(item_id)
+            del self._pending_user_items[:-MAX_ITEMS]
         await self._emit(*self._add_item(entry))
 
     async def _message_item(self, item: Event, event_id: str | None) -> None:
