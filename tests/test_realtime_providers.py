@@ -108,3 +108,47 @@ async def test_gemini_live_text_and_spoken_turns(server_factory):
     assert len(audio_of(spoken)) > 0
     completed = [e for e in spoken if e.type.endswith("input_audio_transcription.completed")]
     assert completed and completed[0].transcript == fake.user_transcript
+
+
+async def test_openai_realtime_relayed_spoken_and_text_turns(server_factory):
+    from tests.fakes.openai_realtime import FakeOpenAIRealtime
+
+    async with FakeOpenAIRealtime(reply_audio_ms=400) as fake:
+        server = server_factory(
+            openai_realtime_url=fake.base_url,
+            openai_api_key="sk-test-duplex-fake",
+            realtime_models={
+                "duplex-echo": {"provider": "echo"},
+                "gpt-realtime": {"mode": "asm", "provider": "openai-realtime"},
+            },
+        )
+        async with connect(server, model="gpt-realtime") as conn:
+            await append(
+                conn, silence24(300) + pcm24("What is the weather in Paris") + silence24(1000)
+            )
+            spoken = await until(conn, "response.done", stop_on_error=True)
+            await say_text(conn, "And tomorrow?")
+            await until(conn, "conversation.item.done", stop_on_error=True)
+            await conn.response.create()
+            typed = await until(conn, "response.done", stop_on_error=True)
+    kinds = types(spoken)
+    for kind in (
+        "input_audio_buffer.speech_started",
+        "input_audio_buffer.speech_stopped",
+        "input_audio_buffer.committed",
+        "response.created",
+    ):
+        assert kind in kinds, (kind, kinds)
+    assert kinds.index("input_audio_buffer.committed") < kinds.index("response.created")
+    # Transcription runs beside the response: it may come after response.done.
+    completed = [
+        e for e in spoken + typed if e.type.endswith("input_audio_transcription.completed")
+    ]
+    assert completed and completed[0].transcript == fake.transcript
+    assert completed[0].item_id == spoken[kinds.index("input_audio_buffer.committed")].item_id
+    deltas = [e for e in spoken + typed if e.type.endswith("input_audio_transcription.delta")]
+    assert "".join(d.delta for d in deltas) == fake.transcript
+    assert transcript_of(spoken) == fake.reply_text
+    assert len(audio_of(spoken)) > 0
+    assert typed[-1].response.status == "completed"
+    assert transcript_of(typed)

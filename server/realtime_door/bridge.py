@@ -131,6 +131,7 @@ class RealtimeBridge:
         #: the latest such item (for transcripts a provider sends without a turn id).
         self._uncommitted = False
         self._last_audio_item: str | None = None
+        self._partial = ""  # the partial transcript so far
         # Responses: requested (waiting for the session to start one), streaming, and
         # a response paused on function calls until the client's outputs and response.create.
         self._requested: deque[dict[str, Any]] = deque()
@@ -647,34 +648,45 @@ class RealtimeBridge:
         ]
 
     def _transcript(self, message: Transcript) -> list[Event]:
-        if message.turn_id is None:
-            item_id = self._last_audio_item  # a realtime provider's transcript
+        events: list[Event] = []
+        if message.turn_id is None:  # a realtime provider's transcript
+            events = self._provider_turn()
+            item_id = self._last_audio_item
         else:
             item_id = self._turn_items.get(message.turn_id)
         if item_id is None:
-            return []
+            return events
         if not message.final:
+            # Partial transcripts carry the text so far: the delta is what is new.
+            text, previous = message.text, self._partial
+            self._partial = text
+            delta = text[len(previous) :] if text.startswith(previous) else text
+            if not delta:
+                return events
             return [
+                *events,
                 self.event(
                     "conversation.item.input_audio_transcription.delta",
                     item_id=item_id,
                     content_index=0,
-                    delta=message.text,
-                )
+                    delta=delta,
+                ),
             ]
+        self._partial = ""
         entry = self._items.get(item_id)
         if entry is not None:
             for part in entry.item.get("content", []):
                 if part.get("type") == "input_audio":
                     part["transcript"] = message.text
         return [
+            *events,
             self.event(
                 "conversation.item.input_audio_transcription.completed",
                 item_id=item_id,
                 content_index=0,
                 transcript=message.text,
                 usage={"type": "duration", "seconds": 0},
-            )
+            ),
         ]
 
     # ---- responses --------------------------------------------------------------------
@@ -715,16 +727,20 @@ class RealtimeBridge:
 
     def _response_started(self, message: ResponseStarted) -> list[Event]:
         options = self._requested.popleft() if self._requested else {}
-        events: list[Event] = []
-        if self._uncommitted and self.state.model.mode == "asm":
-            # A realtime provider found the turn itself and said nothing before answering:
-            # the audio it heard becomes the user's item now.
-            item_id = self._speech_item or new_item_id()
-            self._speech_item, self._uncommitted = None, False
-            self._last_audio_item = item_id
-            events = self._user_audio_item(item_id)
+        events = self._provider_turn()
         response = self._open_response(message.response_id, message.response_id, options)
         return [*events, self._response_created(response)]
+
+    def _provider_turn(self) -> list[Event]:
+        """A realtime provider found the turn itself without a turn event of ours: the
+        audio it heard becomes the user's item when it transcribes it or answers."""
+        if not (self._uncommitted and self.state.model.mode == "asm"):
+            return []
+        item_id = self._speech_item or new_item_id()
+        self._speech_item, self._uncommitted = None, False
+        self._last_audio_item = item_id
+        self._partial = ""
+        return self._user_audio_item(item_id)
 
     def _current(self, duplex_id: str) -> _Response | None:
         response = self._response
