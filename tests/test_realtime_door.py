@@ -434,6 +434,12 @@ async def test_response_cancel(server_factory):
         await conn.input_audio_buffer.commit()
         await conn.response.create()
         await until(conn, "response.output_audio.delta", stop_on_error=True)
+        await conn.response.create(event_id="evt_twice")
+        twice = await until(conn, "error")
+        assert (twice[-1].error.code, twice[-1].error.event_id) == (
+            "conversation_already_has_active_response",
+            "evt_twice",
+        )
         await conn.response.cancel()
         events = await until(conn, "response.done", stop_on_error=True)
     done = events[-1].response

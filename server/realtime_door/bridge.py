@@ -465,10 +465,11 @@ class RealtimeBridge:
         options = event.get("response") or {}
         if not isinstance(options, dict):
             raise DoorError("invalid_type", "`response` must be an object", "response")
-        if self._response is not None:
+        if self._response is not None or self._requested:
+            active = self._response.id if self._response is not None else "(starting)"
             raise DoorError(
                 "conversation_already_has_active_response",
-                f"Conversation already has an active response in progress: {self._response.id}",
+                f"Conversation already has an active response in progress: {active}",
             )
         for key in ("conversation", "input"):
             if options.get(key) not in (None, "auto"):
