@@ -182,9 +182,10 @@ class DuplexWebSocketProtocol(_Stock or asyncio.Protocol):  # type: ignore[misc]
     def _frames(self, data: bytes) -> None:
         """Cut ``data`` into frames: direct audio to the sink, the rest to the stock parser.
 
-        Only a frame that may go direct (FIN binary, or FIN text when the app takes text,
-        masked, no fragmented message open, within the size limit) is waited for here; any other frame is handed
-        over as soon as its first bytes show that, complete or not.
+        Only a frame that may go direct (FIN binary, or FIN text when the app takes text;
+        masked, no fragmented message open, within the size limit) is waited for here;
+        any other frame is handed over as soon as its first bytes show that, complete
+        or not.
         """
         pos, size = 0, len(data)
         conn = self.conn

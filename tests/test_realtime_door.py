@@ -681,3 +681,17 @@ async def test_held_audio_and_outputs_stay_bounded():
         assert "c0" not in bridge._outputs and f"c{MAX_OUTPUTS + 9}" in bridge._outputs
     finally:
         await session.close()
+
+
+async def test_the_input_rate_limits_of_duplex_apply(server_factory):
+    server = server_factory(message_rate_limit=5.0, message_burst=2)
+    async with connect(server) as conn:
+        for i in range(6):
+            await conn.send(
+                {"type": "conversation.item.retrieve", "item_id": "x", "event_id": f"e{i}"}
+            )
+        errors = []
+        async with asyncio.timeout(TIMEOUT):
+            while len([e for e in errors if e.code == "item_not_found"]) < 6:
+                errors.append((await until(conn, "error"))[-1].error)
+    assert "rate_limited" in [e.code for e in errors]

@@ -45,6 +45,7 @@ from duplex.protocol import (
     parse_json,
 )
 from media import g711
+from server.rate import InputBudget, audio_bytes_per_second
 from server.realtime_door import history
 from server.realtime_door.errors import DoorError, duplex_error_body, error_body
 from server.realtime_door.session_map import (
@@ -173,7 +174,7 @@ class RealtimeBridge:
 
     # ---- client events --------------------------------------------------------------
 
-    def take_nowait(self, text: str) -> bool:
+    def take_nowait(self, text: str, budget: InputBudget | None = None) -> bool:
         """An ``input_audio_buffer.append`` under server VAD, handled without waiting (the
         server's direct receive path); False (nothing done) for anything else."""
         if (
@@ -195,7 +196,12 @@ class RealtimeBridge:
             pcm = base64.b64decode(audio, validate=True)
         except (binascii.Error, ValueError):
             return False  # the usual path reports it
+        rate = audio_bytes_per_second(self.session.config.input_audio)
+        if budget is not None and not budget.try_audio(len(pcm), rate):
+            return False  # the usual path waits for the budget
         if not self.session.send_audio_nowait(pcm):
+            if budget is not None:
+                budget.refund_audio(len(pcm), rate)
             return False
         self._uncommitted = True
         return True

@@ -13,14 +13,22 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 from starlette.websockets import WebSocketDisconnect, WebSocketState
 
-from duplex.protocol import ErrorEvent, ProtocolError, SessionConfig, check_json_value
+from duplex.protocol import (
+    RATE_LIMITED,
+    ErrorEvent,
+    ProtocolError,
+    SessionConfig,
+    check_json_value,
+)
 from server.config import Settings
+from server.rate import InputBudget, audio_bytes_per_second
 from server.realtime_door.bridge import RealtimeBridge
 from server.realtime_door.client_secrets import PREFIX, ClientSecrets
 from server.realtime_door.errors import DoorError, error_body
 from server.realtime_door.models import RealtimeModel, RealtimeModels
 from server.realtime_door.session_map import RealtimeSessionState
 from server.session import DuplexSession
+from server.state.base import StoreUnavailable
 from server.ws_protocol import DIRECT, DirectPath
 
 router = APIRouter()
@@ -120,6 +128,9 @@ async def realtime(ws: WebSocket) -> None:
     try:
         config = _initial_config(model, state)
         session = await DuplexSession.open(app.services, tenant=tenant, config=config)
+    except StoreUnavailable as exc:
+        await _refuse(ws, 503, "store_unavailable", f"{exc}; try again later")
+        return
     except (ProtocolError, ValueError) as exc:
         await _refuse(ws, 500, "internal_error", str(exc)[:200])
         return
@@ -129,8 +140,10 @@ async def realtime(ws: WebSocket) -> None:
     bridge = RealtimeBridge(session, state, session.services.limits.json)
     try:
         async with asyncio.TaskGroup() as tg:
-            reader = tg.create_task(_read(ws, session, bridge, app.settings.max_message_bytes))
-            tg.create_task(_write(ws, session, bridge, reader))
+            reader = tg.create_task(
+                _read(ws, session, bridge, app.settings.max_message_bytes, _budget(app.settings))
+            )
+            tg.create_task(_write(ws, session, bridge, reader, app.settings.output_stall_timeout_s))
     except* Exception as group:
         session.log.error("realtime connection failed", exc_info=group.exceptions[0])
     finally:
@@ -143,8 +156,22 @@ def _initial_config(model: RealtimeModel, state: RealtimeSessionState) -> Sessio
     return SessionConfig().merged(model.config).merged(state.duplex_patch())
 
 
+def _budget(settings: Settings) -> InputBudget:
+    """The same input rate limits as /v1/duplex (docs/protocol.md "Limits")."""
+    return InputBudget.of(
+        settings.audio_rate_limit,
+        settings.audio_burst_s,
+        settings.message_rate_limit,
+        settings.message_burst,
+    )
+
+
 async def _read(
-    ws: WebSocket, session: DuplexSession, bridge: RealtimeBridge, max_bytes: int
+    ws: WebSocket,
+    session: DuplexSession,
+    bridge: RealtimeBridge,
+    max_bytes: int,
+    budget: InputBudget,
 ) -> None:
     """Feed the bridge until the client goes or the session ends. Under Duplex's WebSocket
     protocol, audio appends arriving while this loop waits skip the ASGI queue
@@ -153,9 +180,11 @@ async def _read(
     if direct is not None:
         # At most 4 UTF-8 bytes a character: anything that could be over the limit takes
         # the usual path, which checks the size exactly.
-        direct.take_text = lambda text: len(text) <= max_bytes // 4 and bridge.take_nowait(text)
+        direct.take_text = lambda text: (
+            len(text) <= max_bytes // 4 and bridge.take_nowait(text, budget)
+        )
     try:
-        await _receive_loop(ws, session, bridge, max_bytes, direct)
+        await _receive_loop(ws, session, bridge, max_bytes, direct, budget)
     finally:
         if direct is not None:
             direct.take_text = None
@@ -168,6 +197,7 @@ async def _receive_loop(
     bridge: RealtimeBridge,
     max_bytes: int,
     direct: DirectPath | None,
+    budget: InputBudget,
 ) -> None:
     while not session.closed:
         if direct is not None:
@@ -191,14 +221,38 @@ async def _receive_loop(
             )
             continue
         try:
+            await _pace(session, budget, text)
             await bridge.receive(text)
         except Exception:
             session.log.exception("internal error handling a realtime event")
             await session.fail(500, "internal error")
 
 
+async def _pace(session: DuplexSession, budget: InputBudget, text: str) -> None:
+    """Input over its rate waits here (unread input stays in the socket), as on
+    /v1/duplex: audio appends by their audio (counted from the base64 length), other
+    events by count, with a ``rate_limited`` error at most once a second."""
+    if '"input_audio_buffer.append"' in text:
+        rate = audio_bytes_per_second(session.config.input_audio)
+        await budget.pace_audio(len(text) * 3 // 4, rate)
+        return
+    delay = budget.message_delay()
+    if delay <= 0:
+        return
+    if budget.notice_due():
+        await session.emit_error(
+            RATE_LIMITED,
+            f"more than {budget.messages.rate:g} messages a second: reading is slowed down",
+        )
+    await asyncio.sleep(delay)
+
+
 async def _write(
-    ws: WebSocket, session: DuplexSession, bridge: RealtimeBridge, reader: asyncio.Task[None]
+    ws: WebSocket,
+    session: DuplexSession,
+    bridge: RealtimeBridge,
+    reader: asyncio.Task[None],
+    stall_timeout_s: float,
 ) -> None:
     """Write the session's messages as Realtime events. Under Duplex's WebSocket protocol a
     message emitted while this loop waits is translated and written at once (as
@@ -226,8 +280,16 @@ async def _write(
             for text in texts:
                 if send_now is not None and send_now(text):
                     continue
-                await ws.send_text(text)
-        except (WebSocketDisconnect, RuntimeError):
+                async with asyncio.timeout(stall_timeout_s):
+                    await ws.send_text(text)
+        except TimeoutError:
+            # The client stopped reading: end the session and drop the connection.
+            session.log.warning("output stalled for %g s: closing", stall_timeout_s)
+            await session.fail(RATE_LIMITED, "client is not reading")
+            if direct is not None and direct.abort is not None:
+                direct.abort(None, CLOSE_POLICY)
+            break
+        except (WebSocketDisconnect, RuntimeError, OSError):
             break
         if isinstance(message, ErrorEvent) and message.fatal:
             break
