@@ -287,7 +287,8 @@ class DuplexSession(BaseSession):
         self._tasks: set[asyncio.Task[Any]] = set()
         self._closed = False
         self._rest: asyncio.Task[None] | None = None  # see `send_audio_nowait`
-        self._send_now: Callable[[BaseModel], bool] | None = None  # see `attach_output`
+        self._send_now: Callable[[str], bool] | None = None  # see `attach_output`
+        self._encode: Callable[[BaseModel], str] = encode_server_message
         self._consumer_waiting = False
         self.error: ErrorEvent | None = None
         self.done = asyncio.Event()
@@ -413,11 +414,18 @@ class DuplexSession(BaseSession):
 
     # ---- output ---------------------------------------------------------------------
 
-    def attach_output(self, send_now: Callable[[str], bool] | None) -> None:
+    def attach_output(
+        self,
+        send_now: Callable[[str], bool] | None,
+        encode: Callable[[BaseModel], str] | None = None,
+    ) -> None:
         """Let `emit` write straight to the connection when nothing is queued before the
         message and the consumer of `frames` waits: one loop turn less per message.
-        ``send_now(text)`` returns False when it cannot send at once (backpressure)."""
+        ``send_now(text)`` returns False when it cannot send at once (backpressure).
+        ``encode`` replaces `encode_server_message` for `frames` and the outbox (another
+        door's wire format, e.g. the OpenAI Realtime door's)."""
         self._send_now = send_now
+        self._encode = encode or encode_server_message
 
     def emit_nowait(self, message: BaseModel) -> bool:
         """`emit` without waiting: False (nothing done) if the output queue is full."""
@@ -426,7 +434,7 @@ class DuplexSession(BaseSession):
         send_now = self._send_now
         if send_now is not None and self._consumer_waiting and self._out.empty():
             seq = message.seq = self._seq + 1  # type: ignore[attr-defined]
-            text = encode_server_message(message)
+            text = self._encode(message)
             if send_now(text):
                 self._seq = seq
                 if self._outbox is not None:
@@ -510,7 +518,7 @@ class DuplexSession(BaseSession):
         """Number a message as it leaves, and record it in the outbox."""
         seq = self._seq = self._seq + 1
         message.seq = seq
-        text = encode_server_message(message)
+        text = self._encode(message)
         if self._outbox is not None:
             self._outbox.append(seq, text)
         return text

@@ -15,7 +15,6 @@ from starlette.websockets import WebSocketDisconnect, WebSocketState
 
 from duplex.protocol import (
     RATE_LIMITED,
-    ErrorEvent,
     ProtocolError,
     SessionConfig,
     check_json_value,
@@ -27,6 +26,7 @@ from server.realtime_door.client_secrets import PREFIX, ClientSecrets
 from server.realtime_door.errors import DoorError, error_body
 from server.realtime_door.models import RealtimeModel, RealtimeModels
 from server.realtime_door.session_map import RealtimeSessionState
+from server.resume import Link
 from server.session import DuplexSession
 from server.state.base import StoreUnavailable
 from server.ws_protocol import DIRECT, DirectPath
@@ -135,6 +135,9 @@ async def realtime(ws: WebSocket) -> None:
         await _refuse(ws, 500, "internal_error", str(exc)[:200])
         return
     await ws.accept(subprotocol="realtime" if "realtime" in protocols else None)
+    # The connection's hold on the session's output: a resume on /v1/duplex can take the
+    # session over (server/resume.py), which closes this connection and keeps the session.
+    link = session.connection = Link(ws=ws)
     app.registry.add(tenant, session)
     session.log.info("realtime connected (tenant %s, model %s)", tenant, model.name)
     bridge = RealtimeBridge(session, state, session.services.limits.json)
@@ -143,12 +146,16 @@ async def realtime(ws: WebSocket) -> None:
             reader = tg.create_task(
                 _read(ws, session, bridge, app.settings.max_message_bytes, _budget(app.settings))
             )
-            tg.create_task(_write(ws, session, bridge, reader, app.settings.output_stall_timeout_s))
+            link.writer = tg.create_task(
+                _write(ws, session, bridge, reader, app.settings.output_stall_timeout_s)
+            )
     except* Exception as group:
         session.log.error("realtime connection failed", exc_info=group.exceptions[0])
     finally:
-        app.registry.remove(tenant, session)
-        await session.close()
+        # No grace period: the Realtime protocol has no resume.
+        if not link.replaced:
+            await session.close()
+            app.registry.remove(tenant, session)
         session.log.info("realtime disconnected")
 
 
@@ -247,6 +254,38 @@ async def _pace(session: DuplexSession, budget: InputBudget, text: str) -> None:
     await asyncio.sleep(delay)
 
 
+class _Frames:
+    """The session's messages as Realtime frames: `encode` is the session's encoder (a
+    message becomes its events' JSON, newline-separated: JSON written compactly holds no
+    newline), `send_now` its direct writer. A message is translated once: when a direct
+    write is cut short by backpressure, the frames not written are kept for the session's
+    queue path, which asks `encode` again for that message."""
+
+    def __init__(self, bridge: RealtimeBridge, direct: DirectPath | None) -> None:
+        self.bridge = bridge
+        self.direct_send = direct.send_text if direct is not None else None
+        self._rest: dict[int, str] = {}
+        self._last = 0
+
+    def encode(self, message: BaseModel) -> str:
+        key = self._last = id(message)
+        rest = self._rest.pop(key, None)
+        if rest is not None:
+            return rest
+        return "\n".join(_dumps(event) for event in self.bridge.translate(message))
+
+    def send_now(self, text: str) -> bool:
+        send = self.direct_send
+        if send is None:
+            return False
+        frames = text.split("\n") if text else []
+        for i, frame in enumerate(frames):
+            if not send(frame):
+                self._rest[self._last] = "\n".join(frames[i:])
+                return False
+        return True
+
+
 async def _write(
     ws: WebSocket,
     session: DuplexSession,
@@ -256,43 +295,27 @@ async def _write(
 ) -> None:
     """Write the session's messages as Realtime events. Under Duplex's WebSocket protocol a
     message emitted while this loop waits is translated and written at once (as
-    /v1/duplex does); what could not be written then is kept (`stash`) and written here,
-    in order, when the message comes out of the queue."""
+    /v1/duplex does); the rest goes through the session's queue, in order."""
     direct: DirectPath | None = ws.scope.get("extensions", {}).get(DIRECT)
-    send_now = direct.send_text if direct is not None else None
-    stash: dict[int, list[str]] = {}
-    if send_now is not None:
-
-        def write_now(message: BaseModel) -> bool:
-            texts = [_dumps(event) for event in bridge.translate(message)]
-            for i, text in enumerate(texts):
-                if not send_now(text):
-                    stash[id(message)] = texts[i:]
-                    return False
-            return True
-
-        session.attach_output(write_now)
-    async for message in session.response():
-        texts = stash.pop(id(message), None)
-        if texts is None:
-            texts = [_dumps(event) for event in bridge.translate(message)]
-        try:
-            for text in texts:
-                if send_now is not None and send_now(text):
+    out = _Frames(bridge, direct)
+    session.attach_output(out.send_now if direct is not None else None, out.encode)
+    try:
+        async for text in session.frames():
+            if not text:
+                continue
+            for frame in text.split("\n"):
+                if out.direct_send is not None and out.direct_send(frame):
                     continue
                 async with asyncio.timeout(stall_timeout_s):
-                    await ws.send_text(text)
-        except TimeoutError:
-            # The client stopped reading: end the session and drop the connection.
-            session.log.warning("output stalled for %g s: closing", stall_timeout_s)
-            await session.fail(RATE_LIMITED, "client is not reading")
-            if direct is not None and direct.abort is not None:
-                direct.abort(None, CLOSE_POLICY)
-            break
-        except (WebSocketDisconnect, RuntimeError, OSError):
-            break
-        if isinstance(message, ErrorEvent) and message.fatal:
-            break
+                    await ws.send_text(frame)
+    except TimeoutError:
+        # The client stopped reading: end the session and drop the connection.
+        session.log.warning("output stalled for %g s: closing", stall_timeout_s)
+        await session.fail(RATE_LIMITED, "client is not reading")
+        if direct is not None and direct.abort is not None:
+            direct.abort(None, CLOSE_POLICY)
+    except (WebSocketDisconnect, RuntimeError, OSError):
+        pass
     session.attach_output(None)
     if ws.client_state == WebSocketState.CONNECTED:
         code = 1000
