@@ -695,3 +695,30 @@ async def test_the_input_rate_limits_of_duplex_apply(server_factory):
             while len([e for e in errors if e.code == "item_not_found"]) < 6:
                 errors.append((await until(conn, "error"))[-1].error)
     assert "rate_limited" in [e.code for e in errors]
+
+
+async def test_semantic_vad_runs_as_the_adaptive_end_of_turn(live_server):
+    async with connect(live_server) as conn:
+        await conn.session.update(
+            session={
+                "type": "realtime",
+                "audio": {
+                    "input": {"turn_detection": {"type": "semantic_vad", "eagerness": "high"}}
+                },
+            }
+        )
+        updated = await until(conn, "session.updated", stop_on_error=True)
+        assert updated[-1].session.audio.input.turn_detection.type == "semantic_vad"
+        live = live_server.app.state.duplex.registry.get("tenant-a", conn.session_id)
+        td = live.config.turn_detection.model_dump()
+        assert (td["type"], td["stop_ms"], td["min_stop_ms"], td["max_stop_ms"]) == (
+            "vad",
+            "auto",
+            200,
+            800,
+        )
+        await append(
+            conn, silence24(300) + pcm24("Hello there, how are you today?") + silence24(1500)
+        )
+        events = await until(conn, "response.done", stop_on_error=True)
+    assert "input_audio_buffer.speech_stopped" in types(events)

@@ -32,8 +32,14 @@ DEFAULT_SERVER_VAD: dict[str, Any] = {
     "create_response": True,
     "interrupt_response": True,
 }
-#: semantic_vad has no Duplex equivalent: it runs as server_vad with this silence.
-SEMANTIC_SILENCE_MS = {"low": 1500, "medium": 800, "auto": 800, "high": 400}
+#: semantic_vad runs as Duplex's adaptive end of turn (``stop_ms: "auto"``: the silence
+#: that ends a turn is learnt from the user's pauses) within these bounds (min, max ms).
+SEMANTIC_STOP_MS = {
+    "low": (800, 4000),
+    "medium": (300, 1500),
+    "auto": (300, 1500),
+    "high": (200, 800),
+}
 
 _SESSION_KEYS = {
     "type",
@@ -171,8 +177,6 @@ class RealtimeSessionState:
             patch["turn_detection"] = {"type": "manual"}
         else:
             silence = td.get("silence_duration_ms")
-            if td["type"] == "semantic_vad":
-                silence = SEMANTIC_SILENCE_MS.get(td.get("eagerness") or "auto", 800)
             threshold = td.get("threshold")
             patch["turn_detection"] = {
                 "type": "vad",
@@ -181,6 +185,13 @@ class RealtimeSessionState:
                 "aggressiveness": _aggressiveness(threshold if threshold is not None else 0.5),
                 "interrupt": td.get("interrupt_response", True) is not False,
             }
+            if td["type"] == "semantic_vad":
+                low, high = SEMANTIC_STOP_MS[td.get("eagerness") or "auto"]
+                patch["turn_detection"] |= {
+                    "stop_ms": "auto",
+                    "min_stop_ms": low,
+                    "max_stop_ms": high,
+                }
             if self.model.mode == "asm":
                 patch["turn_detection"]["provider_vad"] = td["type"]
         if self.model.mode == "vad":
@@ -285,7 +296,7 @@ def _turn_detection(value: Any) -> dict[str, Any] | None:
     elif kind == "semantic_vad":
         td = {"type": "semantic_vad", "eagerness": "auto", "create_response": True}
         td |= {"interrupt_response": True} | value
-        if td["eagerness"] not in SEMANTIC_SILENCE_MS:
+        if td["eagerness"] not in SEMANTIC_STOP_MS:
             raise DoorError(
                 "invalid_value", "eagerness must be low, medium, high or auto", f"{param}.eagerness"
             )
