@@ -32,6 +32,10 @@ consecutive FAILs (``--all`` runs every point). A point that does not pass while
 server waited over 10% of the window for its core is run once more, and the run in
 which it waited less is reported.
 
+``--metrics on`` (or ``port``) runs the server with Prometheus metrics on
+(``DUPLEX_METRICS``) and scrapes them every ``--scrape-every`` seconds during the run, as
+Prometheus would; compare with ``--metrics off`` (the default) for their cost.
+
 ``--profile N`` samples the server with py-spy (``pip install py-spy``) during the
 steady part of the run at N sessions and prints where its time goes.
 """
@@ -49,11 +53,13 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import httpx
 from websockets.asyncio.client import ClientConnection
 from websockets.frames import Frame, Opcode
 
@@ -61,6 +67,7 @@ from bench.bench_turns import MSG_MS, Plan, conversations, plan_for
 from bench.bench_ws import (
     ROOT,
     ServerProc,
+    free_port,
     header,
     machine_line,
     md_table,
@@ -307,6 +314,7 @@ class Point:
     server_wait: float  # fraction of that window it was runnable but waiting (others' load)
     verdict: str
     log_tail: list[str]
+    scrapes: int = 0  # metrics scrapes that answered 200 during the run
 
 
 def warm_up(server: ServerProc, plans: list[Plan]) -> None:
@@ -325,12 +333,61 @@ def warm_up(server: ServerProc, plans: list[Plan]) -> None:
     asyncio.run(go())
 
 
+METRICS_TOKEN = "bench-metrics"
+
+
+def metrics_env(mode: str) -> tuple[dict[str, str], int | None]:
+    """The server's DUPLEX_METRICS* settings for ``--metrics``, and the separate port."""
+    if mode == "on":
+        return {"DUPLEX_METRICS": "on", "DUPLEX_METRICS_TOKEN": METRICS_TOKEN}, None
+    if mode == "port":
+        port = free_port()
+        return {"DUPLEX_METRICS": "port", "DUPLEX_METRICS_PORT": str(port)}, port
+    return {"DUPLEX_METRICS": "off"}, None
+
+
+class Scraper(threading.Thread):
+    """GETs the server's metrics every ``every`` seconds until stopped (as Prometheus)."""
+
+    def __init__(self, url: str, headers: dict[str, str], every: float) -> None:
+        super().__init__(daemon=True)
+        self.url, self.headers, self.every = url, headers, every
+        self.ok = 0
+        self.last = ""
+        self.halt = threading.Event()
+
+    def run(self) -> None:
+        while not self.halt.wait(self.every):
+            self.scrape()
+
+    def scrape(self) -> None:
+        try:
+            reply = httpx.get(self.url, headers=self.headers, timeout=5)
+        except httpx.HTTPError:
+            return
+        if reply.status_code == 200:
+            self.ok += 1
+            self.last = reply.text
+
+
 def run_point(args: argparse.Namespace, n: int, plans: list[Plan], profile: bool) -> Point:
-    server = start_duplex({"DUPLEX_ECHO_PACE": "1"}, SERVER_CPU)
+    env, metrics_port = metrics_env(args.metrics)
+    server = start_duplex({"DUPLEX_ECHO_PACE": "1", **env}, SERVER_CPU)
+    scraper: Scraper | None = None
+    if args.metrics == "on":
+        scraper = Scraper(
+            f"http://127.0.0.1:{server.port}/metrics",
+            {"Authorization": f"Bearer {METRICS_TOKEN}"},
+            args.scrape_every,
+        )
+    elif args.metrics == "port":
+        scraper = Scraper(f"http://127.0.0.1:{metrics_port}/metrics", {}, args.scrape_every)
     spy: subprocess.Popen[bytes] | None = None
     raw_path = Path(tempfile.gettempdir()) / f"duplex-capacity-{n}.txt"
     try:
         warm_up(server, plans)
+        if scraper is not None:
+            scraper.start()
         argv = [sys.executable, "-m", "bench.bench_capacity", "--worker", str(n)]
         argv += ["--port", str(server.port), "--duration", str(args.duration)]
         argv += ["--stagger", str(args.stagger), "--conversations", str(args.conversations)]
@@ -364,6 +421,12 @@ def run_point(args: argparse.Namespace, n: int, plans: list[Plan], profile: bool
             elif word.startswith("RESULT "):
                 result = json.loads(word[7:])
         worker.wait(timeout=60)
+        if scraper is not None:
+            scraper.halt.set()
+            scraper.join(timeout=10)
+            scraper.scrape()  # the final figures: every turn counted
+            if "duplex_messages_received_total" not in scraper.last:
+                raise RuntimeError(f"metrics scrape failed for N={n}")
         if spy is not None:
             spy.wait(timeout=60)
         if not result:
@@ -373,7 +436,8 @@ def run_point(args: argparse.Namespace, n: int, plans: list[Plan], profile: bool
     verdict = judge(result)
     if verdict != "pass" and wait > 0.10:
         verdict += f" (server waited {wait * 100:.0f}% for its core)"
-    return Point(n, result, cpu, wait, verdict, server.log[-5:])
+    scrapes = scraper.ok if scraper is not None else 0
+    return Point(n, result, cpu, wait, verdict, server.log[-5:], scrapes)
 
 
 def kept_up(p: Point) -> bool:
@@ -442,6 +506,15 @@ def main() -> None:
     parser.add_argument("--turns", type=int, default=10, help="turns per conversation")
     parser.add_argument("--all", action="store_true", help="do not stop after two failures")
     parser.add_argument("--profile", type=int, help="py-spy the server at this N")
+    parser.add_argument(
+        "--metrics",
+        choices=["off", "on", "port"],
+        default="off",
+        help="the server's DUPLEX_METRICS (on/port: scraped during the run)",
+    )
+    parser.add_argument(
+        "--scrape-every", type=float, default=5.0, help="seconds between metrics scrapes"
+    )
     parser.add_argument("--worker", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -479,7 +552,16 @@ def main() -> None:
         f"\nServer pinned to CPU {SERVER_CPU}, load generator (one asyncio process) to CPU "
         f"{CLIENT_CPU}. Each session: {args.duration:g} s of 20 ms PCM16 16 kHz messages at "
         f"real time, starts spread over {args.stagger:g} s; {args.conversations} "
-        f"conversations of {args.turns} turns; echo replies at real time.\n"
+        f"conversations of {args.turns} turns; echo replies at real time. Metrics: "
+        f"{args.metrics}"
+        + (
+            f" (scraped every {args.scrape_every:g} s: "
+            + ", ".join(f"{p.scrapes} at N={p.n}" for p in points)
+            + ")"
+            if args.metrics != "off"
+            else ""
+        )
+        + ".\n"
     )
     rows = []
     for p in points:

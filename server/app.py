@@ -5,7 +5,7 @@ from __future__ import annotations
 import gc
 import logging
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import ExitStack, asynccontextmanager
 from dataclasses import dataclass, fields
 from pathlib import Path
 
@@ -15,12 +15,16 @@ from fastapi.responses import JSONResponse
 from fastapi.staticfiles import StaticFiles
 
 from duplex.protocol import ConfigLimits, JsonLimits
-from server import chat_api, http_api, ws
+from server import api_docs, chat_api, client_token_api, http_api, ws
 from server.auth import TokenAuth
+from server.client_tokens import ClientTokens
 from server.config import Settings
 from server.decode_budget import PixelBudget
 from server.limits import SessionLimits
 from server.logs import install_redaction
+from server.metrics import Metrics, session_taps
+from server.metrics import from_settings as metrics_from_settings
+from server.metrics import router as metrics_router
 from server.modes.catalog import builtin_modes
 from server.providers.catalog import ProviderCatalog
 from server.realtime_door import routes as realtime_routes
@@ -48,6 +52,8 @@ class AppState:
     auth: TokenAuth
     services: SessionServices
     registry: SessionRegistry
+    client_tokens: ClientTokens
+    metrics: Metrics | None = None
 
 
 def _entries(value: str) -> list[str]:
@@ -58,6 +64,8 @@ def create_app(settings: Settings | None = None, *, tools: ToolRegistry | None =
     settings = settings or Settings()
     install_redaction()  # no token in any log line, uvicorn's access log included
     auth = TokenAuth.from_settings(settings)
+    registry = SessionRegistry()
+    metrics = metrics_from_settings(settings, registry.modes_and_providers)
     store = open_store(
         settings.store_url,
         ttl_s=settings.store_ttl_s,
@@ -72,6 +80,8 @@ def create_app(settings: Settings | None = None, *, tools: ToolRegistry | None =
             backlog_max_bytes=settings.store_backlog_max_bytes,
             max_messages=settings.store_max_messages,
         )
+    if metrics is not None:  # outermost: the latency callers see
+        store = metrics.timed_store(store)
     services = SessionServices(
         store=store,
         providers=ProviderCatalog.from_settings(settings),
@@ -100,8 +110,10 @@ def create_app(settings: Settings | None = None, *, tools: ToolRegistry | None =
         ),
         modes=builtin_modes(),
         decode_budget=PixelBudget(max(settings.max_decode_pixels, settings.max_image_pixels)),
+        tap=session_taps(metrics, log_responses=settings.log_format == "json"),
     )
-    state = AppState(settings, auth, services, SessionRegistry())
+    client_tokens = ClientTokens(settings.client_secret_key, settings.client_token_ttl_s, store)
+    state = AppState(settings, auth, services, registry, client_tokens, metrics)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -114,13 +126,18 @@ def create_app(settings: Settings | None = None, *, tools: ToolRegistry | None =
         gc.freeze()
         thresholds = gc.get_threshold()
         gc.set_threshold(thresholds[0], thresholds[1], _FULL_GC_EVERY)
-        yield
+        with ExitStack() as stack:
+            if metrics is not None and settings.metrics == "port":
+                app.state.metrics_port = stack.enter_context(
+                    metrics.listener(settings.metrics_host, settings.metrics_port)
+                )
+            yield
         gc.set_threshold(*thresholds)
         await services.providers.aclose()
         await services.outbox_writer.aclose()
         await store.close()
 
-    app = FastAPI(title="Duplex", version="0.1.0", lifespan=lifespan)
+    app = api_docs.make_app(settings.api_docs, title="Duplex", version="0.1.0", lifespan=lifespan)
     app.state.duplex = state
     app.state.realtime = realtime_routes.setup(settings)
     app.add_exception_handler(RequestValidationError, http_api.invalid_body)
@@ -133,6 +150,9 @@ def create_app(settings: Settings | None = None, *, tools: ToolRegistry | None =
     app.include_router(ws.router)
     app.include_router(chat_api.router)
     app.include_router(realtime_routes.router)
+    app.include_router(client_token_api.router)
+    if metrics is not None and settings.metrics == "on":
+        app.include_router(metrics_router)
     if STATIC_DIR.is_dir():
         app.mount("/", StaticFiles(directory=STATIC_DIR, html=True), name="demo")
     return app

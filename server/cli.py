@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import logging
 import sqlite3
 import sys
 from importlib import metadata
@@ -15,6 +14,7 @@ from pydantic import ValidationError
 from duplex.terminal import add_arguments as add_client_arguments
 from duplex.terminal import run as run_client
 from server.config import Settings
+from server.logs import configure_logging
 
 STORE_HELP = (
     "state store URL (default: $DUPLEX_STORE_URL or memory://): memory:// (in this process), "
@@ -55,6 +55,9 @@ def main(argv: list[str] | None = None) -> int:
         "--log-level",
         choices=["debug", "info", "warning", "error"],
         help="(default: $DUPLEX_LOG_LEVEL or info)",
+    )
+    serve.add_argument(
+        "--log-format", choices=["text", "json"], help="text (default) or JSON lines"
     )
     serve.add_argument(
         "--allow-anonymous", action="store_true", help="accept connections without a token"
@@ -103,6 +106,8 @@ def _serve(args: argparse.Namespace) -> int:
         overrides["api_tokens"] = ",".join(args.token)
     if args.store:
         overrides["store_url"] = args.store
+    if args.log_format:
+        overrides["log_format"] = args.log_format
     if args.log_level:
         overrides["log_level"] = args.log_level
     if args.allow_anonymous:
@@ -110,9 +115,7 @@ def _serve(args: argparse.Namespace) -> int:
     settings = _settings(overrides)
     if args.tools:
         settings.tools = ",".join([settings.tools, *args.tools]).strip(",")
-    logging.basicConfig(
-        level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s"
-    )
+    configure_logging(settings.log_level, settings.log_format)
     fix_mmap_threshold()  # see server/allocator.py: freed memory goes back to the system
     try:
         app = create_app(settings)
@@ -131,6 +134,8 @@ def _serve(args: argparse.Namespace) -> int:
         host=settings.host,
         port=settings.port,
         log_level=settings.log_level.lower(),
+        # JSON: uvicorn's loggers go through the root handler instead of their own.
+        **({"log_config": None} if settings.log_format == "json" else {}),
         **uvicorn_options(settings),
     )
     return 0
@@ -143,7 +148,10 @@ def _settings(overrides: dict[str, Any]) -> Settings:
     except ValidationError as exc:
         problems = []
         for err in exc.errors()[:3]:
-            name = str(err["loc"][0]) if err["loc"] else "?"
+            if not err["loc"]:  # a check across settings names them in its message
+                problems.append(err["msg"].removeprefix("Value error, "))
+                continue
+            name = str(err["loc"][0])
             flag = _FLAGS.get(name)
             where = f"DUPLEX_{name.upper()}" + (f" (or {flag})" if flag else "")
             problems.append(f"{where}: {err['msg']}")  # never the value: it may be a secret
@@ -156,6 +164,7 @@ _FLAGS = {
     "api_tokens": "--token",
     "store_url": "--store",
     "log_level": "--log-level",
+    "log_format": "--log-format",
     "tools": "--tools",
 }
 

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
-from pydantic import AliasChoices, Field
+from pydantic import AliasChoices, Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -21,6 +21,24 @@ class Settings(BaseSettings):
     tokens_file: Path | None = None
     #: Accept connections without a token (tenant "anonymous"). Only by explicit choice.
     allow_anonymous: bool = False
+    #: Signs short-lived client tokens and the realtime door's client secrets (one
+    #: mechanism, server/client_tokens.py); random per process when unset. Set it, the
+    #: same on every replica, behind a load balancer.
+    client_secret_key: str | None = None
+    #: Default lifetime of a client token (a mint request may ask for 10 s to 1 h).
+    client_token_ttl_s: float = Field(600, ge=10, le=3600)
+
+    # Operations (docs/operations.md)
+    #: ``text`` or ``json`` (one JSON object a line, with session, tenant, turn, response ids).
+    log_format: Literal["text", "json"] = "text"
+    #: Prometheus metrics: ``off``; ``on`` (``/metrics`` on the main port, behind
+    #: ``metrics_token``); ``port`` (its own listener on metrics_host:metrics_port, no token).
+    metrics: Literal["off", "on", "port"] = "off"
+    metrics_token: str | None = None
+    metrics_host: str = "127.0.0.1"
+    metrics_port: int = Field(9464, ge=0, le=65535)
+    #: Serve the OpenAPI explorer at /docs (from local assets; nothing loads from a CDN).
+    api_docs: bool = False
 
     # State
     store_url: str = "memory://"
@@ -100,9 +118,7 @@ class Settings(BaseSettings):
         default_factory=lambda: {"duplex-echo": {"provider": "echo"}}
     )
     realtime_default_model: str = "duplex-echo"
-    #: Signs ephemeral client secrets; random per process when unset (set it, the same on
-    #: every replica, when secrets minted on one replica are used on another).
-    client_secret_key: str | None = None
+    #: (``client_secret_key`` above signs these too: one mechanism, server/client_tokens.py)
     client_secret_ttl_s: float = Field(600, ge=10, le=7200)
 
     persist_interval_ms: int = 200
@@ -135,3 +151,12 @@ class Settings(BaseSettings):
     max_voice_chars: int = Field(128, ge=1)
     #: Session name, model and provider names.
     max_name_chars: int = Field(256, ge=1)
+
+    @model_validator(mode="after")
+    def _metrics_token_needed(self) -> Settings:
+        if self.metrics == "on" and not self.metrics_token:
+            raise ValueError(
+                "DUPLEX_METRICS=on serves /metrics on the main port and needs "
+                "DUPLEX_METRICS_TOKEN (or use DUPLEX_METRICS=port for a separate listener)"
+            )
+        return self

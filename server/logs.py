@@ -3,9 +3,11 @@ redacted from every log record."""
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 from collections.abc import MutableMapping
+from datetime import UTC, datetime
 from typing import Any
 
 
@@ -13,8 +15,8 @@ class SessionLog(logging.LoggerAdapter):  # type: ignore[type-arg]
     """Prefixes every record with the session id (and keeps it in ``extra``), so one
     session's story can be grepped across the server, modes and providers."""
 
-    def __init__(self, logger: logging.Logger, session_id: str) -> None:
-        super().__init__(logger, {"session_id": session_id})
+    def __init__(self, logger: logging.Logger, session_id: str, tenant: str | None = None) -> None:
+        super().__init__(logger, {"session_id": session_id, "tenant": tenant})
 
     def process(
         self, msg: Any, kwargs: MutableMapping[str, Any]
@@ -80,3 +82,47 @@ def install_redaction() -> None:
 
     factory.duplex_redacts = True  # type: ignore[attr-defined]
     logging.setLogRecordFactory(factory)
+
+
+#: Record attributes a JSON line carries when set (``extra=`` of a log call, SessionLog).
+JSON_FIELDS = ("session_id", "tenant", "turn_id", "response_id", "finish_reason", "elapsed_ms")
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object a line: time, level, logger, message, the ids in JSON_FIELDS that
+    the record has, and the traceback if any. Credentials are already gone from the
+    record (`install_redaction`); the traceback is redacted here as well."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        out: dict[str, Any] = {
+            "time": self.formatTime(record),
+            "level": record.levelname,
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        for name in JSON_FIELDS:
+            value = getattr(record, name, None)
+            if value is not None:
+                out[name] = value
+        if record.exc_info and record.exc_info[0] is not None:
+            out["exc"] = record.exc_text or redact(self.formatException(record.exc_info))
+        if record.stack_info:
+            out["stack"] = redact(self.formatStack(record.stack_info))
+        return json.dumps(out, ensure_ascii=False, default=str)
+
+    def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:
+        stamp = datetime.fromtimestamp(record.created, UTC)
+        return stamp.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def configure_logging(level: str, log_format: str) -> None:
+    """The root handler of ``duplex serve``: text (as before) or JSON lines on stderr."""
+    install_redaction()
+    if log_format == "json":
+        handler = logging.StreamHandler()
+        handler.setFormatter(JsonFormatter())
+        logging.basicConfig(level=level.upper(), handlers=[handler], force=True)
+    else:
+        logging.basicConfig(
+            level=level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s"
+        )

@@ -76,6 +76,8 @@ class InputBudget:
     audio: Bucket
     messages: Bucket
     _noticed_at: float = -NOTICE_EVERY_S
+    #: Messages admitted so far (the metrics read it in bulk: one increment per message).
+    received: int = 0
 
     @classmethod
     def of(
@@ -92,6 +94,7 @@ class InputBudget:
         bucket = self.audio
         rate = bucket.rate
         if rate <= 0:
+            self.received += 1
             return True
         cost = size / bytes_per_s
         if cost < MIN_AUDIO_CHARGE_S:
@@ -105,19 +108,23 @@ class InputBudget:
             bucket.tokens = tokens
             return False
         bucket.tokens = tokens - cost
+        self.received += 1
         return True
 
     def refund_audio(self, size: int, bytes_per_s: float) -> None:
+        self.received -= 1  # it takes the usual path, and is counted there
         self.audio.refund(max(MIN_AUDIO_CHARGE_S, size / bytes_per_s))
 
     async def pace_audio(self, size: int, bytes_per_s: float) -> None:
         """Wait until the budget covers ``size`` bytes of audio, then take them."""
+        self.received += 1
         delay = self.audio.take(max(MIN_AUDIO_CHARGE_S, size / bytes_per_s))
         if delay > 0:
             await asyncio.sleep(delay)
 
     def message_delay(self) -> float:
         """Take one message's token: the seconds the caller must wait first."""
+        self.received += 1
         return self.messages.take(1.0)
 
     def notice_due(self) -> bool:

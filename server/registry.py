@@ -24,5 +24,18 @@ class SessionRegistry:
     def get(self, tenant: str, session_id: str) -> DuplexSession | None:
         return self._live.get(tenant, {}).get(session_id)
 
+    def modes_and_providers(self) -> list[tuple[str, str]]:
+        """(mode, provider) of every live session. Safe from another thread (the metrics
+        listener's): each copy of a dict is one C call, done while holding the GIL."""
+        while True:
+            try:
+                return [
+                    (s.config.mode, s.config.provider)
+                    for sessions in list(self._live.values())
+                    for s in list(sessions.values())
+                ]
+            except RuntimeError:  # a dict changed size under a copy: take it again
+                continue
+
     def count(self) -> int:
         return sum(len(s) for s in self._live.values())

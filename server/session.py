@@ -102,6 +102,10 @@ class SessionServices:
     #: Reply resamplers shared between replies of all sessions (server/reply_audio.py).
     resamplers: ResamplerPool = field(default_factory=ResamplerPool)
 
+    #: Builds a session's watcher of its outgoing messages (server/metrics.py
+    #: `session_taps`: metrics, response log lines); None: nothing watches.
+    tap: Callable[[DuplexSession], Callable[[BaseModel], None]] | None = None
+
     def __post_init__(self) -> None:
         if self.outbox_writer is None:
             self.outbox_writer = OutboxWriter(self.store, self.limits)
@@ -114,7 +118,7 @@ class BaseSession:
         self.record = record
         self.config = config
         self.services = services
-        self.log = SessionLog(log, record.id)
+        self.log = SessionLog(log, record.id, record.tenant)
 
     @property
     def id(self) -> str:
@@ -292,6 +296,8 @@ class DuplexSession(BaseSession):
         self._consumer_waiting = False
         self.error: ErrorEvent | None = None
         self.done = asyncio.Event()
+        #: Sees every message as it leaves (`SessionServices.tap`); the door may reach it.
+        self.tap: Any = services.tap(self) if services.tap is not None else None
         self._port = SessionPort(
             id=self.id,
             config=config,
@@ -374,6 +380,8 @@ class DuplexSession(BaseSession):
         self._force_put(_CLOSE)
         if self._outbox is not None:
             await self._outbox.close()
+        if self.tap is not None:
+            self.tap.flush()
         self.done.set()
         # Nothing of a closed session may wait for a full GC pass (rare: see server/app.py):
         # drop the references that make cycles, so it is freed when its last user lets go.
@@ -439,6 +447,8 @@ class DuplexSession(BaseSession):
                 self._seq = seq
                 if self._outbox is not None:
                     self._outbox.append(seq, text)
+                if self.tap is not None:
+                    self.tap(message)
                 return True
         try:
             self._out.put_nowait(message)  # seq is assigned when it is taken out
@@ -498,6 +508,8 @@ class DuplexSession(BaseSession):
             finally:
                 self._consumer_waiting = False
             if item is _CLOSE:
+                if self.tap is not None:
+                    self.tap.flush()
                 return
             self._stamp(item)
             yield item
@@ -511,6 +523,8 @@ class DuplexSession(BaseSession):
             finally:
                 self._consumer_waiting = False
             if item is _CLOSE:
+                if self.tap is not None:
+                    self.tap.flush()
                 return
             yield self._stamp(item)
 
@@ -521,6 +535,8 @@ class DuplexSession(BaseSession):
         text = self._encode(message)
         if self._outbox is not None:
             self._outbox.append(seq, text)
+        if self.tap is not None:
+            self.tap(message)
         return text
 
     # ---- continuity (server/resume.py drives these) ---------------------------------------

@@ -26,6 +26,7 @@ from duplex.protocol import (
     parse_client_message,
     peek_id,
 )
+from server.client_tokens import socket_access
 from server.config import Settings
 from server.rate import InputBudget, audio_bytes_per_second
 from server.resume import Link, ResumeRequest, request_from_query, resume
@@ -44,6 +45,8 @@ CLOSE_TRY_AGAIN = 1013
 async def _refuse(
     ws: WebSocket, code: int, message: str, close: int | None = None, *, accept: bool = True
 ) -> None:
+    if ws.app.state.duplex.metrics is not None:
+        ws.app.state.duplex.metrics.count_error(code)
     if accept:
         await ws.accept()
     await ws.send_text(
@@ -55,20 +58,23 @@ async def _refuse(
 @router.websocket("/v1/duplex")
 async def duplex(ws: WebSocket) -> None:
     app = ws.app.state.duplex
-    tenant = app.auth.tenant_for(ws.headers.get("authorization"), ws.query_params.get("token"))
-    if tenant is None:
-        await _refuse(ws, UNAUTHORIZED, "missing or invalid API token")
+    access = await socket_access(
+        app.auth, app.client_tokens, ws.headers.get("authorization"), ws.query_params.get("token")
+    )
+    if isinstance(access, str):
+        await _refuse(ws, UNAUTHORIZED, access)
         return
+    tenant = access.tenant
     link: Link | None = None
     greeting: list[str] = []
     try:
         request = request_from_query(ws.query_params)
         if request is not None:
+            access.session(request.session_id)  # a scoped client token: its session only
             session, link, greeting = await resume(app.services, app.registry, tenant, request)
         else:
-            session = await DuplexSession.open(
-                app.services, tenant=tenant, session_id=ws.query_params.get("session_id")
-            )
+            session_id = access.session(ws.query_params.get("session_id"))
+            session = await DuplexSession.open(app.services, tenant=tenant, session_id=session_id)
     except ProtocolError as exc:
         await _refuse(ws, exc.code, exc.message)
         return
@@ -85,6 +91,7 @@ async def duplex(ws: WebSocket) -> None:
         with contextlib.suppress(StoreUnavailable):  # it expires with the store's TTL
             await app.services.store.delete_session(session.id)
         try:
+            access.session(asked.session_id)
             session, link, greeting = await resume(app.services, app.registry, tenant, asked)
         except ProtocolError as exc:
             await _refuse(ws, exc.code, exc.message, accept=False)
@@ -109,6 +116,9 @@ async def _serve(
     app.registry.add(tenant, session)
     session.log.info("%s (tenant %s)", "resumed" if greeting else "connected", tenant)
     settings = app.settings
+    budget = _budget(settings)
+    if session.tap is not None:
+        session.tap.attach_input(budget)  # its message count and clocks feed the metrics
     asked: ResumeRequest | None = None
     keep = True  # False when the server itself is stopping this connection
     try:
@@ -128,7 +138,7 @@ async def _serve(
                         ws,
                         session,
                         settings.max_message_bytes,
-                        _budget(settings),
+                        budget,
                         writer,
                         not greeting,
                     )

@@ -8,6 +8,9 @@ The echo provider streams reply audio at twice real time, so the page holds seco
 audio queued ahead of what it has played; the first turn is long, so the second turn
 talks over the first reply while it still streams. On the interruption the page must
 drop that queue at once rather than play it out.
+
+The page connects with a short-lived client token it mints with the API token typed into
+it; the API token never appears in a URL or in the browser's storage.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from __future__ import annotations
 import base64
 import json
 import re
+import time
 import wave
 from pathlib import Path
 from typing import Any
@@ -88,7 +92,11 @@ def test_browser_demo_voice_text_and_camera(server_factory: Any, tmp_path: Path)
     def sent(kind: str) -> list[dict[str, Any]]:
         return [m for d, m in wire if d == "out" and m["type"] == kind]
 
+    socket_urls: list[str] = []
+    request_urls: list[str] = []
+
     def watch(ws: Any) -> None:
+        socket_urls.append(ws.url)
         ws.on("framesent", on_sent)
         ws.on("framereceived", on_received)
 
@@ -114,12 +122,46 @@ def test_browser_demo_voice_text_and_camera(server_factory: Any, tmp_path: Path)
             page.on("console", lambda m: console.append(f"{m.type}: {m.text}"))
             page.on("pageerror", lambda e: console.append(f"pageerror: {e}"))
             page.on("websocket", watch)
+            page.on("request", lambda r: request_urls.append(r.url))
             page.set_default_timeout(20_000)
 
-            page.goto(f"{server.base}/?token={TOKEN}")
-            expect(page.locator("#token")).to_have_value(TOKEN)  # prefilled from the URL
+            page.goto(server.base)
+            # The page says what it is for and what to do, before anything is connected.
+            intro = page.locator("#intro")
+            expect(intro).to_be_visible()
+            for words in ("echo", "API token", "Connect", "microphone", "camera", "interrupt"):
+                expect(intro).to_contain_text(words)
+            for event in ("speech.started", "turn.ended", "error"):
+                expect(intro).to_contain_text(event)
+            turn_state = page.locator("#turn-state")
+            expect(turn_state).to_have_attribute("data-state", "idle")
+            # Every turn state the badge takes, in order (the test watches; the page
+            # does not know).
+            page.evaluate(
+                """() => {
+                  window.turnStates = [];
+                  const el = document.getElementById("turn-state");
+                  new MutationObserver(() => {
+                    const s = el.dataset.state;
+                    if (window.turnStates.at(-1) !== s) window.turnStates.push(s);
+                  }).observe(el, { attributes: true, attributeFilter: ["data-state"] });
+                }"""
+            )
+
+            # One click: paste the API token, Connect.
+            page.fill("#token", TOKEN)
             page.click("#connect")
             expect(page.locator("#status")).to_have_attribute("data-state", "connected")
+            expect(turn_state).to_have_attribute("data-state", "listening")
+            # It connected with a client token minted for it, not with the API token.
+            assert len(socket_urls) == 1
+            query_token = re.search(r"[?&]token=([^&]+)", socket_urls[0])
+            assert query_token and query_token.group(1).startswith("ek_"), socket_urls
+            assert not [u for u in request_urls + socket_urls if TOKEN in u]
+            stored = page.evaluate(
+                "() => JSON.stringify([{...localStorage}, {...sessionStorage}, document.cookie])"
+            )
+            assert TOKEN not in stored and "ek_" not in stored, stored
 
             # Right after session.created the page declares its capture format.
             update = sent("session.update")[0]
@@ -149,6 +191,17 @@ def test_browser_demo_voice_text_and_camera(server_factory: Any, tmp_path: Path)
             expect(page.locator(f'.reply[data-response-id="{cut_id}"]')).to_have_attribute(
                 "data-finish-reason", "interrupted"
             )
+            # The badge followed the turns: listening, the user speaking, the server
+            # thinking, then answering (the second turn talks over the first answer).
+            states = page.evaluate("() => window.turnStates")
+            assert states[0] == "listening", states
+            for a, b in [
+                ("listening", "user-speaking"),
+                ("user-speaking", "thinking"),
+                ("thinking", "answering"),
+                ("answering", "user-speaking"),
+            ]:
+                assert any(states[i : i + 2] == [a, b] for i in range(len(states))), (a, b, states)
             page.click("#mic")  # the fake microphone loops; stop it before the text turn
             expect(page.locator("#mic")).to_have_attribute("aria-pressed", "false")
 
@@ -188,6 +241,7 @@ def test_browser_demo_voice_text_and_camera(server_factory: Any, tmp_path: Path)
             expect(reply).to_contain_text("You said: “hello from the browser”")
             expect(reply).to_contain_text(re.compile(r"Saw \d+ frame\(s\): \d+x\d+ image/jpeg"))
             expect(reply).to_have_attribute("data-finish-reason", "stop")
+            expect(turn_state).to_have_attribute("data-state", "listening")
 
             expect(page.locator(".entry.error")).to_have_count(0)
             assert not [c for c in console if c.startswith(("error", "pageerror"))], console
@@ -197,10 +251,25 @@ def test_browser_demo_voice_text_and_camera(server_factory: Any, tmp_path: Path)
             expect(page.locator("#status")).to_have_attribute("data-state", "closed")
             expect(page.locator("#status")).to_contain_text("closed (1000")
 
-            # A wrong token: the server's error is shown with its code, then the close code.
-            page.goto(f"{server.base}/?token=not-a-token")
+            expect(turn_state).to_have_attribute("data-state", "idle")
+
+            # A wrong API token: minting is refused, and the page says so with the code.
+            page.goto(server.base)
+            page.fill("#token", "not-a-token")
             page.click("#connect")
-            expect(page.locator('.entry.error[data-code="401"]')).to_contain_text("token")
+            expect(page.locator('.entry.error[data-code="401"]')).to_contain_text("API token")
+            expect(page.locator("#status")).to_contain_text("not connected (401)")
+
+            # An expired client token (as a backend might hand one over): the WebSocket
+            # is refused with 401, shown with its code, then the close code.
+            tokens = server.app.state.duplex.client_tokens
+            expired, _ = tokens.mint("tenant-a", now=time.time() - 3600)
+            page.goto("about:blank")
+            page.goto(f"{server.base}/#client_token={expired}")
+            expect(page.locator("#token")).to_have_value(expired)
+            assert "client_token" not in page.url  # taken out of the address bar
+            page.click("#connect")
+            expect(page.locator('.entry.error[data-code="401"]')).to_contain_text("expired")
             expect(page.locator("#status")).to_contain_text("closed (1008")
         finally:
             browser.close()

@@ -109,6 +109,14 @@ class StateStore(ABC):
     async def load_outbox(self, session_id: str, *, max_age_s: float) -> list[OutboxEntry]:
         """The session's outbox in ``seq`` order, without entries older than ``max_age_s``."""
 
+    @abstractmethod
+    async def revoke(self, key: str, until: float) -> None:
+        """Put ``key`` on the deny list until ``until`` (Unix seconds); client tokens use it."""
+
+    @abstractmethod
+    async def is_revoked(self, key: str) -> bool:
+        """Whether ``key`` is on the deny list (and its time has not passed)."""
+
     async def fork(self, source_id: str, record: SessionRecord) -> None:
         """Create ``record`` with an independent copy of the source's messages."""
         messages = await self.load_messages(source_id)

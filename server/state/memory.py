@@ -30,6 +30,7 @@ class MemoryStore(StateStore):
         self._max_sessions = max_sessions
         self._max_messages = max_messages
         self._entries: OrderedDict[str, _Entry] = OrderedDict()
+        self._revoked: dict[str, float] = {}  # key -> until (Unix seconds)
 
     def _get(self, session_id: str) -> _Entry | None:
         self._expire()
@@ -116,3 +117,15 @@ class MemoryStore(StateStore):
             return []
         oldest = time.time() - max_age_s
         return [e for e in entry.outbox if e.at >= oldest]
+
+    # ---- deny list ----------------------------------------------------------------------
+
+    async def revoke(self, key: str, until: float) -> None:
+        now = time.time()
+        # Bounded by what can still be live: expired entries go whenever one is added.
+        self._revoked = {k: t for k, t in self._revoked.items() if t > now}
+        self._revoked[key] = until
+
+    async def is_revoked(self, key: str) -> bool:
+        until = self._revoked.get(key)
+        return until is not None and until > time.time()

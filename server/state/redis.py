@@ -5,13 +5,15 @@ Keys (all under ``prefix``, all with a sliding TTL):
 newest ``max_messages``), ``responses:{id}`` (set of response ids with stream events)
 ``events:{id}:{response_id}`` (list of JSON events) and ``outbox:{id}`` (sorted set of sent
 messages scored by ``seq``, each member ``"{at} {json}"``; it expires ``outbox_max_age_s`` after
-its last write).
+its last write); ``revoked:{key}`` (the deny list of client tokens) expires at its entry's
+time instead.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import time
 
 import redis.asyncio as aioredis
@@ -194,6 +196,14 @@ class RedisStore(StateStore):
             if float(at) >= oldest:
                 entries.append(OutboxEntry(int(score), text, float(at)))
         return entries
+
+    # ---- deny list ----------------------------------------------------------------------
+
+    async def revoke(self, key: str, until: float) -> None:
+        await self._redis.set(self._k("revoked", key), "1", exat=max(1, math.ceil(until)))
+
+    async def is_revoked(self, key: str) -> bool:
+        return bool(await self._redis.exists(self._k("revoked", key)))
 
     async def close(self) -> None:
         await self._redis.aclose()

@@ -289,6 +289,14 @@ class ResilientStore(StateStore):
     async def load_outbox(self, session_id: str, *, max_age_s: float) -> list[OutboxEntry]:
         return await self._read("load_outbox", session_id, max_age_s=max_age_s)
 
+    async def revoke(self, key: str, until: float) -> None:
+        """Now or not at all (StoreUnavailable): a revocation waiting in the backlog would
+        go unseen by the other replicas."""
+        await self._read("revoke", key, until)
+
+    async def is_revoked(self, key: str) -> bool:
+        return await self._read("is_revoked", key)
+
     async def close(self) -> None:
         """Write what the backlog still holds if the store answers within the timeout,
         then release the store."""

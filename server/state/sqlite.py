@@ -41,6 +41,8 @@ CREATE TABLE IF NOT EXISTS outbox (
     PRIMARY KEY (session_id, seq)
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS outbox_by_time ON outbox (at);
+
+CREATE TABLE IF NOT EXISTS revoked (key TEXT PRIMARY KEY, until REAL NOT NULL);
 """
 
 
@@ -216,6 +218,20 @@ class SqliteStore(StateStore):
             ).fetchall()
         )
         return [OutboxEntry(r[0], r[1], r[2]) for r in rows]
+
+    async def revoke(self, key: str, until: float) -> None:
+        def put(db: sqlite3.Connection) -> None:
+            db.execute("DELETE FROM revoked WHERE until <= ?", (time.time(),))
+            db.execute("INSERT OR REPLACE INTO revoked (key, until) VALUES (?, ?)", (key, until))
+
+        await self._run(put)
+
+    async def is_revoked(self, key: str) -> bool:
+        def get(db: sqlite3.Connection) -> bool:
+            row = db.execute("SELECT until FROM revoked WHERE key = ?", (key,)).fetchone()
+            return row is not None and row[0] > time.time()
+
+        return await self._run(get)
 
     async def close(self) -> None:
         def close_db() -> None:

@@ -10,7 +10,9 @@ const CHUNK_MS = 20;
 const REPORT_EVERY_MS = 250;
 const PLAYBACK_LEAD_S = 0.05; // headroom before a buffer starts, so network jitter is no gap
 const MAX_LOG_ENTRIES = 500;
-const TOKEN_KEY = "duplex.token";
+const OLD_TOKEN_KEY = "duplex.token"; // where earlier versions kept the API token
+const CLIENT_TOKEN_TTL_S = 600; // each connection gets a fresh client token of 10 minutes
+const CLIENT_TOKEN_PREFIX = "ek_";
 const AUDIO_UPDATE_ID = "demo-audio"; // the client id of the session.update declaring audio
 // Reconnect after a dropped socket (docs/protocol.md "Resuming a session"): backoff from
 // 100 ms doubling to 2 s, each wait 50-100 % of the step, giving up after 30 s.
@@ -22,6 +24,7 @@ const FINAL_CLOSE_CODES = [1000, 1008, 1011, 4001]; // the session is over: no r
 const $ = (id) => document.getElementById(id);
 const ui = {
   status: $("status"),
+  turnState: $("turn-state"),
   sessionId: $("session-id"),
   connectForm: $("connect-form"),
   token: $("token"),
@@ -49,6 +52,8 @@ let speaking = false;
 let audioDeclared = false; // session.update sent: binary frames now have a known format
 let videoPolicy = { fps_speaking: 1, fps_idle: 0.2, max_dimension: 1024 };
 let textCount = 0;
+let turnsWaiting = 0; // turns ended whose response has not started yet
+let attempt = 0; // connection attempts: a Disconnect during one makes it moot
 let sessionId = null; // the session to resume after a drop
 let lastSeq = 0; // the last numbered message handled: a resume replays what follows
 let retry = null; // {step, deadline, timer} while reconnecting
@@ -115,6 +120,25 @@ function setStatus(state, text) {
   for (const el of [ui.mic, ui.camera, ui.textInput, ui.send]) el.disabled = !ready;
 }
 
+// The turn, as the badge shows it: idle, listening, user-speaking, thinking, answering.
+const TURN_LABELS = {
+  idle: "idle",
+  listening: "listening",
+  "user-speaking": "you are speaking",
+  thinking: "thinking",
+  answering: "answering",
+};
+
+function setTurnState(state) {
+  ui.turnState.dataset.state = state;
+  ui.turnState.textContent = TURN_LABELS[state];
+}
+
+function settleTurnState() {
+  if (speaking) setTurnState("user-speaking");
+  else setTurnState(turnsWaiting > 0 ? "thinking" : "listening");
+}
+
 function wsOpen() {
   return ws !== null && ws.readyState === WebSocket.OPEN;
 }
@@ -139,10 +163,48 @@ function getAudioContext() {
   return audioCtx;
 }
 
-function connect(resume = false) {
+// A short-lived client token for one connection. The API token typed into the page is
+// only sent to POST /v1/client_tokens (never in a URL, never stored); a client token
+// pasted as is (ek_...) is used directly.
+async function clientToken() {
   const token = ui.token.value.trim();
-  localStorage.setItem(TOKEN_KEY, token);
-  getAudioContext().resume();
+  if (!token || token.startsWith(CLIENT_TOKEN_PREFIX)) return token;
+  const reply = await fetch(new URL("/v1/client_tokens", location.href), {
+    method: "POST",
+    headers: { Authorization: `Bearer ${token}`, "Content-Type": "application/json" },
+    body: JSON.stringify({ ttl_s: CLIENT_TOKEN_TTL_S }),
+  });
+  if (!reply.ok) {
+    let detail = "";
+    try {
+      detail = (await reply.json()).detail ?? "";
+    } catch {}
+    throw Object.assign(new Error(`the server refused the API token: ${detail}`), {
+      code: reply.status,
+    });
+  }
+  return (await reply.json()).token;
+}
+
+// Every connection, a resume included, gets a fresh client token first.
+async function connect(resume = false) {
+  getAudioContext().resume(); // inside the click, before any await: autoplay policies
+  if (!resume) setStatus("connecting");
+  const mine = ++attempt;
+  let token;
+  try {
+    token = await clientToken();
+  } catch (err) {
+    if (mine !== attempt) return; // disconnected meanwhile
+    // The server unreachable while resuming: that attempt failed, try the next one.
+    if (resume && err.code === undefined && scheduleResume()) return;
+    retry = null;
+    logError(err.code ?? "-", err.message);
+    setStatus("closed", `not connected (${err.code ?? "network error"})`);
+    teardown();
+    return;
+  }
+  if (mine !== attempt) return;
 
   const url = new URL("/v1/duplex", location.href);
   url.protocol = location.protocol === "https:" ? "wss:" : "ws:";
@@ -210,6 +272,7 @@ function scheduleResume() {
 }
 
 function disconnect() {
+  attempt++;
   if (retry?.timer) clearTimeout(retry.timer);
   retry = null;
   if (ws) ws.close(1000, "bye");
@@ -224,6 +287,8 @@ function teardown() {
   stopCamera();
   player.stop();
   setSpeaking(false);
+  turnsWaiting = 0;
+  setTurnState("idle");
 }
 
 // ---- server messages ---------------------------------------------------------------
@@ -235,6 +300,7 @@ function onServerMessage(msg) {
       showSession(msg.session);
       declareAudio();
       setStatus("connected");
+      setTurnState("listening");
       logEvent(msg, `session ${msg.session.id} (${msg.session.mode}, ${msg.session.provider})`);
       break;
     case "session.updated":
@@ -246,20 +312,25 @@ function onServerMessage(msg) {
       showSession(msg.session);
       audioDeclared = true; // the session kept the capture format declared before
       setStatus("connected");
+      settleTurnState();
       logEvent(msg, `resumed after #${msg.last_seq}: replay from #${msg.first_seq}`);
       break;
     case "speech.started":
       setSpeaking(true);
+      setTurnState("user-speaking");
       logEvent(msg, `at ${ms(msg.audio_start_ms)}`);
       break;
     case "speech.stopped":
       setSpeaking(false);
+      setTurnState("thinking");
       logEvent(msg, `at ${ms(msg.audio_end_ms)}`);
       break;
     case "turn.ended": {
       const span = msg.audio_start_ms !== undefined
         ? `${ms(msg.audio_start_ms)} – ${ms(msg.audio_end_ms)}`
         : "text turn";
+      turnsWaiting++;
+      setTurnState("thinking");
       logEvent(msg, span).setAttribute("data-turn-id", msg.turn_id);
       break;
     }
@@ -267,7 +338,9 @@ function onServerMessage(msg) {
       showTranscript(msg);
       break;
     case "response.started":
+      turnsWaiting = Math.max(0, turnsWaiting - 1);
       replyEntry(msg.response_id, msg.request_id);
+      if (!speaking) setTurnState("answering");
       break;
     case "chunk":
       onChunk(msg);
@@ -277,6 +350,7 @@ function onServerMessage(msg) {
       entry.dataset.state = "done";
       entry.dataset.finishReason = msg.finish_reason;
       player.finish(msg.response_id);
+      settleTurnState();
       break;
     }
     case "error":
@@ -651,7 +725,7 @@ function fail(what) {
 
 ui.connectForm.addEventListener("submit", (event) => {
   event.preventDefault();
-  if (ws || retry) disconnect();
+  if (ws || retry || ui.status.dataset.state === "connecting") disconnect();
   else connect();
 });
 
@@ -673,9 +747,17 @@ ui.textForm.addEventListener("submit", (event) => {
   if (send({ type: "input.text", text, final: true, request_id: requestId })) {
     addEntry("user", "you", text, { "data-request-id": requestId });
     ui.textInput.value = "";
+    setTurnState("thinking");
   }
 });
 
-ui.token.value = new URLSearchParams(location.search).get("token") ??
-  localStorage.getItem(TOKEN_KEY) ?? "";
+// A backend may hand this page a client token in the fragment (never sent to a server):
+// /#client_token=ek_... ; it is taken out of the address bar at once.
+const fragment = new URLSearchParams(location.hash.slice(1));
+if (fragment.has("client_token")) {
+  ui.token.value = fragment.get("client_token");
+  history.replaceState(null, "", location.pathname + location.search);
+}
+localStorage.removeItem(OLD_TOKEN_KEY); // no token is kept in the browser any more
 setStatus("idle", "not connected");
+setTurnState("idle");
