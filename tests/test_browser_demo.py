@@ -386,7 +386,8 @@ def test_browser_demo_resumes_after_a_dropped_connection(
                 page = browser.new_page()
                 page.on("websocket", watch)
                 page.set_default_timeout(30_000)
-                page.goto(f"http://127.0.0.1:{proxy.port}/?token={TOKEN}")
+                page.goto(f"http://127.0.0.1:{proxy.port}/")
+                page.fill("#token", TOKEN)  # the page mints a client token per connection
                 page.click("#connect")
                 expect(page.locator("#status")).to_have_attribute("data-state", "connected")
                 page.click("#mic")
@@ -416,3 +417,33 @@ def test_browser_demo_resumes_after_a_dropped_connection(
                 browser.close()
     finally:
         proxy.close()
+
+
+def test_api_docs_render_offline(server_factory: Any) -> None:
+    """With DUPLEX_API_DOCS on, /docs renders in Chromium with every request to anywhere
+    but this server refused (as offline)."""
+    from playwright.sync_api import expect, sync_playwright
+
+    server = server_factory(api_docs=True)
+    outside: list[str] = []
+
+    def only_local(route: Any) -> None:
+        if route.request.url.startswith(server.base):
+            route.continue_()
+        else:
+            outside.append(route.request.url)
+            route.abort()
+
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=str(CHROMIUM), headless=True)
+        try:
+            page = browser.new_page()
+            page.route("**/*", only_local)
+            page.goto(f"{server.base}/docs")
+            expect(page.locator(".swagger-ui .info .title")).to_contain_text("Duplex")
+            expect(
+                page.locator(".opblock-summary-path", has_text="/v1/client_tokens").first
+            ).to_be_visible()
+        finally:
+            browser.close()
+    assert not outside, outside
