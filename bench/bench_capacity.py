@@ -315,6 +315,13 @@ class Point:
     verdict: str
     log_tail: list[str]
     scrapes: int = 0  # metrics scrapes that answered 200 during the run
+    #: Server CPU seconds from the worker's start to its end: the work is fixed (N sessions
+    #: of the same audio), so this compares across runs even when others take the core.
+    total_cpu_s: float = 0.0
+
+    @property
+    def us_per_message(self) -> float:
+        return self.total_cpu_s * 1e6 / max(1, self.result.get("sends", 0))
 
 
 def warm_up(server: ServerProc, plans: list[Plan]) -> None:
@@ -398,6 +405,7 @@ def run_point(args: argparse.Namespace, n: int, plans: list[Plan], profile: bool
             if CLIENT_CPU < cpu_count:
                 os.sched_setaffinity(0, {CLIENT_CPU})
 
+        cpu_start = schedstat(server.pid)[0]
         worker = subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.PIPE, text=True, preexec_fn=pin)
         assert worker.stdout is not None
         result: dict[str, Any] = {}
@@ -421,6 +429,7 @@ def run_point(args: argparse.Namespace, n: int, plans: list[Plan], profile: bool
             elif word.startswith("RESULT "):
                 result = json.loads(word[7:])
         worker.wait(timeout=60)
+        total_cpu = schedstat(server.pid)[0] - cpu_start
         if scraper is not None:
             scraper.halt.set()
             scraper.join(timeout=10)
@@ -437,7 +446,14 @@ def run_point(args: argparse.Namespace, n: int, plans: list[Plan], profile: bool
     if verdict != "pass" and wait > 0.10:
         verdict += f" (server waited {wait * 100:.0f}% for its core)"
     scrapes = scraper.ok if scraper is not None else 0
-    return Point(n, result, cpu, wait, verdict, server.log[-5:], scrapes)
+    point = Point(n, result, cpu, wait, verdict, server.log[-5:], scrapes, total_cpu)
+    print(
+        f"run N={n} metrics={args.metrics}: server CPU over the run {total_cpu:.2f} s, "
+        f"{point.us_per_message:.1f} us per client message, CPU wait {wait * 100:.0f}%",
+        file=sys.stderr,
+        flush=True,
+    )
+    return point
 
 
 def kept_up(p: Point) -> bool:
@@ -614,6 +630,15 @@ def main() -> None:
         "well before). gen: the load generator (its own loop lag and CPU)."
     )
     costs = [p.server_cpu / p.n for p in points if kept_up(p)]
+    print(
+        "\nServer CPU over each whole run (fixed work, so comparable across runs even when "
+        "other processes take the core): "
+        + "; ".join(
+            f"N={p.n}: {p.total_cpu_s:.2f} s, {p.us_per_message:.1f} µs per client message"
+            for p in points
+        )
+        + "."
+    )
     if costs:
         lo, hi = min(costs), max(costs)
         print(

@@ -238,7 +238,12 @@ class SessionTap:
 
     def __call__(self, message: BaseModel) -> None:
         self._count += 1
-        handler = _HANDLERS.get(type(message))
+        cls = type(message)
+        if cls is ChunkEvent:  # most messages: one check, and nothing once both firsts are out
+            if self._text_due or self._audio_due:
+                self._chunk(message)
+            return
+        handler = _HANDLERS.get(cls)
         if handler is not None:
             handler(self, message)
 
@@ -252,8 +257,6 @@ class SessionTap:
     # ---- per message type -----------------------------------------------------------
 
     def _chunk(self, chunk: Any) -> None:
-        if not (self._text_due or self._audio_due):
-            return
         now = time.monotonic()
         metrics = self._metrics
         provider = self._session.config.provider
@@ -348,7 +351,6 @@ class SessionTap:
 
 
 _HANDLERS: dict[type, Callable[[SessionTap, Any], None]] = {
-    ChunkEvent: SessionTap._chunk,
     ResponseStarted: SessionTap._response_started,
     ResponseDone: SessionTap._response_done,
     SpeechStarted: SessionTap._speech_started,
