@@ -168,20 +168,32 @@ class Access:
         raise ProtocolError(UNAUTHORIZED, "this client token is for another session", fatal=True)
 
 
+#: The deny list could not be read (the store is down): refuse rather than admit a
+#: token that may have been revoked.
+STORE_UNAVAILABLE = 503
+
+
 async def socket_access(
     auth: TokenAuth, tokens: ClientTokens, authorization: str | None, query_token: str | None
-) -> Access | str:
+) -> Access | ProtocolError:
     """The caller of a WebSocket door (by API token, or by a valid client token), or the
-    message of the 401 to answer."""
+    error to refuse the connection with: 401, or 503 when the deny list cannot be read."""
     credential = query_token
     if authorization:
         scheme, _, value = authorization.partition(" ")
         if scheme.lower() == "bearer" and value.strip():
             credential = value.strip()
     if credential is not None and credential.startswith(PREFIX):
-        claims = await tokens.check(credential)
+        try:
+            claims = await tokens.check(credential)
+        except Exception as exc:  # the store's own errors: they vary by backend
+            log.warning("client token not checked, state store failed: %r", exc)
+            message = "cannot check the client token now: the state store is unavailable"
+            return ProtocolError(STORE_UNAVAILABLE, message, fatal=True)
         if isinstance(claims, str):
-            return f"{claims} client token"
+            return ProtocolError(UNAUTHORIZED, f"{claims} client token", fatal=True)
         return Access(claims.tenant, claims.session_id)
     tenant = auth.tenant_for(authorization, query_token)
-    return "missing or invalid API token" if tenant is None else Access(tenant)
+    if tenant is None:
+        return ProtocolError(UNAUTHORIZED, "missing or invalid API token", fatal=True)
+    return Access(tenant)

@@ -17,7 +17,6 @@ from duplex.protocol import (
     RATE_LIMITED,
     STORE_UNAVAILABLE,
     TOO_LARGE,
-    UNAUTHORIZED,
     ErrorEvent,
     InputAudio,
     ProtocolError,
@@ -61,8 +60,8 @@ async def duplex(ws: WebSocket) -> None:
     access = await socket_access(
         app.auth, app.client_tokens, ws.headers.get("authorization"), ws.query_params.get("token")
     )
-    if isinstance(access, str):
-        await _refuse(ws, UNAUTHORIZED, access)
+    if isinstance(access, ProtocolError):
+        await _refuse(ws, access.code, access.message)
         return
     tenant = access.tenant
     link: Link | None = None

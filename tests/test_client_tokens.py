@@ -189,3 +189,18 @@ async def test_deny_list_in_every_store(kind: str, tmp_path: Any, request: Any) 
         assert not await store.is_revoked("old")
     finally:
         await store.close()
+
+
+async def test_unreadable_deny_list_refuses_with_503(server_factory: Any) -> None:
+    """A store that cannot be read might hide a revocation: the token is refused (503),
+    not admitted."""
+    import socket
+
+    with socket.socket() as sock:  # a port where nothing listens
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    server = server_factory(store_url=f"redis://127.0.0.1:{port}/0")
+    token, _ = server.app.state.duplex.client_tokens.mint("tenant-a")
+    async with connect(server, token, header=False, query=f"token={token}") as c:
+        error = await c.recv()
+    assert error["code"] == 503 and "state store" in error["message"]
