@@ -144,6 +144,26 @@ class Metrics:
             registry=r,
         )
         r.register(_LiveCollector(live))  # type: ignore[arg-type]
+        # Labelled children, looked up once (`labels()` takes a lock and validates).
+        self._by_provider: dict[str, tuple[Any, Any, Any]] = {}
+        self._by_reason: dict[str, Any] = {}
+
+    def provider_latencies(self, provider: str) -> tuple[Any, Any, Any]:
+        """(first token, first audio, response latency) histograms of ``provider``."""
+        found = self._by_provider.get(provider)
+        if found is None:
+            found = self._by_provider[provider] = (
+                self.first_token.labels(provider),
+                self.first_audio.labels(provider),
+                self.response_latency.labels(provider),
+            )
+        return found
+
+    def count_response(self, finish_reason: str) -> None:
+        child = self._by_reason.get(finish_reason)
+        if child is None:
+            child = self._by_reason[finish_reason] = self.responses.labels(finish_reason)
+        child.inc()
 
     def count_error(self, code: int) -> None:
         self.errors.labels(str(code)).inc()
@@ -259,19 +279,23 @@ class SessionTap:
     def _chunk(self, chunk: Any) -> None:
         now = time.monotonic()
         metrics = self._metrics
-        provider = self._session.config.provider
+        first_token, first_audio, latency = (
+            metrics.provider_latencies(self._session.config.provider)
+            if metrics is not None
+            else (None, None, None)
+        )
         if self._text_due and chunk.delta:
             self._text_due = False
             if metrics is not None and self._started is not None:
-                metrics.first_token.labels(provider).observe(now - self._started)
+                first_token.observe(now - self._started)
         media = chunk.media
         if self._audio_due and media is not None and media.mime_type.startswith("audio/"):
             self._audio_due = False
             if metrics is not None:
                 if self._started is not None:
-                    metrics.first_audio.labels(provider).observe(now - self._started)
+                    first_audio.observe(now - self._started)
                 if self._speech_end is not None:
-                    metrics.response_latency.labels(provider).observe(now - self._speech_end)
+                    latency.observe(now - self._speech_end)
             self._speech_end = None
 
     def _response_started(self, message: Any) -> None:
@@ -285,7 +309,7 @@ class SessionTap:
         metrics = self._metrics
         reason = message.finish_reason
         if metrics is not None:
-            metrics.responses.labels(reason).inc()
+            metrics.count_response(reason)
             # Interrupted with the user speaking over it (not cut by a lost provider).
             if reason == "interrupted" and self._spoke_over:
                 metrics.barge_ins.inc()
