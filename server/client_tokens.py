@@ -23,7 +23,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from duplex.protocol import UNAUTHORIZED, ProtocolError
+from duplex.protocol import STORE_UNAVAILABLE, UNAUTHORIZED, ProtocolError
 from server.auth import TokenAuth
 from server.state.base import StateStore
 
@@ -168,11 +168,6 @@ class Access:
         raise ProtocolError(UNAUTHORIZED, "this client token is for another session", fatal=True)
 
 
-#: The deny list could not be read (the store is down): refuse rather than admit a
-#: token that may have been revoked.
-STORE_UNAVAILABLE = 503
-
-
 async def socket_access(
     auth: TokenAuth, tokens: ClientTokens, authorization: str | None, query_token: str | None
 ) -> Access | ProtocolError:
@@ -186,7 +181,7 @@ async def socket_access(
     if credential is not None and credential.startswith(PREFIX):
         try:
             claims = await tokens.check(credential)
-        except Exception as exc:  # the store's own errors: they vary by backend
+        except Exception as exc:  # refuse rather than admit a token that may be revoked
             log.warning("client token not checked, state store failed: %r", exc)
             message = "cannot check the client token now: the state store is unavailable"
             return ProtocolError(STORE_UNAVAILABLE, message, fatal=True)

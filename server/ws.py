@@ -61,7 +61,8 @@ async def duplex(ws: WebSocket) -> None:
         app.auth, app.client_tokens, ws.headers.get("authorization"), ws.query_params.get("token")
     )
     if isinstance(access, ProtocolError):
-        await _refuse(ws, access.code, access.message)
+        retry = CLOSE_TRY_AGAIN if access.code == STORE_UNAVAILABLE else None
+        await _refuse(ws, access.code, access.message, retry)
         return
     tenant = access.tenant
     link: Link | None = None

@@ -40,7 +40,8 @@ def value(samples: dict[tuple[str, tuple], float], name: str, **labels: str) -> 
 
 
 async def until_no_live_sessions(url: str) -> dict[tuple[str, tuple], float]:
-    """Scrape until every session has closed (its counters are flushed at the close)."""
+    """Scrape until every session has closed (its counters are flushed at the close; the
+    servers here run with no resume grace, so a hang-up closes the session)."""
     async with asyncio.timeout(10):
         while True:
             samples = await scrape(url)
@@ -60,7 +61,9 @@ async def stream(c: Any, pcm: np.ndarray) -> int:
 
 
 async def test_metrics_on_the_main_port_after_a_real_turn(server_factory: Any) -> None:
-    server = server_factory(echo_pace=1.0, metrics="on", metrics_token=METRICS_TOKEN)
+    server = server_factory(
+        echo_pace=1.0, metrics="on", metrics_token=METRICS_TOKEN, resume_grace_s=0
+    )
     url = f"{server.base}/metrics"
     async with httpx.AsyncClient() as http:
         assert (await http.get(url)).status_code == 401
@@ -151,6 +154,7 @@ async def test_provider_reconnects_are_counted_and_are_not_barge_ins(server_fact
             openai_api_key="sk-test-duplex-fake",
             metrics="on",
             metrics_token=METRICS_TOKEN,
+            resume_grace_s=0,  # a hang-up closes the session at once
         )
         async with connect(server, TOKEN) as c:
             await c.recv()
