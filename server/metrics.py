@@ -259,13 +259,16 @@ class SessionTap:
     def __call__(self, message: BaseModel) -> None:
         self._count += 1
         cls = type(message)
-        if cls is ChunkEvent:  # most messages: one check, and nothing once both firsts are out
-            if self._text_due or self._audio_due:
-                self._chunk(message)
-            return
-        handler = _HANDLERS.get(cls)
-        if handler is not None:
-            handler(self, message)
+        try:
+            if cls is ChunkEvent:  # most messages: one check, nothing once the firsts are out
+                if self._text_due or self._audio_due:
+                    self._chunk(message)
+                return
+            handler = _HANDLERS.get(cls)
+            if handler is not None:
+                handler(self, message)
+        except Exception:  # a fault in measuring must not end the session
+            self._session.log.exception("metrics: %s not counted", cls.__name__)
 
     def attach_input(self, budget: InputBudget) -> None:
         """Count and time input from ``budget`` (a connection's) from now on; a resumed
@@ -336,7 +339,8 @@ class SessionTap:
 
     def _speech_stopped(self, message: Any) -> None:
         td = self._session.config.turn_detection
-        lag = td.stop_ms / 1000 if td.type == "vad" else 0.0
+        # With stop_ms "auto" the silence is learned per session: its starting 800 ms here.
+        lag = td.fixed_stop_ms / 1000 if td.type == "vad" else 0.0
         self._speech_end = time.monotonic() - lag
 
     def _turn_ended(self, message: Any) -> None:

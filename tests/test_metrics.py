@@ -172,3 +172,18 @@ async def test_provider_reconnects_are_counted_and_are_not_barge_ins(server_fact
     assert value(samples, "duplex_provider_reconnects_total") == 1
     assert value(samples, "duplex_responses_total", finish_reason="interrupted") == 1
     assert value(samples, "duplex_barge_ins_total") == 0
+
+
+async def test_adaptive_end_of_turn_is_measured_too(server_factory: Any) -> None:
+    """``stop_ms: "auto"`` (learned per session): the turn is measured, nothing breaks."""
+    server = server_factory(metrics="on", metrics_token=METRICS_TOKEN, resume_grace_s=0)
+    speech = synth("Set a timer for fifteen minutes please", "en", 150)
+    async with connect(server, TOKEN) as c:
+        await c.recv()
+        await c.send({"type": "session.update", "config": {"turn_detection": {"stop_ms": "auto"}}})
+        await c.until("session.updated")
+        await stream(c, np.concatenate([speech, SILENCE_1S, SILENCE_1S]))
+        assert (await c.until("response.done", timeout=20))[-1]["finish_reason"] == "stop"
+    samples = await until_no_live_sessions(f"{server.base}/metrics")
+    assert value(samples, "duplex_response_latency_seconds_count", provider="echo") == 1
+    assert value(samples, "duplex_end_of_turn_overhead_seconds_count") == 1
