@@ -139,7 +139,7 @@ def create_app(settings: Settings | None = None, *, tools: ToolRegistry | None =
 
     app = api_docs.make_app(settings.api_docs, title="Duplex", version="0.1.0", lifespan=lifespan)
     app.state.duplex = state
-    app.state.realtime = realtime_routes.setup(settings)
+    app.state.realtime = realtime_routes.setup(settings, client_tokens)
     app.add_exception_handler(RequestValidationError, http_api.invalid_body)
 
     @app.exception_handler(StoreUnavailable)

@@ -8,7 +8,7 @@ from typing import Any
 from fastapi import APIRouter, HTTPException, Request
 from pydantic import BaseModel, Field
 
-from server.client_tokens import MAX_TTL_S, MIN_TTL_S
+from server.client_tokens import MIN_TTL_S
 from server.http_api import Tenant
 
 router = APIRouter()
@@ -16,7 +16,7 @@ router = APIRouter()
 
 class ClientTokenRequest(BaseModel):
     #: Lifetime in seconds (default ``DUPLEX_CLIENT_TOKEN_TTL_S``).
-    ttl_s: int | None = Field(None, ge=MIN_TTL_S, le=MAX_TTL_S)
+    ttl_s: int | None = Field(None, ge=MIN_TTL_S, le=3600)
     #: Scope the token to this session (it then opens or resumes that one only).
     session_id: str | None = Field(None, min_length=1, max_length=128)
 

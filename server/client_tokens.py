@@ -33,9 +33,10 @@ log = logging.getLogger(__name__)
 #: is told from an API token without trying to verify it.
 PREFIX = "ek_"
 
-#: TTL bounds for a minted token, in seconds.
+#: TTL bounds for a minted token, in seconds (the OpenAI door's secrets live up to 2 h;
+#: ``POST /v1/client_tokens`` allows up to 1 h).
 MIN_TTL_S = 10
-MAX_TTL_S = 3600
+MAX_TTL_S = 7200
 
 
 @dataclass(frozen=True)
@@ -86,8 +87,9 @@ class ClientTokens:
         model: str | None = None,
         now: float | None = None,
     ) -> tuple[str, ClientToken]:
-        """A new token and its claims. ``ttl_s`` is clamped to [MIN_TTL_S, MAX_TTL_S]."""
-        ttl = min(MAX_TTL_S, max(MIN_TTL_S, ttl_s if ttl_s is not None else self.default_ttl_s))
+        """A new token and its claims. ``ttl_s`` is capped at MAX_TTL_S (a revocation is
+        kept that long); the endpoints hold requests to their own bounds."""
+        ttl = min(MAX_TTL_S, ttl_s if ttl_s is not None else self.default_ttl_s)
         claims = ClientToken(
             id="ct_" + secrets.token_urlsafe(12),
             tenant=tenant,

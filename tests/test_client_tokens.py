@@ -4,6 +4,7 @@ verification and revocation across replicas (a shared key and a shared store).""
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 import time
@@ -204,3 +205,24 @@ async def test_unreadable_deny_list_refuses_with_503(server_factory: Any) -> Non
     async with connect(server, token, header=False, query=f"token={token}") as c:
         error = await c.recv()
     assert error["code"] == 503 and "state store" in error["message"]
+
+
+async def test_one_mechanism_for_both_doors(live_server: Any) -> None:
+    """A secret from the OpenAI door opens /v1/duplex; a client token (bound to no model)
+    opens /v1/realtime."""
+    reply = await call(
+        "POST",
+        f"{live_server.base}/v1/realtime/client_secrets",
+        AUTH,
+        {"session": {"type": "realtime", "model": "duplex-echo"}},
+    )
+    assert reply.status_code == 200, reply.text
+    await opened(live_server, reply.json()["value"])
+
+    token = (await mint(live_server)).json()["token"]
+    url = live_server.base.replace("http", "ws", 1) + "/v1/realtime?model=duplex-echo"
+    async with websockets.connect(
+        url, additional_headers={"Authorization": f"Bearer {token}"}
+    ) as ws:
+        first = json.loads(await asyncio.wait_for(ws.recv(), 10))
+    assert first["type"] == "session.created", first

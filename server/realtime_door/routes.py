@@ -19,6 +19,7 @@ from duplex.protocol import (
     SessionConfig,
     check_json_value,
 )
+from server.client_tokens import ClientTokens
 from server.config import Settings
 from server.rate import InputBudget, audio_bytes_per_second
 from server.realtime_door.bridge import RealtimeBridge
@@ -47,10 +48,11 @@ class RealtimeDoor:
     secrets: ClientSecrets
 
 
-def setup(settings: Settings) -> RealtimeDoor:
+def setup(settings: Settings, tokens: ClientTokens) -> RealtimeDoor:
+    """``tokens``: the app's client tokens, whose key signs this door's secrets too."""
     return RealtimeDoor(
         RealtimeModels.from_settings(settings),
-        ClientSecrets(settings.client_secret_key, settings.client_secret_ttl_s),
+        ClientSecrets(tokens, settings.client_secret_ttl_s),
     )
 
 
