@@ -50,6 +50,7 @@ from duplex.protocol import (
     StreamChunk,
     ToolCall,
     ToolCancelled,
+    ToolOutput,
     ToolSpec,
     Transcript,
     new_id,
@@ -461,6 +462,8 @@ class GeminiLiveSession(RealtimeLink):
         self._response_id: str | None = None
         self._last_response_id: str | None = None
         self._suppress = False  # output of a cancelled generation is dropped until it ends
+        #: What tool calls get while ``_suppress`` holds after declined calls (else a cancel).
+        self._declined: dict[str, Any] | None = None
         self._usage_raw: dict[str, Any] | None = None
         self._user_speaking = False
         self._input_transcript: list[str] = []
@@ -558,6 +561,7 @@ class GeminiLiveSession(RealtimeLink):
             return
         self._log.info("response %s cancelled locally", self._response_id)
         self._suppress = True
+        self._declined = None
         self._end_response("cancelled")
         await self._flush()
 
@@ -600,18 +604,26 @@ class GeminiLiveSession(RealtimeLink):
         if self._failure is not None:
             raise ProviderError(self._failure, fatal=True)
 
-    async def send_tool_result(self, call_id: str, name: str, output: str) -> None:
-        name = name or self._tool_names.get(call_id, "")
-        self._tool_names.pop(call_id, None)
-        await self._submit(
-            {
-                "toolResponse": {
-                    "functionResponses": [
-                        {"id": call_id, "name": name, "response": _tool_response_body(output)}
-                    ]
-                }
-            }
-        )
+    async def send_tool_results(self, outputs: list[ToolOutput], *, respond: bool = True) -> None:
+        """One ``toolResponse`` with a ``functionResponses`` entry per call.
+
+        Gemini blocks on its calls and always goes on generating once they are
+        answered. ``respond=False`` (calls not run): the outputs still go, so the
+        model is not left waiting, and the rest of that generation is dropped until
+        it ends, as for a cancel (tool calls in it get the same output).
+        """
+        if not outputs:
+            return
+        responses = []
+        for out in outputs:
+            name = out.name or self._tool_names.get(out.call_id, "")
+            self._tool_names.pop(out.call_id, None)
+            body = _tool_response_body(out.output)
+            responses.append({"id": out.call_id, "name": name, "response": body})
+        if not respond:
+            self._suppress = True
+            self._declined = responses[0]["response"]
+        await self._submit({"toolResponse": {"functionResponses": responses}})
 
     async def _submit(self, payload: dict[str, Any]) -> None:
         """Buffer one client message for replay and send it if a connection is up.
@@ -918,6 +930,7 @@ class GeminiLiveSession(RealtimeLink):
             self._flush_transcript()
             if self._suppress:
                 self._suppress = False
+                self._declined = None
             elif self._response_id is not None:
                 self._put(StreamChunk(response_id=self._response_id, interrupted=True))
                 self._end_response("interrupted")
@@ -930,6 +943,7 @@ class GeminiLiveSession(RealtimeLink):
             self._flush_transcript()
             if self._suppress:
                 self._suppress = False
+                self._declined = None
             else:
                 self._end_response("stop")
 
@@ -972,7 +986,7 @@ class GeminiLiveSession(RealtimeLink):
                             {
                                 "id": c.get("id"),
                                 "name": c.get("name", ""),
-                                "response": {"error": "cancelled by the user"},
+                                "response": self._declined or {"error": "cancelled by the user"},
                             }
                             for c in calls
                         ]
@@ -1023,6 +1037,7 @@ class GeminiLiveSession(RealtimeLink):
         """A response cut by a lost connection ends like a barge-in (queued output is
         dropped); returns its id."""
         self._suppress = False
+        self._declined = None
         self._flush_transcript()
         rid = self._response_id
         if rid is not None:

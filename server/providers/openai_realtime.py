@@ -42,6 +42,7 @@ from duplex.protocol import (
     SpeechStopped,
     StreamChunk,
     ToolCall,
+    ToolOutput,
     Transcript,
 )
 from server.logs import SessionLog
@@ -474,13 +475,20 @@ class OpenAIRealtimeSession(RealtimeLink):
             audio_end_ms=end_ms,
         )
 
-    async def send_tool_result(self, call_id: str, name: str, output: str) -> None:
-        # ``name`` is not part of OpenAI's function_call_output item: call_id links them.
-        await self._send(
-            "conversation.item.create",
-            item={"type": "function_call_output", "call_id": call_id, "output": output},
-        )
-        await self._send("response.create")
+    async def send_tool_results(self, outputs: list[ToolOutput], *, respond: bool = True) -> None:
+        """One ``function_call_output`` item per call, then one ``response.create``.
+
+        ``respond=False`` adds the items only: the service answers nothing until the
+        next ``response.create`` (the user's next turn).
+        """
+        for out in outputs:
+            # ``name`` is not part of OpenAI's function_call_output item: call_id links them.
+            await self._send(
+                "conversation.item.create",
+                item={"type": "function_call_output", "call_id": out.call_id, "output": out.output},
+            )
+        if respond and outputs:
+            await self._send("response.create")
 
     async def reconfigure(self, setup: RealtimeSetup) -> None:
         """Apply a changed session: ``session.update`` when the service can take it live,

@@ -82,7 +82,13 @@ REALTIME_FIELDS = frozenset(
 )
 
 Scenario = Literal[
-    "normal", "tool_call", "go_away", "go_away_after_answer", "drop_mid_response", "quota_exceeded"
+    "normal",
+    "tool_call",
+    "tool_loop",
+    "go_away",
+    "go_away_after_answer",
+    "drop_mid_response",
+    "quota_exceeded",
 ]
 
 
@@ -562,8 +568,13 @@ class _FakeConnection:
             reply = self.fake.reply_text
         else:
             reply = f"You said: {text}"
-        if self.fake.scenario == "tool_call" and self.tools and kind != "tool":
-            call_id = f"call_{turn}"
+        calling = self.fake.scenario in ("tool_call", "tool_loop") and self.tools
+        n = 0
+        while calling:
+            # tool_call: one call per turn; tool_loop: a model that calls its tool again
+            # after every result until one is an ``{"error": ...}`` object.
+            n += 1
+            call_id = f"call_{turn}" if n == 1 else f"call_{turn}_{n}"
             future: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
             self.pending_tool = (call_id, future)
             await self.send(
@@ -582,6 +593,7 @@ class _FakeConnection:
                     return
                 raise
             reply = f"The tool said {json.dumps(result, sort_keys=True)}"
+            calling = self.fake.scenario == "tool_loop" and "error" not in result
         await self._stream(reply)
         await self.send({"serverContent": {"generationComplete": True}})
         words = len(reply.split())
