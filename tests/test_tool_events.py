@@ -240,7 +240,7 @@ async def test_hop_limit_in_both_modes(server_factory, door):
                 "response.create",
             ]
             items = [e["item"] for e in received if e["type"] == "conversation.item.create"]
-            declined = [i for i in items if i["type"] == "function_call_output"][-1]
+            declined = [i for i in items if i["type"] == "function_call_output"][HOP_LIMIT]
             assert "tool hop limit (2) reached" in json.loads(declined["output"])["error"]
         elif door == "asm/gemini-live":
             # HOP_LIMIT results, the declined call's output (then the next turn's calls).

@@ -43,6 +43,7 @@ from duplex.protocol import (
     FinishReason,
     ImageFrame,
     Media,
+    Message,
     ResponseDone,
     ResponseStarted,
     SpeechStarted,
@@ -63,7 +64,12 @@ from server.providers.base import (
     RealtimeProvider,
     RealtimeSetup,
 )
-from server.providers.realtime_link import LinkEnded, RealtimeLink, ReconnectPolicy
+from server.providers.realtime_link import (
+    LinkEnded,
+    RealtimeLink,
+    ReconnectPolicy,
+    reseed_turns,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -468,6 +474,9 @@ class GeminiLiveSession(RealtimeLink):
         self._user_speaking = False
         self._input_transcript: list[str] = []
         self._tool_names: dict[str, str] = {}
+        #: The newest client message sent before the latest answer began: what came up to
+        #: it is in the stored conversation (the user's text or transcript, and the answer).
+        self._answered_seq = -1
 
     # -- lifecycle ------------------------------------------------------------------
 
@@ -651,13 +660,16 @@ class GeminiLiveSession(RealtimeLink):
 
     # -- connections ----------------------------------------------------------------
 
-    async def _open(self, handle: str | None) -> _Conn:
+    async def _open(self, handle: str | None, *, seed: bool = False) -> _Conn:
         """Connect, send ``setup`` and wait for ``setupComplete``; ProviderError on failure.
 
-        ``fatal`` on the error means retrying the same request cannot help.
+        ``fatal`` on the error means retrying the same request cannot help. ``seed``: the
+        setup announces an initial history (``historyConfig``), which must follow.
         """
         p = self._provider
         body = build_setup(self._setup, model=self._model, handle=handle)
+        if seed:
+            body["historyConfig"] = {"initialHistoryInClientContent": True}
         ws: ClientConnection | None = None
         try:
             async with asyncio.timeout(p.connect_timeout_s):
@@ -759,23 +771,65 @@ class GeminiLiveSession(RealtimeLink):
         await self._close_ws(conn.ws)
 
     async def _reopen(self, attempt: int) -> bool:
-        """Resume with the latest handle; a refused handle starts a new session next time."""
+        """Resume with the latest handle; without one (or when Gemini refuses it) start a
+        new session re-seeded with the stored conversation. True if the model kept its
+        context: resumed, or re-seeded."""
         handle = self._handle
-        try:
-            conn = await self._open(handle)
-        except ProviderError as exc:
-            if exc.upstream_code in (_API_KEY_INVALID, _QUOTA_EXHAUSTED) or handle is None:
-                raise
-            if exc.fatal:
+        if handle is not None:
+            try:
+                conn = await self._open(handle)
+            except ProviderError as exc:
+                if exc.upstream_code in (_API_KEY_INVALID, _QUOTA_EXHAUSTED) or not exc.fatal:
+                    raise
                 self._log.warning(
-                    "resumption handle refused; starting a new Gemini session "
-                    "(earlier conversation context is lost)"
+                    "resumption handle refused (%s); starting a new Gemini session "
+                    "re-seeded with the stored conversation",
+                    exc.message,
                 )
                 self._handle = None
-                raise ProviderError(exc.message, upstream_status=exc.upstream_status) from None
-            raise
-        await self._attach(conn, resumed=handle is not None)
-        return handle is not None
+            else:
+                await self._attach(conn, resumed=True)
+                return True
+        turns = await self._history_turns()
+        conn = await self._open(None, seed=bool(turns))
+        if turns:
+            # Input already answered is in the history: sent again, it would be answered
+            # again. What came after the latest answer began is replayed.
+            self._buffer.drop_through(self._answered_seq)
+            try:
+                await self._seed(conn, turns)
+            except ConnectionClosed:
+                self._log.info("connection closed while re-seeding; the reader will retry")
+                await self._attach(conn, resumed=False)
+                return False
+        await self._attach(conn, resumed=False)
+        return turns is not None
+
+    async def _history_turns(self) -> list[Message] | None:
+        """The stored conversation's newest text turns; None when there is none to read."""
+        history = self._setup.history
+        if history is None:
+            return None
+        try:
+            return reseed_turns(await history())
+        except Exception:  # the store failing must not stop the reconnection
+            self._log.exception("could not read the stored conversation to re-seed")
+            return None
+
+    async def _seed(self, conn: _Conn, turns: list[Message]) -> None:
+        """The initial history (the setup asked for ``historyConfig``): one
+        ``clientContent`` with the turns and ``turnComplete``, which ends the history and
+        starts no generation. Sent before the replay and any live input."""
+        content = {
+            "turns": [
+                {"role": "user" if m.role == "user" else "model", "parts": [{"text": m.content}]}
+                for m in turns
+            ],
+            "turnComplete": True,
+        }
+        await conn.ws.send(json.dumps({"clientContent": content}, separators=(",", ":")))
+        conn.sent.append(None)  # a client message the replay buffer does not hold
+        self._log.info("re-seeded %d conversation turn(s)", len(turns))
 
     async def _attach(self, conn: _Conn, *, resumed: bool) -> None:
         """Replay everything no handle covers, then let live sends through."""
@@ -1016,6 +1070,7 @@ class GeminiLiveSession(RealtimeLink):
                 self._user_speaking = False
                 self._put(SpeechStopped(audio_end_ms=self._audio_ms))
             self._response_id = new_id("resp")
+            self._answered_seq = self._buffer.last_seq
             self._put(ResponseStarted(response_id=self._response_id))
         return self._response_id
 

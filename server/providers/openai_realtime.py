@@ -53,7 +53,12 @@ from server.providers.base import (
     RealtimeProvider,
     RealtimeSetup,
 )
-from server.providers.realtime_link import LinkEnded, RealtimeLink, ReconnectPolicy
+from server.providers.realtime_link import (
+    LinkEnded,
+    RealtimeLink,
+    ReconnectPolicy,
+    reseed_turns,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -68,9 +73,6 @@ MIN_COMMIT_MS: Final = 100.0
 _MAX_TRACKED_RESPONSES: Final = 32
 _MAX_TRACKED_CLIENT_EVENTS: Final = 256
 _IMAGE_TYPES: Final = frozenset({"image/jpeg", "image/png"})
-#: How much of the stored conversation a new upstream session is re-seeded with.
-_RESEED_MAX_ITEMS: Final = 64
-_RESEED_MAX_CHARS: Final = 32_000
 
 #: Beta-era server event names and their GA equivalents.
 BETA_EVENT_ALIASES: Final[dict[str, str]] = {
@@ -171,24 +173,19 @@ def build_session_config(setup: RealtimeSetup) -> dict[str, Any]:
 
 def reseed_items(history: list[Message]) -> list[dict[str, Any]]:
     """Conversation items for the newest text turns of ``history`` (oldest first)."""
-    items: list[dict[str, Any]] = []
-    chars = 0
-    for message in reversed(history):
-        if message.role not in ("user", "assistant") or not message.content:
-            continue
-        if len(items) >= _RESEED_MAX_ITEMS or chars + len(message.content) > _RESEED_MAX_CHARS:
-            break
-        chars += len(message.content)
-        kind = "input_text" if message.role == "user" else "output_text"
-        items.append(
-            {
-                "type": "message",
-                "role": message.role,
-                "content": [{"type": kind, "text": message.content}],
-            }
-        )
-    items.reverse()
-    return items
+    return [
+        {
+            "type": "message",
+            "role": message.role,
+            "content": [
+                {
+                    "type": "input_text" if message.role == "user" else "output_text",
+                    "text": message.content,
+                }
+            ],
+        }
+        for message in reseed_turns(history)
+    ]
 
 
 # --------------------------------------------------------------------------------------
@@ -629,7 +626,7 @@ class OpenAIRealtimeSession(RealtimeLink):
 
         Text turns become ``conversation.item.create`` messages (user ``input_text``,
         assistant ``output_text``, the answer as far as it was heard); the newest
-        ones within ``_RESEED_MAX_ITEMS`` / ``_RESEED_MAX_CHARS``. True when the
+        ones within ``RESEED_MAX_ITEMS`` / ``RESEED_MAX_CHARS`` (realtime_link). True when the
         conversation (possibly empty) was restored.
         """
         if self._history is None:
