@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import threading
 from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import Any
@@ -254,7 +255,7 @@ async def test_gemini_tool_cancellation_stops_a_running_server_tool(server_facto
     task is cancelled, ``tool.cancelled`` names it in ``stopped``, and no output for it goes
     back to Gemini."""
     tools = ToolRegistry()
-    started = asyncio.Event()
+    started = threading.Event()  # the tool runs on the server's event loop (another thread)
     seen: list[str] = []
 
     @tools.register(parameters={"type": "object", "properties": {"city": {}, "unit": {}}})
@@ -279,8 +280,7 @@ async def test_gemini_tool_cancellation_stops_a_running_server_tool(server_facto
             await c.send({"type": "input.text", "text": "Weather in Paris?", "final": True})
             events = await c.until("tool.execution", timeout=15)
             call_id = events[-1]["call_ids"][0]
-            async with asyncio.timeout(10):
-                await started.wait()
+            assert await asyncio.to_thread(started.wait, 10)
             # The user speaks again: Gemini withdraws the pending call.
             await c.send({"type": "input.text", "text": "Never mind.", "final": True})
             events = await c.until("tool.cancelled", timeout=15)
