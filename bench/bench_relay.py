@@ -155,10 +155,14 @@ class RelayClient:
         self.seen = 0
 
     @classmethod
-    async def open(cls, server: ServerProc, provider_options: dict) -> RelayClient:
+    async def open(
+        cls, server: ServerProc, provider_options: dict, turn_detection: dict | None = None
+    ) -> RelayClient:
         ws = await open_ws(server, True)
-        config = {"mode": "asm", "provider": "openai-realtime"}
-        config["provider_options"] = provider_options  # type: ignore[assignment]
+        config: dict = {"mode": "asm", "provider": "openai-realtime"}
+        config["provider_options"] = provider_options
+        if turn_detection is not None:
+            config["turn_detection"] = turn_detection
         client = cls(ws)
         await ws.send(json.dumps({"type": "session.update", "config": config}))
         await client._until(lambda e: e["type"] == "session.updated")
@@ -275,7 +279,11 @@ async def measure(args: argparse.Namespace, server: ServerProc, fake: FakeProc) 
     }
     r_text = await RelayClient.open(server, {})
     d_text = await DirectClient.open(fake, {"type": "server_vad"})
-    r_audio = await RelayClient.open(server, {"turn_detection": {"create_response": False}})
+    # The same upstream VAD as the direct client's (700 ms of silence ends speech): with
+    # Duplex's default 800 ms, 800 ms of silence less the resampler's delay never would.
+    r_audio = await RelayClient.open(
+        server, {"turn_detection": {"create_response": False}}, {"stop_ms": 700}
+    )
     d_audio = await DirectClient.open(fake, no_reply)
     loud16, quiet16 = tone(16000, TONE_MS), silence(16000, SILENCE_MS)
     loud24 = base64.b64encode(tone(24000, TONE_MS)).decode()

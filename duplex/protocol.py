@@ -802,6 +802,8 @@ class ToolCancelled(_Event):
     type: Literal["tool.cancelled"] = "tool.cancelled"
     response_id: str = ""
     call_ids: list[str]
+    #: The server tools among ``call_ids`` that were running and have been stopped.
+    stopped: list[str] = Field(default_factory=list)
 
 
 class WarningEvent(_Event):

@@ -9,13 +9,18 @@ So each connection here:
   against a server-wide cap and a per-client-address cap; over a cap it is answered
   ``503`` with the reason and closed before anything is parsed;
 - must deliver complete request headers within ``header_timeout_s`` of connecting
-  (or of starting the next request on a kept-alive connection), else ``408``.
+  (or of starting the next request on a kept-alive connection), else ``408``;
+- sends without Nagle's delay (``TCP_NODELAY``): the event loop sets it only on
+  sockets whose protocol number says TCP, and a socket uvicorn binds itself
+  (``--workers``, ``--fd``, a socket handed over) has 0 there; a small event written
+  after another then waited for the peer's delayed ACK, up to 40 ms.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -104,6 +109,7 @@ class DuplexHttpProtocol(HttpToolsProtocol):
             self._refuse(transport, reason)
             return
         self._host = host
+        _no_delay(transport)
         super().connection_made(transport)
         self._arm_header_timer()
 
@@ -190,3 +196,12 @@ class DuplexHttpProtocol(HttpToolsProtocol):
             protocol.on_connection_lost = hook  # type: ignore[attr-defined]
         else:
             hook()
+
+
+def _no_delay(transport: asyncio.Transport) -> None:
+    sock = transport.get_extra_info("socket")
+    if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        except OSError:  # not a TCP socket after all, or already closed
+            pass

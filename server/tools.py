@@ -6,7 +6,8 @@
 * :func:`execute_tool_calls` runs one round of calls the model asked for and
   streams its typed events; VAD mode (through :func:`run_tool_loop`) and ASM mode
   both run tools through it, so the client sees the same events in both.
-* :class:`ClientToolWaiters` waits (bounded) for the client's ``tool.result``.
+* :class:`ClientToolWaiters` waits (bounded) for the client's ``tool.result``;
+  :class:`RunningCalls` lets a provider's cancellation stop server calls mid-run.
 * :func:`run_tool_loop` drives "model asks for tools -> run them -> ask the model
   again" for per-turn (VAD mode) providers, until the model answers with text,
   up to a hop limit.
@@ -60,6 +61,7 @@ logger = logging.getLogger(__name__)
 __all__ = [
     "ClientToolWaiters",
     "RegisteredTool",
+    "RunningCalls",
     "ToolRegistry",
     "execute_tool_calls",
     "run_tool_loop",
@@ -281,6 +283,7 @@ async def execute_tool_calls(
     *,
     hop: int,
     response_id: str = "",
+    running: RunningCalls | None = None,
 ) -> AsyncIterator[StreamChunk | ToolExecution | ToolOutput]:
     """Run one round of calls (all concurrently) and stream what the client is told.
 
@@ -289,7 +292,8 @@ async def execute_tool_calls(
     owns its timeout), if any; one :class:`ToolExecution` naming every call of the
     round; then one :class:`ToolOutput` per call, in call order (the outputs given
     to the model). Server calls run in ``registry``; failures become
-    ``{"error": ...}`` outputs.
+    ``{"error": ...}`` outputs. With ``running``, each server call can be stopped
+    by id while it runs (its output is then :data:`CANCELLED_OUTPUT`).
     """
     client_calls = [c for c in calls if registry is None or c.name not in registry]
     if client_calls:
@@ -300,9 +304,46 @@ async def execute_tool_calls(
         call_ids=[c.id for c in calls],
         hop=hop,
     )
-    outputs = await _run_calls(calls, registry, client_tool)
+    outputs = await _run_calls(calls, registry, client_tool, running)
     for call, output in zip(calls, outputs, strict=True):
         yield ToolOutput(response_id=response_id, call_id=call.id, name=call.name, output=output)
+
+
+#: The output of a call the provider withdrew while it ran.
+CANCELLED_OUTPUT = json.dumps({"error": "tool call cancelled by the provider"})
+
+
+class RunningCalls:
+    """Server calls running now, by call id, so a provider's cancellation can stop them."""
+
+    def __init__(self) -> None:
+        self._tasks: dict[str, asyncio.Task[str]] = {}
+
+    async def run(self, call: ToolCall, registry: ToolRegistry) -> str:
+        """``registry.run(call)`` in its own task; :data:`CANCELLED_OUTPUT` if ``cancel``
+        stopped it (a cancellation of the caller itself goes on up)."""
+        task = asyncio.create_task(registry.run(call), name=f"tool:{call.name}")
+        self._tasks[call.id] = task
+        try:
+            return await task
+        except asyncio.CancelledError:
+            current = asyncio.current_task()
+            if task.cancelled() and not (current is not None and current.cancelling()):
+                return CANCELLED_OUTPUT
+            task.cancel()
+            raise
+        finally:
+            self._tasks.pop(call.id, None)
+
+    def cancel(self, call_ids: Iterable[str]) -> list[str]:
+        """Stop the calls among ``call_ids`` that are running; returns their ids."""
+        stopped = []
+        for call_id in call_ids:
+            task = self._tasks.get(call_id)
+            if task is not None and not task.done():
+                task.cancel()
+                stopped.append(call_id)
+        return stopped
 
 
 class ClientToolWaiters:
@@ -471,11 +512,14 @@ async def _run_calls(
     calls: list[ToolCall],
     registry: ToolRegistry | None,
     client_tool: ClientTool | None,
+    running: RunningCalls | None = None,
 ) -> list[str]:
     """Run all calls of one response concurrently; results in call order."""
 
     async def one(call: ToolCall) -> str:
         if registry is not None and call.name in registry:
+            if running is not None:
+                return await running.run(call, registry)
             return await registry.run(call)
         if client_tool is None:
             return _error_result(f"unknown tool: {call.name}")

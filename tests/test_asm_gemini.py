@@ -137,12 +137,18 @@ async def test_session_update_resumes_with_the_new_setup_or_is_refused(server_fa
             assert second.resumed_from == fake.connections[0].handles[-1]
             assert second.setup["systemInstruction"]["parts"][0]["text"] == "Be terse."
             assert second.setup["generationConfig"]["topK"] == 5
+            # Input no handle covered yet is replayed (duplicate over loss): a replayed
+            # "Hello?" is answered again; let that answer end before the next turn.
+            replayed = [m for m in second.messages[1:] if "text" in m.get("realtimeInput", {})]
+            if replayed:
+                assert (await c.until("response.done", timeout=15))[-1]["finish_reason"] == "stop"
             await c.send({"type": "session.update", "config": {"model": "gemini-other"}})
             error = (await c.until("error", timeout=10))[-1]
             assert error["code"] == 400 and "model" in error["message"]
             await c.send({"type": "input.text", "text": "Again?", "final": True})
             done = await c.until("response.done", timeout=15)
         assert done[-1]["finish_reason"] == "stop"
+        assert "Again?" in "".join(e.get("delta", "") for e in done)
         assert len(fake.connections) == 2, "the refused change reopened nothing"
         assert not [e for e in c.seen if e["type"] == "session.updated"][2:]
 
@@ -194,3 +200,33 @@ async def test_wrong_key_is_reported_clearly(server_factory):
             error = (await c.until("error", timeout=10))[-1]
         assert error["code"] == 502 and error["fatal"]
         assert "key" in error["message"].lower()
+
+
+async def test_refused_handle_starts_a_new_session_with_the_conversation(server_factory):
+    """Gemini refuses the resumption handle on reconnect: the new session gets the stored
+    conversation as its initial history, and ``provider.reconnect`` says the context was
+    kept (and only then)."""
+    async with FakeGeminiLive() as fake:
+        server = gemini_server(server_factory, fake)
+        async with connect(server, TOKEN) as c:
+            await open_gemini(c)
+            await c.send({"type": "input.text", "text": "My name is Ada.", "final": True})
+            events = await c.until("response.done", timeout=15)
+            answer = "".join(e.get("delta", "") for e in events if e["type"] == "chunk")
+            assert events[-1]["finish_reason"] == "stop" and answer
+            assert fake.connections[0].handles, "a handle was issued"
+            fake.expire_handles()
+            await fake.close_current(1011, "Internal error occurred.")
+            note = (await c.until("provider.reconnect", timeout=15))[-1]
+            assert note["context_kept"] is True
+            await c.send({"type": "input.text", "text": "What is my name?", "final": True})
+            events = await c.until("response.done", timeout=15)
+            assert events[-1]["finish_reason"] == "stop"
+        refused = [r for r in fake.connections if r.resumed_from is None and r.closed_with]
+        assert any(r.closed_with[0] == 1007 for r in refused), "the handle was refused"
+        last = fake.connections[-1]
+        assert last.setup["historyConfig"] == {"initialHistoryInClientContent": True}
+        assert "handle" not in last.setup["sessionResumption"]
+        history = [v for kind, v in fake.states[-1].inputs if kind == "history"]
+        assert history == [("user", "My name is Ada."), ("model", answer)]
+        assert fake.states[-1].inputs[len(history)] == ("text", "What is my name?")

@@ -10,6 +10,7 @@ our webrtcvad drives turns only when ``turn_detection.provider_vad`` is
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import AsyncIterator
 from contextlib import aclosing
 from typing import Any
@@ -39,6 +40,7 @@ from duplex.protocol import (
     Transcript,
     TurnEnded,
     VideoChunk,
+    WarningEvent,
     chunk_event,
     new_id,
 )
@@ -54,7 +56,7 @@ from server.providers.base import (
     RealtimeSetup,
 )
 from server.reply_audio import Playback, ReplyAudio
-from server.tools import ClientToolWaiters, execute_tool_calls
+from server.tools import ClientToolWaiters, RunningCalls, execute_tool_calls
 from vad import turns as vt
 
 
@@ -66,6 +68,7 @@ class _Response:
         self.playback = Playback()
         self.barged_in = False  # our VAD cancelled it because the user spoke
         self.cut = False  # the client has been told to stop playing it
+        self.calls: list[ToolCall] = []  # one round, run when the response is done
 
     def interrupt(self) -> bool:
         """Mark the reply cut now; False if it already was (one ``interrupted`` chunk)."""
@@ -97,6 +100,9 @@ class AsmMode(Mode):
         self._responses: dict[str, _Response] = {}
         self._current: _Response | None = None
         self._client_tools = ClientToolWaiters(session.limits.client_tool_timeout_s)
+        self._server_calls = RunningCalls()
+        self._withdrawn: set[str] = set()  # calls of running rounds the provider cancelled
+        self._round_ids: set[str] = set()  # calls of the rounds running now
         self._hops = 0  # rounds of tools since the user's last turn
 
     # ---- provider session -----------------------------------------------------------
@@ -151,8 +157,13 @@ class AsmMode(Mode):
                     self._hops = 0  # the user speaks: a new turn
                 await session.emit(event)
             case ToolCancelled():
+                # Calls still running are stopped (server tools) or no longer waited for
+                # (client tools); their outputs do not go back to the provider.
+                ids = [i for i in event.call_ids if i in self._round_ids]
+                self._withdrawn.update(ids)
+                stopped = self._server_calls.cancel(ids)
                 self._client_tools.withdraw(event.call_ids)
-                await session.emit(event)
+                await session.emit(event.model_copy(update={"stopped": stopped}))
             case ProviderReconnect():
                 await session.emit(event)
             case Transcript():
@@ -188,47 +199,81 @@ class AsmMode(Mode):
             chunk = chunk.model_copy(update={"media": media})
         if chunk.delta:
             response.text.append(chunk.delta)
-        calls = chunk.tool_calls
-        if calls:
-            # The executor tells the client which calls are its own (as in VAD mode).
+        if chunk.tool_calls:
+            # One round is every call of the response: it runs when the response is done.
+            response.calls.extend(chunk.tool_calls)
             chunk = chunk.model_copy(update={"tool_calls": None})
-            if chunk.model_dump(exclude_none=True).keys() > {"response_id"}:
-                await self.session.emit(chunk_event(chunk))
-            await self._run_tools(chunk.response_id, calls)
-        else:
-            await self.session.emit(chunk_event(chunk))
+            if chunk.model_dump(exclude_none=True).keys() <= {"response_id"}:
+                return
+        await self.session.emit(chunk_event(chunk))
 
-    async def _run_tools(self, response_id: str, calls: list[ToolCall]) -> None:
-        """One round of tools through the same executor as VAD mode.
+    async def _start_tools(self, response_id: str, calls: list[ToolCall]) -> str | None:
+        """One round of tools through the same executor as VAD mode, or, past
+        ``tool_hop_limit`` rounds in the user's turn, none (then ``tool_limit_reached``).
 
         What the client is told before the calls run (its own calls, then
         ``tool.execution``) goes out now, inside the calling response; the calls
         run in a task, and their outputs go to the client, then to the provider.
+        Returns the finish reason that replaces ``tool_calls``, if any.
         """
+        limit = self.session.limits.tool_hop_limit
+        if self._hops >= limit:
+            await self._decline_tools(response_id, calls, limit)
+            return "tool_limit_reached"
         self._hops += 1
+        self._round_ids.update(c.id for c in calls)
         events = execute_tool_calls(
             calls,
             self.session.tools,
             self._client_tools,
             hop=self._hops,
             response_id=response_id,
+            running=self._server_calls,
         )
         async for event in events:
             await self._emit_tool_event(event)
             if isinstance(event, ToolExecution):
                 break  # the generator is not closed: _finish_tools goes on with it
-        self.session.spawn(self._finish_tools(events), "tools")
+        self.session.spawn(self._finish_tools(calls, events), "tools")
+        return None
 
-    async def _finish_tools(self, events: AsyncIterator[Any]) -> None:
+    async def _decline_tools(self, response_id: str, calls: list[ToolCall], limit: int) -> None:
+        """As VAD mode at the hop limit: the calls are not run, a ``warning`` says so. The
+        provider gets an output per call saying why, and is not asked to answer it
+        (see "Tools" in docs/providers.md)."""
+        names = [c.name for c in calls]
+        message = f"tool hop limit ({limit}) reached; calls not run: {names}"
+        self.session.log.warning("%s", message)
+        await self.session.emit(
+            WarningEvent(
+                response_id=response_id, code="tool_limit_reached", message=message, calls=names
+            )
+        )
+        output = json.dumps({"error": f"tool hop limit ({limit}) reached; call not run"})
+        outputs = [ToolOutput(call_id=c.id, name=c.name, output=output) for c in calls]
+        try:
+            rt = await self._provider()
+            await rt.send_tool_results(outputs, respond=False)
+        except (ProviderError, ProtocolError) as exc:
+            await self.session.emit_error(exc.code, exc.message)
+
+    async def _finish_tools(self, calls: list[ToolCall], events: AsyncIterator[Any]) -> None:
         outputs: list[ToolOutput] = []
-        async with aclosing(events):  # type: ignore[type-var]
-            async for event in events:
-                if isinstance(event, ToolOutput):
-                    outputs.append(event)
-                await self._emit_tool_event(event)
-        rt = await self._provider()
-        for output in outputs:
-            await rt.send_tool_result(output.call_id, output.name, output.output)
+        try:
+            async with aclosing(events):  # type: ignore[type-var]
+                async for event in events:
+                    if isinstance(event, ToolOutput):
+                        outputs.append(event)
+                    await self._emit_tool_event(event)
+            # Withdrawn calls want no answer; the others are answered together.
+            outputs = [o for o in outputs if o.call_id not in self._withdrawn]
+            if outputs:
+                rt = await self._provider()
+                await rt.send_tool_results(outputs)
+        finally:
+            for call in calls:
+                self._round_ids.discard(call.id)
+                self._withdrawn.discard(call.id)
 
     async def _emit_tool_event(self, event: Any) -> None:
         await self.session.emit(chunk_event(event) if isinstance(event, StreamChunk) else event)
@@ -242,6 +287,11 @@ class AsmMode(Mode):
         reason = event.finish_reason
         if reason == "cancelled" and response.barged_in:
             reason = "interrupted"
+        if response.calls:
+            calls, response.calls = response.calls, []
+            limited = await self._start_tools(event.response_id, calls)
+            if limited is not None and reason not in ("interrupted", "cancelled"):
+                reason = limited
         if reason == "interrupted" and response.interrupt():
             await self.session.emit(
                 chunk_event(StreamChunk(response_id=event.response_id, interrupted=True))

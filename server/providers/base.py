@@ -26,6 +26,7 @@ from duplex.protocol import (
     SpeechStopped,
     StreamChunk,
     ToolCancelled,
+    ToolOutput,
     ToolSpec,
     Transcript,
 )
@@ -165,7 +166,17 @@ class RealtimeSession(ABC):
         """The user heard only ``audio_end_ms`` of that response's audio."""
 
     @abstractmethod
-    async def send_tool_result(self, call_id: str, name: str, output: str) -> None: ...
+    async def send_tool_results(self, outputs: list[ToolOutput], *, respond: bool = True) -> None:
+        """The outputs of one round of calls, in one go.
+
+        ``respond=False``: the calls will not be run (the hop limit was reached); the
+        outputs only keep the model's conversation whole, and the model must not
+        answer them within the user's turn (as far as the protocol allows).
+        """
+
+    async def send_tool_result(self, call_id: str, name: str, output: str) -> None:
+        """One call's output (the model answers it)."""
+        await self.send_tool_results([ToolOutput(call_id=call_id, name=name, output=output)])
 
     @abstractmethod
     async def reconfigure(self, setup: RealtimeSetup) -> None:

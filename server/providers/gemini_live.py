@@ -43,6 +43,7 @@ from duplex.protocol import (
     FinishReason,
     ImageFrame,
     Media,
+    Message,
     ResponseDone,
     ResponseStarted,
     SpeechStarted,
@@ -50,6 +51,7 @@ from duplex.protocol import (
     StreamChunk,
     ToolCall,
     ToolCancelled,
+    ToolOutput,
     ToolSpec,
     Transcript,
     new_id,
@@ -62,7 +64,12 @@ from server.providers.base import (
     RealtimeProvider,
     RealtimeSetup,
 )
-from server.providers.realtime_link import LinkEnded, RealtimeLink, ReconnectPolicy
+from server.providers.realtime_link import (
+    LinkEnded,
+    RealtimeLink,
+    ReconnectPolicy,
+    reseed_turns,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -461,10 +468,15 @@ class GeminiLiveSession(RealtimeLink):
         self._response_id: str | None = None
         self._last_response_id: str | None = None
         self._suppress = False  # output of a cancelled generation is dropped until it ends
+        #: What tool calls get while ``_suppress`` holds after declined calls (else a cancel).
+        self._declined: dict[str, Any] | None = None
         self._usage_raw: dict[str, Any] | None = None
         self._user_speaking = False
         self._input_transcript: list[str] = []
         self._tool_names: dict[str, str] = {}
+        #: The newest client message sent before the latest answer began: what came up to
+        #: it is in the stored conversation (the user's text or transcript, and the answer).
+        self._answered_seq = -1
 
     # -- lifecycle ------------------------------------------------------------------
 
@@ -558,6 +570,7 @@ class GeminiLiveSession(RealtimeLink):
             return
         self._log.info("response %s cancelled locally", self._response_id)
         self._suppress = True
+        self._declined = None
         self._end_response("cancelled")
         await self._flush()
 
@@ -600,18 +613,26 @@ class GeminiLiveSession(RealtimeLink):
         if self._failure is not None:
             raise ProviderError(self._failure, fatal=True)
 
-    async def send_tool_result(self, call_id: str, name: str, output: str) -> None:
-        name = name or self._tool_names.get(call_id, "")
-        self._tool_names.pop(call_id, None)
-        await self._submit(
-            {
-                "toolResponse": {
-                    "functionResponses": [
-                        {"id": call_id, "name": name, "response": _tool_response_body(output)}
-                    ]
-                }
-            }
-        )
+    async def send_tool_results(self, outputs: list[ToolOutput], *, respond: bool = True) -> None:
+        """One ``toolResponse`` with a ``functionResponses`` entry per call.
+
+        Gemini blocks on its calls and always goes on generating once they are
+        answered. ``respond=False`` (calls not run): the outputs still go, so the
+        model is not left waiting, and the rest of that generation is dropped until
+        it ends, as for a cancel (tool calls in it get the same output).
+        """
+        if not outputs:
+            return
+        responses = []
+        for out in outputs:
+            name = out.name or self._tool_names.get(out.call_id, "")
+            self._tool_names.pop(out.call_id, None)
+            body = _tool_response_body(out.output)
+            responses.append({"id": out.call_id, "name": name, "response": body})
+        if not respond:
+            self._suppress = True
+            self._declined = responses[0]["response"]
+        await self._submit({"toolResponse": {"functionResponses": responses}})
 
     async def _submit(self, payload: dict[str, Any]) -> None:
         """Buffer one client message for replay and send it if a connection is up.
@@ -639,13 +660,16 @@ class GeminiLiveSession(RealtimeLink):
 
     # -- connections ----------------------------------------------------------------
 
-    async def _open(self, handle: str | None) -> _Conn:
+    async def _open(self, handle: str | None, *, seed: bool = False) -> _Conn:
         """Connect, send ``setup`` and wait for ``setupComplete``; ProviderError on failure.
 
-        ``fatal`` on the error means retrying the same request cannot help.
+        ``fatal`` on the error means retrying the same request cannot help. ``seed``: the
+        setup announces an initial history (``historyConfig``), which must follow.
         """
         p = self._provider
         body = build_setup(self._setup, model=self._model, handle=handle)
+        if seed:
+            body["historyConfig"] = {"initialHistoryInClientContent": True}
         ws: ClientConnection | None = None
         try:
             async with asyncio.timeout(p.connect_timeout_s):
@@ -747,23 +771,65 @@ class GeminiLiveSession(RealtimeLink):
         await self._close_ws(conn.ws)
 
     async def _reopen(self, attempt: int) -> bool:
-        """Resume with the latest handle; a refused handle starts a new session next time."""
+        """Resume with the latest handle; without one (or when Gemini refuses it) start a
+        new session re-seeded with the stored conversation. True if the model kept its
+        context: resumed, or re-seeded."""
         handle = self._handle
-        try:
-            conn = await self._open(handle)
-        except ProviderError as exc:
-            if exc.upstream_code in (_API_KEY_INVALID, _QUOTA_EXHAUSTED) or handle is None:
-                raise
-            if exc.fatal:
+        if handle is not None:
+            try:
+                conn = await self._open(handle)
+            except ProviderError as exc:
+                if exc.upstream_code in (_API_KEY_INVALID, _QUOTA_EXHAUSTED) or not exc.fatal:
+                    raise
                 self._log.warning(
-                    "resumption handle refused; starting a new Gemini session "
-                    "(earlier conversation context is lost)"
+                    "resumption handle refused (%s); starting a new Gemini session "
+                    "re-seeded with the stored conversation",
+                    exc.message,
                 )
                 self._handle = None
-                raise ProviderError(exc.message, upstream_status=exc.upstream_status) from None
-            raise
-        await self._attach(conn, resumed=handle is not None)
-        return handle is not None
+            else:
+                await self._attach(conn, resumed=True)
+                return True
+        turns = await self._history_turns()
+        conn = await self._open(None, seed=bool(turns))
+        if turns:
+            # Input already answered is in the history: sent again, it would be answered
+            # again. What came after the latest answer began is replayed.
+            self._buffer.drop_through(self._answered_seq)
+            try:
+                await self._seed(conn, turns)
+            except ConnectionClosed:
+                self._log.info("connection closed while re-seeding; the reader will retry")
+                await self._attach(conn, resumed=False)
+                return False
+        await self._attach(conn, resumed=False)
+        return turns is not None
+
+    async def _history_turns(self) -> list[Message] | None:
+        """The stored conversation's newest text turns; None when there is none to read."""
+        history = self._setup.history
+        if history is None:
+            return None
+        try:
+            return reseed_turns(await history())
+        except Exception:  # the store failing must not stop the reconnection
+            self._log.exception("could not read the stored conversation to re-seed")
+            return None
+
+    async def _seed(self, conn: _Conn, turns: list[Message]) -> None:
+        """The initial history (the setup asked for ``historyConfig``): one
+        ``clientContent`` with the turns and ``turnComplete``, which ends the history and
+        starts no generation. Sent before the replay and any live input."""
+        content = {
+            "turns": [
+                {"role": "user" if m.role == "user" else "model", "parts": [{"text": m.content}]}
+                for m in turns
+            ],
+            "turnComplete": True,
+        }
+        await conn.ws.send(json.dumps({"clientContent": content}, separators=(",", ":")))
+        conn.sent.append(None)  # a client message the replay buffer does not hold
+        self._log.info("re-seeded %d conversation turn(s)", len(turns))
 
     async def _attach(self, conn: _Conn, *, resumed: bool) -> None:
         """Replay everything no handle covers, then let live sends through."""
@@ -918,6 +984,7 @@ class GeminiLiveSession(RealtimeLink):
             self._flush_transcript()
             if self._suppress:
                 self._suppress = False
+                self._declined = None
             elif self._response_id is not None:
                 self._put(StreamChunk(response_id=self._response_id, interrupted=True))
                 self._end_response("interrupted")
@@ -930,6 +997,7 @@ class GeminiLiveSession(RealtimeLink):
             self._flush_transcript()
             if self._suppress:
                 self._suppress = False
+                self._declined = None
             else:
                 self._end_response("stop")
 
@@ -972,7 +1040,7 @@ class GeminiLiveSession(RealtimeLink):
                             {
                                 "id": c.get("id"),
                                 "name": c.get("name", ""),
-                                "response": {"error": "cancelled by the user"},
+                                "response": self._declined or {"error": "cancelled by the user"},
                             }
                             for c in calls
                         ]
@@ -1002,6 +1070,7 @@ class GeminiLiveSession(RealtimeLink):
                 self._user_speaking = False
                 self._put(SpeechStopped(audio_end_ms=self._audio_ms))
             self._response_id = new_id("resp")
+            self._answered_seq = self._buffer.last_seq
             self._put(ResponseStarted(response_id=self._response_id))
         return self._response_id
 
@@ -1023,6 +1092,7 @@ class GeminiLiveSession(RealtimeLink):
         """A response cut by a lost connection ends like a barge-in (queued output is
         dropped); returns its id."""
         self._suppress = False
+        self._declined = None
         self._flush_transcript()
         rid = self._response_id
         if rid is not None:

@@ -42,6 +42,7 @@ from duplex.protocol import (
     SpeechStopped,
     StreamChunk,
     ToolCall,
+    ToolOutput,
     Transcript,
 )
 from server.logs import SessionLog
@@ -52,7 +53,12 @@ from server.providers.base import (
     RealtimeProvider,
     RealtimeSetup,
 )
-from server.providers.realtime_link import LinkEnded, RealtimeLink, ReconnectPolicy
+from server.providers.realtime_link import (
+    LinkEnded,
+    RealtimeLink,
+    ReconnectPolicy,
+    reseed_turns,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -67,9 +73,6 @@ MIN_COMMIT_MS: Final = 100.0
 _MAX_TRACKED_RESPONSES: Final = 32
 _MAX_TRACKED_CLIENT_EVENTS: Final = 256
 _IMAGE_TYPES: Final = frozenset({"image/jpeg", "image/png"})
-#: How much of the stored conversation a new upstream session is re-seeded with.
-_RESEED_MAX_ITEMS: Final = 64
-_RESEED_MAX_CHARS: Final = 32_000
 
 #: Beta-era server event names and their GA equivalents.
 BETA_EVENT_ALIASES: Final[dict[str, str]] = {
@@ -170,24 +173,19 @@ def build_session_config(setup: RealtimeSetup) -> dict[str, Any]:
 
 def reseed_items(history: list[Message]) -> list[dict[str, Any]]:
     """Conversation items for the newest text turns of ``history`` (oldest first)."""
-    items: list[dict[str, Any]] = []
-    chars = 0
-    for message in reversed(history):
-        if message.role not in ("user", "assistant") or not message.content:
-            continue
-        if len(items) >= _RESEED_MAX_ITEMS or chars + len(message.content) > _RESEED_MAX_CHARS:
-            break
-        chars += len(message.content)
-        kind = "input_text" if message.role == "user" else "output_text"
-        items.append(
-            {
-                "type": "message",
-                "role": message.role,
-                "content": [{"type": kind, "text": message.content}],
-            }
-        )
-    items.reverse()
-    return items
+    return [
+        {
+            "type": "message",
+            "role": message.role,
+            "content": [
+                {
+                    "type": "input_text" if message.role == "user" else "output_text",
+                    "text": message.content,
+                }
+            ],
+        }
+        for message in reseed_turns(history)
+    ]
 
 
 # --------------------------------------------------------------------------------------
@@ -474,13 +472,20 @@ class OpenAIRealtimeSession(RealtimeLink):
             audio_end_ms=end_ms,
         )
 
-    async def send_tool_result(self, call_id: str, name: str, output: str) -> None:
-        # ``name`` is not part of OpenAI's function_call_output item: call_id links them.
-        await self._send(
-            "conversation.item.create",
-            item={"type": "function_call_output", "call_id": call_id, "output": output},
-        )
-        await self._send("response.create")
+    async def send_tool_results(self, outputs: list[ToolOutput], *, respond: bool = True) -> None:
+        """One ``function_call_output`` item per call, then one ``response.create``.
+
+        ``respond=False`` adds the items only: the service answers nothing until the
+        next ``response.create`` (the user's next turn).
+        """
+        for out in outputs:
+            # ``name`` is not part of OpenAI's function_call_output item: call_id links them.
+            await self._send(
+                "conversation.item.create",
+                item={"type": "function_call_output", "call_id": out.call_id, "output": out.output},
+            )
+        if respond and outputs:
+            await self._send("response.create")
 
     async def reconfigure(self, setup: RealtimeSetup) -> None:
         """Apply a changed session: ``session.update`` when the service can take it live,
@@ -621,7 +626,7 @@ class OpenAIRealtimeSession(RealtimeLink):
 
         Text turns become ``conversation.item.create`` messages (user ``input_text``,
         assistant ``output_text``, the answer as far as it was heard); the newest
-        ones within ``_RESEED_MAX_ITEMS`` / ``_RESEED_MAX_CHARS``. True when the
+        ones within ``RESEED_MAX_ITEMS`` / ``RESEED_MAX_CHARS`` (realtime_link). True when the
         conversation (possibly empty) was restored.
         """
         if self._history is None:

@@ -16,11 +16,33 @@ from abc import abstractmethod
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
-from duplex.protocol import PROVIDER_FAILED, ErrorEvent, ProviderReconnect
+from duplex.protocol import PROVIDER_FAILED, ErrorEvent, Message, ProviderReconnect
 from server.logs import SessionLog
 from server.providers.base import ProviderError, RealtimeEvent, RealtimeSession
 
 _END = None  # queue sentinel: the event stream is over
+
+#: How much of the stored conversation a new upstream session is re-seeded with.
+RESEED_MAX_ITEMS = 64
+RESEED_MAX_CHARS = 32_000
+
+
+def reseed_turns(
+    history: list[Message], max_items: int = RESEED_MAX_ITEMS, max_chars: int = RESEED_MAX_CHARS
+) -> list[Message]:
+    """The newest text turns of ``history`` (user and assistant, oldest first) that fit
+    the bounds: what a provider gives a new upstream session so the model keeps context."""
+    turns: list[Message] = []
+    chars = 0
+    for message in reversed(history):
+        if message.role not in ("user", "assistant") or not message.content:
+            continue
+        if len(turns) >= max_items or chars + len(message.content) > max_chars:
+            break
+        chars += len(message.content)
+        turns.append(message)
+    turns.reverse()
+    return turns
 
 
 @dataclass(frozen=True, slots=True)

@@ -27,6 +27,11 @@ Faithful to the public API where the provider depends on it:
   lag behind its input, as the real one does under load: a handle then covers
   (and its index names) only the messages up to ``consume_lag`` before the
   newest one received.
+* initial history: with ``historyConfig.initialHistoryInClientContent`` in the
+  setup, the connection first takes ``clientContent`` only, up to one with
+  ``turnComplete: true``; that history starts no generation (anything else
+  before it: ``1007``). A resumption handle the fake does not know (or has
+  forgotten: ``expire_handles()``) is refused with ``1007``.
 
 The fake keeps session state across connections: a handle restores exactly the
 input consumed up to the message it covers, so a test can check what the
@@ -82,7 +87,13 @@ REALTIME_FIELDS = frozenset(
 )
 
 Scenario = Literal[
-    "normal", "tool_call", "go_away", "go_away_after_answer", "drop_mid_response", "quota_exceeded"
+    "normal",
+    "tool_call",
+    "tool_loop",
+    "go_away",
+    "go_away_after_answer",
+    "drop_mid_response",
+    "quota_exceeded",
 ]
 
 
@@ -233,6 +244,10 @@ class FakeGeminiLive:
         """Send an arbitrary server message on the newest open connection."""
         await self._live[-1].send(message)
 
+    def expire_handles(self) -> None:
+        """Forget every resumption handle issued so far, as the service does after a while."""
+        self.handles.clear()
+
     async def close_current(self, code: int, reason: str) -> None:
         """Close the newest open connection the way the service ends one on a fault."""
         conn = self._live[-1]
@@ -288,6 +303,7 @@ class _FakeConnection:
         self.manual = False
         self.interrupts = True
         self.transparent = False
+        self.history_open = False  # taking the initial history (clientContent only)
         self.tools: list[str] = []
         self.audio_messages = 0
         # activity
@@ -368,6 +384,10 @@ class _FakeConnection:
                 raise _Refused(1007, "Session resumption handle is invalid or expired.")
             self.state = self.fake.handles[handle].copy()
             self.record.resumed_from = handle
+        history = setup.get("historyConfig")
+        self.history_open = isinstance(history, dict) and bool(
+            history.get("initialHistoryInClientContent")
+        )
         self.fake.states.append(self.state)
         self.inputs_after.append(len(self.state.inputs))
         self.tools = [
@@ -382,6 +402,8 @@ class _FakeConnection:
         self.record.messages.append(msg)
         if len(msg) != 1:
             raise _Refused(1007, INVALID_ARGUMENT)
+        if self.history_open and "clientContent" not in msg:
+            raise _Refused(1007, INVALID_ARGUMENT)  # the initial history comes first
         if "realtimeInput" in msg:
             await self._on_realtime(msg["realtimeInput"])
         elif "toolResponse" in msg:
@@ -517,6 +539,17 @@ class _FakeConnection:
     async def _on_client_content(self, content: Any) -> None:
         if not isinstance(content, dict):
             raise _Refused(1007, INVALID_ARGUMENT)
+        if self.history_open:
+            # Initial history: user and model turns, no generation.
+            for turn in content.get("turns", []):
+                role = turn.get("role") if isinstance(turn, dict) else None
+                if role not in ("user", "model"):
+                    raise _Refused(1007, INVALID_ARGUMENT)
+                text = "".join(str(p.get("text", "")) for p in turn.get("parts", []))
+                self.state.inputs.append(("history", (role, text)))
+            if content.get("turnComplete"):
+                self.history_open = False
+            return
         texts = [
             str(p["text"])
             for turn in content.get("turns", [])
@@ -562,8 +595,13 @@ class _FakeConnection:
             reply = self.fake.reply_text
         else:
             reply = f"You said: {text}"
-        if self.fake.scenario == "tool_call" and self.tools and kind != "tool":
-            call_id = f"call_{turn}"
+        calling = self.fake.scenario in ("tool_call", "tool_loop") and self.tools
+        n = 0
+        while calling:
+            # tool_call: one call per turn; tool_loop: a model that calls its tool again
+            # after every result until one is an ``{"error": ...}`` object.
+            n += 1
+            call_id = f"call_{turn}" if n == 1 else f"call_{turn}_{n}"
             future: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
             self.pending_tool = (call_id, future)
             await self.send(
@@ -582,6 +620,7 @@ class _FakeConnection:
                     return
                 raise
             reply = f"The tool said {json.dumps(result, sort_keys=True)}"
+            calling = self.fake.scenario == "tool_loop" and "error" not in result
         await self._stream(reply)
         await self.send({"serverContent": {"generationComplete": True}})
         words = len(reply.split())

@@ -10,7 +10,8 @@ fields, committing < 100 ms, cancelling with no active response, a second
 
 Turn detection is simulated with an energy threshold on 20 ms frames. Replies
 are scripted: a 440 Hz sine with a transcript (or text), a function call whose
-arguments stream in several deltas, a response that never ends until cancelled,
+arguments stream in several deltas (``tool_loop``: called again after every
+result until one is an ``{"error": ...}`` object), a response that never ends until cancelled,
 a dropped connection, an ``error`` event, a failed response.
 
 Pick the scenario with the constructor, or per connection by putting
@@ -50,11 +51,14 @@ FRAME_MS = 20
 FRAME_BYTES = SAMPLE_RATE * FRAME_MS // 1000 * 2
 MIN_COMMIT_MS = 100.0
 
-Scenario = Literal["conversation", "long_response", "tool_call", "drop", "error", "failed"]
+Scenario = Literal[
+    "conversation", "long_response", "tool_call", "tool_loop", "drop", "error", "failed"
+]
 SCENARIOS: tuple[str, ...] = (
     "conversation",
     "long_response",
     "tool_call",
+    "tool_loop",
     "drop",
     "error",
     "failed",
@@ -1016,6 +1020,9 @@ class _FakeSession:
                 await self.failed_response(r)
             elif scenario == "tool_call" and last.get("type") != "function_call_output":
                 await self.function_call_response(r)
+            elif scenario == "tool_loop" and not _is_error_output(last):
+                # A model that calls its tool again after every result, until one fails.
+                await self.function_call_response(r)
             else:
                 text = self.fake.reply_text
                 if last.get("type") == "function_call_output":
@@ -1220,3 +1227,14 @@ class _FakeSession:
         await self.send(
             {"type": "response.done", "response": self.response_object(r, "failed", [], details)}
         )
+
+
+def _is_error_output(item: dict[str, Any]) -> bool:
+    """A ``function_call_output`` whose output is a JSON object with an ``error``."""
+    if item.get("type") != "function_call_output":
+        return False
+    try:
+        value = json.loads(item.get("output") or "")
+    except json.JSONDecodeError:
+        return False
+    return isinstance(value, dict) and "error" in value
