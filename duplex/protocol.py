@@ -137,6 +137,10 @@ class InputAudioConfig(_Strict):
     format: Literal["pcm16", "opus", "mulaw", "alaw"] = "pcm16"
     sample_rate: int = Field(16000, ge=MIN_INPUT_RATE, le=MAX_INPUT_RATE)
     channels: Literal[1, 2] = 1
+    #: Whether the client cancels the echo of the reply it plays (browsers do). false:
+    #: the server discounts the reply's echo before barge-in (docs/turn-taking.md);
+    #: unset: false for "mulaw"/"alaw" (telephony), true otherwise.
+    echo_cancellation: bool | None = None
 
 
 class OutputAudioConfig(_Strict):

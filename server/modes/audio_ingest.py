@@ -67,6 +67,8 @@ class AudioIngest:
             else partial(_decode_and_frame, self.decoder, self.framer)
         )
         self._detect = self.detector.push_pcm
+        #: Applied to the VAD-rate frames before detection (echo-aware barge-in).
+        self.filter: Callable[[bytes], bytes] | None = None
         # Manual turns (push-to-talk) keep everything since the last commit, bounded.
         self._manual_limit = turns.max_turn_ms // FRAME_MS * _FRAME_BYTES
         self._manual: deque[bytes] = deque()
@@ -91,7 +93,9 @@ class AudioIngest:
             if pcm:
                 self._keep_manual(pcm)
             return []
-        return self._detect(pcm) if detect and pcm else []
+        if not (detect and pcm):
+            return []
+        return self._detect(pcm if self.filter is None else self.filter(pcm))
 
     def commit(self) -> TurnEnd | None:
         """End the user's turn now (``input.commit``)."""

@@ -36,8 +36,9 @@ from duplex.protocol import (
 )
 from media.errors import MediaError
 from server.media_inputs import FrameSource
-from server.modes.audio_ingest import VAD_RATE, AudioIngest
+from server.modes.audio_ingest import FRAME_MS, VAD_RATE, AudioIngest
 from server.modes.base import Mode, SessionPort
+from server.modes.echo_guard import EchoGuard, echo_aware
 from server.providers.base import AudioClip, ProviderError
 from server.reply_audio import Playback, ReplyResamplers
 from server.tools import ClientToolWaiters
@@ -72,6 +73,7 @@ class VadMode(Mode):
             decode_wait_s=limits.decode_wait_s,
         )
         self._ingest: AudioIngest | None = None
+        self._echo: EchoGuard | None = None  # echo-aware barge-in, when on
         self._active: _Active | None = None
         # Responses stream one at a time; between them the resampler goes back to the app.
         self._resamplers = ReplyResamplers(session.resamplers)
@@ -105,6 +107,12 @@ class VadMode(Mode):
                 cfg.turn_detection,
                 idle_history_ms=self.session.limits.vad_idle_history_ms,
             )
+            if echo_aware(cfg.input_audio) and not self._ingest.manual:
+                if self._echo is None:
+                    self._echo = EchoGuard(VAD_RATE, FRAME_MS)
+                self._ingest.filter = self._echo.filter
+            else:
+                self._echo = None
         try:
             events = self._ingest.events(pcm)
         except MediaError as exc:
@@ -155,6 +163,8 @@ class VadMode(Mode):
         active = self._active
         if active is not None and active.runner.response_id == response_id:
             active.playback.report(played_ms)
+            if self._echo is not None:
+                self._echo.played(played_ms)
 
     async def on_tool_result(self, call_id: str, output: Any, msg_id: str | None) -> None:
         self._client_tools.resolve(call_id, output)
@@ -270,6 +280,8 @@ class VadMode(Mode):
             on_transcript=lambda text: session.emit(Transcript(turn_id=turn.turn_id, text=text)),
         )
         active = self._active = _Active(runner)
+        if self._echo is not None:
+            self._echo.reply_started()
         await session.emit(
             ResponseStarted(
                 response_id=runner.response_id, turn_id=turn.turn_id, request_id=turn.request_id
@@ -289,6 +301,8 @@ class VadMode(Mode):
             except ProviderError as exc:
                 reason = "error"
                 await session.emit_error(exc.code or PROVIDER_FAILED, exc.message, fatal=exc.fatal)
+            if reason in ("interrupted", "cancelled") and self._echo is not None:
+                self._echo.reply_cut()  # the client stops playing it
             if reason == "interrupted":
                 # Stored once the client reports how much it played (or the grace ends).
                 active.playback.cut()
@@ -316,6 +330,9 @@ class VadMode(Mode):
 
     async def _stream(self, runner: TurnRunner) -> None:
         async for chunk in runner.chunks():
+            echo, media = self._echo, getattr(chunk, "media", None)
+            if echo is not None and media is not None and media.mime_type == "audio/pcm":
+                echo.reply_audio(media.data, media.sample_rate or VAD_RATE)
             await self.session.emit(chunk_event(chunk) if isinstance(chunk, StreamChunk) else chunk)
 
     def _cancel_active(self, reason: str) -> None:

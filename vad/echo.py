@@ -1,0 +1,297 @@
+"""Echo-aware suppression: keep the reply's own echo from reading as the user's speech.
+
+A client without echo cancellation (a phone on speaker, a kiosk, a telephone line) plays
+the reply through a speaker next to its microphone. The echo reaches the VAD, which hears
+speech and interrupts the reply (or answers it). The server knows what it played, so it
+can predict the echo and take it out before the turn detector sees the audio.
+
+The method is a reference-based residual echo suppressor in the band-energy domain (no
+sample-exact adaptive filter: the server only knows roughly when the client played each
+piece, and a speaker, a codec or the client's resampler are not linear):
+
+* Bands: each 20 ms frame of microphone and reference is cut into ~Bark-spaced bands
+  (one FFT each).
+* Delay: the normalised cross-correlation of the two log band-energy envelopes over the
+  last `window_ms`, for every lag in 0..`max_delay_ms`, re-estimated every 100 ms. A lag
+  is trusted once its correlation passes `min_correlation` over at least a second of
+  active reference.
+* Echo estimate per band: the reference energy at that lag (the largest of lag-1..lag+1,
+  to absorb jitter) plus an exponential tail for the room's reverberation (`tail_ms`,
+  RT60), times a per-band echo gain. The gain is a high percentile (90th) of the
+  microphone-to-reference ratios seen in frames without near-end speech. Before the
+  delay is trusted, the estimate is the loudest reference band energy over the whole lag
+  range at `prior_gain_db`: cautious, so the reply's first second cannot interrupt it.
+* Decision: a band is the user's if the microphone exceeds the echo estimate by
+  `margin_db`; other bands are brought down to the microphone's noise floor (so the
+  detector after us sees steady noise, not holes). The frames go on to the turn
+  detector, which decides on speech and barge-in as it always does.
+
+Cost: two 320-point FFTs, one inverse FFT and a few dozen small numpy operations per
+20 ms frame while a reply (or its echo tail) is playing; nothing otherwise (the frames pass
+through untouched). See docs/turn-taking.md for figures and limits.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+_BAND_EDGES_HZ = (
+    0, 200, 300, 400, 510, 630, 770, 920, 1080, 1270, 1480, 1720, 2000,
+    2320, 2700, 3150, 3700, 4400, 5300, 6400, 7700,
+)  # fmt: skip
+_DELAY_EVERY = 5  # frames between delay estimates (100 ms)
+_GAIN_SAMPLES = 100  # per band: microphone/reference ratios kept for the echo gain
+_GAIN_MIN_SAMPLES = 20  # fewer: the prior gain still holds
+_GAIN_PERCENTILE = 90.0
+_FLOOR_RISE_DB_S = 3.0  # the noise floor follows a louder room at this rate
+_MIN_BANDS = 3  # bands a frame of the user's speech must stand out in
+_TINY = 1e-3  # energies are sums of int16 squares; this keeps logs finite
+
+
+@dataclass(frozen=True)
+class EchoConfig:
+    """Settings for `EchoSuppressor`; invalid values raise ValueError.
+
+    max_delay_ms: how late after its reference frame the echo may arrive (playout
+        buffering, network, the acoustic path).
+    margin_db: a band counts as the user's if the microphone exceeds the echo estimate
+        by this much.
+    tail_ms: assumed reverberation time (RT60) of the room; longer tails need more.
+    prior_gain_db: echo gain assumed until the delay is found and enough is measured.
+    min_correlation: least envelope correlation at which a delay is trusted.
+    window_ms: how much history the delay estimate looks at.
+    """
+
+    sample_rate: int = 16000
+    frame_ms: int = 20
+    max_delay_ms: int = 1000
+    margin_db: float = 4.0
+    tail_ms: int = 500
+    prior_gain_db: float = 6.0
+    min_correlation: float = 0.4
+    window_ms: int = 3000
+
+    def __post_init__(self) -> None:
+        if self.sample_rate not in (8000, 16000, 32000, 48000):
+            raise ValueError(f"sample_rate must be 8000/16000/32000/48000, got {self.sample_rate}")
+        if self.frame_ms not in (10, 20, 30):
+            raise ValueError(f"frame_ms must be 10, 20 or 30, got {self.frame_ms}")
+        for name, lo, hi in (
+            ("max_delay_ms", 0, 5000),
+            ("margin_db", 0.0, 40.0),
+            ("tail_ms", 0, 5000),
+            ("prior_gain_db", -40.0, 40.0),
+            ("min_correlation", 0.0, 1.0),
+            ("window_ms", 500, 30000),
+        ):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not lo <= value <= hi:
+                raise ValueError(f"{name} must be within {lo}..{hi}, got {value!r}")
+
+    @property
+    def frame_samples(self) -> int:
+        return self.sample_rate * self.frame_ms // 1000
+
+
+class EchoSuppressor:
+    """One per microphone stream. Feed microphone frames with the reference frames the
+    client was (by the caller's reckoning) playing at the same time; get the microphone
+    frames back with the reply's echo taken out."""
+
+    def __init__(self, config: EchoConfig | None = None) -> None:
+        config = EchoConfig() if config is None else config
+        if not isinstance(config, EchoConfig):
+            raise ValueError(f"config must be an EchoConfig, got {type(config).__name__}")
+        self.config = config
+        n = self._n = config.frame_samples
+        self._nbytes = 2 * n
+        freqs = np.fft.rfftfreq(n, 1.0 / config.sample_rate)
+        edges = [e for e in _BAND_EDGES_HZ if e < config.sample_rate / 2]
+        idx = np.searchsorted(freqs, [*edges, config.sample_rate / 2 + 1])
+        self._starts = idx[:-1]
+        self._band_of_bin = np.searchsorted(idx, np.arange(len(freqs)), "right") - 1
+        self._bins = np.diff(idx).astype(np.float64)
+        self._rng = np.random.default_rng(0)  # comfort noise; seeded, so runs repeat
+        nb = self._nb = len(edges)
+        fms = config.frame_ms
+        self._lags = config.max_delay_ms // fms + 1  # candidate lags 0..lags-1 frames
+        self._window = config.window_ms // fms
+        hist = self._hist = self._window + self._lags + 1
+        self._ref = np.zeros((hist, nb))  # reference band energies, newest last
+        self._ref_log = np.zeros((hist, nb))
+        self._mic_log = np.zeros((hist, nb))
+        self._ref_active = np.zeros(hist, bool)
+        self._rho = 10 ** (-60.0 * fms / max(config.tail_ms, fms) / 10) if config.tail_ms else 0.0
+        self._tail = np.zeros(nb)  # echo estimate before the gain, with its tail
+        self._margin = 10 ** (config.margin_db / 10)
+        self._rise = 10 ** (_FLOOR_RISE_DB_S * fms / 1000 / 10)
+        self._floor = np.full(nb, np.inf)
+        self._gains_db = np.zeros((_GAIN_SAMPLES, nb))
+        self._gain_count = np.zeros(nb, np.int64)
+        self._gain_db = np.full(nb, config.prior_gain_db)
+        self._prior = 10 ** (config.prior_gain_db / 10)
+        self._active_level = n * 10 ** ((-60.0 + 20 * math.log10(32768)) / 10) / nb
+        self._idle_after = self._lags + 2 * max(config.tail_ms, fms) // fms
+        self._idle = self._idle_after  # frames since the reference was last active
+        self._since_delay = 0
+        self._loud = self._user = False
+        self.delay_ms: float | None = None  # the trusted echo delay, if any
+        self.correlation = 0.0  # its envelope correlation
+        self.frames = 0  # frames processed (not passed through idle)
+        self.near_frames = 0  # of which held near-end (user) speech
+
+    @property
+    def frame_samples(self) -> int:
+        return self._n
+
+    @property
+    def active(self) -> bool:
+        """Whether reference audio (or its echo tail) is still in play."""
+        return self._idle < self._idle_after
+
+    @property
+    def gain_db(self) -> np.ndarray:
+        """Per-band echo gain in dB (reference to microphone) currently assumed."""
+        return self._gain_db.copy()
+
+    def process(self, mic: bytes, ref: bytes | None) -> bytes:
+        """Microphone frames (whole frames of native-endian int16) and the reference played
+        meanwhile (same length; None or b"" for silence). Returns the microphone frames
+        with the echo suppressed: the same bytes object when no reference is in play."""
+        size = len(mic)
+        if size % self._nbytes:
+            raise ValueError(
+                f"mic must hold whole frames of {self._n} int16 samples, got {size} bytes"
+            )
+        if ref and len(ref) != size:
+            raise ValueError(f"ref must be as long as mic ({size} bytes), got {len(ref)}")
+        if not ref and not self.active:
+            return mic
+        m = np.frombuffer(mic, np.int16).reshape(-1, self._n)
+        r = np.frombuffer(ref, np.int16).reshape(-1, self._n) if ref else np.zeros_like(m)
+        out = np.empty_like(m)
+        for i in range(len(m)):
+            out[i] = self._frame(m[i], r[i])
+        return out.tobytes()
+
+    # -- internals ---------------------------------------------------------------------
+
+    def _bands(self, spec: np.ndarray) -> np.ndarray:
+        power = spec.real**2 + spec.imag**2
+        return np.add.reduceat(power, self._starts)[: self._nb] + _TINY
+
+    def _frame(self, mic: np.ndarray, ref: np.ndarray) -> np.ndarray:
+        ref_spec = np.fft.rfft(ref)
+        ref_bands = self._bands(ref_spec)
+        ref_on = bool(ref_bands.sum() > self._active_level * self._nb)
+        if not self.active:  # waking up: the past holds no reference
+            self._wake()
+        self._idle = 0 if ref_on else self._idle + 1
+        spec = np.fft.rfft(mic)
+        bands = self._bands(spec)
+        self.frames += 1
+        # Histories, newest last.
+        for arr, row in (
+            (self._ref, ref_bands),
+            (self._ref_log, np.log10(ref_bands)),
+            (self._mic_log, np.log10(bands)),
+        ):
+            arr[:-1] = arr[1:]
+            arr[-1] = row
+        self._ref_active[:-1] = self._ref_active[1:]
+        self._ref_active[-1] = ref_on
+        # The floor rises only where no echo is expected: the echo is not the room.
+        quiet = self._tail * 10 ** (self._gain_db / 10) < self._floor
+        self._floor = np.minimum(bands, np.where(quiet, self._floor * self._rise, self._floor))
+        self._since_delay += 1
+        if self._since_delay >= _DELAY_EVERY:
+            self._since_delay = 0
+            self._estimate_delay()
+        # Echo estimate.
+        if self.delay_ms is None:
+            direct = self._ref[-self._lags :].max(axis=0) * self._prior
+            self._tail = direct + self._rho * self._tail
+            echo = self._tail
+        else:
+            lag = round(self.delay_ms / self.config.frame_ms)
+            lo, hi = max(0, lag - 1), min(self._lags - 1, lag + 1)
+            direct = self._ref[self._hist - 1 - hi : self._hist - lo].max(axis=0)
+            self._tail = direct + self._rho * self._tail
+            echo = self._tail * 10 ** (self._gain_db / 10)
+        near = bands > self._margin * echo
+        above_floor = bands > self._margin * self._floor
+        # The user's speech lasts: a frame counts once it and the one before stand out
+        # in `_MIN_BANDS` bands (an echo frame the estimate misses is mostly alone).
+        loud = int(np.count_nonzero(near & above_floor)) >= _MIN_BANDS
+        user = loud and (self._loud or self._user)
+        self._loud, self._user = loud, user
+        if user:
+            self.near_frames += 1
+            if near.all():
+                return mic
+        else:
+            near[:] = False
+            if self.delay_ms is not None and not loud:
+                self._learn_gain(bands, above_floor)
+        # Echo bands become comfort noise at the floor: scaled echo would keep the reply's
+        # harmonics, and a quiet voice is still a voice to the detector after us.
+        keep = near[self._band_of_bin]
+        level = np.sqrt(np.minimum(self._floor, bands) / self._bins)[self._band_of_bin]
+        noise = self._rng.standard_normal((2, len(spec)))
+        comfort = (noise[0] + 1j * noise[1]) * (level * math.sqrt(0.5))
+        out = np.fft.irfft(np.where(keep, spec, comfort), self._n)
+        return np.clip(np.round(out), -32768, 32767).astype(np.int16)
+
+    def _wake(self) -> None:
+        self._ref[:] = 0.0
+        self._ref_log[:] = math.log10(_TINY)
+        self._ref_active[:] = False
+        self._tail[:] = 0.0
+        self._floor[:] = np.inf
+
+    def _learn_gain(self, bands: np.ndarray, above_floor: np.ndarray) -> None:
+        tail = self._tail
+        usable = above_floor & (tail > self._active_level)
+        if not usable.any():
+            return
+        ratio_db = 10 * np.log10(bands / tail)
+        for b in np.flatnonzero(usable):
+            self._gains_db[self._gain_count[b] % _GAIN_SAMPLES, b] = ratio_db[b]
+            self._gain_count[b] += 1
+        counts = np.minimum(self._gain_count, _GAIN_SAMPLES)
+        for b in np.flatnonzero(usable):
+            if counts[b] >= _GAIN_MIN_SAMPLES:
+                self._gain_db[b] = np.percentile(self._gains_db[: counts[b], b], _GAIN_PERCENTILE)
+
+    def _estimate_delay(self) -> None:
+        w, lags = self._window, self._lags
+        active = self._ref_active
+        if np.count_nonzero(active) < 1000 // self.config.frame_ms:
+            return
+        mic = self._mic_log[-w:]
+        mic = mic - mic.mean(axis=0)
+        mic_norm = np.sqrt((mic * mic).sum())
+        if mic_norm == 0:
+            return
+        best, best_lag = -1.0, 0
+        end = self._hist
+        for lag in range(lags):
+            ref = self._ref_log[end - lag - w : end - lag]
+            ref = ref - ref.mean(axis=0)
+            denom = mic_norm * math.sqrt(float((ref * ref).sum()))
+            if denom == 0:
+                continue
+            c = float((mic * ref).sum()) / denom
+            if c > best:
+                best, best_lag = c, lag
+        self.correlation = best
+        if best < self.config.min_correlation:
+            return
+        new = best_lag * self.config.frame_ms
+        if self.delay_ms is not None and abs(new - self.delay_ms) > self.config.frame_ms:
+            self._gain_count[:] = 0  # ratios measured at the old lag no longer hold
+            self._gain_db[:] = self.config.prior_gain_db
+        self.delay_ms = float(new)
