@@ -1,0 +1,122 @@
+"""Echo-aware barge-in over a grid of echo paths: false and missed/late barge-ins.
+
+    python -m bench.bench_echo [--seeds 2]
+
+Scenes from tests/echo_sim.py: a reply (espeak-ng, a low male voice) played into a room
+whose echo reaches the microphone `delay` later, `attenuation` below the reply's level,
+through an exponentially decaying noise impulse response (RT60); room noise at -60 dBFS.
+For each grid point and seed, two scenes: echo alone (any barge-in is false) and the user
+(another voice, at normal level) talking 2.5-4 s into the reply (a barge-in within 400 ms
+of the onset is a hit; later is late; none is missed). Each scene runs through the default
+turn detector as VAD mode runs it, with and without the echo-aware suppressor. Also the
+suppressor's CPU time per second of audio while a reply plays.
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from collections import defaultdict
+from pathlib import Path
+
+from tests.echo_sim import BARGE_IN_DEADLINE_MS, barge_in_ms, make_scene
+from vad.echo import EchoSuppressor
+
+DELAYS = (40, 100, 200, 300)
+ATTENUATIONS = (0, 5, 10, 15, 20)
+RT60S = (200, 300, 400)
+SEED_BASE = 1000  # the tests use seeds < 10
+
+
+def _cpu_per_second(cache: Path) -> float:
+    scene = make_scene(SEED_BASE, 150, 10, 300, barge_in=True, cache_dir=cache)
+    n = len(scene.mic) // 320 * 320
+    mic, ref = scene.mic[:n].tobytes(), scene.ref[:n].tobytes()
+    best = float("inf")
+    for _ in range(3):
+        echo = EchoSuppressor()
+        t0 = time.process_time()
+        for i in range(0, len(mic), 640):  # 20 ms messages, as they come off the network
+            echo.process(mic[i : i + 640], ref[i : i + 640])
+        best = min(best, (time.process_time() - t0) / (n / 16000))
+    return best
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seeds", type=int, default=2)
+    args = parser.parse_args()
+    cache = Path(tempfile.mkdtemp(prefix="bench-echo-"))
+    # per (aware, attenuation): counts
+    false = defaultdict(int)
+    hit = defaultdict(int)
+    late = defaultdict(int)
+    missed = defaultdict(int)
+    n = defaultdict(int)
+    latencies = defaultdict(list)
+    failures: list[str] = []
+    for seed in range(SEED_BASE, SEED_BASE + args.seeds):
+        for delay in DELAYS:
+            for atten in ATTENUATIONS:
+                for rt60 in RT60S:
+                    echo_only = make_scene(
+                        seed, delay, atten, rt60, barge_in=False, cache_dir=cache
+                    )
+                    talk = make_scene(seed, delay, atten, rt60, barge_in=True, cache_dir=cache)
+                    assert talk.onset_ms is not None
+                    for aware in (False, True):
+                        key = (aware, atten)
+                        n[key] += 1
+                        if barge_in_ms(echo_only, aware) is not None:
+                            false[key] += 1
+                            if aware:
+                                failures.append(f"false: seed {seed} {delay} ms {atten} dB {rt60}")
+                        at = barge_in_ms(talk, aware)
+                        if at is None:
+                            missed[key] += 1
+                        elif at < talk.onset_ms:  # the echo interrupted before the user
+                            latencies[key].append(at - talk.onset_ms)
+                        elif at - talk.onset_ms <= BARGE_IN_DEADLINE_MS:
+                            hit[key] += 1
+                            latencies[key].append(at - talk.onset_ms)
+                        else:
+                            late[key] += 1
+                            latencies[key].append(at - talk.onset_ms)
+                        if aware and (at is None or not 0 <= at - talk.onset_ms <= 400):
+                            got = "none" if at is None else f"{at - talk.onset_ms:+.0f} ms"
+                            failures.append(
+                                f"barge-in {got}: seed {seed} {delay} ms {atten} dB {rt60}"
+                            )
+    print(f"grid: delays {DELAYS} ms x attenuation {ATTENUATIONS} dB x RT60 {RT60S} ms")
+    print(f"x {args.seeds} seeds; per cell {n[(True, ATTENUATIONS[0])]} scenes of each kind\n")
+    print(
+        "| echo-aware | attenuation | false barge-in (echo only) | barge-in <= 400 ms | late | missed | early (before onset) | median latency |"
+    )
+    print("|---|---|---|---|---|---|---|---|")
+    for aware in (False, True):
+        for atten in ATTENUATIONS:
+            key = (aware, atten)
+            lat = sorted(latencies[key])
+            early = sum(1 for x in lat if x < 0)
+            pos = [x for x in lat if x >= 0]
+            med = f"{pos[len(pos) // 2]:.0f} ms" if pos else "-"
+            total = n[key]
+            print(
+                f"| {'on' if aware else 'off'} | {atten} dB | {false[key]}/{total} | "
+                f"{hit[key]}/{total} | {late[key]}/{total} | {missed[key]}/{total} | "
+                f"{early}/{total} | {med} |"
+            )
+    cpu = _cpu_per_second(cache)
+    print(
+        f"\nsuppressor CPU while a reply plays: {cpu * 1000:.1f} ms per audio-second "
+        f"({cpu * 100:.2f}% of a core), 20 ms messages"
+    )
+    if failures:
+        print("\necho-aware failures:")
+        for line in failures:
+            print("  " + line)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,213 @@
+"""Echo-aware barge-in: the library on synthetic echo scenes, and VAD mode end to end with
+a client that plays the reply through a simulated room into its microphone."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+
+import numpy as np
+import pytest
+from scipy.signal import fftconvolve
+
+from tests.conftest import TOKEN
+from tests.echo_sim import (
+    BARGE_IN_DEADLINE_MS,
+    NOISE_DBFS,
+    USER_TEXT,
+    USER_VOICE,
+    barge_in_ms,
+    make_scene,
+    room_ir,
+)
+from tests.speech import ACTIVE_LEVEL_DBFS, rms, synth
+from tests.wsutil import connect
+from vad.echo import EchoConfig, EchoSuppressor
+
+DELAYS = (40, 300)
+ATTENUATIONS = (0, 10, 20)
+RT60S = (200, 400)
+GRID = [(d, a, r) for d in DELAYS for a in ATTENUATIONS for r in RT60S]
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    return tmp_path_factory.mktemp("echo-speech")
+
+
+def _whole(scene) -> tuple[bytes, bytes]:
+    n = len(scene.mic) // 320 * 320
+    return scene.mic[:n].tobytes(), scene.ref[:n].tobytes()
+
+
+def _level_db(x: np.ndarray) -> float:
+    return 20 * np.log10(rms(x) + 1e-9) - 20 * np.log10(32768)
+
+
+def test_config_and_input_are_checked():
+    with pytest.raises(ValueError, match="margin_db"):
+        EchoConfig(margin_db=-1)
+    with pytest.raises(ValueError, match="sample_rate"):
+        EchoConfig(sample_rate=22050)
+    echo = EchoSuppressor()
+    with pytest.raises(ValueError, match="whole frames"):
+        echo.process(b"\0" * 100, None)
+    with pytest.raises(ValueError, match="as long as mic"):
+        echo.process(b"\0" * 640, b"\0" * 320)
+
+
+def test_without_reference_the_audio_passes_untouched():
+    echo = EchoSuppressor()
+    pcm = np.random.default_rng(0).integers(-3000, 3000, 3200).astype(np.int16).tobytes()
+    assert echo.process(pcm, None) is pcm
+    assert echo.process(pcm, b"") is pcm
+    assert not echo.active and echo.frames == 0
+
+
+@pytest.mark.parametrize("delay_ms", [40, 150, 300])
+def test_delay_is_found_and_echo_is_suppressed(cache, delay_ms):
+    scene = make_scene(3, delay_ms, 6.0, 300, barge_in=False, cache_dir=cache)
+    echo = EchoSuppressor()
+    out = np.frombuffer(echo.process(*_whole(scene)), np.int16)
+    assert echo.delay_ms is not None and abs(echo.delay_ms - delay_ms) <= 40, echo.delay_ms
+    start = int(16 * (2000 + delay_ms))  # from 1.5 s into the reply (after the lead)
+    end = int(16 * scene.reply_end_ms)
+    assert _level_db(scene.mic[start:end]) > -40
+    # Echo bands become room noise: about the noise level, far below the echo.
+    assert _level_db(out[start:end]) < NOISE_DBFS + 10
+    frames = out[start:end][: (end - start) // 320 * 320].reshape(-1, 320).astype(np.float64)
+    loud = 10 * np.log10((frames**2).mean(axis=1) + 1) - 20 * np.log10(32768) > NOISE_DBFS + 10
+    assert loud.mean() < 0.05  # echo frames that got through (1.5-1.7% measured)
+
+
+def test_the_user_over_the_echo_passes(cache):
+    scene = make_scene(4, 150, 10.0, 300, barge_in=True, cache_dir=cache)
+    echo = EchoSuppressor()
+    out = np.frombuffer(echo.process(*_whole(scene)), np.int16)
+    onset = int(16 * scene.onset_ms)
+    user = slice(onset, onset + 16000)
+    assert _level_db(out[user]) > ACTIVE_LEVEL_DBFS - 6  # most of the user's voice is kept
+    assert echo.near_frames > 25
+
+
+@pytest.mark.parametrize(("delay_ms", "atten_db", "rt60_ms"), GRID)
+def test_echo_alone_never_interrupts(cache, delay_ms, atten_db, rt60_ms):
+    scene = make_scene(1, delay_ms, atten_db, rt60_ms, barge_in=False, cache_dir=cache)
+    assert barge_in_ms(scene, echo_aware=True) is None
+
+
+@pytest.mark.parametrize("atten_db", ATTENUATIONS)
+def test_without_echo_awareness_the_echo_interrupts(cache, atten_db):
+    """The problem this solves: the default detector interrupts the reply with its own echo."""
+    scene = make_scene(1, 150, atten_db, 300, barge_in=False, cache_dir=cache)
+    assert barge_in_ms(scene, echo_aware=False) is not None
+
+
+@pytest.mark.parametrize(("delay_ms", "atten_db", "rt60_ms"), GRID)
+def test_the_user_still_interrupts_in_time(cache, request, delay_ms, atten_db, rt60_ms):
+    if atten_db == 0:
+        # Echo as loud as the user (0 dB): measured late for some delays (see
+        # BENCHMARKS.md, "Echo-aware barge-in"); kept visible, not dropped.
+        request.applymarker(
+            pytest.mark.xfail(reason="0 dB echo: barge-in often late", strict=False)
+        )
+    scene = make_scene(1, delay_ms, atten_db, rt60_ms, barge_in=True, cache_dir=cache)
+    at = barge_in_ms(scene, echo_aware=True)
+    assert at is not None and scene.onset_ms is not None
+    assert scene.onset_ms <= at <= scene.onset_ms + BARGE_IN_DEADLINE_MS, at - scene.onset_ms
+
+
+# ---- end to end --------------------------------------------------------------------
+
+
+async def _play_and_talk(server, echo_cancellation: bool, barge_in: bool, cache) -> list[dict]:
+    """A client without echo cancellation: it plays the reply into the room (150 ms, 6 dB
+    down, RT60 300 ms) and its microphone hears that, room noise and, with ``barge_in``,
+    the user talking 3 s into the reply (once the echo path is learned). Returns the
+    events of the reply."""
+    rng = np.random.default_rng(11)
+    rir = room_ir(300, rng)
+    delay = 16 * 150
+    gain = 10 ** (-6 / 20)
+    question = np.concatenate(
+        [
+            synth("Tell me everything about the weather for the weekend, please.", "en-us+m3"),
+            np.zeros(4000, np.int16),
+            synth("And then what I should wear on Saturday and on Sunday.", "en-us+m3"),
+        ]
+    )
+    user = synth(USER_TEXT[0], *USER_VOICE, cache_dir=cache).astype(np.float64)
+    user *= 32768 * 10 ** (ACTIVE_LEVEL_DBFS / 20) / rms(user)
+    noise_level = 32768 * 10 ** (NOISE_DBFS / 20)
+    events: list[dict] = []
+    played: list[np.ndarray] = []  # reply audio as it came
+    done = asyncio.Event()
+    async with connect(server, TOKEN) as c:
+        await c.recv()
+        config = {
+            "input_audio": {"echo_cancellation": echo_cancellation},
+            "output_audio": {"sample_rate": 16000},
+        }
+        await c.send({"type": "session.update", "config": config})
+        await c.recv()
+        pcm = np.concatenate([question, np.zeros(16000, np.int16)]).astype("<i2").tobytes()
+        for i in range(0, len(pcm), 640):
+            await c.send(pcm[i : i + 640])
+        response_id = (await c.until("response.started", timeout=20))[-1]["response_id"]
+
+        async def read() -> None:
+            while True:
+                event = await c.recv(timeout=20)
+                events.append(event)
+                if event["type"] == "chunk" and event.get("media"):
+                    data = base64.b64decode(event["media"]["data"])
+                    played.append(np.frombuffer(data, "<i2").astype(np.float64))
+                if event["type"] == "response.done":
+                    done.set()
+                    return
+
+        reader = asyncio.create_task(read())
+        try:
+            pos = 0  # microphone samples since playback started
+            while not done.is_set() and pos < 16 * 20_000:
+                reply = np.concatenate(played) if played else np.zeros(0)
+                a, b = pos - delay - len(rir) + 1, pos - delay + 320
+                seg = np.zeros(b - a)
+                lo, hi = max(a, 0), min(b, len(reply))
+                if hi > lo:
+                    seg[lo - a : hi - a] = reply[lo:hi]
+                mic = fftconvolve(seg, rir, "valid")[-320:] * gain
+                mic += rng.standard_normal(320) * noise_level
+                at = pos - 16 * 3000
+                if barge_in and 0 <= at < len(user):
+                    mic[: min(320, len(user) - at)] += user[at : at + 320]
+                frame = np.clip(np.round(mic), -32768, 32767).astype("<i2")
+                await c.send(frame.tobytes())
+                pos += 320
+                if pos % 3200 == 0:
+                    await c.send(
+                        {"type": "playback", "response_id": response_id, "played_ms": pos / 16}
+                    )
+                await asyncio.sleep(0.02)
+            await asyncio.wait_for(done.wait(), 20)
+        finally:
+            reader.cancel()
+    return events
+
+
+@pytest.mark.parametrize("echo_cancellation", [False, True], ids=["echo-aware", "client-says-aec"])
+async def test_reply_echo_over_a_real_server(server_factory, cache, echo_cancellation):
+    """With echo_cancellation false the reply plays to its end through its own echo; a
+    client that claims echo cancellation but has none is interrupted by it (the old
+    behaviour, kept for clients that really cancel echo)."""
+    server = server_factory(echo_pace=1.0)
+    events = await _play_and_talk(server, echo_cancellation, barge_in=False, cache=cache)
+    reason = events[-1]["finish_reason"]
+    assert reason == ("interrupted" if echo_cancellation else "stop")
+
+
+async def test_user_barges_in_over_the_echo_on_a_real_server(server_factory, cache):
+    server = server_factory(echo_pace=1.0)
+    events = await _play_and_talk(server, False, barge_in=True, cache=cache)
+    assert events[-1]["finish_reason"] == "interrupted"
+    assert any(e["type"] == "chunk" and e.get("interrupted") for e in events)
