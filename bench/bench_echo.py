@@ -91,7 +91,8 @@ def main() -> None:
     print(f"grid: delays {DELAYS} ms x attenuation {ATTENUATIONS} dB x RT60 {RT60S} ms")
     print(f"x {args.seeds} seeds; per cell {n[(True, ATTENUATIONS[0])]} scenes of each kind\n")
     print(
-        "| echo-aware | attenuation | false barge-in (echo only) | barge-in <= 400 ms | late | missed | early (before onset) | median latency |"
+        "| echo-aware | attenuation | false barge-in (echo only) | barge-in <= 400 ms "
+        "| late | missed | early (before onset) | median latency |"
     )
     print("|---|---|---|---|---|---|---|---|")
     for aware in (False, True):
