@@ -10,6 +10,8 @@ import numpy as np
 import pytest
 from scipy.signal import fftconvolve
 
+from duplex.protocol import InputAudioConfig
+from server.modes.echo_guard import EchoGuard, echo_aware
 from tests.conftest import TOKEN
 from tests.echo_sim import (
     BARGE_IN_DEADLINE_MS,
@@ -211,3 +213,53 @@ async def test_user_barges_in_over_the_echo_on_a_real_server(server_factory, cac
     events = await _play_and_talk(server, False, barge_in=True, cache=cache)
     assert events[-1]["finish_reason"] == "interrupted"
     assert any(e["type"] == "chunk" and e.get("interrupted") for e in events)
+
+
+# ---- the server's side: which sessions, and where the reply sits ---------------------
+
+
+@pytest.mark.parametrize(
+    ("audio", "on"),
+    [
+        ({}, False),
+        ({"echo_cancellation": False}, True),
+        ({"echo_cancellation": True}, False),
+        ({"format": "mulaw", "sample_rate": 8000}, True),
+        ({"format": "alaw", "sample_rate": 8000}, True),
+        ({"format": "mulaw", "sample_rate": 8000, "echo_cancellation": True}, False),
+        ({"format": "opus", "sample_rate": 48000}, False),
+    ],
+)
+def test_echo_awareness_is_on_without_client_aec_and_for_telephony(audio, on):
+    assert echo_aware(InputAudioConfig(**audio)) is on
+
+
+def test_guard_lays_the_reply_on_the_microphone_clock():
+    guard = EchoGuard(16000, 20)
+    seen: list[bytes | None] = []
+    guard.suppressor.process = lambda mic, ref: seen.append(ref) or mic  # type: ignore[method-assign]
+    silence = b"\0" * 640
+    guard.filter(silence * 5)  # 100 ms before any reply
+    guard.reply_started()
+    reply = np.arange(1, 16001, dtype=np.int16)  # 1 s, each sample its own index
+    guard.reply_audio(reply.tobytes(), 16000)  # sent at once, played from now on
+    guard.filter(silence)
+    first = np.frombuffer(seen[-1], np.int16)
+    assert first[0] == 1 and first[-1] == 320
+    guard.played(500.0)  # the client is further on than the server thought: re-anchored
+    guard.filter(silence)
+    assert np.frombuffer(seen[-1], np.int16)[0] == 8001
+    guard.played(505.0)  # within the report jitter: the anchor stays
+    guard.filter(silence)
+    assert np.frombuffer(seen[-1], np.int16)[0] == 8321
+    guard.reply_cut()  # interrupted: nothing more plays
+    guard.filter(silence)
+    assert seen[-1] is None
+
+
+def test_guard_resamples_the_reply_and_bounds_what_it_keeps():
+    guard = EchoGuard(16000, 20)
+    guard.reply_started()
+    for _ in range(70):  # 70 s of 24 kHz reply streamed at once: only 60 s are kept
+        guard.reply_audio(b"\1\0" * 24000, 24000)
+    assert guard._ref_bytes <= 60 * 16000 * 2

@@ -129,7 +129,7 @@ class EchoSuppressor:
         self._margin = 10 ** (config.margin_db / 10)
         self._rise = 10 ** (_FLOOR_RISE_DB_S * fms / 1000 / 10)
         self._floor = np.full(nb, np.inf)
-        self._gains_db = np.zeros((_GAIN_SAMPLES, nb))
+        self._gains_db = np.full((_GAIN_SAMPLES, nb), np.nan)
         self._gain_count = np.zeros(nb, np.int64)
         self._gain_db = np.full(nb, config.prior_gain_db)
         self._prior = 10 ** (config.prior_gain_db / 10)
@@ -261,10 +261,18 @@ class EchoSuppressor:
         for b in np.flatnonzero(usable):
             self._gains_db[self._gain_count[b] % _GAIN_SAMPLES, b] = ratio_db[b]
             self._gain_count[b] += 1
-        counts = np.minimum(self._gain_count, _GAIN_SAMPLES)
-        for b in np.flatnonzero(usable):
-            if counts[b] >= _GAIN_MIN_SAMPLES:
-                self._gain_db[b] = np.percentile(self._gains_db[: counts[b], b], _GAIN_PERCENTILE)
+        idx = np.flatnonzero(usable & (self._gain_count >= _GAIN_MIN_SAMPLES))
+        if idx.size:
+            # np.percentile (linear) of each band's history, in one sort: unused slots
+            # are NaN, which sorts last.
+            ordered = np.sort(self._gains_db[:, idx], axis=0)
+            count = np.minimum(self._gain_count[idx], _GAIN_SAMPLES)
+            rank = (count - 1) * (_GAIN_PERCENTILE / 100)
+            lo = rank.astype(np.int64)
+            hi = np.minimum(lo + 1, count - 1)
+            cols = np.arange(idx.size)
+            below, above = ordered[lo, cols], ordered[hi, cols]
+            self._gain_db[idx] = below + (rank - lo) * (above - below)
 
     def _estimate_delay(self) -> None:
         w, lags = self._window, self._lags
@@ -273,25 +281,31 @@ class EchoSuppressor:
             return
         mic = self._mic_log[-w:]
         mic = mic - mic.mean(axis=0)
-        mic_norm = np.sqrt((mic * mic).sum())
+        mic_norm = math.sqrt(float((mic * mic).sum()))
         if mic_norm == 0:
             return
-        best, best_lag = -1.0, 0
-        end = self._hist
-        for lag in range(lags):
-            ref = self._ref_log[end - lag - w : end - lag]
-            ref = ref - ref.mean(axis=0)
-            denom = mic_norm * math.sqrt(float((ref * ref).sum()))
-            if denom == 0:
-                continue
-            c = float((mic * ref).sum()) / denom
-            if c > best:
-                best, best_lag = c, lag
+        # Every lag at once: windows of `w` reference frames, newest (lag 0) first.
+        windows = np.lib.stride_tricks.sliding_window_view(self._ref_log, w, axis=0)
+        windows = windows[::-1][:lags]  # (lags, bands, w)
+        # mic is centred per band, so the window's own mean drops out of the product.
+        cross = np.einsum("wb,lbw->l", mic, windows)
+        # Window sums and sums of squares from running sums, newest window first.
+        ref = self._ref_log
+        run = np.zeros((len(ref) + 1, ref.shape[1], 2))
+        np.cumsum(np.stack([ref, ref * ref], axis=2), axis=0, out=run[1:])
+        span = (run[w:] - run[:-w])[::-1][:lags]  # (lags, bands, sum / sum of squares)
+        energy = (span[:, :, 1] - span[:, :, 0] ** 2 / w).sum(axis=1)
+        flat = energy < 1e-6  # a reference that does not change (silence) fits nothing
+        denom = mic_norm * np.sqrt(np.where(flat, 1.0, energy))
+        corr = np.where(flat, -1.0, cross / denom)
+        best_lag = int(np.argmax(corr))
+        best = float(corr[best_lag])
         self.correlation = best
         if best < self.config.min_correlation:
             return
         new = best_lag * self.config.frame_ms
         if self.delay_ms is not None and abs(new - self.delay_ms) > self.config.frame_ms:
             self._gain_count[:] = 0  # ratios measured at the old lag no longer hold
+            self._gains_db[:] = np.nan
             self._gain_db[:] = self.config.prior_gain_db
         self.delay_ms = float(new)
