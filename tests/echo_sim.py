@@ -16,7 +16,7 @@ import numpy as np
 from tests.speech import ACTIVE_LEVEL_DBFS, SAMPLE_RATE, make_noise, rms, synth
 from vad.detector import DetectorConfig, SpeechDetector
 from vad.echo import EchoConfig, EchoSuppressor
-from vad.turns import TurnConfig, TurnDetector
+from vad.turns import SpeechStart, TurnConfig, TurnDetector
 
 FRAME = 320  # 20 ms at 16 kHz
 REPLY_VOICE = ("en-us+m3", 165)  # the assistant: a low male voice
@@ -117,3 +117,19 @@ def barge_in_ms(scene: Scene, echo_aware: bool, min_barge_in_ms: int = 300) -> f
         if detector.state in ("speaking", "stopping") and detector.speech_ms >= min_barge_in_ms:
             return now
     return None
+
+
+def speech_starts(scene: Scene, echo_aware: bool) -> list[float]:
+    """Onsets (ms) of every turn the default turn detector opens over the whole scene,
+    echo tail included: with echo alone, each one would be answered as the user's turn."""
+    detector = TurnDetector(TurnConfig(), SpeechDetector(DetectorConfig()))
+    echo = EchoSuppressor(EchoConfig()) if echo_aware else None
+    n = len(scene.mic) // FRAME * FRAME
+    mic, ref = scene.mic[:n].tobytes(), scene.ref[:n].tobytes()
+    starts: list[float] = []
+    for i in range(0, len(mic), 2 * FRAME):
+        pcm = mic[i : i + 2 * FRAME]
+        if echo is not None:
+            pcm = echo.process(pcm, ref[i : i + 2 * FRAME])
+        starts += [e.start_ms for e in detector.push_pcm(pcm) if isinstance(e, SpeechStart)]
+    return starts

@@ -21,6 +21,7 @@ from tests.echo_sim import (
     barge_in_ms,
     make_scene,
     room_ir,
+    speech_starts,
 )
 from tests.speech import ACTIVE_LEVEL_DBFS, rms, synth
 from tests.wsutil import connect
@@ -96,6 +97,7 @@ def test_the_user_over_the_echo_passes(cache):
 def test_echo_alone_never_interrupts(cache, delay_ms, atten_db, rt60_ms):
     scene = make_scene(1, delay_ms, atten_db, rt60_ms, barge_in=False, cache_dir=cache)
     assert barge_in_ms(scene, echo_aware=True) is None
+    assert speech_starts(scene, echo_aware=True) == []  # nor is it taken for a user turn
 
 
 @pytest.mark.parametrize("atten_db", ATTENUATIONS)
@@ -103,6 +105,7 @@ def test_without_echo_awareness_the_echo_interrupts(cache, atten_db):
     """The problem this solves: the default detector interrupts the reply with its own echo."""
     scene = make_scene(1, 150, atten_db, 300, barge_in=False, cache_dir=cache)
     assert barge_in_ms(scene, echo_aware=False) is not None
+    assert speech_starts(scene, echo_aware=False)
 
 
 @pytest.mark.parametrize(("delay_ms", "atten_db", "rt60_ms"), GRID)
@@ -152,7 +155,9 @@ async def _play_and_talk(server, echo_cancellation: bool, barge_in: bool, cache)
         }
         await c.send({"type": "session.update", "config": config})
         await c.recv()
-        pcm = np.concatenate([question, np.zeros(16000, np.int16)]).astype("<i2").tobytes()
+        said = np.concatenate([question, np.zeros(16000)])
+        said += rng.standard_normal(len(said)) * noise_level  # the room, as ever after
+        pcm = np.clip(np.round(said), -32768, 32767).astype("<i2").tobytes()
         for i in range(0, len(pcm), 640):
             await c.send(pcm[i : i + 640])
         response_id = (await c.until("response.started", timeout=20))[-1]["response_id"]

@@ -52,6 +52,8 @@ _GAIN_SAMPLES = 100  # per band: microphone/reference ratios kept for the echo g
 _GAIN_MIN_SAMPLES = 20  # fewer: the prior gain still holds
 _GAIN_PERCENTILE = 90.0
 _FLOOR_RISE_DB_S = 3.0  # the noise floor follows a louder room at this rate
+_NOISE_MS = 1000  # time constant of the room's noise level
+_NOISE_GATE = 10.0  # frames 10 dB over the floor are not noise
 _MIN_BANDS = 3  # bands a frame of the user's speech must stand out in
 _TINY = 1e-3  # energies are sums of int16 squares; this keeps logs finite
 
@@ -134,6 +136,8 @@ class EchoSuppressor:
         self._margin = 10 ** (config.margin_db / 10)
         self._rise = 10 ** (_FLOOR_RISE_DB_S * fms / 1000 / 10)
         self._floor = np.full(nb, np.inf)
+        self._noise = np.full(nb, np.inf)
+        self._noise_alpha = 1 - math.exp(-fms / _NOISE_MS)
         self._gains_db = np.full((_GAIN_SAMPLES, nb), np.nan)
         self._gain_count = np.zeros(nb, np.int64)
         self._gain_db = np.full(nb, config.prior_gain_db)
@@ -173,9 +177,10 @@ class EchoSuppressor:
             )
         if ref and len(ref) != size:
             raise ValueError(f"ref must be as long as mic ({size} bytes), got {len(ref)}")
-        if not ref and not self.active:
-            return mic
         m = np.frombuffer(mic, np.int16).reshape(-1, self._n)
+        if not ref and not self.active:
+            self._observe(m)  # the room's noise, for when the next reply plays
+            return mic
         r = np.frombuffer(ref, np.int16).reshape(-1, self._n) if ref else np.zeros_like(m)
         out = np.empty_like(m)
         for i in range(len(m)):
@@ -192,11 +197,11 @@ class EchoSuppressor:
         ref_spec = np.fft.rfft(ref)
         ref_bands = self._bands(ref_spec)
         ref_on = bool(ref_bands.sum() > self._active_level * self._nb)
-        if not self.active:  # waking up: the past holds no reference
-            self._wake()
-        self._idle = 0 if ref_on else self._idle + 1
         spec = np.fft.rfft(mic)
         bands = self._bands(spec)
+        if not self.active:  # waking up: the past holds no reference
+            self._wake(bands)
+        self._idle = 0 if ref_on else self._idle + 1
         self.frames += 1
         # Histories, newest last.
         for arr, row in (
@@ -208,9 +213,8 @@ class EchoSuppressor:
             arr[-1] = row
         self._ref_active[:-1] = self._ref_active[1:]
         self._ref_active[-1] = ref_on
-        # The floor rises only where no echo is expected: the echo is not the room.
-        quiet = self._tail * 10 ** (self._gain_db / 10) < self._floor
-        self._floor = np.minimum(bands, np.where(quiet, self._floor * self._rise, self._floor))
+        # The room is measured only where no echo is expected: the echo is not the room.
+        self._track_noise(bands, self._tail * 10 ** (self._gain_db / 10) < self._noise)
         self._since_delay += 1
         if self._since_delay >= _DELAY_EVERY:
             self._since_delay = 0
@@ -227,7 +231,7 @@ class EchoSuppressor:
             self._tail = direct + self._rho * self._tail
             echo = self._tail * 10 ** (self._gain_db / 10)
         near = bands > self._margin * echo
-        above_floor = bands > self._margin * self._floor
+        above_floor = bands > self._margin * self._noise
         # The user's speech lasts: a frame counts once it and the one before stand out
         # in `_MIN_BANDS` bands (an echo frame the estimate misses is mostly alone).
         loud = int(np.count_nonzero(near & above_floor)) >= _MIN_BANDS
@@ -244,18 +248,47 @@ class EchoSuppressor:
         # Echo bands become comfort noise at the floor: scaled echo would keep the reply's
         # harmonics, and a quiet voice is still a voice to the detector after us.
         keep = near[self._band_of_bin]
-        level = np.sqrt(np.minimum(self._floor, bands) / self._bins)[self._band_of_bin]
+        level = np.sqrt(np.minimum(self._noise, bands) / self._bins)[self._band_of_bin]
         noise = self._rng.standard_normal((2, len(spec)))
         comfort = (noise[0] + 1j * noise[1]) * (level * math.sqrt(0.5))
         out = np.fft.irfft(np.where(keep, spec, comfort), self._n)
         return np.clip(np.round(out), -32768, 32767).astype(np.int16)
 
-    def _wake(self) -> None:
+    def _wake(self, bands: np.ndarray) -> None:
+        # The echo cannot be here yet: a band 10 dB over the noise level learned so far
+        # (a microphone that sent digital silence until now) is taken as the room.
+        noise = self._noise
+        louder = ~np.isfinite(noise) | (bands > 10 * noise)
+        self._noise = np.where(louder, bands, noise)
+        self._floor = np.where(louder, bands / 4, np.minimum(self._floor, self._noise))
         self._ref[:] = 0.0
         self._ref_log[:] = math.log10(_TINY)
         self._ref_active[:] = False
         self._tail[:] = 0.0
-        self._floor[:] = np.inf
+
+    def _observe(self, frames: np.ndarray) -> None:
+        """Noise tracking alone, for frames with no reply in play (one FFT call)."""
+        spec = np.fft.rfft(frames, axis=1)
+        power = spec.real**2 + spec.imag**2
+        bands = np.add.reduceat(power, self._starts, axis=1)[:, : self._nb] + _TINY
+        everywhere = np.ones(self._nb, bool)
+        for row in bands:
+            self._track_noise(row, everywhere)
+
+    def _track_noise(self, bands: np.ndarray, quiet: np.ndarray) -> None:
+        """Per band: the floor (minimum statistics: fast down, slow up) and the noise level
+        (a 1 s average of frames near the floor). Comfort noise is made at the level, not
+        the floor: the minimum of a band's energy lies several dB under its mean, and
+        noise that steps up when the echo ends reads as speech to the detector."""
+        self._floor = np.minimum(bands, np.where(quiet, self._floor * self._rise, self._floor))
+        noise = self._noise
+        if not np.isfinite(noise).all():
+            noise = np.where(np.isfinite(noise), noise, bands)
+        near_floor = quiet & (bands < _NOISE_GATE * self._floor)  # speech stays out
+        noise = np.where(near_floor, noise + self._noise_alpha * (bands - noise), noise)
+        # Between the floor and 10 dB over it: a level learned from speech, or from a room
+        # that has gone quiet, falls with the floor.
+        self._noise = np.clip(noise, self._floor, 10 * self._floor)
 
     def _learn_gain(self, bands: np.ndarray, above_floor: np.ndarray) -> None:
         tail = self._tail
