@@ -9,7 +9,9 @@ For each grid point and seed, two scenes: echo alone (any barge-in is false) and
 (another voice, at normal level) talking 2.5-4 s into the reply (a barge-in within 400 ms
 of the onset is a hit; later is late; none is missed). Each scene runs through the default
 turn detector as VAD mode runs it, with and without the echo-aware suppressor. Also the
-suppressor's CPU time per second of audio while a reply plays.
+suppressor's CPU time per second of audio while a reply plays. "echo opened a turn": in
+the echo-only scene the detector opened a turn at some point (the echo tail included),
+which VAD mode would answer as the user's.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import time
 from collections import defaultdict
 from pathlib import Path
 
-from tests.echo_sim import BARGE_IN_DEADLINE_MS, barge_in_ms, make_scene
+from tests.echo_sim import BARGE_IN_DEADLINE_MS, barge_in_ms, make_scene, speech_starts
 from vad.echo import EchoSuppressor
 
 DELAYS = (40, 100, 200, 300)
@@ -50,6 +52,7 @@ def main() -> None:
     cache = Path(tempfile.mkdtemp(prefix="bench-echo-"))
     # per (aware, attenuation): counts
     false = defaultdict(int)
+    echo_turns = defaultdict(int)  # echo-only scenes in which the echo opened a turn
     hit = defaultdict(int)
     late = defaultdict(int)
     missed = defaultdict(int)
@@ -68,6 +71,8 @@ def main() -> None:
                     for aware in (False, True):
                         key = (aware, atten)
                         n[key] += 1
+                        if speech_starts(echo_only, aware):
+                            echo_turns[key] += 1
                         if barge_in_ms(echo_only, aware) is not None:
                             false[key] += 1
                             if aware:
@@ -92,9 +97,9 @@ def main() -> None:
     print(f"x {args.seeds} seeds; per cell {n[(True, ATTENUATIONS[0])]} scenes of each kind\n")
     print(
         "| echo-aware | attenuation | false barge-in (echo only) | barge-in <= 400 ms "
-        "| late | missed | early (before onset) | median latency |"
+        "| late | missed | early (before onset) | median latency | echo opened a turn |"
     )
-    print("|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|")
     for aware in (False, True):
         for atten in ATTENUATIONS:
             key = (aware, atten)
@@ -106,7 +111,7 @@ def main() -> None:
             print(
                 f"| {'on' if aware else 'off'} | {atten} dB | {false[key]}/{total} | "
                 f"{hit[key]}/{total} | {late[key]}/{total} | {missed[key]}/{total} | "
-                f"{early}/{total} | {med} |"
+                f"{early}/{total} | {med} | {echo_turns[key]}/{total} |"
             )
     cpu = _cpu_per_second(cache)
     print(

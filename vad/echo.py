@@ -25,8 +25,9 @@ piece, and a speaker, a codec or the client's resampler are not linear):
   `margin_db`; a frame is the user's if `_MIN_BANDS` bands are (above the room's noise
   too) in it and in the frame before: an echo frame the estimate misses is mostly
   alone. The user's bands pass unchanged; every other band becomes comfort noise at the
-  microphone's noise floor (scaled echo would keep the reply's harmonics, and holes
-  would drag the detector's noise floor down). The frames go on to the turn detector,
+  room's noise level, measured between replies and in the reply's pauses (scaled echo
+  would keep the reply's harmonics; holes, or noise under the room's level, would make
+  the room read as speech to the detector when the echo ends). The frames go on to the turn detector,
   which decides on speech and barge-in as it always does.
 
 Cost: two 320-point FFTs, one inverse FFT and a few dozen small numpy operations per
