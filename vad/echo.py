@@ -27,8 +27,8 @@ piece, and a speaker, a codec or the client's resampler are not linear):
   alone. The user's bands pass unchanged; every other band becomes comfort noise at the
   room's noise level, measured between replies and in the reply's pauses (scaled echo
   would keep the reply's harmonics; holes, or noise under the room's level, would make
-  the room read as speech to the detector when the echo ends). The frames go on to the turn detector,
-  which decides on speech and barge-in as it always does.
+  the room read as speech to the detector when the echo ends). The frames go on to the
+  turn detector, which decides on speech and barge-in as it always does.
 
 Cost: two 320-point FFTs, one inverse FFT and a few dozen small numpy operations per
 20 ms frame while a reply (or its echo tail) is playing, and the delay search every
