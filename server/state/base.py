@@ -19,6 +19,15 @@ class StoreUnavailable(Exception):
     """The state store cannot be reached now (an outage): new sessions and REST calls get 503."""
 
 
+class FencedWrite(Exception):
+    """A write refused because another replica has taken the session over (its lease's
+    fencing token is newer than this process's): this process must stop running it."""
+
+    def __init__(self, session_id: str) -> None:
+        super().__init__(f"session {session_id} is now owned by another replica")
+        self.session_id = session_id
+
+
 @dataclass
 class SessionRecord:
     """What a session is, apart from its messages."""

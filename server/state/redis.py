@@ -2,11 +2,15 @@
 
 Keys (all under ``prefix``, all with a sliding TTL):
 ``session:{id}`` (JSON record), ``messages:{id}`` (list of JSON messages, trimmed to the
-newest ``max_messages``), ``responses:{id}`` (set of response ids with stream events)
+newest ``max_messages``), ``responses:{id}`` (set of response ids with stream events),
 ``events:{id}:{response_id}`` (list of JSON events) and ``outbox:{id}`` (sorted set of sent
 messages scored by ``seq``, each member ``"{at} {json}"``; it expires ``outbox_max_age_s`` after
 its last write); ``revoked:{key}`` (the deny list of client tokens) expires at its entry's
 time instead.
+
+Writes of a session this process holds a lease on (``fences``, kept by
+``server.lease``) are fenced: each checks, atomically with the write (WATCH), that
+``fence:{id}`` still holds this process's token, else raises ``FencedWrite``.
 """
 
 from __future__ import annotations
@@ -15,12 +19,23 @@ import dataclasses
 import json
 import math
 import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
 
 import redis.asyncio as aioredis
 import redis.exceptions
+from redis.exceptions import WatchError
 
 from duplex.protocol import Message
-from server.state.base import OutboxBatch, OutboxEntry, SessionRecord, StateStore, StreamEvent
+from server.state.base import (
+    FencedWrite,
+    OutboxBatch,
+    OutboxEntry,
+    SessionRecord,
+    StateStore,
+    StreamEvent,
+)
 
 #: KEYS: outbox keys. ARGV: ttl, then per key: entry count, keep_from ("" for none), and
 #: (seq, member) per entry. All keys in one call: a single Redis, not a cluster.
@@ -88,16 +103,47 @@ class RedisStore(StateStore):
         self._p = prefix
         self._get_session = self._redis.register_script(_GET_SESSION)
         self._append_outbox = self._redis.register_script(_APPEND_OUTBOX)
+        #: Session id -> this process's fencing token, for sessions it holds a lease on.
+        self.fences: dict[str, int] = {}
+
+    @property
+    def redis(self) -> aioredis.Redis:
+        return self._redis
 
     def _k(self, kind: str, *parts: str) -> str:
         return self._p + kind + ":" + ":".join(parts)
 
+    key = _k
+
+    def fence_key(self, session_id: str) -> str:
+        return self._k("fence", session_id)
+
+    @asynccontextmanager
+    async def _tx(self, session_id: str) -> AsyncIterator[Any]:
+        """A transaction pipeline for writes of ``session_id``; fenced when this process
+        holds its lease: WATCH the fence, check the token, and the EXEC fails if another
+        replica takes the session in between."""
+        token = self.fences.get(session_id)
+        async with self._redis.pipeline(transaction=True) as pipe:
+            if token is not None:
+                key = self.fence_key(session_id)
+                await pipe.watch(key)
+                if await pipe.get(key) != str(token):
+                    raise FencedWrite(session_id)
+                pipe.multi()
+            try:
+                yield pipe
+            except WatchError:
+                raise FencedWrite(session_id) from None
+
     # ---- sessions -----------------------------------------------------------------------
 
     async def create_session(self, record: SessionRecord) -> None:
-        await self._redis.set(
-            self._k("session", record.id), json.dumps(dataclasses.asdict(record)), ex=self._ttl
-        )
+        async with self._tx(record.id) as pipe:
+            pipe.set(
+                self._k("session", record.id), json.dumps(dataclasses.asdict(record)), ex=self._ttl
+            )
+            await pipe.execute()
 
     async def update_session(self, record: SessionRecord) -> None:
         await self.create_session(record)
@@ -113,13 +159,15 @@ class RedisStore(StateStore):
 
     async def delete_session(self, session_id: str) -> None:
         responses = await self._redis.smembers(self._k("responses", session_id))
-        await self._redis.delete(
-            self._k("session", session_id),
-            self._k("messages", session_id),
-            self._k("responses", session_id),
-            self._k("outbox", session_id),
-            *(self._k("events", session_id, r) for r in responses),
-        )
+        async with self._tx(session_id) as pipe:
+            pipe.delete(
+                self._k("session", session_id),
+                self._k("messages", session_id),
+                self._k("responses", session_id),
+                self._k("outbox", session_id),
+                *(self._k("events", session_id, r) for r in responses),
+            )
+            await pipe.execute()
 
     # ---- messages -----------------------------------------------------------------------
 
@@ -131,7 +179,7 @@ class RedisStore(StateStore):
         if not messages:
             return
         key = self._k("messages", session_id)
-        async with self._redis.pipeline(transaction=True) as pipe:
+        async with self._tx(session_id) as pipe:
             pipe.rpush(key, *(m.model_dump_json() for m in messages))
             pipe.ltrim(key, -self._max_messages, -1)
             pipe.expire(key, self._ttl)
@@ -139,16 +187,18 @@ class RedisStore(StateStore):
 
     async def clear_messages(self, session_id: str) -> None:
         responses = await self._redis.smembers(self._k("responses", session_id))
-        await self._redis.delete(
-            self._k("messages", session_id),
-            self._k("responses", session_id),
-            *(self._k("events", session_id, r) for r in responses),
-        )
+        async with self._tx(session_id) as pipe:
+            pipe.delete(
+                self._k("messages", session_id),
+                self._k("responses", session_id),
+                *(self._k("events", session_id, r) for r in responses),
+            )
+            await pipe.execute()
 
     # ---- stream events ------------------------------------------------------------------
 
     async def append_events(self, session_id: str, events: list[StreamEvent]) -> None:
-        async with self._redis.pipeline(transaction=True) as pipe:
+        async with self._tx(session_id) as pipe:
             for event in events:
                 key = self._k("events", session_id, event.response_id)
                 pipe.sadd(self._k("responses", session_id), event.response_id)
@@ -165,7 +215,7 @@ class RedisStore(StateStore):
         return sorted(events, key=lambda e: e.created_at)
 
     async def drop_events(self, session_id: str, response_id: str) -> None:
-        async with self._redis.pipeline(transaction=True) as pipe:
+        async with self._tx(session_id) as pipe:
             pipe.delete(self._k("events", session_id, response_id))
             pipe.srem(self._k("responses", session_id), response_id)
             await pipe.execute()

@@ -1,0 +1,172 @@
+"""One owner per live session across replicas: a Redis lease with a fencing token.
+
+A replica that runs a session holds ``lease:{id}`` (value ``replica:token``, expiring
+after ``ttl_ms`` unless renewed) and the session's *fencing token*, ``fence:{id}``, a
+counter raised by every acquisition. Each store write of the session is checked
+against the token atomically (``RedisStore`` watches ``fence:{id}``), so a replica that
+lost its lease (paused, partitioned, presumed dead) can never write over the new
+owner's: its writes fail with ``FencedWrite``.
+
+Another replica takes a session over once its lease has expired (the owner died) or
+was released (the owner drained it); until then it waits, at most ``wait_ms``. The
+time a dead owner's sessions stay unreachable is therefore at most ``ttl_ms`` plus the
+client's reconnect delay.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from redis.exceptions import RedisError
+
+from server.state.redis import RedisStore
+
+log = logging.getLogger(__name__)
+
+#: KEYS: lease, fence. ARGV: replica, ttl_ms, fence_ttl_s.
+#: Free, or held by this replica: a new token (the fence goes up) -> {1, token}.
+#: Held by another replica -> {0, remaining ms}.
+_ACQUIRE = """
+local holder = redis.call('GET', KEYS[1])
+if holder and string.sub(holder, 1, #ARGV[1] + 1) ~= ARGV[1] .. ':' then
+  return {0, redis.call('PTTL', KEYS[1])}
+end
+local token = redis.call('INCR', KEYS[2])
+redis.call('EXPIRE', KEYS[2], ARGV[3])
+redis.call('SET', KEYS[1], ARGV[1] .. ':' .. token, 'PX', ARGV[2])
+return {1, token}
+"""
+
+#: KEYS: lease, fence. ARGV: replica, token, ttl_ms, fence_ttl_s. 1 if still the owner
+#: (the lease is set again even if it had expired meanwhile, as long as nobody took the
+#: session: the fence is unchanged), else 0.
+_RENEW = """
+if redis.call('GET', KEYS[2]) ~= ARGV[2] then return 0 end
+redis.call('SET', KEYS[1], ARGV[1] .. ':' .. ARGV[2], 'PX', ARGV[3])
+redis.call('EXPIRE', KEYS[2], ARGV[4])
+return 1
+"""
+
+#: KEYS: lease. ARGV: replica:token. Deleted only if still ours.
+_RELEASE = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
+
+
+class LeaseBusy(Exception):
+    """Another replica runs the session and its lease did not end within the wait."""
+
+    def __init__(self, session_id: str, remaining_ms: int) -> None:
+        super().__init__(f"session {session_id} is live on another replica")
+        self.remaining_ms = remaining_ms
+
+
+@dataclass(frozen=True)
+class LeaseSettings:
+    #: A lease not renewed for this long is free: the failover time after a crash.
+    ttl_ms: int = 2000
+    #: Renewed this often (a few renewals may fail before the lease expires).
+    renew_ms: int = 500
+    #: How long a connect waits for another replica's lease to expire or be released.
+    wait_ms: int = 3000
+    #: Fencing counters outlive any lease; they expire with the session's data.
+    fence_ttl_s: int = 86400
+
+
+@dataclass
+class Lease:
+    """This replica's ownership of one session; ``lost`` is set when it is gone."""
+
+    session_id: str
+    token: int
+    value: str
+    lost: asyncio.Event = field(default_factory=asyncio.Event)
+    released: bool = False
+
+
+class LeaseManager:
+    """Acquires, renews and releases session leases in the store's Redis."""
+
+    def __init__(self, store: RedisStore, replica: str, settings: LeaseSettings) -> None:
+        self.store = store
+        self.replica = replica
+        self.settings = settings
+        redis = store.redis
+        self._acquire = redis.register_script(_ACQUIRE)
+        self._renew = redis.register_script(_RENEW)
+        self._release = redis.register_script(_RELEASE)
+
+    def _keys(self, session_id: str) -> list[str]:
+        return [self.store.key("lease", session_id), self.store.fence_key(session_id)]
+
+    async def acquire(self, session_id: str) -> Lease:
+        """Own ``session_id`` (a new fencing token); waits up to ``wait_ms`` for another
+        replica's lease to end, then raises `LeaseBusy`. RedisError propagates."""
+        s = self.settings
+        deadline = time.monotonic() + s.wait_ms / 1000
+        while True:
+            ok, value = await self._acquire(
+                keys=self._keys(session_id), args=[self.replica, s.ttl_ms, s.fence_ttl_s]
+            )
+            if ok:
+                token = int(value)
+                self.store.fences[session_id] = token
+                log.debug("[%s] lease acquired (token %d)", session_id, token)
+                return Lease(session_id, token, f"{self.replica}:{token}")
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise LeaseBusy(session_id, int(value))
+            # Poll: the holder's lease ends when it expires or is released.
+            await asyncio.sleep(min(left, max(0.02, min(int(value), 100) / 1000)))
+
+    async def renew(self, lease: Lease) -> bool:
+        """False if the session was taken over (the fence moved on)."""
+        s = self.settings
+        ok = await self._renew(
+            keys=self._keys(lease.session_id),
+            args=[self.replica, lease.token, s.ttl_ms, s.fence_ttl_s],
+        )
+        return bool(ok)
+
+    async def keep(self, lease: Lease, on_lost: Callable[[], None]) -> None:
+        """Renew ``lease`` until cancelled; when the session is taken over, mark it lost
+        and call ``on_lost``."""
+        s = self.settings
+        while True:
+            await asyncio.sleep(s.renew_ms / 1000)
+            try:
+                async with asyncio.timeout(max(s.renew_ms, s.ttl_ms / 2) / 1000):
+                    ok = await self.renew(lease)
+            except (RedisError, OSError, TimeoutError) as exc:
+                # The store is away: keep going, and renew once it is back (the fence
+                # then says whether another replica took the session meanwhile).
+                log.warning("[%s] lease renewal failed: %s", lease.session_id, exc)
+                continue
+            if not ok:
+                log.warning("[%s] lease lost: another replica took the session", lease.session_id)
+                self._forget(lease)
+                lease.lost.set()
+                on_lost()
+                return
+
+    async def release(self, lease: Lease) -> None:
+        """Give the session up at once (drained or closed): the next replica need not wait."""
+        if lease.released:
+            return
+        self._forget(lease)
+        with contextlib.suppress(RedisError, OSError, TimeoutError):
+            async with asyncio.timeout(self.settings.ttl_ms / 1000):
+                await self._release(
+                    keys=[self.store.key("lease", lease.session_id)], args=[lease.value]
+                )
+
+    def _forget(self, lease: Lease) -> None:
+        lease.released = True
+        if self.store.fences.get(lease.session_id) == lease.token:
+            del self.store.fences[lease.session_id]

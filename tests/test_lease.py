@@ -1,0 +1,124 @@
+"""Session leases and fencing on a real redis-server: one owner, and a stale owner
+cannot write after a takeover."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+import pytest
+
+from duplex.protocol import Message
+from server.lease import LeaseBusy, LeaseManager, LeaseSettings
+from server.state.base import FencedWrite, SessionRecord, StreamEvent
+from server.state.redis import RedisStore
+
+FAST = LeaseSettings(ttl_ms=300, renew_ms=60, wait_ms=0)
+
+
+@pytest.fixture
+async def stores(redis_url: str) -> AsyncIterator[tuple[RedisStore, RedisStore]]:
+    """Two replicas' stores on the same Redis (each process has its own)."""
+    a = RedisStore(redis_url, ttl_s=60, prefix="lease-test:")
+    b = RedisStore(redis_url, ttl_s=60, prefix="lease-test:")
+    await a.redis.flushdb()
+    await a.create_session(SessionRecord(id="s1", tenant="t"))
+    yield a, b
+    await a.close()
+    await b.close()
+
+
+async def test_one_owner_at_a_time(stores: tuple[RedisStore, RedisStore]) -> None:
+    a, b = stores
+    owner = LeaseManager(a, "replica-a", FAST)
+    other = LeaseManager(b, "replica-b", FAST)
+    lease = await owner.acquire("s1")
+    with pytest.raises(LeaseBusy) as busy:
+        await other.acquire("s1")
+    assert 0 < busy.value.remaining_ms <= FAST.ttl_ms
+    # The owner may acquire again (a reconnect to the same replica): a newer token.
+    again = await owner.acquire("s1")
+    assert again.token > lease.token
+
+
+async def test_takeover_after_expiry_fences_the_old_owner(
+    stores: tuple[RedisStore, RedisStore],
+) -> None:
+    a, b = stores
+    owner = LeaseManager(a, "replica-a", FAST)
+    waiting = LeaseManager(b, "replica-b", LeaseSettings(ttl_ms=300, renew_ms=60, wait_ms=3000))
+    old = await owner.acquire("s1")
+    await a.append_messages("s1", [Message(role="user", content="before")])
+    new = await waiting.acquire("s1")  # waits until the unrenewed lease expires
+    assert new.token > old.token
+    for write in (
+        a.append_messages("s1", [Message(role="assistant", content="stale")]),
+        a.append_events("s1", [StreamEvent("r1", "delta", {"text": "stale"})]),
+        a.update_session(SessionRecord(id="s1", tenant="t", name="stale")),
+        a.clear_messages("s1"),
+        a.drop_events("s1", "r1"),
+    ):
+        with pytest.raises(FencedWrite):
+            await write
+    await b.append_messages("s1", [Message(role="assistant", content="new owner")])
+    assert [m.content for m in await b.load_messages("s1")] == ["before", "new owner"]
+    assert (await b.get_session("s1")).name == ""  # type: ignore[union-attr]
+
+
+async def test_a_takeover_between_check_and_write_is_fenced(
+    stores: tuple[RedisStore, RedisStore],
+) -> None:
+    """The token check and the write are one transaction: a takeover after the check
+    (and before EXEC) still makes the write fail."""
+    a, b = stores
+    owner = LeaseManager(a, "replica-a", FAST)
+    await owner.acquire("s1")
+    await a.redis.delete(a.key("lease", "s1"))  # as if it had expired
+    with pytest.raises(FencedWrite):
+        async with a._tx("s1") as pipe:
+            await LeaseManager(b, "replica-b", FAST).acquire("s1")
+            pipe.rpush(a.key("messages", "s1"), "stale")
+            await pipe.execute()
+    assert await a.load_messages("s1") == []
+
+
+async def test_renewal_keeps_the_lease_and_sees_a_takeover(
+    stores: tuple[RedisStore, RedisStore],
+) -> None:
+    a, b = stores
+    owner = LeaseManager(a, "replica-a", FAST)
+    other = LeaseManager(b, "replica-b", FAST)
+    lease = await owner.acquire("s1")
+    lost = asyncio.Event()
+    keeper = asyncio.create_task(owner.keep(lease, lost.set))
+    try:
+        await asyncio.sleep(FAST.ttl_ms * 3 / 1000)  # well past one TTL: still renewed
+        with pytest.raises(LeaseBusy):
+            await other.acquire("s1")
+        # A takeover (e.g. after this process was paused past its TTL) is noticed.
+        await a.redis.delete(a.key("lease", "s1"))
+        await other.acquire("s1")
+        async with asyncio.timeout(5):
+            await lost.wait()
+        assert lease.lost.is_set()
+        assert "s1" not in a.fences  # nothing is written as the owner any more
+    finally:
+        keeper.cancel()
+
+
+async def test_release_lets_another_replica_in_at_once(
+    stores: tuple[RedisStore, RedisStore],
+) -> None:
+    a, b = stores
+    slow = LeaseSettings(ttl_ms=60_000, renew_ms=1000, wait_ms=0)
+    owner = LeaseManager(a, "replica-a", slow)
+    lease = await owner.acquire("s1")
+    await owner.release(lease)
+    new = await LeaseManager(b, "replica-b", slow).acquire("s1")
+    assert new.token == lease.token + 1
+    # A stale release (the old owner's) does not free the new owner's lease.
+    await owner.release(lease)
+    lease.released = False
+    await owner.release(lease)
+    with pytest.raises(LeaseBusy):
+        await LeaseManager(a, "replica-c", slow).acquire("s1")
