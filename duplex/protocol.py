@@ -67,7 +67,9 @@ UNSUPPORTED_MEDIA = 415
 RATE_LIMITED = 429
 INTERNAL = 500
 PROVIDER_FAILED = 502
-STORE_UNAVAILABLE = 503
+UNAVAILABLE = 503
+#: The same code, when the cause is the state store.
+STORE_UNAVAILABLE = UNAVAILABLE
 
 
 class ProtocolError(Exception):
@@ -856,6 +858,19 @@ class ErrorEvent(_Event):
     fatal: bool = False
 
 
+class SessionReconnect(_Event):
+    """Reconnect soon, with ``session_id`` (and ``last_seq``): this server is draining
+    (a deploy, ``reason: "draining"``) or another replica now runs the session
+    (``"moved"``). Responses in flight still finish; then the server closes the socket
+    with 1012. Wait about ``retry_after_ms`` (with jitter) before reconnecting.
+    ``deadline_ms``: the longest the server keeps this connection open from now."""
+
+    type: Literal["session.reconnect"] = "session.reconnect"
+    reason: Literal["draining", "moved"]
+    retry_after_ms: int = 0
+    deadline_ms: int | None = None
+
+
 class Pong(_Event):
     type: Literal["pong"] = "pong"
     id: str | None = None
@@ -878,6 +893,7 @@ ServerMessage = Annotated[
     | ProviderReconnect
     | ResponseDone
     | ErrorEvent
+    | SessionReconnect
     | Pong,
     Field(discriminator="type"),
 ]

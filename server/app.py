@@ -29,6 +29,7 @@ from server.modes.catalog import builtin_modes
 from server.providers.catalog import ProviderCatalog
 from server.realtime_door import routes as realtime_routes
 from server.registry import SessionRegistry
+from server.replica import Replica
 from server.session import SessionServices
 from server.state.base import StoreUnavailable
 from server.state.open import open_store
@@ -52,6 +53,7 @@ class AppState:
     auth: TokenAuth
     services: SessionServices
     registry: SessionRegistry
+    replica: Replica
     client_tokens: ClientTokens
     metrics: Metrics | None = None
 
@@ -113,7 +115,8 @@ def create_app(settings: Settings | None = None, *, tools: ToolRegistry | None =
         tap=session_taps(metrics, log_responses=settings.log_format == "json"),
     )
     client_tokens = ClientTokens(settings.client_secret_key, settings.client_token_ttl_s, store)
-    state = AppState(settings, auth, services, registry, client_tokens, metrics)
+    replica = Replica(settings, store)
+    state = AppState(settings, auth, services, registry, replica, client_tokens, metrics)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:

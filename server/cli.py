@@ -63,6 +63,11 @@ def main(argv: list[str] | None = None) -> int:
         "--allow-anonymous", action="store_true", help="accept connections without a token"
     )
     serve.add_argument(
+        "--workers",
+        type=int,
+        help="server processes on the port (default 1); more than 1 needs a shared store",
+    )
+    serve.add_argument(
         "--tools",
         action="append",
         metavar="MODULE:ATTR",
@@ -92,10 +97,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    import uvicorn
-
-    from server.allocator import fix_mmap_threshold
-    from server.app import create_app
+    from server.auth import TokenAuth
+    from server.serving import supervise, workers_refusal
 
     overrides: dict[str, Any] = {}
     if args.host:
@@ -112,9 +115,39 @@ def _serve(args: argparse.Namespace) -> int:
         overrides["log_level"] = args.log_level
     if args.allow_anonymous:
         overrides["allow_anonymous"] = True
+    if args.workers:
+        overrides["workers"] = args.workers
     settings = _settings(overrides)
     if args.tools:
         settings.tools = ",".join([settings.tools, *args.tools]).strip(",")
+    if settings.workers == 1:
+        return _run(settings)
+    refusal = workers_refusal(settings)
+    if refusal is not None:
+        print(f"duplex serve: {refusal}", file=sys.stderr)
+        return 2
+    generated = TokenAuth.from_settings(settings).generated
+    if generated:  # one dev token for every worker
+        settings.api_tokens = f"{generated}:dev"
+        _print_dev_token(settings, generated)
+    return supervise(settings, _run_worker)
+
+
+def _run_worker(settings: Settings) -> None:
+    """One of ``--workers N`` (a spawned process): the server on a SO_REUSEPORT socket."""
+    try:
+        code = _run(settings, reuse_port=True)
+    except CliError as exc:
+        print(f"duplex serve: {exc}", file=sys.stderr)
+        code = 2
+    sys.exit(code)
+
+
+def _run(settings: Settings, *, reuse_port: bool = False) -> int:
+    from server.allocator import fix_mmap_threshold
+    from server.app import create_app
+    from server.serving import serve
+
     configure_logging(settings.log_level, settings.log_format)
     fix_mmap_threshold()  # see server/allocator.py: freed memory goes back to the system
     try:
@@ -123,22 +156,20 @@ def _serve(args: argparse.Namespace) -> int:
         raise CliError(f"cannot start: {exc}") from None
     generated = app.state.duplex.auth.generated
     if generated:
-        print(f"Dev token (no token configured): {generated}", flush=True)
-        print(
-            f"Try: duplex client --url ws://{settings.host}:{settings.port}/v1/duplex "
-            f'--token {generated} --text "hello"',
-            flush=True,
-        )
-    uvicorn.run(
-        app,
-        host=settings.host,
-        port=settings.port,
-        log_level=settings.log_level.lower(),
-        # JSON: uvicorn's loggers go through the root handler instead of their own.
-        **({"log_config": None} if settings.log_format == "json" else {}),
-        **uvicorn_options(settings),
-    )
+        _print_dev_token(settings, generated)
+    # JSON: uvicorn's loggers go through the root handler instead of their own.
+    options = {**({"log_config": None} if settings.log_format == "json" else {})}
+    serve(app, settings, {**options, **uvicorn_options(settings)}, reuse_port=reuse_port)
     return 0
+
+
+def _print_dev_token(settings: Settings, token: str) -> None:
+    print(f"Dev token (no token configured): {token}", flush=True)
+    print(
+        f"Try: duplex client --url ws://{settings.host}:{settings.port}/v1/duplex "
+        f'--token {token} --text "hello"',
+        flush=True,
+    )
 
 
 def _settings(overrides: dict[str, Any]) -> Settings:
@@ -166,6 +197,7 @@ _FLAGS = {
     "log_level": "--log-level",
     "log_format": "--log-format",
     "tools": "--tools",
+    "workers": "--workers",
 }
 
 

@@ -51,6 +51,22 @@ class Settings(BaseSettings):
     store_backlog_max_writes: int = 10_000
     store_backlog_max_bytes: int = 16 * 1024 * 1024
 
+    # Replicas (docs/deploy.md): leases need a Redis store
+    #: This process's name in leases and logs (default: host-pid-random).
+    replica_id: str = ""
+    #: A session's lease: expires when not renewed for `lease_ttl_ms` (the failover time
+    #: after a crash), renewed every `lease_renew_ms`; a connect waits up to
+    #: `lease_wait_ms` for another replica's lease to end.
+    lease_ttl_ms: int = Field(2000, ge=100)
+    lease_renew_ms: int = Field(500, ge=10)
+    lease_wait_ms: int = Field(3000, ge=0)
+    #: SIGTERM: responses in flight may finish for this long before sockets close (1012).
+    drain_timeout_s: float = Field(30.0, ge=0)
+    #: The retry hint in `session.reconnect` (clients wait about this long, with jitter).
+    drain_retry_after_ms: int = Field(500, ge=0)
+    #: Server processes on one port (`duplex serve --workers N`); needs a shared store.
+    workers: int = Field(1, ge=1)
+
     # Limits
     max_message_bytes: int = 4 * 1024 * 1024
     output_queue_size: int = 256

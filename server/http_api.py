@@ -56,8 +56,11 @@ async def healthz() -> dict[str, str]:
 
 @router.get("/readyz", response_model=None)
 async def readyz(request: Request) -> dict[str, Any] | JSONResponse:
-    """Ready when the store answers and holds no writes waiting for it; else 503."""
+    """Ready when the store answers and holds no writes waiting for it, and the server
+    is not draining; else 503."""
     app = _app(request)
+    if app.replica.draining:  # from the moment SIGTERM arrives
+        return JSONResponse({"status": "draining"}, status_code=503)
     store = app.services.store
     try:
         await store.get_session("readyz-probe")
@@ -68,7 +71,7 @@ async def readyz(request: Request) -> dict[str, Any] | JSONResponse:
         return JSONResponse({"status": "unavailable", "reason": reason}, status_code=503)
     # What it counts: the duplex sessions this replica holds (connected, or detached
     # within their resume grace period); not the stored ones.
-    return {"status": "ready", "live_sessions": app.registry.count()}
+    return {"status": "ready", "live_sessions": app.registry.count(), "replica": app.replica.id}
 
 
 #: The health socket echoes short greetings; a frame declaring more is refused at its

@@ -295,6 +295,8 @@ class DuplexSession(BaseSession):
         self._encode: Callable[[BaseModel], str] = encode_server_message
         self._consumer_waiting = False
         self.error: ErrorEvent | None = None
+        #: The WebSocket close code after a clean end (1012 when drained or moved).
+        self.close_code = 1000
         self.done = asyncio.Event()
         #: Sees every message as it leaves (`SessionServices.tap`); the door may reach it.
         self.tap: Any = services.tap(self) if services.tap is not None else None
@@ -395,6 +397,11 @@ class DuplexSession(BaseSession):
     def closed(self) -> bool:
         """True once the session ends or has failed (no more output is queued)."""
         return self._closed or self.error is not None
+
+    @property
+    def busy(self) -> bool:
+        """A response is being produced or a turn waits for one (a drain waits for it)."""
+        return self._mode.busy
 
     async def fork(self) -> DuplexSession:
         record = await self._fork_record()

@@ -180,6 +180,8 @@ class TurnRunner:
                     continue
                 if chunk.delta:
                     await self._persist(chunk)
+                elif self._unsaved:
+                    await self._flush()  # the text is stored before its audio plays
                 yield chunk
         await self._flush()
 

@@ -17,6 +17,7 @@ from duplex.protocol import (
     RATE_LIMITED,
     STORE_UNAVAILABLE,
     TOO_LARGE,
+    UNAVAILABLE,
     ErrorEvent,
     InputAudio,
     ProtocolError,
@@ -28,6 +29,7 @@ from duplex.protocol import (
 from server.client_tokens import socket_access
 from server.config import Settings
 from server.rate import InputBudget, audio_bytes_per_second
+from server.replica import refuse_unavailable
 from server.resume import Link, ResumeRequest, request_from_query, resume
 from server.session import DuplexSession
 from server.state.base import StoreUnavailable
@@ -57,6 +59,10 @@ async def _refuse(
 @router.websocket("/v1/duplex")
 async def duplex(ws: WebSocket) -> None:
     app = ws.app.state.duplex
+    refusal = app.replica.refusal()
+    if refusal is not None:  # draining
+        await refuse_unavailable(ws, refusal)
+        return
     access = await socket_access(
         app.auth, app.client_tokens, ws.headers.get("authorization"), ws.query_params.get("token")
     )
@@ -74,9 +80,12 @@ async def duplex(ws: WebSocket) -> None:
             session, link, greeting = await resume(app.services, app.registry, tenant, request)
         else:
             session_id = access.session(ws.query_params.get("session_id"))
-            session = await DuplexSession.open(app.services, tenant=tenant, session_id=session_id)
+            session = await app.replica.open(app.services, tenant=tenant, session_id=session_id)
     except ProtocolError as exc:
-        await _refuse(ws, exc.code, exc.message)
+        if exc.code == UNAVAILABLE:  # live on another replica: HTTP 503, the balancer retries
+            await refuse_unavailable(ws, exc.message)
+        else:
+            await _refuse(ws, exc.code, exc.message)
         return
     except StoreUnavailable as exc:
         await _refuse(ws, STORE_UNAVAILABLE, f"{exc}; try again later", CLOSE_TRY_AGAIN)
@@ -123,7 +132,7 @@ async def _serve(
     keep = True  # False when the server itself is stopping this connection
     try:
         try:
-            async with asyncio.TaskGroup() as tg:
+            async with app.replica.hosting(session), asyncio.TaskGroup() as tg:
                 writer = link.writer = tg.create_task(
                     _write(
                         ws,
@@ -334,7 +343,7 @@ async def _write(
     if stalled:
         await _drop_stalled(session, direct, stall_timeout_s, text)
     elif ws.client_state == WebSocketState.CONNECTED:
-        code = 1000
+        code = session.close_code
         if session.error is not None:
             code = CLOSE_INTERNAL if session.error.code >= 500 else CLOSE_POLICY
         try:

@@ -105,6 +105,10 @@ class AsmMode(Mode):
         self._round_ids: set[str] = set()  # calls of the rounds running now
         self._hops = 0  # rounds of tools since the user's last turn
 
+    @property
+    def busy(self) -> bool:
+        return self._current is not None
+
     # ---- provider session -----------------------------------------------------------
 
     async def _provider(self) -> RealtimeSession:

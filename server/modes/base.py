@@ -111,6 +111,11 @@ class Mode:
     async def reconfigure(self, old: SessionConfig) -> None:
         """The config changed (same mode)."""
 
+    @property
+    def busy(self) -> bool:
+        """A response is in flight or a turn waits for one (a drain lets these finish)."""
+        return False
+
     async def close(self) -> None:
         """Stop background work; called once."""
 

@@ -75,10 +75,15 @@ class VadMode(Mode):
         self._ingest: AudioIngest | None = None
         self._echo: EchoGuard | None = None  # echo-aware barge-in, when on
         self._active: _Active | None = None
+        self._responding = False  # from a turn's start to its answer stored
         # Responses stream one at a time; between them the resampler goes back to the app.
         self._resamplers = ReplyResamplers(session.resamplers)
         self._client_tools = ClientToolWaiters(limits.client_tool_timeout_s)
         self._worker: asyncio.Task[None] | None = session.spawn(self._work(), "turns")
+
+    @property
+    def busy(self) -> bool:
+        return self._responding or not self._turns.empty()
 
     # ---- input ----------------------------------------------------------------------
 
@@ -259,7 +264,11 @@ class VadMode(Mode):
     async def _work(self) -> None:
         while True:
             turn = await self._turns.get()
-            await self._respond(turn)
+            self._responding = True
+            try:
+                await self._respond(turn)
+            finally:
+                self._responding = False
             del turn  # its audio (32 KB a second) would otherwise wait here for the next turn
             if asyncio.current_task().cancelling():  # type: ignore[union-attr]
                 raise asyncio.CancelledError  # swallowed below us: the session is closing

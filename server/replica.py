@@ -1,0 +1,270 @@
+"""This process as one replica among several: who owns a session, and draining.
+
+- **Ownership.** With a Redis store, every live session holds a lease (`server.lease`)
+  from its connect to its close; a connect for a session another replica runs waits for
+  that lease to end (crash: it expires; drain: it is released), then takes the session
+  over. An answer the previous owner was streaming when it died is left in the store
+  as stream events; the new owner stores it as an interrupted answer, so it is neither
+  lost nor answered twice.
+- **Draining** (SIGTERM, see `server.serving`): readiness turns 503 and new sessions
+  are refused at once; each live session is told to reconnect (`session.reconnect`),
+  its responses in flight finish (up to `drain_timeout_s`) and are stored, then its
+  socket closes with 1012 and its lease is released for the next replica.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import secrets
+import socket
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+from fastapi import WebSocket
+from fastapi.responses import PlainTextResponse
+
+from duplex.protocol import (
+    UNAVAILABLE,
+    ErrorEvent,
+    Message,
+    ProtocolError,
+    ResponseDone,
+    SessionReconnect,
+    StreamChunk,
+    chunk_event,
+    encode_server_message,
+)
+from server.config import Settings
+from server.lease import Lease, LeaseBusy, LeaseManager, LeaseSettings
+from server.session import DuplexSession, SessionServices
+from server.state.base import StateStore
+from server.state.redis import RedisStore
+
+log = logging.getLogger(__name__)
+
+#: WebSocket close code for "service restart": reconnect, another replica continues.
+CLOSE_RESTART = 1012
+#: WebSocket close code for "try again later".
+CLOSE_TRY_AGAIN = 1013
+_POLL_S = 0.05
+
+
+def default_replica_id() -> str:
+    return f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}"
+
+
+class Replica:
+    """Leases and drain state of this process; the socket layer calls it around a session."""
+
+    def __init__(self, settings: Settings, store: StateStore) -> None:
+        self.id = settings.replica_id or default_replica_id()
+        self.settings = settings
+        self.leases: LeaseManager | None = None
+        if isinstance(store, RedisStore):
+            self.leases = LeaseManager(
+                store,
+                self.id,
+                LeaseSettings(
+                    ttl_ms=settings.lease_ttl_ms,
+                    renew_ms=min(settings.lease_renew_ms, settings.lease_ttl_ms // 2),
+                    wait_ms=settings.lease_wait_ms,
+                    fence_ttl_s=max(1, int(settings.store_ttl_s)),
+                ),
+            )
+        self.draining = False
+        self._leases: dict[DuplexSession, Lease] = {}
+        self._live: set[DuplexSession] = set()
+        self._tasks: set[asyncio.Task[Any]] = set()
+
+    # ---- connect -----------------------------------------------------------------------
+
+    def refusal(self) -> str | None:
+        """Why a new connection is refused now, if it is."""
+        if self.draining:
+            return "this server is shutting down: reconnect (another replica takes over)"
+        return None
+
+    async def open(
+        self, services: SessionServices, *, tenant: str, session_id: str | None
+    ) -> DuplexSession:
+        """`DuplexSession.open`, holding the session's lease (Redis stores). A session live
+        on another replica past ``lease_wait_ms`` raises ProtocolError(503)."""
+        if self.leases is None:
+            return await DuplexSession.open(services, tenant=tenant, session_id=session_id)
+        lease: Lease | None = None
+        cut: list[Message] = []
+        try:
+            if session_id and await services.store.get_session(session_id, tenant) is not None:
+                lease = await self._claim(session_id)
+                if not any(s.id == session_id for s in self._live):
+                    cut = await settle_interrupted(services.store, session_id)
+            # Unknown or foreign ids take `open`'s 404 path; no lease is touched for them.
+            session = await DuplexSession.open(services, tenant=tenant, session_id=session_id)
+            for message in cut:  # the client saw these start: they end here, interrupted
+                response_id = message.metadata["response_id"]
+                await session.emit(
+                    chunk_event(StreamChunk(response_id=response_id, interrupted=True))
+                )
+                await session.emit(
+                    ResponseDone(response_id=response_id, finish_reason="interrupted")
+                )
+            if lease is None:
+                try:
+                    lease = await self._claim(session.id)
+                except BaseException:
+                    await session.close()
+                    raise
+        except BaseException:
+            if lease is not None:
+                await self.leases.release(lease)
+            raise
+        self._leases[session] = lease
+        return session
+
+    async def _claim(self, session_id: str) -> Lease:
+        assert self.leases is not None
+        try:
+            return await self.leases.acquire(session_id)
+        except LeaseBusy:
+            raise ProtocolError(
+                UNAVAILABLE, "the session is live on another replica: retry shortly", fatal=True
+            ) from None
+
+    @asynccontextmanager
+    async def hosting(self, session: DuplexSession) -> AsyncIterator[None]:
+        """Around a connected session: renew its lease, drain it on shutdown; at the end,
+        close it (its last writes done) and only then release the lease."""
+        lease = self._leases.get(session)
+        keeper = None
+        if lease is not None and self.leases is not None:
+            keeper = asyncio.create_task(
+                self.leases.keep(lease, lambda: self._spawn(self._end(session, "moved")))
+            )
+        self._live.add(session)
+        if self.draining:  # connected while the drain began
+            self._spawn(self._drain_one(session, self.settings.drain_timeout_s))
+        try:
+            yield
+        finally:
+            try:
+                await session.close()
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(max(self.settings.drain_timeout_s, 5.0)):
+                        await session.done.wait()
+            finally:
+                self._live.discard(session)
+                self._leases.pop(session, None)
+                if keeper is not None:
+                    keeper.cancel()
+                if lease is not None and self.leases is not None:
+                    await self.leases.release(lease)
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _end(self, session: DuplexSession, reason: str) -> None:
+        """Another replica owns the session now: tell the client, close with 1012."""
+        session.emit_nowait(
+            SessionReconnect(reason=reason, retry_after_ms=self.settings.drain_retry_after_ms)  # type: ignore[arg-type]
+        )
+        session.close_code = CLOSE_RESTART
+        await session.close()
+
+    # ---- drain -------------------------------------------------------------------------
+
+    def start_draining(self) -> None:
+        """Readiness off and new sessions refused, at once (safe from a signal handler)."""
+        self.draining = True
+
+    async def drain(self) -> None:
+        """Drain every live session (see the module doc); returns when all are closed and
+        their leases released, or shortly after ``drain_timeout_s``."""
+        self.start_draining()
+        timeout = self.settings.drain_timeout_s
+        sessions = list(self._live)
+        log.info("draining %d session(s), up to %g s", len(sessions), timeout)
+        await asyncio.gather(*(self._drain_one(s, timeout) for s in sessions))
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(5.0):
+                while self._live or self._tasks:  # noqa: ASYNC110 - bounded poll
+                    await asyncio.sleep(_POLL_S)
+        log.info("drained")
+
+    async def _drain_one(self, session: DuplexSession, timeout: float) -> None:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        notice = SessionReconnect(
+            reason="draining",
+            retry_after_ms=self.settings.drain_retry_after_ms,
+            deadline_ms=int(timeout * 1000),
+        )
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(timeout):
+                await session.emit(notice)
+                while session.busy and not session.closed:  # noqa: ASYNC110 - no event for it
+                    await asyncio.sleep(_POLL_S)
+        if session.busy and not session.closed:
+            session.log.warning("drain timeout: cutting the response in flight")
+        session.close_code = CLOSE_RESTART
+        await session.close()
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(max(1.0, deadline - loop.time() + 1.0)):
+                await session.done.wait()
+
+
+async def refuse_unavailable(ws: WebSocket, message: str) -> None:
+    """Refuse a handshake with HTTP 503 (a load balancer then tries another replica);
+    where the server cannot answer a handshake that way, accept and close with 1013."""
+    try:
+        await ws.send_denial_response(
+            PlainTextResponse(message + "\n", 503, headers={"retry-after": "1"})
+        )
+    except RuntimeError:
+        await ws.accept()
+        await ws.send_text(
+            encode_server_message(ErrorEvent(seq=1, code=UNAVAILABLE, message=message, fatal=True))
+        )
+        await ws.close(CLOSE_TRY_AGAIN)
+
+
+async def settle_interrupted(store: StateStore, session_id: str) -> list[Message]:
+    """Store the answers a previous owner was streaming when it stopped (its stream
+    events, still in the store) as interrupted assistant messages, and drop the events.
+
+    Called by the new owner, lease in hand: the previous owner can no longer write.
+    """
+    events = await store.load_events(session_id)
+    parts: dict[str, list[str]] = {}
+    started: dict[str, float] = {}
+    for event in events:
+        parts.setdefault(event.response_id, [])
+        started.setdefault(event.response_id, event.created_at)
+        if event.kind == "delta":
+            parts[event.response_id].append(event.data.get("text", ""))
+    messages = [
+        Message(
+            role="assistant",
+            content="".join(texts),
+            created_at=started[response_id],
+            metadata={
+                "response_id": response_id,
+                "finish_reason": "interrupted",
+                "interrupted": "replica_lost",
+            },
+        )
+        for response_id, texts in parts.items()
+    ]
+    if messages:
+        await store.append_messages(session_id, messages)
+        for message in messages:
+            await store.drop_events(session_id, message.metadata["response_id"])
+        log.info(
+            "[%s] stored %d interrupted answer(s) of a lost replica", session_id, len(messages)
+        )
+    return messages
