@@ -53,6 +53,15 @@ CLOSE_TRY_AGAIN = 1013
 _POLL_S = 0.05
 
 
+def _redis_store(store: StateStore) -> RedisStore | None:
+    """The Redis store under ``store`` (wrappers expose what they wrap as ``inner``)."""
+    while not isinstance(store, RedisStore):
+        store = getattr(store, "inner", None)  # type: ignore[assignment]
+        if store is None:
+            return None
+    return store
+
+
 def default_replica_id() -> str:
     return f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}"
 
@@ -64,9 +73,10 @@ class Replica:
         self.id = settings.replica_id or default_replica_id()
         self.settings = settings
         self.leases: LeaseManager | None = None
-        if isinstance(store, RedisStore):
+        redis_store = _redis_store(store)
+        if redis_store is not None:
             self.leases = LeaseManager(
-                store,
+                redis_store,
                 self.id,
                 LeaseSettings(
                     ttl_ms=settings.lease_ttl_ms,

@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import multiprocessing
+import multiprocessing.connection
 import os
 import signal
 import socket
@@ -37,6 +38,8 @@ log = logging.getLogger(__name__)
 
 #: A worker that exits within this long of its start is failing to start: stop all.
 _START_FAILURE_S = 5.0
+#: uvicorn's own shutdown, once the drain is over, waits at most this long.
+_AFTER_DRAIN_S = 5.0
 
 
 class DrainingServer(uvicorn.Server):
@@ -71,6 +74,8 @@ def serve(
         host=settings.host,
         port=settings.port,
         log_level=settings.log_level.lower(),
+        # After the drain: what uvicorn still waits for (connections, tasks) is bounded.
+        timeout_graceful_shutdown=_AFTER_DRAIN_S,
         **options,
     )
     server = DrainingServer(config, app.state.duplex.replica)

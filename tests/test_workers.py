@@ -1,0 +1,109 @@
+"""``duplex serve --workers N`` and one owner per live session across servers."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+
+import httpx
+import pytest
+import websockets
+from websockets.exceptions import InvalidStatus
+
+from tests.cluster import ROOT, free_port
+from tests.conftest import TOKEN
+from tests.wsutil import Conn, connect
+
+
+def serve(*args: str) -> tuple[subprocess.Popen[str], int]:
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "server.cli", "serve", "--port", str(port), "--token", TOKEN, *args],
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT), "DUPLEX_ECHO_PACE": "0"},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    return proc, port
+
+
+async def stored(base: str, session_id: str, count: int) -> None:
+    """Wait (bounded) until the session's history holds ``count`` messages."""
+    async with asyncio.timeout(20), httpx.AsyncClient(base_url=base) as http:
+        while True:
+            reply = await http.get(
+                f"/v1/sessions/{session_id}/messages",
+                headers={"Authorization": f"Bearer {TOKEN}"},
+            )
+            messages = reply.json()["messages"]
+            if len(messages) >= count:
+                assert [m["role"] for m in messages] == ["user", "assistant"] * (count // 2)
+                return
+            await asyncio.sleep(0.05)
+
+
+def test_workers_refuse_the_in_memory_store() -> None:
+    proc, _ = serve("--workers", "2")
+    _out, err = proc.communicate(timeout=30)
+    assert proc.returncode == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and "--workers 2 needs a shared store" in lines[0], err
+
+
+async def test_two_workers_share_the_port_and_the_store(redis_url: str) -> None:
+    proc, port = serve("--workers", "2", "--store", redis_url)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        replicas: set[str] = set()
+        async with asyncio.timeout(60):
+            while len(replicas) < 2:
+                assert proc.poll() is None, proc.communicate()
+                try:
+                    # A new connection each time: the kernel spreads them over the workers.
+                    async with httpx.AsyncClient(base_url=base) as http:
+                        reply = await http.get("/readyz")
+                    if reply.status_code == 200:
+                        replicas.add(reply.json()["replica"])
+                except httpx.TransportError:
+                    await asyncio.sleep(0.1)
+        # A conversation continues whichever worker a reconnect lands on.
+        server = type("S", (), {"ws_url": base.replace("http", "ws") + "/v1/duplex"})()
+        async with connect(server, TOKEN) as c:
+            sid = (await c.recv())["session"]["id"]
+            await c.ask("one")
+            await stored(base, sid, 2)
+        for turn in range(2, 6):
+            async with connect(server, TOKEN, query=f"session_id={sid}") as c:
+                await c.recv()
+                await c.ask("again")
+                await stored(base, sid, 2 * turn)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        _out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err[-2000:]
+
+
+async def test_a_session_runs_on_one_server_at_a_time(server_factory, redis_url: str) -> None:
+    """Two servers on one Redis: a session live on the first is refused by the second
+    (HTTP 503 after ``lease_wait_ms``) until the first lets it go."""
+    first = server_factory(store_url=redis_url)
+    second = server_factory(store_url=redis_url, lease_wait_ms=300)
+    async with connect(first, TOKEN) as c:
+        sid = (await c.recv())["session"]["id"]
+        await c.ask("hello")
+        url = f"{second.ws_url}?session_id={sid}"
+        with pytest.raises(InvalidStatus) as refused:
+            await websockets.connect(url, additional_headers={"Authorization": f"Bearer {TOKEN}"})
+        assert refused.value.response.status_code == 503
+        assert b"live on another replica" in refused.value.response.body
+    # Closed on the first: the second takes it at once, with the history.
+    async with websockets.connect(
+        url, additional_headers={"Authorization": f"Bearer {TOKEN}"}
+    ) as ws:
+        conn = Conn(ws)
+        assert (await conn.recv())["session"]["id"] == sid
+        await conn.ask("still me")
