@@ -23,7 +23,7 @@ import httpx
 import websockets
 from websockets.asyncio.client import ClientConnection
 
-from duplex.protocol import SERVER_MESSAGE_TYPES, parse_server_message
+from duplex.protocol import SERVER_MESSAGE_TYPES, UNAVAILABLE, parse_server_message
 
 log = logging.getLogger(__name__)
 
@@ -165,6 +165,8 @@ class Session:
         self._connected = asyncio.Event()
         self._connected.set()
         self._closing = False
+        #: The server's hint (``session.reconnect``) for the first wait of the next resume.
+        self._retry_after_s: float | None = None
         self._on_event = on_event
         self._subscribers: list[asyncio.Queue[dict[str, Any] | None]] = []
         self._waiters: list[tuple[Callable[[dict[str, Any]], bool], asyncio.Future[Any]]] = []
@@ -218,6 +220,9 @@ class Session:
         log.info("session %s: lost (%d), resuming after seq %d", self.id, code, self.last_seq)
         deadline = time.monotonic() + policy.max_wait_s
         step = policy.initial_delay_s
+        if self._retry_after_s is not None:  # the server said when (a drain, a move)
+            step = min(max(step, self._retry_after_s), policy.max_delay_s)
+            self._retry_after_s = None
         while True:
             await asyncio.sleep(step * random.uniform(0.5, 1.0))
             try:
@@ -230,14 +235,20 @@ class Session:
             except (OSError, TimeoutError, websockets.WebSocketException) as exc:
                 log.info("session %s: resume attempt failed: %r", self.id, exc)
             else:
-                if first["type"] == "error":
+                if first["type"] == "error" and first["code"] == UNAVAILABLE:
+                    # Not here, not now (a replica draining, or the session still held by
+                    # one): try again, like an HTTP 503 to the handshake.
+                    await ws.close()
+                    log.info("session %s: resume refused (503), retrying", self.id)
+                elif first["type"] == "error":
                     await ws.close()
                     raise error_for(first["code"], first["message"], fatal=True)
-                self.ws = ws
-                self.resumes += 1
-                self._connected.set()
-                self._dispatch(first)
-                return
+                else:
+                    self.ws = ws
+                    self.resumes += 1
+                    self._connected.set()
+                    self._dispatch(first)
+                    return
             if time.monotonic() + step > deadline:
                 raise ConnectionLost(code, f"could not resume within {policy.max_wait_s:g} s")
             step = min(step * 2, policy.max_delay_s)
@@ -250,6 +261,10 @@ class Session:
             self.last_seq = seq
         if event["type"] in ("session.updated", "session.resumed"):
             self.info = event["session"]
+        elif event["type"] == "session.reconnect":
+            # The server closes with 1012 once its answers in flight are done; the resume
+            # that follows waits about this long first.
+            self._retry_after_s = event.get("retry_after_ms", 0) / 1000
         if self._on_event is not None:
             self._on_event(event)
         for queue in self._subscribers:

@@ -20,8 +20,6 @@ import logging
 import os
 import secrets
 import socket
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from typing import Any
 
 from fastapi import WebSocket
@@ -51,6 +49,8 @@ CLOSE_RESTART = 1012
 #: WebSocket close code for "try again later".
 CLOSE_TRY_AGAIN = 1013
 _POLL_S = 0.05
+#: After a drain's timeout, how long a cut answer may take to end (response.done).
+_CUT_WAIT_S = 2.0
 
 
 def _redis_store(store: StateStore) -> RedisStore | None:
@@ -103,36 +103,57 @@ class Replica:
     ) -> DuplexSession:
         """`DuplexSession.open`, holding the session's lease (Redis stores). A session live
         on another replica past ``lease_wait_ms`` raises ProtocolError(503)."""
-        if self.leases is None:
-            return await DuplexSession.open(services, tenant=tenant, session_id=session_id)
+        return await self._own(services, tenant, session_id, resume=False)
+
+    async def reopen(
+        self, services: SessionServices, *, tenant: str, session_id: str
+    ) -> DuplexSession:
+        """`DuplexSession.reopen` for a resume of a session not live in this process (its
+        grace ended, or another replica ran it): the lease first, so that two replicas
+        never run it; then an answer a lost owner was streaming ends, interrupted."""
+        return await self._own(services, tenant, session_id, resume=True)
+
+    async def _own(
+        self, services: SessionServices, tenant: str, session_id: str | None, *, resume: bool
+    ) -> DuplexSession:
         lease: Lease | None = None
         cut: list[Message] = []
         try:
-            if session_id and await services.store.get_session(session_id, tenant) is not None:
+            if (
+                self.leases is not None
+                and session_id
+                and await services.store.get_session(session_id, tenant) is not None
+            ):
                 lease = await self._claim(session_id)
                 if not any(s.id == session_id for s in self._live):
                     cut = await settle_interrupted(services.store, session_id)
-            # Unknown or foreign ids take `open`'s 404 path; no lease is touched for them.
-            session = await DuplexSession.open(services, tenant=tenant, session_id=session_id)
-            for message in cut:  # the client saw these start: they end here, interrupted
-                response_id = message.metadata["response_id"]
-                await session.emit(
-                    chunk_event(StreamChunk(response_id=response_id, interrupted=True))
-                )
-                await session.emit(
-                    ResponseDone(response_id=response_id, finish_reason="interrupted")
-                )
-            if lease is None:
-                try:
+            # Unknown or foreign ids take the 404 path; no lease is touched for them.
+            if resume:
+                assert session_id is not None
+                session = await DuplexSession.reopen(services, tenant=tenant, session_id=session_id)
+            else:
+                session = await DuplexSession.open(services, tenant=tenant, session_id=session_id)
+            try:
+                # The client saw these start: they end here, interrupted, through the
+                # session's output (numbered and in the outbox, after what was replayed).
+                for message in cut:
+                    response_id = message.metadata["response_id"]
+                    await session.emit(
+                        chunk_event(StreamChunk(response_id=response_id, interrupted=True))
+                    )
+                    await session.emit(
+                        ResponseDone(response_id=response_id, finish_reason="interrupted")
+                    )
+                if lease is None and self.leases is not None:
                     lease = await self._claim(session.id)
-                except BaseException:
-                    await session.close()
-                    raise
+            except BaseException:
+                await session.close()
+                raise
         except BaseException:
-            if lease is not None:
+            if lease is not None and self.leases is not None:
                 await self.leases.release(lease)
             raise
-        self._leases[session] = lease
+        self._adopt(session, lease)
         return session
 
     async def _claim(self, session_id: str) -> Lease:
@@ -144,34 +165,30 @@ class Replica:
                 UNAVAILABLE, "the session is live on another replica: retry shortly", fatal=True
             ) from None
 
-    @asynccontextmanager
-    async def hosting(self, session: DuplexSession) -> AsyncIterator[None]:
-        """Around a connected session: renew its lease, drain it on shutdown; at the end,
-        close it (its last writes done) and only then release the lease."""
-        lease = self._leases.get(session)
-        keeper = None
-        if lease is not None and self.leases is not None:
-            keeper = asyncio.create_task(
-                self.leases.keep(lease, lambda: self._spawn(self._end(session, "moved")))
-            )
+    def _adopt(self, session: DuplexSession, lease: Lease | None) -> None:
+        """From now until the session ends (its connections come and go: a detached
+        session keeps its lease through the resume grace): renew the lease, drain the
+        session on shutdown; once it has ended (its last writes done), release the lease."""
+        self._live = {s for s in self._live if not s.done.is_set()}
         self._live.add(session)
-        if self.draining:  # connected while the drain began
+        if lease is not None:
+            self._leases[session] = lease
+            self._spawn(self._hold(session, lease))
+        if self.draining:  # opened while the drain began
             self._spawn(self._drain_one(session, self.settings.drain_timeout_s))
+
+    async def _hold(self, session: DuplexSession, lease: Lease) -> None:
+        assert self.leases is not None
+        keeper = asyncio.ensure_future(
+            self.leases.keep(lease, lambda: self._spawn(self._end(session, "moved")))
+        )
         try:
-            yield
+            await session.done.wait()
         finally:
-            try:
-                await session.close()
-                with contextlib.suppress(TimeoutError):
-                    async with asyncio.timeout(max(self.settings.drain_timeout_s, 5.0)):
-                        await session.done.wait()
-            finally:
-                self._live.discard(session)
-                self._leases.pop(session, None)
-                if keeper is not None:
-                    keeper.cancel()
-                if lease is not None and self.leases is not None:
-                    await self.leases.release(lease)
+            keeper.cancel()
+            self._live.discard(session)
+            self._leases.pop(session, None)
+            await self.leases.release(lease)
 
     def _spawn(self, coro: Any) -> None:
         task = asyncio.ensure_future(coro)
@@ -197,12 +214,12 @@ class Replica:
         their leases released, or shortly after ``drain_timeout_s``."""
         self.start_draining()
         timeout = self.settings.drain_timeout_s
-        sessions = list(self._live)
+        sessions = [s for s in self._live if not s.done.is_set()]
         log.info("draining %d session(s), up to %g s", len(sessions), timeout)
         await asyncio.gather(*(self._drain_one(s, timeout) for s in sessions))
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(5.0):
-                while self._live or self._tasks:  # noqa: ASYNC110 - bounded poll
+                while self._tasks or any(not s.done.is_set() for s in self._live):  # noqa: ASYNC110
                     await asyncio.sleep(_POLL_S)
         log.info("drained")
 
@@ -220,7 +237,15 @@ class Replica:
                 while session.busy and not session.closed:  # noqa: ASYNC110 - no event for it
                     await asyncio.sleep(_POLL_S)
         if session.busy and not session.closed:
+            # Cut like a barge-in: the client gets the interrupted chunk and response.done
+            # (through the outbox, so a resume replays them), the answer is stored as
+            # interrupted; only then the socket closes.
             session.log.warning("drain timeout: cutting the response in flight")
+            session.cut_response()
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(_CUT_WAIT_S):
+                    while session.responding and not session.closed:  # noqa: ASYNC110
+                        await asyncio.sleep(_POLL_S)
         session.close_code = CLOSE_RESTART
         await session.close()
         with contextlib.suppress(TimeoutError):

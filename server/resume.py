@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -36,6 +36,11 @@ CLOSE_REPLACED = 4001
 
 #: How long a resume waits for a closing session to finish (its store writes are bounded).
 CLOSING_WAIT_S = 10.0
+
+
+#: Continues a session not live in this process: ``DuplexSession.reopen`` or, with
+#: replicas, `Replica.reopen` (which takes the session's lease first).
+Reopen = Callable[..., Awaitable[DuplexSession]]
 
 
 @dataclass(frozen=True)
@@ -67,13 +72,17 @@ def request_from_query(params: Mapping[str, str]) -> ResumeRequest | None:
 
 
 async def resume(
-    services: SessionServices, registry: SessionRegistry, tenant: str, request: ResumeRequest
+    services: SessionServices,
+    registry: SessionRegistry,
+    tenant: str,
+    request: ResumeRequest,
+    reopen: Reopen = DuplexSession.reopen,
 ) -> tuple[DuplexSession, Link, list[str]]:
     """The session ``request`` names, its output now reserved for a new connection (the
     returned link), and the frames that connection sends first (greeting and replay).
 
     Unknown sessions and other tenants' sessions raise the same fatal 404 as a plain
-    ``session_id`` continuation.
+    ``session_id`` continuation. A session not live here is continued by ``reopen``.
     """
     session = registry.get(tenant, request.session_id)
     if session is not None and session.closed:  # closing: its outbox is being written
@@ -87,7 +96,7 @@ async def resume(
             if not session.closed:
                 link = session.connection = Link(ws=None)
                 return session, link, greeting(session, request.last_seq)
-    session = await DuplexSession.reopen(services, tenant=tenant, session_id=request.session_id)
+    session = await reopen(services, tenant=tenant, session_id=request.session_id)
     session.advance_seq(request.last_seq)
     link = session.connection = Link(ws=None)
     session.log.info("reopened for a resume after seq %d", request.last_seq)

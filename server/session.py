@@ -403,6 +403,15 @@ class DuplexSession(BaseSession):
         """A response is being produced or a turn waits for one (a drain waits for it)."""
         return self._mode.busy
 
+    @property
+    def responding(self) -> bool:
+        """A response has started and its ``response.done`` is not sent yet."""
+        return self._mode.responding
+
+    def cut_response(self) -> None:
+        """End the response in flight as interrupted (see `Mode.cut_response`)."""
+        self._mode.cut_response()
+
     async def fork(self) -> DuplexSession:
         record = await self._fork_record()
         session = DuplexSession(record, self.config.model_copy(deep=True), self.services)

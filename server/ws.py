@@ -77,7 +77,9 @@ async def duplex(ws: WebSocket) -> None:
         request = request_from_query(ws.query_params)
         if request is not None:
             access.session(request.session_id)  # a scoped client token: its session only
-            session, link, greeting = await resume(app.services, app.registry, tenant, request)
+            session, link, greeting = await resume(
+                app.services, app.registry, tenant, request, app.replica.reopen
+            )
         else:
             session_id = access.session(ws.query_params.get("session_id"))
             session = await app.replica.open(app.services, tenant=tenant, session_id=session_id)
@@ -101,9 +103,12 @@ async def duplex(ws: WebSocket) -> None:
             await app.services.store.delete_session(session.id)
         try:
             access.session(asked.session_id)
-            session, link, greeting = await resume(app.services, app.registry, tenant, asked)
+            session, link, greeting = await resume(
+                app.services, app.registry, tenant, asked, app.replica.reopen
+            )
         except ProtocolError as exc:
-            await _refuse(ws, exc.code, exc.message, accept=False)
+            close = CLOSE_TRY_AGAIN if exc.code == UNAVAILABLE else None
+            await _refuse(ws, exc.code, exc.message, close, accept=False)
             return
         except StoreUnavailable as exc:
             await _refuse(
@@ -132,7 +137,7 @@ async def _serve(
     keep = True  # False when the server itself is stopping this connection
     try:
         try:
-            async with app.replica.hosting(session), asyncio.TaskGroup() as tg:
+            async with asyncio.TaskGroup() as tg:
                 writer = link.writer = tg.create_task(
                     _write(
                         ws,

@@ -10,7 +10,13 @@ import pytest
 
 from duplex.protocol import Message
 from server.lease import LeaseBusy, LeaseManager, LeaseSettings
-from server.state.base import FencedWrite, SessionRecord, StreamEvent
+from server.state.base import (
+    FencedWrite,
+    OutboxBatch,
+    OutboxEntry,
+    SessionRecord,
+    StreamEvent,
+)
 from server.state.redis import RedisStore
 
 FAST = LeaseSettings(ttl_ms=300, renew_ms=60, wait_ms=0)
@@ -63,6 +69,33 @@ async def test_takeover_after_expiry_fences_the_old_owner(
     await b.append_messages("s1", [Message(role="assistant", content="new owner")])
     assert [m.content for m in await b.load_messages("s1")] == ["before", "new owner"]
     assert (await b.get_session("s1")).name == ""  # type: ignore[union-attr]
+
+
+async def test_a_stale_owner_cannot_write_the_outbox(
+    stores: tuple[RedisStore, RedisStore],
+) -> None:
+    """Outbox writes are batched across sessions in one script call: the fenced session's
+    entries are refused (FencedWrite), the others in the same call are written."""
+    a, b = stores
+    await a.create_session(SessionRecord(id="s2", tenant="t"))
+    owner = LeaseManager(a, "replica-a", FAST)
+    await owner.acquire("s1")
+    await owner.acquire("s2")
+    await a.append_outbox([OutboxBatch("s1", [OutboxEntry(1, "one", 1e12)])], max_age_s=60)
+    await a.redis.delete(a.key("lease", "s1"))  # as if it had expired
+    await LeaseManager(b, "replica-b", FAST).acquire("s1")
+    await b.append_outbox([OutboxBatch("s1", [OutboxEntry(2, "new", 1e12)])], max_age_s=60)
+    with pytest.raises(FencedWrite) as fenced:
+        await a.append_outbox(
+            [
+                OutboxBatch("s1", [OutboxEntry(2, "stale", 1e12)], keep_from=2),
+                OutboxBatch("s2", [OutboxEntry(1, "s2 fine", 1e12)]),
+            ],
+            max_age_s=60,
+        )
+    assert fenced.value.session_id == "s1"
+    assert [e.text for e in await b.load_outbox("s1", max_age_s=60)] == ["one", "new"]
+    assert [e.text for e in await b.load_outbox("s2", max_age_s=60)] == ["s2 fine"]
 
 
 async def test_a_takeover_between_check_and_write_is_fenced(

@@ -109,6 +109,16 @@ class AsmMode(Mode):
     def busy(self) -> bool:
         return self._current is not None
 
+    @property
+    def responding(self) -> bool:
+        return self._current is not None
+
+    def cut_response(self) -> None:
+        current = self._current
+        if current is not None and self._rt is not None:
+            current.barged_in = True  # ends as "interrupted", stored cut like a barge-in
+            self.session.spawn(self._rt.cancel_response(), "drain-cut")
+
     # ---- provider session -----------------------------------------------------------
 
     async def _provider(self) -> RealtimeSession:

@@ -116,6 +116,15 @@ class Mode:
         """A response is in flight or a turn waits for one (a drain lets these finish)."""
         return False
 
+    @property
+    def responding(self) -> bool:
+        """A response has started and its ``response.done`` is not sent yet."""
+        return False
+
+    def cut_response(self) -> None:
+        """End the response in flight as interrupted (like a barge-in) and drop turns
+        waiting for one: the server is going away (a drain's timeout)."""
+
     async def close(self) -> None:
         """Stop background work; called once."""
 

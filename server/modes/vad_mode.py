@@ -76,6 +76,8 @@ class VadMode(Mode):
         self._echo: EchoGuard | None = None  # echo-aware barge-in, when on
         self._active: _Active | None = None
         self._responding = False  # from a turn's start to its answer stored
+        self._ending = 0  # turns ended (announced, frames collected) but not queued yet
+        self._done_due = False  # response.started sent, response.done not yet
         # Responses stream one at a time; between them the resampler goes back to the app.
         self._resamplers = ReplyResamplers(session.resamplers)
         self._client_tools = ClientToolWaiters(limits.client_tool_timeout_s)
@@ -83,7 +85,17 @@ class VadMode(Mode):
 
     @property
     def busy(self) -> bool:
-        return self._responding or not self._turns.empty()
+        return self._responding or self._ending > 0 or not self._turns.empty()
+
+    @property
+    def responding(self) -> bool:
+        return self._done_due
+
+    def cut_response(self) -> None:
+        while not self._turns.empty():
+            turn = self._turns.get_nowait()
+            self.session.log.warning("turn %s dropped unanswered: shutting down", turn.turn_id)
+        self._cancel_active("interrupted")
 
     # ---- input ----------------------------------------------------------------------
 
@@ -126,15 +138,23 @@ class VadMode(Mode):
             # Handled here as well unless something must wait: a full output queue, or
             # video whose due frames must be decoded before the turn is queued.
             if self._frames.has_video or self.session.output_room() <= len(events):
-                return self._after_audio(events)
+                ends = sum(isinstance(e, vt.TurnEnd) for e in events)
+                self._ending += ends  # busy until queued (`_after_audio` counts them down)
+                return self._after_audio(events, ends)
             for event in events:
                 self._on_turn_event_nowait(event)
         self._check_barge_in()
         return None
 
-    async def _after_audio(self, events: list[vt.TurnEvent]) -> None:
-        for event in events:
-            await self._on_turn_event(event)
+    async def _after_audio(self, events: list[vt.TurnEvent], ends: int) -> None:
+        try:
+            for event in events:
+                if isinstance(event, vt.TurnEnd):
+                    ends -= 1
+                    self._ending -= 1  # `_end_turn` counts it from here
+                await self._on_turn_event(event)
+        finally:
+            self._ending -= ends
         self._check_barge_in()
 
     def _check_barge_in(self) -> None:
@@ -151,7 +171,11 @@ class VadMode(Mode):
         ended = self._ingest.commit() if self._ingest is not None else None
         turn = Turn(turn_id=new_id("turn"), request_id=request_id)
         if ended is not None:
-            await self.session.emit(SpeechStopped(audio_end_ms=ended.end_ms))
+            self._ending += 1  # busy from here: the turn has ended
+            try:
+                await self.session.emit(SpeechStopped(audio_end_ms=ended.end_ms))
+            finally:
+                self._ending -= 1
             turn = self._audio_turn(ended, request_id)
         elif not self._text and not self._frames.pending:
             raise ProtocolError(
@@ -244,10 +268,15 @@ class VadMode(Mode):
         """Close the turn being collected: announce it, attach its text and frames, queue it.
 
         ``turn.ended`` goes out first: collecting due video frames may wait for a decode.
+        The turn counts as `busy` throughout (a drain waits for its answer).
         """
-        await self.session.emit(_turn_ended(turn))
-        await self._frames.poll(speaking=False)
-        self._queue_turn(turn)
+        self._ending += 1
+        try:
+            await self.session.emit(_turn_ended(turn))
+            await self._frames.poll(speaking=False)
+            self._queue_turn(turn)
+        finally:
+            self._ending -= 1
 
     def _queue_turn(self, turn: Turn) -> None:
         turn.text = "".join(self._text)
@@ -289,6 +318,7 @@ class VadMode(Mode):
             on_transcript=lambda text: session.emit(Transcript(turn_id=turn.turn_id, text=text)),
         )
         active = self._active = _Active(runner)
+        self._done_due = True
         if self._echo is not None:
             self._echo.reply_started()
         await session.emit(
@@ -325,10 +355,12 @@ class VadMode(Mode):
                     response_id=runner.response_id, finish_reason=reason, usage=runner.usage
                 )
             )
+            self._done_due = False
             if reason == "interrupted":
                 await active.playback.heard_ms()
         finally:
             self._active = None
+            self._done_due = False
             # The reply resampler (~150 KB of filter graph, measured) goes back to the
             # app's pool between replies (docs/limits.md).
             self._resamplers.clear()

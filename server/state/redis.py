@@ -37,25 +37,35 @@ from server.state.base import (
     StreamEvent,
 )
 
-#: KEYS: outbox keys. ARGV: ttl, then per key: entry count, keep_from ("" for none), and
-#: (seq, member) per entry. All keys in one call: a single Redis, not a cluster.
+#: KEYS: per session its outbox key, then its fence key. ARGV: ttl, then per session: the
+#: fencing token this process holds ("" when it holds no lease), entry count, keep_from
+#: ("" for none), and (seq, member) per entry. A session whose fence moved on (another
+#: replica took it over) is skipped, atomically: its index (1-based) is returned. All
+#: keys in one call: a single Redis, not a cluster.
 _APPEND_OUTBOX = """
 local ttl = ARGV[1]
 local i = 2
-for k = 1, #KEYS do
-  local n = tonumber(ARGV[i])
-  local keep = ARGV[i + 1]
-  i = i + 2
-  for _ = 1, n do
-    redis.call('ZADD', KEYS[k], ARGV[i], ARGV[i + 1])
-    i = i + 2
+local fenced = {}
+for k = 1, #KEYS, 2 do
+  local token = ARGV[i]
+  local n = tonumber(ARGV[i + 1])
+  local keep = ARGV[i + 2]
+  i = i + 3
+  if token ~= '' and redis.call('GET', KEYS[k + 1]) ~= token then
+    table.insert(fenced, (k + 1) / 2)
+    i = i + 2 * n
+  else
+    for _ = 1, n do
+      redis.call('ZADD', KEYS[k], ARGV[i], ARGV[i + 1])
+      i = i + 2
+    end
+    if keep ~= '' then
+      redis.call('ZREMRANGEBYSCORE', KEYS[k], '-inf', '(' .. keep)
+    end
+    redis.call('EXPIRE', KEYS[k], ttl)
   end
-  if keep ~= '' then
-    redis.call('ZREMRANGEBYSCORE', KEYS[k], '-inf', '(' .. keep)
-  end
-  redis.call('EXPIRE', KEYS[k], ttl)
 end
-return #KEYS
+return fenced
 """
 
 #: The record if it exists and (when ARGV[1] is not empty) belongs to tenant ARGV[1];
@@ -225,17 +235,29 @@ class RedisStore(StateStore):
     async def append_outbox(self, batches: list[OutboxBatch], *, max_age_s: float) -> None:
         """All sessions' batches in one script call: a pipeline of ZADD and EXPIRE per
         session cost 2.3 ms of client CPU for 50 sessions (redis-py packs and parses
-        each command), the script call a fraction of that."""
+        each command), the script call a fraction of that.
+
+        Fenced like every other write of a session this process holds a lease on: the
+        script checks each session's fence; the batches of sessions another replica has
+        taken over are not written (the others are), and `FencedWrite` names the first."""
         if not batches:
             return
         keys: list[str] = []
         args: list[str | int | float] = [max(1, int(max_age_s + 1))]
         for batch in batches:
-            keys.append(self._k("outbox", batch.session_id))
-            args += (len(batch.entries), "" if batch.keep_from is None else batch.keep_from)
+            sid = batch.session_id
+            keys += (self._k("outbox", sid), self.fence_key(sid))
+            token = self.fences.get(sid)
+            args += (
+                "" if token is None else str(token),
+                len(batch.entries),
+                "" if batch.keep_from is None else batch.keep_from,
+            )
             for e in batch.entries:
                 args += (e.seq, f"{e.at!r} {e.text}")
-        await self._append_outbox(keys=keys, args=args)
+        fenced = await self._append_outbox(keys=keys, args=args)
+        if fenced:
+            raise FencedWrite(batches[int(fenced[0]) - 1].session_id)
 
     async def load_outbox(self, session_id: str, *, max_age_s: float) -> list[OutboxEntry]:
         rows = await self._redis.zrange(self._k("outbox", session_id), 0, -1, withscores=True)
