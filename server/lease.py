@@ -11,6 +11,10 @@ Another replica takes a session over once its lease has expired (the owner died)
 was released (the owner drained it); until then it waits, at most ``wait_ms``. The
 time a dead owner's sessions stay unreachable is therefore at most ``ttl_ms`` plus the
 client's reconnect delay.
+
+A live owner is asked to hand a session over when another replica wants it (a client's
+resume landed there): the waiting replica sets ``handover:{id}``, the owner sees it at
+its next renewal (within ``renew_ms``), ends the session there and releases the lease.
 """
 
 from __future__ import annotations
@@ -28,8 +32,9 @@ from server.state.redis import RedisStore
 
 log = logging.getLogger(__name__)
 
-#: KEYS: lease, fence. ARGV: replica, ttl_ms, fence_ttl_s.
-#: Free, or held by this replica: a new token (the fence goes up) -> {1, token}.
+#: KEYS: lease, fence, handover. ARGV: replica, ttl_ms, fence_ttl_s.
+#: Free, or held by this replica: a new token (the fence goes up; a pending request for
+#: a handover is void) -> {1, token}.
 #: Held by another replica -> {0, remaining ms}.
 _ACQUIRE = """
 local holder = redis.call('GET', KEYS[1])
@@ -39,16 +44,19 @@ end
 local token = redis.call('INCR', KEYS[2])
 redis.call('EXPIRE', KEYS[2], ARGV[3])
 redis.call('SET', KEYS[1], ARGV[1] .. ':' .. token, 'PX', ARGV[2])
+redis.call('DEL', KEYS[3])
 return {1, token}
 """
 
-#: KEYS: lease, fence. ARGV: replica, token, ttl_ms, fence_ttl_s. 1 if still the owner
-#: (the lease is set again even if it had expired meanwhile, as long as nobody took the
-#: session: the fence is unchanged), else 0.
+#: KEYS: lease, fence, handover. ARGV: replica, token, ttl_ms, fence_ttl_s. 1 if still the
+#: owner (the lease is set again even if it had expired meanwhile, as long as nobody took
+#: the session: the fence is unchanged), 2 if so and another replica asks for the session
+#: (the request is consumed), else 0.
 _RENEW = """
 if redis.call('GET', KEYS[2]) ~= ARGV[2] then return 0 end
 redis.call('SET', KEYS[1], ARGV[1] .. ':' .. ARGV[2], 'PX', ARGV[3])
 redis.call('EXPIRE', KEYS[2], ARGV[4])
+if redis.call('DEL', KEYS[3]) == 1 then return 2 end
 return 1
 """
 
@@ -105,14 +113,23 @@ class LeaseManager:
     def _keys(self, session_id: str) -> list[str]:
         return [self.store.key("lease", session_id), self.store.fence_key(session_id)]
 
-    async def acquire(self, session_id: str) -> Lease:
+    async def _ask_handover(self, session_id: str, ttl_ms: int) -> None:
+        with contextlib.suppress(RedisError, OSError):
+            await self.store.redis.set(
+                self.store.key("handover", session_id), self.replica, px=max(1, ttl_ms)
+            )
+
+    async def acquire(self, session_id: str, *, handover: bool = False) -> Lease:
         """Own ``session_id`` (a new fencing token); waits up to ``wait_ms`` for another
-        replica's lease to end, then raises `LeaseBusy`. RedisError propagates."""
+        replica's lease to end (``handover``: asking that replica to hand the session
+        over), then raises `LeaseBusy`. RedisError propagates."""
         s = self.settings
         deadline = time.monotonic() + s.wait_ms / 1000
+        asked = False
         while True:
             ok, value = await self._acquire(
-                keys=self._keys(session_id), args=[self.replica, s.ttl_ms, s.fence_ttl_s]
+                keys=[*self._keys(session_id), self.store.key("handover", session_id)],
+                args=[self.replica, s.ttl_ms, s.fence_ttl_s],
             )
             if ok:
                 token = int(value)
@@ -122,27 +139,40 @@ class LeaseManager:
             left = deadline - time.monotonic()
             if left <= 0:
                 raise LeaseBusy(session_id, int(value))
+            if handover and not asked:
+                asked = True
+                await self._ask_handover(session_id, int(left * 1000))
             # Poll: the holder's lease ends when it expires or is released.
             await asyncio.sleep(min(left, max(0.02, min(int(value), 100) / 1000)))
 
     async def renew(self, lease: Lease) -> bool:
         """False if the session was taken over (the fence moved on)."""
-        s = self.settings
-        ok = await self._renew(
-            keys=self._keys(lease.session_id),
-            args=[self.replica, lease.token, s.ttl_ms, s.fence_ttl_s],
-        )
-        return bool(ok)
+        return await self._renew_asked(lease) > 0
 
-    async def keep(self, lease: Lease, on_lost: Callable[[], None]) -> None:
+    async def _renew_asked(self, lease: Lease) -> int:
+        """0: taken over; 1: renewed; 2: renewed, and another replica asks for it."""
+        s = self.settings
+        keys = [*self._keys(lease.session_id), self.store.key("handover", lease.session_id)]
+        ok = await self._renew(keys=keys, args=[self.replica, lease.token, s.ttl_ms, s.fence_ttl_s])
+        return int(ok)
+
+    async def keep(
+        self,
+        lease: Lease,
+        on_lost: Callable[[], None],
+        on_handover: Callable[[], None] | None = None,
+    ) -> None:
         """Renew ``lease`` until cancelled; when the session is taken over, mark it lost
-        and call ``on_lost``."""
+        and call ``on_lost``; when another replica asks for it, call ``on_handover``
+        (which ends the session here; renewal goes on until then)."""
         s = self.settings
         while True:
             await asyncio.sleep(s.renew_ms / 1000)
+            if lease.released:  # given up (handed over): renewing would take it back
+                return
             try:
                 async with asyncio.timeout(max(s.renew_ms, s.ttl_ms / 2) / 1000):
-                    ok = await self.renew(lease)
+                    ok = await self._renew_asked(lease)
             except (RedisError, OSError, TimeoutError) as exc:
                 # The store is away: keep going, and renew once it is back (the fence
                 # then says whether another replica took the session meanwhile).
@@ -154,6 +184,9 @@ class LeaseManager:
                 lease.lost.set()
                 on_lost()
                 return
+            if ok == 2 and on_handover is not None:
+                log.info("[%s] another replica asks for the session", lease.session_id)
+                on_handover()
 
     async def release(self, lease: Lease) -> None:
         """Give the session up at once (drained or closed): the next replica need not wait."""

@@ -46,6 +46,8 @@ log = logging.getLogger(__name__)
 
 #: WebSocket close code for "service restart": reconnect, another replica continues.
 CLOSE_RESTART = 1012
+#: Close code of a connection whose session went on elsewhere (as `server.resume`'s).
+CLOSE_REPLACED = 4001
 #: WebSocket close code for "try again later".
 CLOSE_TRY_AGAIN = 1013
 _POLL_S = 0.05
@@ -159,7 +161,7 @@ class Replica:
     async def _claim(self, session_id: str) -> Lease:
         assert self.leases is not None
         try:
-            return await self.leases.acquire(session_id)
+            return await self.leases.acquire(session_id, handover=True)
         except LeaseBusy:
             raise ProtocolError(
                 UNAVAILABLE, "the session is live on another replica: retry shortly", fatal=True
@@ -180,7 +182,11 @@ class Replica:
     async def _hold(self, session: DuplexSession, lease: Lease) -> None:
         assert self.leases is not None
         keeper = asyncio.ensure_future(
-            self.leases.keep(lease, lambda: self._spawn(self._end(session, "moved")))
+            self.leases.keep(
+                lease,
+                lambda: self._spawn(self._end(session, "moved")),
+                lambda: self._spawn(self._hand_over(session)),
+            )
         )
         try:
             await session.done.wait()
@@ -201,6 +207,17 @@ class Replica:
             SessionReconnect(reason=reason, retry_after_ms=self.settings.drain_retry_after_ms)  # type: ignore[arg-type]
         )
         session.close_code = CLOSE_RESTART
+        await session.close()
+
+    async def _hand_over(self, session: DuplexSession) -> None:
+        """Another replica asks for the session (the client resumed there): end it here
+        (an answer in flight is cut, its end in the outbox), so that the lease is
+        released and the other replica reopens it from the store."""
+        if session.closed:
+            return
+        session.log.info("handing the session over to another replica")
+        await _cut(session)
+        session.close_code = CLOSE_REPLACED
         await session.close()
 
     # ---- drain -------------------------------------------------------------------------
@@ -237,20 +254,24 @@ class Replica:
                 while session.busy and not session.closed:  # noqa: ASYNC110 - no event for it
                     await asyncio.sleep(_POLL_S)
         if session.busy and not session.closed:
-            # Cut like a barge-in: the client gets the interrupted chunk and response.done
-            # (through the outbox, so a resume replays them), the answer is stored as
-            # interrupted; only then the socket closes.
             session.log.warning("drain timeout: cutting the response in flight")
-            session.cut_response()
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(_CUT_WAIT_S):
-                    while session.responding and not session.closed:  # noqa: ASYNC110
-                        await asyncio.sleep(_POLL_S)
+            await _cut(session)
         session.close_code = CLOSE_RESTART
         await session.close()
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(max(1.0, deadline - loop.time() + 1.0)):
                 await session.done.wait()
+
+
+async def _cut(session: DuplexSession) -> None:
+    """Cut the answer in flight like a barge-in: the client gets the interrupted chunk and
+    ``response.done`` (through the outbox, so a resume replays them) and the answer is
+    stored as interrupted; returns once that is done (bounded)."""
+    session.cut_response()
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(_CUT_WAIT_S):
+            while session.responding and not session.closed:  # noqa: ASYNC110 - bounded
+                await asyncio.sleep(_POLL_S)
 
 
 async def refuse_unavailable(ws: WebSocket, message: str) -> None:

@@ -155,3 +155,32 @@ async def test_release_lets_another_replica_in_at_once(
     await owner.release(lease)
     with pytest.raises(LeaseBusy):
         await LeaseManager(a, "replica-c", slow).acquire("s1")
+
+
+async def test_a_live_owner_hands_the_session_over_when_asked(
+    stores: tuple[RedisStore, RedisStore],
+) -> None:
+    """A replica that wants a session (a client resumed there) asks its owner, which sees
+    the request at its next renewal and releases: the wait is a renewal, not a TTL."""
+    a, b = stores
+    slow = LeaseSettings(ttl_ms=60_000, renew_ms=50, wait_ms=5000)
+    owner = LeaseManager(a, "replica-a", slow)
+    lease = await owner.acquire("s1")
+    asked = asyncio.Event()
+    releases: list[asyncio.Task[None]] = []
+
+    def hand_over() -> None:
+        asked.set()
+        releases.append(asyncio.ensure_future(owner.release(lease)))
+
+    keeper = asyncio.create_task(owner.keep(lease, lambda: None, hand_over))
+    try:
+        with pytest.raises(LeaseBusy):  # without asking, the owner keeps it
+            await LeaseManager(b, "replica-b", LeaseSettings(wait_ms=200)).acquire("s1")
+        assert not asked.is_set()
+        new = await LeaseManager(b, "replica-b", slow).acquire("s1", handover=True)
+        assert asked.is_set() and new.token == lease.token + 1
+        # The request is spent: the new owner is not asked to hand over in turn.
+        assert await LeaseManager(b, "replica-b", slow)._renew_asked(new) == 1
+    finally:
+        keeper.cancel()

@@ -1,34 +1,44 @@
 """Replicas behind nginx, for real: redis-server, three ``duplex serve`` processes and
-nginx configured from deploy/nginx.conf, all on loopback.
+nginx configured from deploy/nginx.conf, all on loopback. The client is the Python SDK
+with its automatic reconnect and resume (``last_seq``), as users run it.
 
-- kill -9 of the replica that runs a session, in the middle of an answer: the client
-  reconnects through nginx with its ``session_id``, another replica takes the session
-  over once the lease has expired; the cut answer is ended and stored as interrupted
+- kill -9 of the replica that runs a session, in the middle of an answer: the SDK
+  reconnects through nginx, another replica takes the session over once the lease has
+  expired and resumes it from the store's outbox; the cut answer ends as interrupted
   (once), finished turns are in history once, later turns are answered.
 - SIGTERM of that replica: readiness 503 and new sessions refused at once, the client is
   told to reconnect, the answer in flight finishes and is stored, then close 1012; the
-  client continues on another replica.
+  SDK resumes on another replica.
+- A dropped socket: the SDK resumes through nginx; and a resume sent to another replica
+  than the owner: the owner hands the session over, the other replica replays it.
+
+Every test checks what the caller was handed: each ``seq`` at most once, in order, and
+no gap that the server did not report (error 410).
 """
 
 from __future__ import annotations
 
 import asyncio
-import base64
+import itertools
 import json
 import math
 import signal
 import struct
+from collections.abc import Callable
 from typing import Any
 
 import httpx
 import pytest
 import websockets
-from websockets.exceptions import ConnectionClosed, InvalidStatus
+from websockets.exceptions import InvalidStatus
 
+from duplex import Client
+from duplex.sdk import Reconnect, Session
 from tests.cluster import TOKEN, Cluster
-from tests.wsutil import Conn
 
 RATE = 16000
+#: Within the server's resume grace; the failover itself takes about the lease TTL.
+RECONNECT = Reconnect(initial_delay_s=0.1, max_delay_s=1.0, max_wait_s=30.0)
 
 
 def tone(seconds: float) -> bytes:
@@ -39,25 +49,66 @@ def tone(seconds: float) -> bytes:
     )
 
 
-async def connect(url: str, session_id: str | None = None) -> Any:
-    query = f"?token={TOKEN}" + (f"&session_id={session_id}" if session_id else "")
-    return await websockets.connect(url + query, max_size=None, open_timeout=20)
+class Seen:
+    """Every event the SDK hands to the caller (its ``on_event``), and waits on them."""
+
+    def __init__(self) -> None:
+        self.events: list[dict[str, Any]] = []
+        self._changed = asyncio.Event()
+
+    def __call__(self, event: dict[str, Any]) -> None:
+        self.events.append(event)
+        self._changed.set()
+
+    async def until(
+        self, match: Callable[[dict[str, Any]], bool], timeout: float = 30, start: int = 0
+    ) -> dict[str, Any]:
+        """The first event from index ``start`` on that matches, waiting for it."""
+        async with asyncio.timeout(timeout):
+            while True:
+                for event in self.events[start:]:
+                    if match(event):
+                        return event
+                self._changed.clear()
+                await self._changed.wait()
+
+    def of(self, kind: str, response_id: str | None = None) -> list[dict[str, Any]]:
+        return [
+            e
+            for e in self.events
+            if e["type"] == kind and (response_id is None or e.get("response_id") == response_id)
+        ]
+
+    def check_sequence(self) -> None:
+        """Each ``seq`` at most once and increasing; a gap only where the server said so."""
+        seqs = [e["seq"] for e in self.events if e.get("seq")]
+        assert seqs == sorted(set(seqs)), "a seq handed over twice or out of order"
+        told = any(e["type"] == "error" and e["code"] == 410 for e in self.events)
+        gaps = [(a, b) for a, b in itertools.pairwise(seqs) if b != a + 1]
+        assert not gaps or told, f"gaps nobody reported: {gaps}"
+        for kind in ("response.started", "response.done"):
+            ids = [e["response_id"] for e in self.events if e["type"] == kind]
+            assert len(ids) == len(set(ids)), f"a {kind} handed over twice"
 
 
-async def audio_turn(conn: Conn, seconds: float) -> None:
-    """One turn of ``seconds`` of audio, ended by a commit (manual turn detection)."""
-    audio = base64.b64encode(tone(seconds)).decode()
-    await conn.send({"type": "input.audio", "audio": audio})
-    await conn.send({"type": "input.commit"})
+async def open_session(cluster: Cluster, seen: Seen, **kwargs: Any) -> tuple[Client, Session]:
+    client = Client(cluster.ws_url, TOKEN)
+    session = await client.connect(
+        on_event=seen, reconnect=kwargs.pop("reconnect", RECONNECT), **kwargs
+    )
+    await session.update(turn_detection={"type": "manual"})
+    return client, session
 
 
-async def open_session(url: str) -> tuple[Any, Conn, str]:
-    ws = await connect(url)
-    conn = Conn(ws)
-    created = await conn.recv()
-    await conn.send({"type": "session.update", "config": {"turn_detection": {"type": "manual"}}})
-    await conn.until("session.updated")
-    return ws, conn, created["session"]["id"]
+async def audio_turn(session: Session, seconds: float) -> None:
+    await session.send_audio(tone(seconds))
+    await session.commit()
+
+
+async def answer(seen: Seen, session: Session, text: str) -> dict[str, Any]:
+    start = len(seen.events)
+    await session.send_text(text)
+    return await seen.until(lambda e: e["type"] == "response.done", start=start)
 
 
 async def history(cluster: Cluster, session_id: str) -> dict[str, Any]:
@@ -73,20 +124,14 @@ def by_response(messages: list[dict[str, Any]], response_id: str) -> list[dict[s
     return [m for m in messages if m["metadata"].get("response_id") == response_id]
 
 
-async def reconnect(cluster: Cluster, session_id: str, timeout: float = 20) -> tuple[Any, Conn]:
-    """Reconnect through nginx until a replica takes the session (503s are retried)."""
-    async with asyncio.timeout(timeout):
-        while True:
-            try:
-                ws = await connect(cluster.ws_url, session_id)
-            except (InvalidStatus, OSError):
-                await asyncio.sleep(0.2)
-                continue
-            conn = Conn(ws)
-            first = await conn.recv()
-            assert first["type"] == "session.created", first
-            assert first["session"]["id"] == session_id
-            return ws, conn
+async def mid_answer(seen: Seen, session: Session, seconds: float) -> str:
+    """Start an audio turn and return its response id once some of its audio arrived."""
+    start = len(seen.events)
+    await audio_turn(session, seconds)
+    started = await seen.until(lambda e: e["type"] == "response.started", start=start)
+    rid = started["response_id"]
+    await seen.until(lambda e: e.get("response_id") == rid and bool(e.get("media")), start=start)
+    return rid
 
 
 @pytest.fixture(scope="module")
@@ -96,93 +141,165 @@ def cluster() -> Any:
 
 
 async def test_kill_9_of_the_owner_mid_answer(cluster: Cluster) -> None:
-    ws, conn, sid = await open_session(cluster.ws_url)
-    await audio_turn(conn, 0.3)
-    first = await conn.until("response.done", timeout=20)
-    assert first[-1]["finish_reason"] == "stop"
-    await audio_turn(conn, 6.0)
-    started = await conn.until("response.started", timeout=20)
-    cut_id = started[-1]["response_id"]
-    # Text first, then audio at real time: wait for some audio, then kill the owner.
-    while not (e := await conn.recv(timeout=20)).get("media"):
-        assert e["type"] != "response.done", e
-    owner = cluster.owner(sid)
-    assert owner is not None
-    cluster.signal(owner, signal.SIGKILL)
-    cluster.wait_exit(owner, timeout=10)
-    with pytest.raises(ConnectionClosed):
-        while True:
-            await conn.recv(timeout=10)
-    await ws.close()
+    seen = Seen()
+    client, session = await open_session(cluster, seen)
+    owner = None
     try:
-        ws2, conn2 = await reconnect(cluster, sid)
-        assert cluster.owner(sid) not in (None, owner)
-        # The answer the crash cut ends, interrupted, exactly once.
-        tail = await conn2.until("response.done", timeout=10)
-        assert [e["type"] for e in tail] == ["chunk", "response.done"]
-        assert tail[0]["response_id"] == cut_id and tail[0]["interrupted"] is True
-        assert tail[1]["response_id"] == cut_id and tail[1]["finish_reason"] == "interrupted"
-        stored = await history(cluster, sid)
+        await audio_turn(session, 0.3)
+        first = await seen.until(lambda e: e["type"] == "response.done")
+        assert first["finish_reason"] == "stop"
+        cut_id = await mid_answer(seen, session, 6.0)
+        owner = cluster.owner(session.id)
+        assert owner is not None
+        cluster.signal(owner, signal.SIGKILL)
+        await asyncio.to_thread(cluster.wait_exit, owner, 10)  # the SDK reads meanwhile
+        # The SDK reconnects through nginx and resumes on another replica by itself.
+        done = await seen.until(
+            lambda e: e["type"] == "response.done" and e["response_id"] == cut_id, timeout=30
+        )
+        assert session.resumes >= 1
+        assert cluster.owner(session.id) not in (None, owner)
+        assert done["finish_reason"] == "interrupted"
+        cut_chunks = [e for e in seen.of("chunk", cut_id) if e.get("interrupted")]
+        assert len(cut_chunks) == 1
+        stored = await history(cluster, session.id)
         assert stored["in_progress"] == []
         cut = by_response(stored["messages"], cut_id)
         assert len(cut) == 1 and cut[0]["metadata"]["finish_reason"] == "interrupted"
         assert cut[0]["content"].startswith("Heard 6.00 s of audio")
-        done = by_response(stored["messages"], first[-1]["response_id"])
-        assert len(done) == 1 and done[0]["metadata"]["finish_reason"] == "stop"
+        done_first = by_response(stored["messages"], first["response_id"])
+        assert len(done_first) == 1 and done_first[0]["metadata"]["finish_reason"] == "stop"
         # Later turns are answered, on the new owner.
-        await conn2.send({"type": "input.text", "text": "still there?", "final": True})
-        later = await conn2.until("response.done", timeout=20)
-        assert later[-1]["finish_reason"] == "stop"
-        await ws2.close()
-        stored = await history(cluster, sid)
-        assert len(by_response(stored["messages"], later[-1]["response_id"])) == 1
+        later = await answer(seen, session, "still there?")
+        assert later["finish_reason"] == "stop"
+        stored = await history(cluster, session.id)
+        assert len(by_response(stored["messages"], later["response_id"])) == 1
         assert len(by_response(stored["messages"], cut_id)) == 1
+        seen.check_sequence()
     finally:
-        cluster.start_replica(owner)
+        await session.close()
+        await client.aclose()
+        if owner is not None:
+            cluster.start_replica(owner)
 
 
 async def test_sigterm_drains_the_owner(cluster: Cluster) -> None:
-    _ws, conn, sid = await open_session(cluster.ws_url)
-    await audio_turn(conn, 3.0)
-    started = await conn.until("response.started", timeout=20)
-    response_id = started[-1]["response_id"]
-    while not (await conn.recv(timeout=20)).get("media"):
-        pass
-    owner = cluster.owner(sid)
-    assert owner is not None
-    replica = cluster.replicas[owner]
-    cluster.signal(owner, signal.SIGTERM)
+    seen = Seen()
+    client, session = await open_session(cluster, seen)
+    owner = None
     try:
+        response_id = await mid_answer(seen, session, 3.0)
+        owner = cluster.owner(session.id)
+        assert owner is not None
+        replica = cluster.replicas[owner]
+        cluster.signal(owner, signal.SIGTERM)
         # At once: readiness off, new sessions refused (an HTTP 503 to the handshake).
         async with asyncio.timeout(5), httpx.AsyncClient(timeout=2) as http:
             while (await http.get(replica.base + "/readyz")).status_code != 503:  # noqa: ASYNC110
                 await asyncio.sleep(0.02)
         with pytest.raises(InvalidStatus) as refused:
-            await connect(replica.base.replace("http", "ws") + "/v1/duplex")
+            await websockets.connect(
+                replica.base.replace("http", "ws") + f"/v1/duplex?token={TOKEN}"
+            )
         assert refused.value.response.status_code == 503
         # ... while new sessions through nginx go to the other replicas.
-        other = await connect(cluster.ws_url)
+        other = await websockets.connect(cluster.ws_url + f"?token={TOKEN}", open_timeout=20)
         assert json.loads(await other.recv())["type"] == "session.created"
         await other.close()
-        # The client is told to reconnect; the answer in flight finishes; then 1012.
-        rest = await conn.until("response.done", timeout=20)
-        notices = [e for e in rest if e["type"] == "session.reconnect"]
+        # The client is told to reconnect; the answer in flight finishes (no cut: it ends
+        # well within the drain timeout); then 1012, and the SDK resumes elsewhere.
+        done = await seen.until(
+            lambda e: e["type"] == "response.done" and e["response_id"] == response_id
+        )
+        assert done["finish_reason"] == "stop"
+        notices = seen.of("session.reconnect")
         assert len(notices) == 1 and notices[0]["reason"] == "draining"
-        assert notices[0]["retry_after_ms"] >= 0
-        assert rest[-1]["response_id"] == response_id and rest[-1]["finish_reason"] == "stop"
-        with pytest.raises(ConnectionClosed) as closed:
-            await conn.recv(timeout=10)
-        assert closed.value.rcvd is not None and closed.value.rcvd.code == 1012
-        cluster.wait_exit(owner, timeout=30)
-        # The client continues on another replica: the drained answer is stored once.
-        ws2, conn2 = await reconnect(cluster, sid)
-        assert cluster.owner(sid) not in (None, owner)
-        stored = await history(cluster, sid)
+        assert seen.events.index(notices[0]) < seen.events.index(done)
+        await asyncio.to_thread(cluster.wait_exit, owner, 30)  # the SDK reads meanwhile
+        later = await answer(seen, session, "and now?")
+        assert later["finish_reason"] == "stop"
+        assert session.resumes >= 1
+        assert cluster.owner(session.id) not in (None, owner)
+        stored = await history(cluster, session.id)
         kept = by_response(stored["messages"], response_id)
         assert len(kept) == 1 and kept[0]["metadata"]["finish_reason"] == "stop"
         assert stored["in_progress"] == []
-        reply = await conn2.ask("and now?")
-        assert reply[-1]["finish_reason"] == "stop"
-        await ws2.close()
+        assert len(by_response(stored["messages"], later["response_id"])) == 1
+        seen.check_sequence()
     finally:
-        cluster.start_replica(owner)
+        await session.close()
+        await client.aclose()
+        if owner is not None:
+            cluster.start_replica(owner)
+
+
+async def test_a_dropped_socket_resumes_through_nginx(cluster: Cluster) -> None:
+    seen = Seen()
+    client, session = await open_session(cluster, seen)
+    try:
+        response_id = await mid_answer(seen, session, 3.0)
+        owner = cluster.owner(session.id)
+        dropped = len(seen.events)
+        session.ws.transport.abort()  # the network drops: no close frame (1006)
+        done = await seen.until(
+            lambda e: e["type"] == "response.done" and e["response_id"] == response_id
+        )
+        assert session.resumes == 1
+        if cluster.owner(session.id) == owner:  # nginx sent the resume to the owner
+            assert done["finish_reason"] == "stop"
+            rest = [e for e in seen.events[dropped:] if e.get("response_id") == response_id]
+            assert any(e.get("media") for e in rest)  # the rest of the answer arrived
+        else:
+            assert done["finish_reason"] == "interrupted"
+        later = await answer(seen, session, "after the drop")
+        assert later["finish_reason"] == "stop"
+        stored = await history(cluster, session.id)
+        assert len(by_response(stored["messages"], response_id)) == 1
+        seen.check_sequence()
+    finally:
+        await session.close()
+        await client.aclose()
+
+
+async def test_a_resume_on_another_replica_takes_the_session_over(cluster: Cluster) -> None:
+    """The owner lives, but the resume reaches another replica: that one asks the owner
+    for the session (it hands over at its next lease renewal), reopens it from the store
+    and replays what the client missed."""
+    seen = Seen()
+    client, session = await open_session(cluster, seen, reconnect=None)
+    try:
+        response_id = await mid_answer(seen, session, 3.0)
+        owner = cluster.owner(session.id)
+        assert owner is not None
+        last_seq = session.last_seq
+        session.ws.transport.abort()
+        other = cluster.replicas[(owner + 1) % len(cluster.replicas)]
+        url = other.base.replace("http", "ws") + "/v1/duplex"
+        query = f"?token={TOKEN}&session_id={session.id}&last_seq={last_seq}"
+        async with websockets.connect(url + query, open_timeout=20) as ws:
+            resumed = json.loads(await ws.recv())
+            assert resumed["type"] == "session.resumed", resumed
+            assert resumed["last_seq"] == last_seq
+            assert cluster.owner(session.id) == other.index
+            after = Seen()
+            async with asyncio.timeout(20):
+                while True:
+                    event = json.loads(await ws.recv())
+                    after(event)
+                    if event["type"] == "response.done" and event["response_id"] == response_id:
+                        break
+            seqs = [e["seq"] for e in after.events if e.get("seq")]
+            assert seqs[0] == resumed["first_seq"] == last_seq + 1
+            assert seqs == list(range(seqs[0], seqs[0] + len(seqs)))  # no gap, no repeat
+            assert after.events[-1]["finish_reason"] == "interrupted"  # cut at the handover
+            await ws.send(json.dumps({"type": "input.text", "text": "here now", "final": True}))
+            async with asyncio.timeout(20):
+                while (event := json.loads(await ws.recv()))["type"] != "response.done":
+                    pass
+            assert event["finish_reason"] == "stop" and event["seq"] > seqs[-1]
+        stored = await history(cluster, session.id)
+        assert len(by_response(stored["messages"], response_id)) == 1
+        assert stored["in_progress"] == []
+    finally:
+        await session.close()
+        await client.aclose()
