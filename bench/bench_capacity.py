@@ -36,6 +36,13 @@ which it waited less is reported.
 (``DUPLEX_METRICS``) and scrapes them every ``--scrape-every`` seconds during the run, as
 Prometheus would; compare with ``--metrics off`` (the default) for their cost.
 
+``--workers N`` runs the server as ``duplex serve --workers N`` (N processes on one
+port) on CPUs 0..N-1, with a shared store: a redis-server started by the bench on
+loopback (``--store sqlite`` for a SQLite file instead); the generator gets CPU N if the
+machine has it, else it shares the cores (say so when comparing). Server CPU is summed
+over the supervisor and its workers (Redis's own CPU is not counted). For 2 workers vs
+1, compare ``--workers 2`` with ``--workers 1 --store redis`` (same store).
+
 ``--profile N`` samples the server with py-spy (``pip install py-spy``) during the
 steady part of the run at N sessions and prints where its time goes.
 """
@@ -45,6 +52,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import collections
+import contextlib
 import heapq
 import json
 import os
@@ -63,6 +71,7 @@ import httpx
 from websockets.asyncio.client import ClientConnection
 from websockets.frames import Frame, Opcode
 
+from bench.bench_resume import redis_server
 from bench.bench_turns import MSG_MS, Plan, conversations, plan_for
 from bench.bench_ws import (
     ROOT,
@@ -76,6 +85,7 @@ from bench.bench_ws import (
     pin_self,
     schedstat,
     start_duplex,
+    tree_schedstat,
 )
 
 SERVER_CPU, CLIENT_CPU = 0, 1
@@ -377,9 +387,23 @@ class Scraper(threading.Thread):
             self.last = reply.text
 
 
+def server_cpus(workers: int) -> set[int]:
+    return set(range(workers)) if workers > 1 else {SERVER_CPU}
+
+
+def client_cpu(workers: int) -> int | None:
+    """The generator's core: after the server's, if the machine has one left."""
+    cpu = workers if workers > 1 else CLIENT_CPU
+    return cpu if cpu < (os.cpu_count() or 1) else None
+
+
 def run_point(args: argparse.Namespace, n: int, plans: list[Plan], profile: bool) -> Point:
     env, metrics_port = metrics_env(args.metrics)
-    server = start_duplex({"DUPLEX_ECHO_PACE": "1", **env}, SERVER_CPU)
+    env["DUPLEX_ECHO_PACE"] = "1"
+    if args.store_url:
+        env["DUPLEX_STORE_URL"] = args.store_url
+    extra = ["--workers", str(args.workers)] if args.workers > 1 else []
+    server = start_duplex(env, server_cpus(args.workers), extra)
     scraper: Scraper | None = None
     if args.metrics == "on":
         scraper = Scraper(
@@ -399,11 +423,11 @@ def run_point(args: argparse.Namespace, n: int, plans: list[Plan], profile: bool
         argv += ["--port", str(server.port), "--duration", str(args.duration)]
         argv += ["--stagger", str(args.stagger), "--conversations", str(args.conversations)]
         argv += ["--turns", str(args.turns)]
-        cpu_count = os.cpu_count() or 1
+        gen_cpu = client_cpu(args.workers)
 
         def pin() -> None:
-            if CLIENT_CPU < cpu_count:
-                os.sched_setaffinity(0, {CLIENT_CPU})
+            if gen_cpu is not None:
+                os.sched_setaffinity(0, {gen_cpu})
 
         cpu_start = schedstat(server.pid)[0]
         worker = subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.PIPE, text=True, preexec_fn=pin)
@@ -413,7 +437,7 @@ def run_point(args: argparse.Namespace, n: int, plans: list[Plan], profile: bool
         for line in worker.stdout:
             word = line.strip()
             if word == "STEADY":  # every session is streaming
-                (cpu0, wait0), t0 = schedstat(server.pid), time.perf_counter()
+                (cpu0, wait0), t0 = tree_schedstat(server.pid), time.perf_counter()
                 if profile and shutil.which("py-spy"):
                     seconds = max(2, int(args.duration - args.stagger - 1))
                     spy_argv = ["py-spy", "record", "--pid", str(server.pid), "-d", str(seconds)]
@@ -424,7 +448,7 @@ def run_point(args: argparse.Namespace, n: int, plans: list[Plan], profile: bool
                         stderr=subprocess.DEVNULL,
                     )
             elif word == "TAIL" and t0:  # the first session has finished
-                (cpu1, wait1), dt = schedstat(server.pid), time.perf_counter() - t0
+                (cpu1, wait1), dt = tree_schedstat(server.pid), time.perf_counter() - t0
                 cpu, wait = (cpu1 - cpu0) / dt, (wait1 - wait0) / dt
             elif word.startswith("RESULT "):
                 result = json.loads(word[7:])
@@ -531,6 +555,13 @@ def main() -> None:
     parser.add_argument(
         "--scrape-every", type=float, default=5.0, help="seconds between metrics scrapes"
     )
+    parser.add_argument("--workers", type=int, default=1, help="duplex serve --workers N")
+    parser.add_argument(
+        "--store",
+        choices=["auto", "memory", "redis", "sqlite"],
+        default="auto",
+        help="the server's store (auto: memory for 1 worker, redis for more)",
+    )
     parser.add_argument("--worker", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -539,10 +570,24 @@ def main() -> None:
         return
     if args.quick:
         args.duration, args.stagger = 10.0, 2.0
+    store = args.store if args.store != "auto" else ("memory" if args.workers == 1 else "redis")
+    if store == "memory" and args.workers > 1:
+        parser.error("--workers N > 1 needs a shared store: --store redis or sqlite")
+    with contextlib.ExitStack() as stack:
+        args.store_url = None
+        if store == "redis":
+            args.store_url = stack.enter_context(redis_server())
+        elif store == "sqlite":
+            folder = stack.enter_context(tempfile.TemporaryDirectory(prefix="bench-sqlite-"))
+            args.store_url = f"sqlite:///{folder}/duplex.db"
+        run_curve(args, store)
+
+
+def run_curve(args: argparse.Namespace, store: str) -> None:
     curve = args.n or (QUICK_CURVE if args.quick else CURVE)
     if args.profile and args.profile not in curve:
         curve = sorted({*curve, args.profile})
-    pin_self(CLIENT_CPU)
+    pin_self(client_cpu(args.workers))
     plans = load_plans(args)
     points: list[Point] = []
     fails = 0  # consecutive FAILs
@@ -564,9 +609,12 @@ def main() -> None:
         )
     )
     print(machine_line())
+    gen = client_cpu(args.workers)
     print(
-        f"\nServer pinned to CPU {SERVER_CPU}, load generator (one asyncio process) to CPU "
-        f"{CLIENT_CPU}. Each session: {args.duration:g} s of 20 ms PCM16 16 kHz messages at "
+        f"\nServer: {args.workers} worker(s), store {store}, pinned to CPU(s) "
+        f"{sorted(server_cpus(args.workers))}; load generator (one asyncio process) "
+        f"{'on CPU ' + str(gen) if gen is not None else 'sharing those cores'}. "
+        f"Each session: {args.duration:g} s of 20 ms PCM16 16 kHz messages at "
         f"real time, starts spread over {args.stagger:g} s; {args.conversations} "
         f"conversations of {args.turns} turns; echo replies at real time. Metrics: "
         f"{args.metrics}"

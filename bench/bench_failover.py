@@ -1,92 +1,139 @@
-"""Failover after kill -9: how long a client waits for another replica to take its session.
+"""Failover and resume across replicas, behind nginx: how long a client waits.
 
-Run: ``python -m bench.bench_failover [--trials 20]``. Prints markdown.
+Run: ``python -m bench.bench_failover [--trials 20] [--only failover|resume]``. Prints
+markdown.
 
 Set-up: tests/cluster.py (redis-server, three ``duplex serve`` replicas, nginx from
 deploy/nginx.conf, loopback), default lease settings (``DUPLEX_LEASE_TTL_MS=2000``,
-renewed every 500 ms). Each trial opens a session through nginx, starts a 3 s audio
-answer (echo provider at real time), and on its first audio chunk kills the owner
-with SIGKILL. The client then reconnects through nginx with its ``session_id`` at once
-and every 100 ms after a refusal (the client's own reconnect delay is not counted
-beyond that). Measured: from the kill to ``response.done`` (``interrupted``) of the
-cut answer on the new owner, i.e. the session taken over and the client told. The
-killed replica is restarted before the next trial.
+renewed every 500 ms). Each trial opens a session through nginx and starts a 3 s audio
+answer (echo provider at real time, manual turn detection).
 
-What sets it: the lease TTL (the lease must expire; it was renewed between 0 and
-``renew`` ms before the kill, so the wait is TTL - that), plus the new owner's poll
-(<= 100 ms), plus nginx's failed connect to the dead replica (immediate: refused).
+- **failover**: the client is the Python SDK with its default automatic reconnect
+  (``Reconnect()``: backoff from 100 ms, jitter). On the answer's first audio chunk the
+  owner is killed with SIGKILL. Measured: from the kill to the SDK handing the caller
+  ``response.done`` (``interrupted``) of the cut answer, which the new owner sends after
+  the replay: the session resumed on another replica and the client told. The killed
+  replica is restarted before the next trial.
+- **resume**: on the answer's third chunk the client drops its TCP connection (no close
+  handshake), then resumes with ``?session_id=…&last_seq=…`` (a) through nginx, which
+  routes it to the owner (consistent hashing), and (b) straight at another replica, which
+  asks the owner to hand the session over and reopens it from the store. Measured: from
+  the start of the new connection to the first replayed message (the one after
+  ``session.resumed``).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import base64
 import json
 import signal
 import statistics
 import time
+from typing import Any
 
 import websockets
-from websockets.exceptions import ConnectionClosed, InvalidStatus
 
+from duplex import Client
 from tests.cluster import TOKEN, Cluster
-from tests.test_replicas import tone
+from tests.test_replicas import Seen, tone
 
 
-async def trial(cluster: Cluster) -> float:
-    ws = await websockets.connect(f"{cluster.ws_url}?token={TOKEN}", max_size=None)
-    sid = json.loads(await ws.recv())["session"]["id"]
-    await ws.send(
-        json.dumps({"type": "session.update", "config": {"turn_detection": {"type": "manual"}}})
-    )
-    audio = base64.b64encode(tone(3.0)).decode()
-    await ws.send(json.dumps({"type": "input.audio", "audio": audio}))
-    await ws.send(json.dumps({"type": "input.commit"}))
-    while "media" not in json.loads(await ws.recv()):
-        pass
-    owner = cluster.owner(sid)
-    assert owner is not None
-    cluster.signal(owner, signal.SIGKILL)
-    killed = time.perf_counter()
-    cluster.wait_exit(owner, timeout=10)
-    try:
-        while True:
-            await ws.recv()
-    except ConnectionClosed:
-        pass
-    async with asyncio.timeout(30):
-        while True:
-            try:
-                new = await websockets.connect(
-                    f"{cluster.ws_url}?token={TOKEN}&session_id={sid}", max_size=None
-                )
-                break
-            except (InvalidStatus, OSError):
-                await asyncio.sleep(0.1)
-        while True:
-            event = json.loads(await new.recv())
-            if event["type"] == "response.done":
-                assert event["finish_reason"] == "interrupted", event
-                break
-    elapsed = time.perf_counter() - killed
-    await new.close()
+async def _answer_started(cluster: Cluster, seen: Seen, client: Client, **kwargs: Any) -> Any:
+    session = await client.connect(on_event=seen, **kwargs)
+    await session.update(turn_detection={"type": "manual"})
+    await session.send_audio(tone(3.0))
+    await session.commit()
+    return session
+
+
+async def failover_trial(cluster: Cluster) -> float:
+    seen = Seen()
+    async with Client(cluster.ws_url, TOKEN) as client:
+        session = await _answer_started(cluster, seen, client)
+        started = await seen.until(lambda e: e["type"] == "response.started")
+        rid = started["response_id"]
+        await seen.until(lambda e: e.get("response_id") == rid and bool(e.get("media")))
+        owner = cluster.owner(session.id)
+        assert owner is not None
+        cluster.signal(owner, signal.SIGKILL)
+        killed = time.perf_counter()
+        done = await seen.until(
+            lambda e: e["type"] == "response.done" and e["response_id"] == rid, timeout=30
+        )
+        elapsed = time.perf_counter() - killed
+        assert done["finish_reason"] == "interrupted", done
+        assert session.resumes == 1
+        seen.check_sequence()
+        await session.close()
+    await asyncio.to_thread(cluster.wait_exit, owner, 10)
     cluster.start_replica(owner)
     return elapsed
+
+
+async def resume_trial(cluster: Cluster, elsewhere: bool) -> float:
+    seen = Seen()
+    async with Client(cluster.ws_url, TOKEN) as client:
+        session = await _answer_started(cluster, seen, client, reconnect=None)
+        started = await seen.until(lambda e: e["type"] == "response.started")
+        rid = started["response_id"]
+        chunks = 0
+        while chunks < 3:
+            await seen.until(lambda e: e.get("response_id") == rid and e["type"] == "chunk")
+            chunks = sum(e.get("response_id") == rid and e["type"] == "chunk" for e in seen.events)
+            await asyncio.sleep(0.01)
+        owner = cluster.owner(session.id)
+        assert owner is not None
+        last_seq = session.last_seq
+        session.ws.transport.abort()
+        await asyncio.sleep(0.2)  # the answer goes on into the outbox meanwhile
+        if elsewhere:
+            other = cluster.replicas[(owner + 1) % len(cluster.replicas)]
+            url = other.base.replace("http", "ws") + "/v1/duplex"
+        else:
+            url = cluster.ws_url
+        query = f"?token={TOKEN}&session_id={session.id}&last_seq={last_seq}"
+        begin = time.perf_counter()
+        async with websockets.connect(url + query, max_size=None, open_timeout=20) as ws:
+            resumed = json.loads(await ws.recv())
+            assert resumed["type"] == "session.resumed", resumed
+            first = json.loads(await ws.recv())
+            elapsed = time.perf_counter() - begin
+            assert first["seq"] == last_seq + 1, (first["seq"], last_seq)
+            if elsewhere:
+                assert cluster.owner(session.id) != owner
+        await session.close()
+    return elapsed
+
+
+def _row(name: str, times: list[float], unit_ms: bool) -> str:
+    times = sorted(times)
+    p99 = times[min(len(times) - 1, round(0.99 * (len(times) - 1)))]
+    scale, unit = (1000, "ms") if unit_ms else (1, "s")
+    fmt = "{:.0f}" if unit_ms else "{:.2f}"
+    cells = [fmt.format(v * scale) + f" {unit}" for v in (statistics.median(times), p99, times[-1])]
+    return f"| {name} | {len(times)} | " + " | ".join(cells) + " |"
 
 
 async def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--trials", type=int, default=20)
+    parser.add_argument("--only", choices=["failover", "resume"])
     args = parser.parse_args()
+    rows = ["| measure | trials | p50 | p99 | max |", "|---|---|---|---|---|"]
     with Cluster(3, env={"DUPLEX_ECHO_PACE": "1"}) as cluster:
-        times = [await trial(cluster) for _ in range(args.trials)]
-    times.sort()
-    p99 = times[min(len(times) - 1, round(0.99 * (len(times) - 1)))]
-    print(
-        f"| trials | p50 | p99 | max |\n|---|---|---|---|\n| {len(times)} "
-        f"| {statistics.median(times):.2f} s | {p99:.2f} s | {times[-1]:.2f} s |"
-    )
+        if args.only in (None, "failover"):
+            times = [await failover_trial(cluster) for _ in range(args.trials)]
+            rows.append(_row("failover after kill -9, SDK auto-resume", times, False))
+        if args.only in (None, "resume"):
+            owner_times: list[float] = []
+            other_times: list[float] = []
+            for _ in range(args.trials):  # interleaved: the machine is shared
+                owner_times.append(await resume_trial(cluster, elsewhere=False))
+                other_times.append(await resume_trial(cluster, elsewhere=True))
+            rows.append(_row("resume through nginx (the owner)", owner_times, True))
+            rows.append(_row("resume at another replica (handover)", other_times, True))
+    print("\n".join(rows))
 
 
 if __name__ == "__main__":

@@ -34,6 +34,7 @@ import datetime
 import json
 import os
 import platform
+import signal
 import socket
 import subprocess
 import sys
@@ -71,6 +72,30 @@ def schedstat(pid: int | str = "self") -> tuple[float, float]:
     return run / 1e9, wait / 1e9
 
 
+def descendants(pid: int) -> list[int]:
+    """Every process below ``pid`` (``duplex serve --workers N``: the workers)."""
+    found: list[int] = []
+    todo = [pid]
+    while todo:
+        parent = todo.pop()
+        for task in Path(f"/proc/{parent}/task").glob("*"):
+            with contextlib.suppress(OSError):
+                kids = [int(k) for k in (task / "children").read_text().split()]
+                found += kids
+                todo += kids
+    return found
+
+
+def tree_schedstat(pid: int) -> tuple[float, float]:
+    """`schedstat` summed over ``pid`` and its descendants."""
+    run = wait = 0.0
+    for one in [pid, *descendants(pid)]:
+        with contextlib.suppress(OSError):
+            r, w = schedstat(one)
+            run, wait = run + r, wait + w
+    return run, wait
+
+
 def pin_self(cpu: int | None) -> None:
     """Pin this (client) process; a no-op when the CPU does not exist."""
     if cpu is not None and cpu < (os.cpu_count() or 1):
@@ -103,22 +128,29 @@ class ServerProc:
         return schedstat(self.pid)[1]
 
     def stop(self) -> None:
+        children = descendants(self.pid) if self.proc.poll() is None else []
         if self.proc.poll() is None:
             self.proc.terminate()
             try:
                 self.proc.wait(10)
             except subprocess.TimeoutExpired:
                 self.proc.kill()
+        for child in children:  # workers left behind by a killed supervisor
+            with contextlib.suppress(OSError):
+                os.kill(child, signal.SIGKILL)
                 self.proc.wait(5)
 
 
-def _spawn(argv: Sequence[str], port: int, env: dict[str, str], cpu: int | None) -> ServerProc:
+def _spawn(
+    argv: Sequence[str], port: int, env: dict[str, str], cpu: int | set[int] | None
+) -> ServerProc:
     full_env = {**os.environ, **env, "PYTHONUNBUFFERED": "1"}
     ncpu = os.cpu_count() or 1
+    cpus = {cpu} if isinstance(cpu, int) else (cpu or set())
 
     def pin() -> None:
-        if cpu is not None and cpu < ncpu:
-            os.sched_setaffinity(0, {cpu})
+        if cpus and all(c < ncpu for c in cpus):
+            os.sched_setaffinity(0, cpus)
 
     proc = subprocess.Popen(
         [sys.executable, *argv],
@@ -153,11 +185,16 @@ def _spawn(argv: Sequence[str], port: int, env: dict[str, str], cpu: int | None)
     return server
 
 
-def start_duplex(env: dict[str, str] | None = None, cpu: int | None = None) -> ServerProc:
-    """``python -m server.cli serve`` with DUPLEX_* settings from ``env``."""
+def start_duplex(
+    env: dict[str, str] | None = None,
+    cpu: int | set[int] | None = None,
+    extra: Sequence[str] = (),
+) -> ServerProc:
+    """``python -m server.cli serve`` with DUPLEX_* settings from ``env`` (and ``extra``
+    arguments, e.g. ``--workers 2``), pinned to ``cpu`` (one, or a set)."""
     port = free_port()
     argv = ["-m", "server.cli", "serve", "--port", str(port), "--token", f"{TOKEN}:bench"]
-    argv += ["--log-level", "warning"]
+    argv += ["--log-level", "warning", *extra]
     return _spawn(argv, port, env or {}, cpu)
 
 
