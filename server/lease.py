@@ -55,7 +55,11 @@ return {1, token}
 _RENEW = """
 if redis.call('GET', KEYS[2]) ~= ARGV[2] then return 0 end
 redis.call('SET', KEYS[1], ARGV[1] .. ':' .. ARGV[2], 'PX', ARGV[3])
-redis.call('EXPIRE', KEYS[2], ARGV[4])
+-- Refreshed only when half spent: touching the fence fires the WATCH of a write in
+-- flight (RedisStore then tries it again).
+if redis.call('TTL', KEYS[2]) < tonumber(ARGV[4]) / 2 then
+  redis.call('EXPIRE', KEYS[2], ARGV[4])
+end
 if redis.call('DEL', KEYS[3]) == 1 then return 2 end
 return 1
 """

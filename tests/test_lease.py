@@ -184,3 +184,29 @@ async def test_a_live_owner_hands_the_session_over_when_asked(
         assert await LeaseManager(b, "replica-b", slow)._renew_asked(new) == 1
     finally:
         keeper.cancel()
+
+
+async def test_a_touched_fence_does_not_fail_the_owners_write(
+    stores: tuple[RedisStore, RedisStore], redis_url: str
+) -> None:
+    """Refreshing the fence's TTL (a lease renewal) modifies the key, which fires the WATCH
+    of a write in flight; the owner's write must still succeed (it failed with
+    FencedWrite: a session ended with a fatal 500 on a single replica)."""
+    import redis as sync_redis
+
+    a, _ = stores
+    owner = LeaseManager(a, "replica-a", FAST)
+    await owner.acquire("s1")
+    touches = 0
+
+    def fill(pipe: object) -> None:
+        nonlocal touches
+        if touches == 0:  # between the token check and EXEC, like a renewal would
+            touches += 1
+            with sync_redis.Redis.from_url(redis_url) as other:
+                other.expire(a.fence_key("s1"), 86400)
+        pipe.rpush(a.key("messages", "s1"), "kept")  # type: ignore[attr-defined]
+
+    await a._write("s1", fill)
+    assert touches == 1
+    assert await a.redis.lrange(a.key("messages", "s1"), 0, -1) == ["kept"]

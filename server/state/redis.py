@@ -19,7 +19,7 @@ import dataclasses
 import json
 import math
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -146,14 +146,30 @@ class RedisStore(StateStore):
             except WatchError:
                 raise FencedWrite(session_id) from None
 
+    async def _write(self, session_id: str, fill: Callable[[Any], object]) -> None:
+        """Run ``fill(pipe)``'s commands as one fenced transaction. The WATCH also fires
+        when the fence is only touched (its TTL refreshed by a lease renewal) while the
+        token is still ours: then the write is tried again (at most twice more)."""
+        for attempt in range(3):
+            try:
+                async with self._tx(session_id) as pipe:
+                    fill(pipe)
+                    await pipe.execute()
+                return
+            except FencedWrite:
+                token = self.fences.get(session_id)
+                if attempt == 2 or token is None:
+                    raise
+                if await self._redis.get(self.fence_key(session_id)) != str(token):
+                    raise  # taken over: never retried
+
     # ---- sessions -----------------------------------------------------------------------
 
     async def create_session(self, record: SessionRecord) -> None:
-        async with self._tx(record.id) as pipe:
-            pipe.set(
-                self._k("session", record.id), json.dumps(dataclasses.asdict(record)), ex=self._ttl
-            )
-            await pipe.execute()
+        raw = json.dumps(dataclasses.asdict(record))
+        await self._write(
+            record.id, lambda pipe: pipe.set(self._k("session", record.id), raw, ex=self._ttl)
+        )
 
     async def update_session(self, record: SessionRecord) -> None:
         await self.create_session(record)
@@ -169,15 +185,14 @@ class RedisStore(StateStore):
 
     async def delete_session(self, session_id: str) -> None:
         responses = await self._redis.smembers(self._k("responses", session_id))
-        async with self._tx(session_id) as pipe:
-            pipe.delete(
-                self._k("session", session_id),
-                self._k("messages", session_id),
-                self._k("responses", session_id),
-                self._k("outbox", session_id),
-                *(self._k("events", session_id, r) for r in responses),
-            )
-            await pipe.execute()
+        keys = [
+            self._k("session", session_id),
+            self._k("messages", session_id),
+            self._k("responses", session_id),
+            self._k("outbox", session_id),
+            *(self._k("events", session_id, r) for r in responses),
+        ]
+        await self._write(session_id, lambda pipe: pipe.delete(*keys))
 
     # ---- messages -----------------------------------------------------------------------
 
@@ -189,33 +204,36 @@ class RedisStore(StateStore):
         if not messages:
             return
         key = self._k("messages", session_id)
-        async with self._tx(session_id) as pipe:
-            pipe.rpush(key, *(m.model_dump_json() for m in messages))
+        rows = [m.model_dump_json() for m in messages]
+
+        def fill(pipe: Any) -> None:
+            pipe.rpush(key, *rows)
             pipe.ltrim(key, -self._max_messages, -1)
             pipe.expire(key, self._ttl)
-            await pipe.execute()
+
+        await self._write(session_id, fill)
 
     async def clear_messages(self, session_id: str) -> None:
         responses = await self._redis.smembers(self._k("responses", session_id))
-        async with self._tx(session_id) as pipe:
-            pipe.delete(
-                self._k("messages", session_id),
-                self._k("responses", session_id),
-                *(self._k("events", session_id, r) for r in responses),
-            )
-            await pipe.execute()
+        keys = [
+            self._k("messages", session_id),
+            self._k("responses", session_id),
+            *(self._k("events", session_id, r) for r in responses),
+        ]
+        await self._write(session_id, lambda pipe: pipe.delete(*keys))
 
     # ---- stream events ------------------------------------------------------------------
 
     async def append_events(self, session_id: str, events: list[StreamEvent]) -> None:
-        async with self._tx(session_id) as pipe:
+        def fill(pipe: Any) -> None:
             for event in events:
                 key = self._k("events", session_id, event.response_id)
                 pipe.sadd(self._k("responses", session_id), event.response_id)
                 pipe.rpush(key, json.dumps(dataclasses.asdict(event)))
                 pipe.expire(key, self._ttl)
             pipe.expire(self._k("responses", session_id), self._ttl)
-            await pipe.execute()
+
+        await self._write(session_id, fill)
 
     async def load_events(self, session_id: str) -> list[StreamEvent]:
         events: list[StreamEvent] = []
@@ -225,10 +243,11 @@ class RedisStore(StateStore):
         return sorted(events, key=lambda e: e.created_at)
 
     async def drop_events(self, session_id: str, response_id: str) -> None:
-        async with self._tx(session_id) as pipe:
+        def fill(pipe: Any) -> None:
             pipe.delete(self._k("events", session_id, response_id))
             pipe.srem(self._k("responses", session_id), response_id)
-            await pipe.execute()
+
+        await self._write(session_id, fill)
 
     # ---- outbox -------------------------------------------------------------------------
 
