@@ -138,6 +138,7 @@ def create_app(settings: Settings | None = None, *, tools: ToolRegistry | None =
         gc.set_threshold(*thresholds)
         await services.providers.aclose()
         await services.outbox_writer.aclose()
+        await state.replica.aclose()
         await store.close()
 
     app = api_docs.make_app(settings.api_docs, title="Duplex", version="0.1.0", lifespan=lifespan)

@@ -13,8 +13,10 @@ time a dead owner's sessions stay unreachable is therefore at most ``ttl_ms`` pl
 client's reconnect delay.
 
 A live owner is asked to hand a session over when another replica wants it (a client's
-resume landed there): the waiting replica sets ``handover:{id}``, the owner sees it at
-its next renewal (within ``renew_ms``), ends the session there and releases the lease.
+resume landed there): the waiting replica publishes the session id on the owner's
+channel ``handover-to:{replica}`` (heard at once) and sets ``handover:{id}`` (seen at the
+owner's next renewal, should the message be lost); the owner ends the session there and
+releases the lease.
 """
 
 from __future__ import annotations
@@ -35,11 +37,11 @@ log = logging.getLogger(__name__)
 #: KEYS: lease, fence, handover. ARGV: replica, ttl_ms, fence_ttl_s.
 #: Free, or held by this replica: a new token (the fence goes up; a pending request for
 #: a handover is void) -> {1, token}.
-#: Held by another replica -> {0, remaining ms}.
+#: Held by another replica -> {0, remaining ms, its value}.
 _ACQUIRE = """
 local holder = redis.call('GET', KEYS[1])
 if holder and string.sub(holder, 1, #ARGV[1] + 1) ~= ARGV[1] .. ':' then
-  return {0, redis.call('PTTL', KEYS[1])}
+  return {0, redis.call('PTTL', KEYS[1]), holder}
 end
 local token = redis.call('INCR', KEYS[2])
 redis.call('EXPIRE', KEYS[2], ARGV[3])
@@ -113,15 +115,44 @@ class LeaseManager:
         self._acquire = redis.register_script(_ACQUIRE)
         self._renew = redis.register_script(_RENEW)
         self._release = redis.register_script(_RELEASE)
+        #: Session id -> what to do when another replica asks for it (`keep`).
+        self._handovers: dict[str, Callable[[], None]] = {}
 
     def _keys(self, session_id: str) -> list[str]:
         return [self.store.key("lease", session_id), self.store.fence_key(session_id)]
 
-    async def _ask_handover(self, session_id: str, ttl_ms: int) -> None:
+    def _channel(self, replica: str) -> str:
+        return self.store.key("handover-to", replica)
+
+    async def _ask_handover(self, session_id: str, holder: str, ttl_ms: int) -> None:
+        owner = holder.rsplit(":", 1)[0]
         with contextlib.suppress(RedisError, OSError):
-            await self.store.redis.set(
-                self.store.key("handover", session_id), self.replica, px=max(1, ttl_ms)
-            )
+            redis = self.store.redis
+            await redis.set(self.store.key("handover", session_id), self.replica, px=ttl_ms)
+            await redis.publish(self._channel(owner), session_id)
+
+    async def listen(self) -> None:
+        """Hear handover requests for the sessions this replica keeps (until cancelled);
+        reconnects after a Redis fault."""
+        while True:
+            try:
+                async with self.store.redis.pubsub() as pubsub:
+                    await pubsub.subscribe(self._channel(self.replica))
+                    while True:
+                        message = await pubsub.get_message(
+                            ignore_subscribe_messages=True, timeout=1.0
+                        )
+                        if message is not None:
+                            self._asked(str(message["data"]))
+            except (RedisError, OSError) as exc:
+                log.warning("handover channel: %s; listening again in 1 s", exc)
+                await asyncio.sleep(1.0)
+
+    def _asked(self, session_id: str) -> None:
+        entry = self._handovers.get(session_id)
+        if entry is not None:
+            log.info("[%s] another replica asks for the session", session_id)
+            entry()
 
     async def acquire(self, session_id: str, *, handover: bool = False) -> Lease:
         """Own ``session_id`` (a new fencing token); waits up to ``wait_ms`` for another
@@ -131,7 +162,7 @@ class LeaseManager:
         deadline = time.monotonic() + s.wait_ms / 1000
         asked = False
         while True:
-            ok, value = await self._acquire(
+            ok, value, *holder = await self._acquire(
                 keys=[*self._keys(session_id), self.store.key("handover", session_id)],
                 args=[self.replica, s.ttl_ms, s.fence_ttl_s],
             )
@@ -143,9 +174,9 @@ class LeaseManager:
             left = deadline - time.monotonic()
             if left <= 0:
                 raise LeaseBusy(session_id, int(value))
-            if handover and not asked:
+            if handover and not asked and holder:
                 asked = True
-                await self._ask_handover(session_id, int(left * 1000))
+                await self._ask_handover(session_id, holder[0], max(1, int(left * 1000)))
             # Poll: the holder's lease ends when it expires or is released.
             await asyncio.sleep(min(left, max(0.02, min(int(value), 100) / 1000)))
 
@@ -169,6 +200,25 @@ class LeaseManager:
         """Renew ``lease`` until cancelled; when the session is taken over, mark it lost
         and call ``on_lost``; when another replica asks for it, call ``on_handover``
         (which ends the session here; renewal goes on until then)."""
+        asked = False
+
+        def ask_once() -> None:
+            nonlocal asked
+            if not asked and on_handover is not None:
+                asked = True
+                on_handover()
+
+        if on_handover is not None:
+            self._handovers[lease.session_id] = ask_once
+        try:
+            await self._keep(lease, on_lost, ask_once)
+        finally:
+            if self._handovers.get(lease.session_id) is ask_once:
+                del self._handovers[lease.session_id]
+
+    async def _keep(
+        self, lease: Lease, on_lost: Callable[[], None], on_handover: Callable[[], None]
+    ) -> None:
         s = self.settings
         while True:
             await asyncio.sleep(s.renew_ms / 1000)
@@ -188,7 +238,7 @@ class LeaseManager:
                 lease.lost.set()
                 on_lost()
                 return
-            if ok == 2 and on_handover is not None:
+            if ok == 2:
                 log.info("[%s] another replica asks for the session", lease.session_id)
                 on_handover()
 

@@ -91,6 +91,14 @@ class Replica:
         self._leases: dict[DuplexSession, Lease] = {}
         self._live: set[DuplexSession] = set()
         self._tasks: set[asyncio.Task[Any]] = set()
+        self._listener: asyncio.Task[None] | None = None  # handover requests (Redis)
+
+    async def aclose(self) -> None:
+        """Stop listening for handover requests (app shutdown)."""
+        if self._listener is not None:
+            self._listener.cancel()
+            await asyncio.wait([self._listener])
+            self._listener = None
 
     # ---- connect -----------------------------------------------------------------------
 
@@ -174,6 +182,8 @@ class Replica:
         self._live = {s for s in self._live if not s.done.is_set()}
         self._live.add(session)
         if lease is not None:
+            if self._listener is None and self.leases is not None:
+                self._listener = asyncio.ensure_future(self.leases.listen())
             self._leases[session] = lease
             self._spawn(self._hold(session, lease))
         if self.draining:  # opened while the drain began

@@ -210,3 +210,32 @@ async def test_a_touched_fence_does_not_fail_the_owners_write(
     await a._write("s1", fill)
     assert touches == 1
     assert await a.redis.lrange(a.key("messages", "s1"), 0, -1) == ["kept"]
+
+
+async def test_a_handover_request_is_heard_at_once(
+    stores: tuple[RedisStore, RedisStore],
+) -> None:
+    """The request is also published on the owner's channel: an owner that renews only
+    every 30 s (past the other replica's 3 s wait) still hands the session over."""
+    a, b = stores
+    owner = LeaseManager(a, "replica-a", LeaseSettings(ttl_ms=60_000, renew_ms=30_000))
+    lease = await owner.acquire("s1")
+    releases: list[asyncio.Task[None]] = []
+    listener = asyncio.create_task(owner.listen())
+    keeper = asyncio.create_task(
+        owner.keep(
+            lease,
+            lambda: None,
+            lambda: releases.append(asyncio.ensure_future(owner.release(lease))),
+        )
+    )
+    try:
+        async with asyncio.timeout(10):  # until the owner listens
+            while (await a.redis.pubsub_numsub(owner._channel("replica-a")))[0][1] == 0:  # noqa: ASYNC110
+                await asyncio.sleep(0.01)
+        waiting = LeaseManager(b, "replica-b", LeaseSettings(ttl_ms=2000, wait_ms=3000))
+        new = await waiting.acquire("s1", handover=True)
+        assert new.token == lease.token + 1 and len(releases) == 1
+    finally:
+        keeper.cancel()
+        listener.cancel()

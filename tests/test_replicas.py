@@ -263,8 +263,8 @@ async def test_a_dropped_socket_resumes_through_nginx(cluster: Cluster) -> None:
 
 async def test_a_resume_on_another_replica_takes_the_session_over(cluster: Cluster) -> None:
     """The owner lives, but the resume reaches another replica: that one asks the owner
-    for the session (it hands over at its next lease renewal), reopens it from the store
-    and replays what the client missed."""
+    for the session (a Redis message; the owner cuts its answer and lets go), reopens it
+    from the store and replays what the client missed."""
     seen = Seen()
     client, session = await open_session(cluster, seen, reconnect=None)
     try:

@@ -10,6 +10,7 @@ import sys
 
 import httpx
 import pytest
+import redis as sync_redis
 import websockets
 from websockets.exceptions import InvalidStatus
 
@@ -88,22 +89,33 @@ async def test_two_workers_share_the_port_and_the_store(redis_url: str) -> None:
 
 
 async def test_a_session_runs_on_one_server_at_a_time(server_factory, redis_url: str) -> None:
-    """Two servers on one Redis: a session live on the first is refused by the second
-    (HTTP 503 after ``lease_wait_ms``) until the first lets it go."""
+    """Two servers on one Redis: a connect to the second for a session live on the first
+    asks the first to hand it over; the first lets it go (its socket closes with 4001)
+    and the second continues it with its history. A holder that does not answer (a lease
+    of a replica that is gone, not yet expired) gets HTTP 503 after ``lease_wait_ms``."""
     first = server_factory(store_url=redis_url)
     second = server_factory(store_url=redis_url, lease_wait_ms=300)
+    headers = {"Authorization": f"Bearer {TOKEN}"}
     async with connect(first, TOKEN) as c:
         sid = (await c.recv())["session"]["id"]
         await c.ask("hello")
         url = f"{second.ws_url}?session_id={sid}"
-        with pytest.raises(InvalidStatus) as refused:
-            await websockets.connect(url, additional_headers={"Authorization": f"Bearer {TOKEN}"})
-        assert refused.value.response.status_code == 503
-        assert b"live on another replica" in refused.value.response.body
-    # Closed on the first: the second takes it at once, with the history.
-    async with websockets.connect(
-        url, additional_headers={"Authorization": f"Bearer {TOKEN}"}
-    ) as ws:
-        conn = Conn(ws)
-        assert (await conn.recv())["session"]["id"] == sid
-        await conn.ask("still me")
+        async with websockets.connect(url, additional_headers=headers) as ws:
+            conn = Conn(ws)
+            assert (await conn.recv())["session"]["id"] == sid
+            with pytest.raises(websockets.ConnectionClosed) as replaced:
+                while True:
+                    await c.recv()
+            assert replaced.value.rcvd is not None and replaced.value.rcvd.code == 4001
+            await conn.ask("still me")
+        async with httpx.AsyncClient(base_url=second.base, headers=headers) as http:
+            history = await http.get(f"/v1/sessions/{sid}/messages")
+        contents = [m["content"] for m in history.json()["messages"] if m["role"] == "user"]
+        assert contents == ["hello", "still me"]
+    # A lease nobody renews or releases (its replica vanished): refused after the wait.
+    with sync_redis.Redis.from_url(redis_url) as r:
+        r.set(f"duplex:lease:{sid}", "ghost:999", px=60_000)
+    with pytest.raises(InvalidStatus) as refused:
+        await websockets.connect(url, additional_headers=headers)
+    assert refused.value.response.status_code == 503
+    assert b"live on another replica" in refused.value.response.body
