@@ -177,8 +177,10 @@ class LeaseManager:
             if handover and not asked and holder:
                 asked = True
                 await self._ask_handover(session_id, holder[0], max(1, int(left * 1000)))
-            # Poll: the holder's lease ends when it expires or is released.
-            await asyncio.sleep(min(left, max(0.02, min(int(value), 100) / 1000)))
+            # Poll: the holder's lease ends when it expires or is released (soon, once
+            # asked to hand over: then poll more often).
+            step = 20 if asked else min(int(value), 100)
+            await asyncio.sleep(min(left, max(0.02, step / 1000)))
 
     async def renew(self, lease: Lease) -> bool:
         """False if the session was taken over (the fence moved on)."""

@@ -281,7 +281,7 @@ async def _cut(session: DuplexSession) -> None:
     with contextlib.suppress(TimeoutError):
         async with asyncio.timeout(_CUT_WAIT_S):
             while session.responding and not session.closed:  # noqa: ASYNC110 - bounded
-                await asyncio.sleep(_POLL_S)
+                await asyncio.sleep(0.005)  # a client waits on this (a handover)
 
 
 async def refuse_unavailable(ws: WebSocket, message: str) -> None:
