@@ -20,6 +20,7 @@ import logging
 import os
 import secrets
 import socket
+import weakref
 from typing import Any
 
 from fastapi import WebSocket
@@ -89,7 +90,9 @@ class Replica:
             )
         self.draining = False
         self._leases: dict[DuplexSession, Lease] = {}
-        self._live: set[DuplexSession] = set()
+        #: Sessions this process runs; weak: a closed session is freed by reference
+        #: counting alone (no cycle, no wait for the GC).
+        self._live: weakref.WeakSet[DuplexSession] = weakref.WeakSet()
         self._tasks: set[asyncio.Task[Any]] = set()
         self._listener: asyncio.Task[None] | None = None  # handover requests (Redis)
 
@@ -135,7 +138,7 @@ class Replica:
                 and await services.store.get_session(session_id, tenant) is not None
             ):
                 lease = await self._claim(session_id)
-                if not any(s.id == session_id for s in self._live):
+                if not any(s.id == session_id and not s.done.is_set() for s in self._live):
                     cut = await settle_interrupted(services.store, session_id)
             # Unknown or foreign ids take the 404 path; no lease is touched for them.
             if resume:
@@ -179,7 +182,6 @@ class Replica:
         """From now until the session ends (its connections come and go: a detached
         session keeps its lease through the resume grace): renew the lease, drain the
         session on shutdown; once it has ended (its last writes done), release the lease."""
-        self._live = {s for s in self._live if not s.done.is_set()}
         self._live.add(session)
         if lease is not None:
             if self._listener is None and self.leases is not None:
@@ -241,12 +243,12 @@ class Replica:
         their leases released, or shortly after ``drain_timeout_s``."""
         self.start_draining()
         timeout = self.settings.drain_timeout_s
-        sessions = [s for s in self._live if not s.done.is_set()]
+        sessions = [s for s in list(self._live) if not s.done.is_set()]
         log.info("draining %d session(s), up to %g s", len(sessions), timeout)
         await asyncio.gather(*(self._drain_one(s, timeout) for s in sessions))
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(5.0):
-                while self._tasks or any(not s.done.is_set() for s in self._live):  # noqa: ASYNC110
+                while self._tasks or any(not s.done.is_set() for s in list(self._live)):  # noqa: ASYNC110
                     await asyncio.sleep(_POLL_S)
         log.info("drained")
 
