@@ -68,7 +68,8 @@ class Reconnect:
 
 
 #: Close codes after which the session is over: no reconnect (normal close, policy, a
-#: fatal server error, and 4001: the session was resumed on another connection).
+#: fatal server error, and 4001: the session was resumed on another connection). Any
+#: other close resumes: 1006 (the network), 1012 (a draining or moved server), 1013.
 FINAL_CLOSE_CODES = frozenset({1000, 1008, 1011, 4001})
 
 
