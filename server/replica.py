@@ -32,6 +32,7 @@ from duplex.protocol import (
     Message,
     ProtocolError,
     ResponseDone,
+    SessionConfig,
     SessionReconnect,
     StreamChunk,
     chunk_event,
@@ -112,11 +113,16 @@ class Replica:
         return None
 
     async def open(
-        self, services: SessionServices, *, tenant: str, session_id: str | None
+        self,
+        services: SessionServices,
+        *,
+        tenant: str,
+        session_id: str | None,
+        config: SessionConfig | None = None,
     ) -> DuplexSession:
         """`DuplexSession.open`, holding the session's lease (Redis stores). A session live
         on another replica past ``lease_wait_ms`` raises ProtocolError(503)."""
-        return await self._own(services, tenant, session_id, resume=False)
+        return await self._own(services, tenant, session_id, resume=False, config=config)
 
     async def reopen(
         self, services: SessionServices, *, tenant: str, session_id: str
@@ -127,7 +133,13 @@ class Replica:
         return await self._own(services, tenant, session_id, resume=True)
 
     async def _own(
-        self, services: SessionServices, tenant: str, session_id: str | None, *, resume: bool
+        self,
+        services: SessionServices,
+        tenant: str,
+        session_id: str | None,
+        *,
+        resume: bool,
+        config: SessionConfig | None = None,
     ) -> DuplexSession:
         lease: Lease | None = None
         cut: list[Message] = []
@@ -145,7 +157,9 @@ class Replica:
                 assert session_id is not None
                 session = await DuplexSession.reopen(services, tenant=tenant, session_id=session_id)
             else:
-                session = await DuplexSession.open(services, tenant=tenant, session_id=session_id)
+                session = await DuplexSession.open(
+                    services, tenant=tenant, session_id=session_id, config=config
+                )
             try:
                 # The client saw these start: they end here, interrupted, through the
                 # session's output (numbered and in the outbox, after what was replayed).

@@ -4,9 +4,13 @@ flight, and what happens to one the drain timeout cuts."""
 from __future__ import annotations
 
 import asyncio
+import json
 import math
 import struct
 from typing import Any
+
+import pytest
+import websockets
 
 from duplex.protocol import TextChunk
 from server.config import Settings
@@ -16,6 +20,7 @@ from server.providers.catalog import ProviderCatalog
 from server.replica import Replica
 from server.session import DuplexSession, SessionServices
 from server.state.memory import MemoryStore
+from tests.conftest import TOKEN
 
 
 def make(drain_timeout_s: float, pace: float) -> tuple[Replica, SessionServices]:
@@ -105,3 +110,26 @@ async def test_the_drain_timeout_cuts_the_answer_as_interrupted() -> None:
     stored = [m for m in await session.messages() if m.role == "assistant"]
     assert len(stored) == 1 and stored[0].metadata["finish_reason"] == "interrupted"
     assert stored[0].content.startswith("Heard 4.00 s of audio")
+
+
+async def test_a_draining_server_refuses_and_drains_realtime_sessions(server_factory) -> None:
+    """The Realtime door's sessions are the replica's too: refused with 503 while the
+    server drains, and a live one is drained (closed) like a /v1/duplex session."""
+    server = server_factory(drain_timeout_s=5)
+    replica = server.app.state.duplex.replica
+    url = server.base.replace("http", "ws", 1) + "/v1/realtime?model=duplex-echo"
+    headers = {"Authorization": f"Bearer {TOKEN}"}
+    async with websockets.connect(url, additional_headers=headers) as ws:
+        assert json.loads(await ws.recv())["type"] == "session.created"
+        live = list(replica._live)
+        assert len(live) == 1  # the door's session is the replica's
+        loop = next(iter(live[0]._tasks)).get_loop()  # the server's, in its own thread
+        drained = asyncio.run_coroutine_threadsafe(replica.drain(), loop)
+        async with asyncio.timeout(10):
+            with pytest.raises(websockets.ConnectionClosed):
+                while True:
+                    await ws.recv()
+        await asyncio.wrap_future(drained)
+    with pytest.raises(websockets.InvalidStatus) as refused:
+        await websockets.connect(url, additional_headers=headers)
+    assert refused.value.response.status_code == 503

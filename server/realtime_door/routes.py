@@ -126,10 +126,17 @@ async def realtime(ws: WebSocket) -> None:
             f"The model {str(name)[:64]!r} does not exist (GET /v1/models lists them)",
         )
         return
+    refusal = app.replica.refusal()
+    if refusal is not None:  # draining (SIGTERM): a load balancer tries another replica
+        await _refuse(ws, 503, "server_draining", refusal)
+        return
     state = RealtimeSessionState(model)
     try:
         config = _initial_config(model, state)
-        session = await DuplexSession.open(app.services, tenant=tenant, config=config)
+        # Through the replica: the session's lease (Redis), and the drain on SIGTERM.
+        session = await app.replica.open(
+            app.services, tenant=tenant, session_id=None, config=config
+        )
     except StoreUnavailable as exc:
         await _refuse(ws, 503, "store_unavailable", f"{exc}; try again later")
         return
