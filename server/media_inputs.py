@@ -10,7 +10,7 @@ import asyncio
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable
-from typing import Protocol
+from typing import Any, Protocol, TypeVar
 
 from duplex.protocol import RATE_LIMITED, ImageFrame, ProtocolError, VideoChunk, VideoConfig
 from media.errors import MediaError
@@ -18,6 +18,8 @@ from media.image import ImageLimits, image_pixels, prepare_image
 from media.mp4file import MAX_FILE_FRAMES
 from media.video import FramePolicy, VideoPushResult, VideoStream
 from server.decode_budget import PixelBudget
+
+_T = TypeVar("_T")
 
 #: Frames kept for the turn being collected (the newest win).
 MAX_PENDING_FRAMES = MAX_FILE_FRAMES
@@ -73,18 +75,20 @@ class FrameSource:
             stream.limits = self.limits
 
     async def add_image(self, frame: ImageFrame, *, speaking: bool) -> None:
-        held = await self._take_pixels(frame.data)
-        budget = self.budget
-        decode = asyncio.ensure_future(
-            asyncio.to_thread(
-                prepare_image, frame.data, frame.mime_type, self.limits, frame.width, frame.height
-            )
-        )
-        # Released when the decode ends, not when this task does: a cancelled wait leaves
-        # the thread decoding, and its pixels still count.
-        decode.add_done_callback(lambda done: _released(done, budget, held))
+        pixels = image_pixels(frame.data)
+        if pixels > self.limits.max_pixels:
+            pixels = 0  # refused from its header, never decoded
+        held = await self._wait_for_budget(pixels, "image")
         try:
-            prepared = await asyncio.shield(decode)
+            prepared = await self._decode(
+                held,
+                prepare_image,
+                frame.data,
+                frame.mime_type,
+                self.limits,
+                frame.width,
+                frame.height,
+            )
         except MediaError as exc:
             raise ProtocolError(exc.code, exc.message) from None
         out = ImageFrame(
@@ -97,18 +101,27 @@ class FrameSource:
         )
         await self._accept(out, speaking)
 
-    async def _take_pixels(self, data: bytes) -> int:
-        """Wait (bounded) for the app's decode budget to hold this image's pixels."""
-        pixels = image_pixels(data)
-        if pixels > self.limits.max_pixels:
-            pixels = 0  # refused from its header, never decoded
+    async def _wait_for_budget(self, pixels: int, what: str) -> int:
+        """Wait (bounded) for the app's decode budget to hold ``pixels``; 429 after."""
         try:
             async with asyncio.timeout(self.decode_wait_s):
                 return await self.budget.acquire(pixels)
         except TimeoutError:
             raise ProtocolError(
-                RATE_LIMITED, "the server is busy decoding images; send the image again later"
+                RATE_LIMITED,
+                f"the server is busy decoding images and video; this {what} was dropped, "
+                "send it again later",
             ) from None
+
+    async def _decode(self, held: int, fn: Callable[..., _T], *args: Any, **kwargs: Any) -> _T:
+        """``fn`` in a worker thread, holding ``held`` pixels of the budget until it ends.
+
+        Released when the thread ends, not when this task does: a cancelled wait leaves
+        the thread decoding, and its pixels still count."""
+        budget = self.budget
+        decode = asyncio.ensure_future(asyncio.to_thread(fn, *args, **kwargs))
+        decode.add_done_callback(lambda done: _released(done, budget, held))
+        return await asyncio.shield(decode)
 
     async def add_video(self, chunk: VideoChunk, *, speaking: bool, msg_id: str | None) -> None:
         stream = self._streams.get(chunk.mime_type)
@@ -120,7 +133,11 @@ class FrameSource:
             except MediaError as exc:
                 raise ProtocolError(exc.code, exc.message) from None
             self._streams[chunk.mime_type] = stream
-        result = await asyncio.to_thread(
+        held = await self._wait_for_budget(
+            stream.decode_pixels(chunk.width, chunk.height), "video chunk"
+        )
+        result = await self._decode(
+            held,
             stream.push,
             chunk.chunk_index,
             chunk.data,
@@ -142,7 +159,11 @@ class FrameSource:
         for mime_type, stream in list(self._streams.items()):
             if self._streams.get(mime_type) is not stream:
                 continue
-            result = await asyncio.to_thread(stream.poll, now_ms=self._now_ms(), speaking=speaking)
+            try:
+                held = await self._wait_for_budget(stream.decode_pixels(), "video")
+            except ProtocolError:
+                continue  # the turn goes on without this stream's due frame
+            result = await self._decode(held, stream.poll, now_ms=self._now_ms(), speaking=speaking)
             if self._streams.get(mime_type) is stream:
                 await self._take_result(result, None)
 

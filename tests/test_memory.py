@@ -199,6 +199,95 @@ async def test_image_decodes_wait_for_the_pixel_budget(server_factory, monkeypat
     assert 0 < most[0] <= budget
 
 
+def _h264(width: int, height: int, frames: int = 4) -> bytes:
+    import io
+
+    import av
+
+    out = io.BytesIO()
+    with av.open(out, "w", format="h264") as container:
+        stream = container.add_stream("libx264", rate=15)
+        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+        stream.options = {"g": "15", "preset": "ultrafast", "tune": "zerolatency"}
+        for i in range(frames):
+            img = np.full((height, width, 3), i * 40, dtype=np.uint8)
+            for packet in stream.encode(av.VideoFrame.from_ndarray(img, format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    return out.getvalue()
+
+
+async def test_video_decodes_wait_for_the_pixel_budget(server_factory, monkeypatch):
+    """Four sessions each send a 640x480 H.264 stream at once. A stream decoding holds
+    `DECODE_PICTURES` pictures of its size; the budget holds one and a half such streams:
+    the decodes run one at a time and every stream still gives its frame. Each decode
+    waits (bounded) for a second one to start, so without the budget they would overlap."""
+    import base64
+    import threading
+
+    from media.video import DECODE_PICTURES, VideoStream
+
+    width, height = 640, 480
+    video = _h264(width, height)
+    held = DECODE_PICTURES * width * height
+    budget = held * 3 // 2
+    lock = threading.Lock()
+    inside = [0]
+    most = [0]
+    two_inside = threading.Event()
+    real = VideoStream.push
+
+    def push(self, *args, **kwargs):
+        with lock:
+            inside[0] += 1
+            most[0] = max(most[0], inside[0] * held)
+            if inside[0] >= 2:
+                two_inside.set()
+        two_inside.wait(0.5)  # a safety bound, not a measurement
+        try:
+            return real(self, *args, **kwargs)
+        finally:
+            with lock:
+                inside[0] -= 1
+
+    monkeypatch.setattr(VideoStream, "push", push)
+    server = server_factory(max_decode_pixels=budget, max_image_pixels=budget)
+    message = {
+        "type": "input.video",
+        "data": base64.b64encode(video).decode(),
+        "mime_type": "video/h264",
+        "chunk_index": 0,
+        "width": width,
+        "height": height,
+    }
+
+    async def one(k: int) -> list[dict]:
+        async with connect(server, TOKEN) as c:
+            await c.recv()
+            await c.send(message)
+            await c.send({"type": "ping", "id": f"after-{k}"})
+            return await c.until("pong", timeout=30)
+
+    replies = await asyncio.gather(*(one(k) for k in range(4)))
+    assert all(r[-1]["id"] == f"after-{k}" for k, r in enumerate(replies))
+    assert not [e for r in replies for e in r if e["type"] == "error"]
+    assert 0 < most[0] <= budget
+
+
+def test_a_video_stream_counts_the_pictures_it_decodes():
+    """Before its first picture a stream counts the declared size (else the largest
+    allowed); after, the size it decoded."""
+    from media.image import ImageLimits
+    from media.video import DECODE_PICTURES, FramePolicy, VideoStream
+
+    stream = VideoStream("video/h264", FramePolicy(1, 1), ImageLimits(max_pixels=1_000_000))
+    assert stream.decode_pixels() == DECODE_PICTURES * 1_000_000
+    assert stream.decode_pixels(640, 480) == DECODE_PICTURES * 640 * 480
+    stream.push(0, _h264(320, 240), now_ms=0, speaking=True)
+    assert stream.decode_pixels(640, 480) == DECODE_PICTURES * 320 * 240
+
+
 async def test_pixel_budget_waits_in_order_and_a_cancelled_wait_gives_up_its_place():
     from server.decode_budget import PixelBudget
 
