@@ -2,6 +2,11 @@
 
 Run: ``python -m bench.bench_audio [--seconds 30] [--repeats 7] [--out BENCHMARKS.md.audio]``
 
+``--resamplers``: reply resamplers instead (``StreamResampler`` against python-soxr's
+``ResampleStream`` when ``soxr`` is importable): memory per stream (RSS of 40 streams in a
+fresh process, after three pushes each), CPU per second of audio, and a 1 kHz sine's
+level and frequency after conversion.
+
 CPU time (``time.process_time``) per second of audio; each figure is the minimum over
 ``--repeats`` interleaved runs, which filters out noise from other processes sharing the
 machine. Ratios are what to compare across machines, not the absolute microseconds.
@@ -66,12 +71,129 @@ def cpu(fn: Callable[[], object]) -> float:
     return time.process_time() - start
 
 
+# ---- reply resamplers ---------------------------------------------------------------------
+
+RESAMPLE_CASES = [(16000, 24000, 100), (16000, 24000, 500), (24000, 16000, 100)]
+RESAMPLE_CASES += [(24000, 48000, 100), (48000, 16000, 1000)]
+
+
+def _resampler(impl: str, in_rate: int, out_rate: int) -> Callable[[np.ndarray], np.ndarray]:
+    """A streaming int16 mono converter: array in, what is ready out."""
+    if impl == "pyav":
+        from media.audio import StreamResampler
+
+        return StreamResampler(in_rate, 1, out_rate, 1).push
+    import soxr  # optional: only for this comparison
+
+    stream = soxr.ResampleStream(in_rate, out_rate, 1, dtype="int16", quality=impl.split()[1])
+    return stream.resample_chunk
+
+
+def _rss_kb() -> int:
+    for line in open("/proc/self/status"):
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise RuntimeError("no VmRSS")
+
+
+def resampler_memory_probe(impl: str, in_rate: int, out_rate: int, chunk_ms: int) -> float:
+    """KB per stream: 40 streams, three pushes each (run in a fresh process)."""
+    chunk = speechlike(in_rate, chunk_ms / 1000, 1)
+    warm = _resampler(impl, in_rate, out_rate)
+    warm(chunk)
+    del warm
+    before = _rss_kb()
+    kept = [_resampler(impl, in_rate, out_rate) for _ in range(40)]
+    for push in kept:
+        for _ in range(3):
+            push(chunk)
+    return (_rss_kb() - before) / 40
+
+
+def _sine_check(impl: str, in_rate: int, out_rate: int, chunk_ms: int) -> tuple[float, float]:
+    """Level change (dB) and frequency (Hz) of a 1 kHz sine at -12 dBFS, pushed in chunks."""
+    t = np.arange(in_rate * 2) / in_rate
+    x = (np.sin(2 * np.pi * 1000 * t) * 32768 * 10 ** (-12 / 20)).astype(np.int16)
+    push = _resampler(impl, in_rate, out_rate)
+    step = in_rate * chunk_ms // 1000
+    y = np.concatenate([push(x[i : i + step]) for i in range(0, len(x), step)])
+    y = y[out_rate // 10 : out_rate // 10 + out_rate].astype(np.float64)  # 1 s, past the start
+    level = 20 * np.log10(np.sqrt(np.mean(y**2)) / np.sqrt(np.mean(x.astype(np.float64) ** 2)))
+    spectrum = np.abs(np.fft.rfft(y * np.hanning(len(y))))
+    return float(level), float(np.argmax(spectrum) * out_rate / len(y))
+
+
+def resamplers_report(repeats: int) -> str:
+    import subprocess
+    import sys
+
+    impls = ["pyav"]
+    try:
+        import soxr
+
+        impls += ["soxr HQ", "soxr QQ"]
+        soxr_version = soxr.__version__
+    except ImportError:
+        soxr_version = "not installed"
+    rows = []
+    for in_rate, out_rate, chunk_ms in RESAMPLE_CASES:
+        audio = speechlike(in_rate, 10.0, 1)
+        step = in_rate * chunk_ms // 1000
+        chunks = [audio[i : i + step] for i in range(0, len(audio), step)]
+        for impl in impls:
+            probe = subprocess.run(
+                [sys.executable, "-m", "bench.bench_audio", "--resampler-probe", impl]
+                + [str(n) for n in (in_rate, out_rate, chunk_ms)],
+                capture_output=True,
+                text=True,
+                timeout=120,
+                check=True,
+            )
+            best = float("inf")
+            for _ in range(repeats):
+                push = _resampler(impl, in_rate, out_rate)
+                best = min(best, cpu(lambda push=push, chunks=chunks: [push(c) for c in chunks]))
+            level, freq = _sine_check(impl, in_rate, out_rate, chunk_ms)
+            rows.append(
+                f"| {in_rate // 1000}k -> {out_rate // 1000}k | {chunk_ms} | {impl} | "
+                f"{float(probe.stdout):.0f} | {best / 10 * 1e6:.0f} | {level:+.2f} | {freq:.0f} |"
+            )
+    return "\n".join(
+        [
+            "## Reply resamplers (media/audio.py StreamResampler against python-soxr)",
+            "",
+            f"Reproduce: `python -m bench.bench_audio --resamplers --repeats {repeats}`",
+            "",
+            f"PyAV {av.__version__}, python-soxr {soxr_version}; load average "
+            f"{os.getloadavg()[0]:.1f} at the end. Memory: RSS per stream, 40 streams in a "
+            "fresh process after three pushes of the chunk size each. CPU: process time per "
+            f"second of audio pushed in chunks of that size, min of {repeats}. Sine: 1 kHz at "
+            "-12 dBFS, level change and spectral peak of 1 s of output.",
+            "",
+            "| rates | chunk (ms) | resampler | KB per stream | CPU µs per audio s "
+            "| sine level (dB) | sine peak (Hz) |",
+            "|---|---:|---|---:|---:|---:|---:|",
+            *rows,
+            "",
+        ]
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seconds", type=float, default=30.0)
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--out", default="BENCHMARKS.md.audio")
+    parser.add_argument("--resamplers", action="store_true", help="reply resamplers only")
+    parser.add_argument("--resampler-probe", nargs=4, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.resampler_probe:
+        impl, *numbers = args.resampler_probe
+        print(resampler_memory_probe(impl, *(int(n) for n in numbers)))
+        return
+    if args.resamplers:
+        print(resamplers_report(args.repeats))
+        return
     secs = args.seconds
     n_frames = int(secs * 1000 / FRAME_MS)
 
