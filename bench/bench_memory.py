@@ -14,9 +14,12 @@ session paced at real time from its own start, starts spread over ``--stagger`` 
 1. Idle: RSS of the server with N sessions connected that send nothing, minus RSS before
    they connected, divided by N.
 2. Live: N sessions stream the conversation in a loop (turns, echo replies, barge-in as
-   it comes) and read everything. After ``--warm`` seconds, RSS is sampled every second
-   for ``--measure`` seconds; per session = (median - RSS of the warmed-up server with no
-   session) / N.
+   it comes) and read everything. After ``--warm`` seconds (70: past the outbox's 60 s
+   window, which fills until then), RSS is sampled every second for ``--measure``
+   seconds; per session = (median - RSS of the warmed-up server with no session) / N.
+   ``--account`` runs the server under ``bench.memory_probe`` and adds, per session,
+   the median bytes of each thing a session holds (audio history, turn audio, outbox)
+   and the number of reply resamplers, read in the server at each sample.
 3. Images: ``--images`` sessions (8) send the same 36-megapixel PNG at once (a small
    file); the server's peak RSS while they decode, with the default decode budget and
    with a budget large enough to bound nothing (``DUPLEX_MAX_DECODE_PIXELS``).
@@ -36,13 +39,26 @@ import asyncio
 import base64
 import contextlib
 import json
+import os
+import signal
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 from bench.bench_turns import MSG_BYTES, conversations
-from bench.bench_ws import ServerProc, header, machine_line, md_table, open_ws, start_duplex
+from bench.bench_ws import (
+    TOKEN,
+    ServerProc,
+    _spawn,
+    free_port,
+    header,
+    machine_line,
+    md_table,
+    open_ws,
+    start_duplex,
+)
 
 PERIOD = 0.02
 SILENCE_1S = bytes(32000)
@@ -97,8 +113,22 @@ async def idle_part(server: ServerProc, n: int) -> tuple[float, float]:
     return before, during
 
 
+def start_probed(env: dict[str, str], out: str) -> ServerProc:
+    """``duplex serve`` under `bench.memory_probe` (an account on SIGUSR1, into ``out``)."""
+    port = free_port()
+    argv = ["-m", "bench.memory_probe", out, "serve", "--port", str(port)]
+    argv += ["--token", f"{TOKEN}:bench", "--log-level", "warning"]
+    return _spawn(argv, port, env, None)
+
+
 async def live_part(
-    server: ServerProc, n: int, messages: list[bytes], stagger: float, warm: float, measure: float
+    server: ServerProc,
+    n: int,
+    messages: list[bytes],
+    stagger: float,
+    warm: float,
+    measure: float,
+    account: bool = False,
 ) -> dict[str, float]:
     await asyncio.sleep(1)
     base = rss_mb(server.pid)
@@ -118,6 +148,8 @@ async def live_part(
     end = time.monotonic() + measure
     while time.monotonic() < end:
         samples.append(rss_mb(server.pid))
+        if account:
+            os.kill(server.pid, signal.SIGUSR1)
         await asyncio.sleep(1)
     await asyncio.wait_for(asyncio.gather(*senders), 30)
     lag = time.monotonic() - until
@@ -227,11 +259,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rounds", type=int, default=10)
     ap.add_argument("--round-size", type=int, default=200)
     ap.add_argument("--stagger", type=float, default=2.0, help="seconds over which starts spread")
-    ap.add_argument("--warm", type=float, default=20.0)
+    ap.add_argument("--warm", type=float, default=70.0)
     ap.add_argument("--measure", type=float, default=10.0)
     ap.add_argument("--quick", action="store_true", help="3 rounds of 50, live 50, short")
     ap.add_argument("--parts", default="idle,live,images,rounds", help="which parts to run")
     ap.add_argument("--images", type=int, default=8, help="concurrent large images")
+    ap.add_argument("--account", action="store_true", help="what live sessions hold, in-server")
     ap.add_argument(
         "--server-env",
         action="append",
@@ -277,20 +310,31 @@ async def _run(args: argparse.Namespace, loop_messages: list[bytes], turn_messag
 
     if "live" in parts:
         live_rows = []
+        account_rows = []
         for n in (int(x) for x in args.live.split(",")):
-            server = start_duplex(env)
+            probe_out = _probe_file() if args.account else ""
+            server = start_probed(env, probe_out) if args.account else start_duplex(env)
             try:
                 await _warm_up(server, turn_messages)
-                r = await live_part(server, n, loop_messages, args.stagger, args.warm, args.measure)
+                r = await live_part(
+                    server, n, loop_messages, args.stagger, args.warm, args.measure, args.account
+                )
             finally:
                 server.stop()
             live_rows.append(
                 (n, r["base"], r["live"], r["max"], r["per_kb"], int(r["replies"]), r["lag"])
             )
+            if args.account:
+                account_rows.append((n, *_account(probe_out, n)))
         out += ["", "**Live VAD sessions** (paced audio, echo replies at real time):", ""]
         headers = ["sessions", "RSS no session (MB)", "RSS live, median (MB)", "max (MB)"]
         headers += ["per session (KB)", "replies", "sender lag at end (s)"]
         out.append(md_table(headers, live_rows))
+        if account_rows:
+            out += ["", "**What they hold** (median over the samples, per live session):", ""]
+            headers = ["sessions", "audio history (KB)", "turn audio (KB)", "outbox (KB)"]
+            headers += ["reply resamplers (count, app-wide)"]
+            out.append(md_table(headers, account_rows))
         targets += [
             f"per live session <= 256 KB at N={row[0]}: {row[4]:.0f} KB "
             f"({'met' if row[4] <= 256 else 'NOT met'})"
@@ -352,6 +396,25 @@ async def _run(args: argparse.Namespace, loop_messages: list[bytes], turn_messag
     out += ["", "Targets: " + "; ".join(targets) + "."]
     print("\n".join(out))
     return 0
+
+
+def _probe_file() -> str:
+    with tempfile.NamedTemporaryFile(suffix=".jsonl", delete=False) as f:
+        return f.name
+
+
+def _account(path: str, n: int) -> tuple[float, float, float, float]:
+    """Median KB per session of each held thing, and the median number of resamplers."""
+    rows = [json.loads(line) for line in Path(path).read_text().splitlines()]
+    Path(path).unlink()
+    if not rows:
+        return (float("nan"),) * 4
+
+    def median_kb(key: str) -> float:
+        return statistics.median(row[key] for row in rows) / 1024 / n
+
+    resamplers = statistics.median(row["resamplers"] for row in rows)
+    return median_kb("history"), median_kb("turn_audio"), median_kb("outbox"), resamplers
 
 
 async def _warm_up(server: ServerProc, messages: list[bytes]) -> None:

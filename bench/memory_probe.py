@@ -1,0 +1,70 @@
+"""``duplex serve`` with a memory account on SIGUSR1, for ``bench_memory --account``.
+
+Run as ``python -m bench.memory_probe OUT.jsonl serve ...`` (the rest is ``duplex``'s
+command line). Each SIGUSR1 appends one JSON line to OUT.jsonl: the server's RSS and the
+bytes held by what a live VAD session keeps, found by walking the objects the garbage
+collector tracks (no tracing, so the server runs at its usual speed; the walk pauses
+the event loop for a few milliseconds). Python-level bytes only: the native memory of
+reply resamplers is counted as their number.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import signal
+import sys
+import time
+
+
+def _rss_kb() -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    raise RuntimeError("no VmRSS")
+
+
+def account() -> dict[str, float]:
+    from media.audio import StreamResampler
+    from server.outbox import Outbox
+    from server.providers.base import AudioClip
+    from server.reply_audio import ResamplerPool
+    from server.session import DuplexSession
+    from vad.turns import TurnDetector
+
+    row = dict.fromkeys(("sessions", "history", "turn_audio", "outbox", "resamplers", "idle"), 0)
+    clips: set[int] = set()
+    for obj in gc.get_objects():
+        kind = type(obj)
+        if kind is TurnDetector:
+            row["history"] += sum(map(len, obj._blocks)) + sum(map(len, obj._tail))
+        elif kind is AudioClip and id(obj.pcm) not in clips:
+            clips.add(id(obj.pcm))
+            row["turn_audio"] += len(obj.pcm)
+        elif kind is Outbox:
+            row["outbox"] += sum(len(e.text) for e in obj._entries)
+        elif kind is StreamResampler:
+            row["resamplers"] += 1
+        elif kind is ResamplerPool:
+            row["idle"] += obj.idle
+        elif isinstance(obj, DuplexSession) and not obj.closed:
+            row["sessions"] += 1
+    return {"at": time.time(), "rss_kb": _rss_kb(), **row}
+
+
+def main() -> int:
+    out = sys.argv[1]
+
+    def dump(*_: object) -> None:
+        with open(out, "a") as f:
+            f.write(json.dumps(account()) + "\n")
+
+    signal.signal(signal.SIGUSR1, dump)
+    from server.cli import main as duplex_main
+
+    return duplex_main(sys.argv[2:])
+
+
+if __name__ == "__main__":
+    sys.exit(main())
