@@ -398,3 +398,32 @@ def test_a_large_push_resamples_exactly_like_small_ones():
     step = 2 * 480
     many = b"".join(small.push_bytes(pcm[i : i + step]) for i in range(0, len(pcm), step))
     assert one == many + small.flush().tobytes()
+
+
+async def test_memory_store_lets_a_closed_sessions_outbox_go_after_its_age(monkeypatch):
+    """The store's copy of a session's outbox is only read within `outbox_max_age_s`; a
+    closed session's copy (~64 KB of JSON per second of reply audio) stayed until the
+    session itself expired, a day later: 200 echo sessions a round added ~80 MB a round."""
+    import time
+
+    import server.state.memory as memory
+    from server.state.base import OutboxBatch, OutboxEntry, SessionRecord
+
+    now = [time.time()]
+    monkeypatch.setattr(memory.time, "time", lambda: now[0])
+    store = memory.MemoryStore()
+    for sid in ("closed", "live"):
+        await store.create_session(SessionRecord(id=sid, tenant="t"))
+    reply = "x" * 6400
+    await store.append_outbox(
+        [OutboxBatch("closed", [OutboxEntry(k, reply, now[0]) for k in range(1, 50)])],
+        max_age_s=60,
+    )
+    now[0] += 30
+    await store.append_outbox([OutboxBatch("live", [OutboxEntry(1, reply, now[0])])], max_age_s=60)
+    assert len(store._entries["closed"].outbox) == 49  # still within the age: kept
+    now[0] += 31
+    await store.get_session("live")  # any call
+    assert len(store._entries["closed"].outbox) == 0
+    assert len(store._entries["live"].outbox) == 1
+    assert await store.load_outbox("live", max_age_s=60)

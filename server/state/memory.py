@@ -31,6 +31,10 @@ class MemoryStore(StateStore):
         self._max_messages = max_messages
         self._entries: OrderedDict[str, _Entry] = OrderedDict()
         self._revoked: dict[str, float] = {}  # key -> until (Unix seconds)
+        # Sessions holding outbox entries, oldest last append first, and the outbox's age
+        # bound (from `append_outbox`): entries past it are never loaded, so they go.
+        self._outboxes: OrderedDict[str, float] = OrderedDict()
+        self._outbox_age: float | None = None
 
     def _get(self, session_id: str) -> _Entry | None:
         self._expire()
@@ -41,6 +45,7 @@ class MemoryStore(StateStore):
         return entry
 
     def _expire(self) -> None:
+        self._expire_outboxes()
         deadline = time.monotonic() - self._ttl
         while self._entries:
             oldest_id, oldest = next(iter(self._entries.items()))
@@ -101,15 +106,41 @@ class MemoryStore(StateStore):
             entry.events = [e for e in entry.events if e.response_id != response_id]
 
     async def append_outbox(self, batches: list[OutboxBatch], *, max_age_s: float) -> None:
+        self._outbox_age = max_age_s
+        oldest = time.time() - max_age_s
         for batch in batches:
             entry = self._entries.get(batch.session_id)  # no LRU touch: only output
             if entry is None:
                 continue
             outbox = entry.outbox
             outbox.extend(batch.entries)
-            if batch.keep_from is not None:
-                while outbox and outbox[0].seq < batch.keep_from:
-                    outbox.popleft()
+            keep_from = batch.keep_from
+            while outbox and (
+                outbox[0].at < oldest or (keep_from is not None and outbox[0].seq < keep_from)
+            ):
+                outbox.popleft()
+            if outbox:
+                self._outboxes[batch.session_id] = outbox[-1].at
+                self._outboxes.move_to_end(batch.session_id)
+        self._expire_outboxes()
+
+    def _expire_outboxes(self) -> None:
+        """Drop the outboxes of sessions that sent nothing for `outbox_max_age_s` (closed
+        ones, mostly): a resume would load none of it, and a closed session's outbox
+        (reply audio: ~64 KB of JSON a second) would otherwise stay until the session
+        expires (`ttl_s`, a day by default)."""
+        if self._outbox_age is None:
+            return
+        oldest = time.time() - self._outbox_age
+        outboxes = self._outboxes
+        while outboxes:
+            session_id, last = next(iter(outboxes.items()))
+            if last >= oldest:
+                break
+            del outboxes[session_id]
+            entry = self._entries.get(session_id)
+            if entry is not None:
+                entry.outbox.clear()
 
     async def load_outbox(self, session_id: str, *, max_age_s: float) -> list[OutboxEntry]:
         entry = self._get(session_id)
