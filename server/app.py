@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import gc
 import logging
 from collections.abc import AsyncIterator
@@ -16,6 +17,7 @@ from fastapi.staticfiles import StaticFiles
 
 from duplex.protocol import ConfigLimits, JsonLimits
 from server import api_docs, chat_api, client_token_api, http_api, ws
+from server.allocator import trim_periodically
 from server.auth import TokenAuth
 from server.client_tokens import ClientTokens
 from server.config import Settings
@@ -129,12 +131,16 @@ def create_app(settings: Settings | None = None, *, tools: ToolRegistry | None =
         gc.freeze()
         thresholds = gc.get_threshold()
         gc.set_threshold(thresholds[0], thresholds[1], _FULL_GC_EVERY)
-        with ExitStack() as stack:
-            if metrics is not None and settings.metrics == "port":
-                app.state.metrics_port = stack.enter_context(
-                    metrics.listener(settings.metrics_host, settings.metrics_port)
-                )
-            yield
+        trimmer = asyncio.ensure_future(trim_periodically(settings.malloc_trim_s))
+        try:
+            with ExitStack() as stack:
+                if metrics is not None and settings.metrics == "port":
+                    app.state.metrics_port = stack.enter_context(
+                        metrics.listener(settings.metrics_host, settings.metrics_port)
+                    )
+                yield
+        finally:
+            trimmer.cancel()
         gc.set_threshold(*thresholds)
         await services.providers.aclose()
         await services.outbox_writer.aclose()

@@ -147,6 +147,9 @@ class Settings(BaseSettings):
     outbox_flush_ms: int = 150
     resume_grace_s: float = 30.0
 
+    # Memory (docs/limits.md): give freed heap pages back to the system this often (s; 0: off)
+    malloc_trim_s: float = 30.0
+
     # Tools
     #: Server-side tools: ``module:attribute`` entry points, comma separated (see load_tools).
     tools: str = ""
