@@ -427,3 +427,29 @@ async def test_memory_store_lets_a_closed_sessions_outbox_go_after_its_age(monke
     assert len(store._entries["closed"].outbox) == 0
     assert len(store._entries["live"].outbox) == 1
     assert await store.load_outbox("live", max_age_s=60)
+
+
+async def test_the_server_gives_freed_heap_back_periodically(monkeypatch):
+    """`trim_periodically` calls glibc's malloc_trim every interval until cancelled."""
+    import server.allocator as allocator
+
+    calls = []
+    loop = asyncio.get_running_loop()
+    twice = asyncio.Event()
+
+    class Libc:
+        def malloc_trim(self, pad: int) -> int:  # called in a worker thread
+            calls.append(pad)
+            if len(calls) == 2:
+                loop.call_soon_threadsafe(twice.set)
+            return 1
+
+    monkeypatch.setattr(allocator, "_glibc", Libc)
+    task = asyncio.ensure_future(allocator.trim_periodically(0.01))
+    async with asyncio.timeout(5):
+        await twice.wait()
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert calls[:2] == [0, 0]
+    assert await allocator.trim_periodically(0) is None  # 0: off
