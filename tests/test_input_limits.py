@@ -290,6 +290,9 @@ def test_poll_while_the_session_closes_is_quiet() -> None:
         def __init__(self, name: str) -> None:
             self.name = name
 
+        def decode_pixels(self) -> int:  # held from the decode budget while it polls
+            return 0
+
         def poll(self, *, now_ms: float, speaking: bool) -> Any:
             polled.append(self.name)
             inside.set()
