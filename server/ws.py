@@ -33,6 +33,7 @@ from server.replica import refuse_unavailable
 from server.resume import Link, ResumeRequest, request_from_query, resume
 from server.session import DuplexSession
 from server.state.base import StoreUnavailable
+from server.ws_input import pace_audio, pace_message, receive_frame
 from server.ws_protocol import DIRECT, DirectPath
 
 log = logging.getLogger(__name__)
@@ -248,18 +249,9 @@ async def _receive_loop(
     fresh: bool,
 ) -> ResumeRequest | None:
     while not session.closed:
-        if direct is not None:
-            direct.ready = True
-        try:
-            frame = await ws.receive()
-        except (WebSocketDisconnect, RuntimeError):
+        frame = await receive_frame(ws, session, direct)
+        if frame is None:
             break
-        finally:
-            if direct is not None:
-                direct.ready = False
-        if frame["type"] == "websocket.disconnect":
-            break
-        await session.settle()
         data = frame.get("bytes")
         text = frame.get("text")
         size = len(data) if data is not None else len((text or "").encode())
@@ -272,16 +264,16 @@ async def _receive_loop(
             continue
         try:
             if data is not None:
-                await _pace_audio(session, budget, len(data))
+                await pace_audio(session, budget, len(data))
                 await session.send_audio(data)
             elif text is not None:
                 message = parse_client_message(text, session.services.limits.json)
                 if fresh and isinstance(message, SessionResume):
                     return ResumeRequest(message.session_id, message.last_seq)
                 if isinstance(message, InputAudio):
-                    await _pace_audio(session, budget, len(message.audio))
+                    await pace_audio(session, budget, len(message.audio))
                 else:
-                    await _pace_message(session, budget)
+                    await pace_message(session, budget)
                 await session.handle(message)
         except ProtocolError as exc:
             await session.emit_error(exc.code, exc.message, id=exc.id, fatal=exc.fatal)
@@ -290,24 +282,6 @@ async def _receive_loop(
             await session.fail(INTERNAL, "internal error")
         fresh = False
     return None
-
-
-async def _pace_audio(session: DuplexSession, budget: InputBudget, size: int) -> None:
-    """Audio beyond its rate waits here, unread input stays in the socket (no error)."""
-    await budget.pace_audio(size, audio_bytes_per_second(session.config.input_audio))
-
-
-async def _pace_message(session: DuplexSession, budget: InputBudget) -> None:
-    """A message over the rate waits (and the client is told, once a second at most)."""
-    delay = budget.message_delay()
-    if delay <= 0:
-        return
-    if budget.notice_due():
-        rate = budget.messages.rate
-        await session.emit_error(
-            RATE_LIMITED, f"more than {rate:g} messages a second: reading is slowed down"
-        )
-    await asyncio.sleep(delay)
 
 
 async def _write(

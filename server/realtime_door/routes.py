@@ -21,7 +21,7 @@ from duplex.protocol import (
 )
 from server.client_tokens import ClientTokens
 from server.config import Settings
-from server.rate import InputBudget, audio_bytes_per_second
+from server.rate import InputBudget
 from server.realtime_door.bridge import RealtimeBridge
 from server.realtime_door.client_secrets import PREFIX, ClientSecrets
 from server.realtime_door.errors import DoorError, error_body
@@ -30,6 +30,7 @@ from server.realtime_door.session_map import RealtimeSessionState
 from server.resume import Link
 from server.session import DuplexSession
 from server.state.base import StoreUnavailable
+from server.ws_input import pace_audio, pace_message, receive_frame
 from server.ws_protocol import DIRECT, DirectPath
 
 router = APIRouter()
@@ -216,18 +217,9 @@ async def _receive_loop(
     budget: InputBudget,
 ) -> None:
     while not session.closed:
-        if direct is not None:
-            direct.ready = True
-        try:
-            frame = await ws.receive()
-        except (WebSocketDisconnect, RuntimeError):
+        frame = await receive_frame(ws, session, direct)
+        if frame is None:
             break
-        finally:
-            if direct is not None:
-                direct.ready = False
-        if frame["type"] == "websocket.disconnect":
-            break
-        await session.settle()  # audio taken directly is fully handled first
         text = frame.get("text")
         if text is None:
             text = (frame.get("bytes") or b"").decode("utf-8", "replace")
@@ -245,22 +237,12 @@ async def _receive_loop(
 
 
 async def _pace(session: DuplexSession, budget: InputBudget, text: str) -> None:
-    """Input over its rate waits here (unread input stays in the socket), as on
-    /v1/duplex: audio appends by their audio (counted from the base64 length), other
-    events by count, with a ``rate_limited`` error at most once a second."""
+    """Input over its rate waits here, as on /v1/duplex: audio appends by their audio
+    (counted from the base64 length), other events by count."""
     if '"input_audio_buffer.append"' in text:
-        rate = audio_bytes_per_second(session.config.input_audio)
-        await budget.pace_audio(len(text) * 3 // 4, rate)
-        return
-    delay = budget.message_delay()
-    if delay <= 0:
-        return
-    if budget.notice_due():
-        await session.emit_error(
-            RATE_LIMITED,
-            f"more than {budget.messages.rate:g} messages a second: reading is slowed down",
-        )
-    await asyncio.sleep(delay)
+        await pace_audio(session, budget, len(text) * 3 // 4)
+    else:
+        await pace_message(session, budget)
 
 
 class _Frames:
