@@ -27,13 +27,12 @@ from duplex.protocol import (
     peek_id,
 )
 from server.client_tokens import socket_access
-from server.config import Settings
 from server.rate import InputBudget, audio_bytes_per_second
 from server.replica import refuse_unavailable
 from server.resume import Link, ResumeRequest, request_from_query, resume
 from server.session import DuplexSession
 from server.state.base import StoreUnavailable
-from server.ws_input import pace_audio, pace_message, receive_frame
+from server.ws_input import input_budget, pace_audio, pace_message, receive_frame
 from server.ws_protocol import DIRECT, DirectPath
 
 log = logging.getLogger(__name__)
@@ -131,7 +130,7 @@ async def _serve(
     app.registry.add(tenant, session)
     session.log.info("%s (tenant %s)", "resumed" if greeting else "connected", tenant)
     settings = app.settings
-    budget = _budget(settings)
+    budget = input_budget(settings)
     if session.tap is not None:
         session.tap.attach_input(budget)  # its message count and clocks feed the metrics
     asked: ResumeRequest | None = None
@@ -175,15 +174,6 @@ async def _serve(
             session.detach(grace, lambda: app.registry.remove(tenant, session))
         session.log.info("disconnected")
     return asked
-
-
-def _budget(settings: Settings) -> InputBudget:
-    return InputBudget.of(
-        settings.audio_rate_limit,
-        settings.audio_burst_s,
-        settings.message_rate_limit,
-        settings.message_burst,
-    )
 
 
 def _direct_take(

@@ -10,9 +10,20 @@ from fastapi import WebSocket
 from starlette.websockets import WebSocketDisconnect
 
 from duplex.protocol import RATE_LIMITED
+from server.config import Settings
 from server.rate import InputBudget, audio_bytes_per_second
 from server.session import DuplexSession
 from server.ws_protocol import DirectPath
+
+
+def input_budget(settings: Settings) -> InputBudget:
+    """A connection's input rate limits (docs/protocol.md "Limits"), the same on both doors."""
+    return InputBudget.of(
+        settings.audio_rate_limit,
+        settings.audio_burst_s,
+        settings.message_rate_limit,
+        settings.message_burst,
+    )
 
 
 async def receive_frame(

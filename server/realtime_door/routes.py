@@ -30,7 +30,7 @@ from server.realtime_door.session_map import RealtimeSessionState
 from server.resume import Link
 from server.session import DuplexSession
 from server.state.base import StoreUnavailable
-from server.ws_input import pace_audio, pace_message, receive_frame
+from server.ws_input import input_budget, pace_audio, pace_message, receive_frame
 from server.ws_protocol import DIRECT, DirectPath
 
 router = APIRouter()
@@ -154,7 +154,9 @@ async def realtime(ws: WebSocket) -> None:
     try:
         async with asyncio.TaskGroup() as tg:
             reader = tg.create_task(
-                _read(ws, session, bridge, app.settings.max_message_bytes, _budget(app.settings))
+                _read(
+                    ws, session, bridge, app.settings.max_message_bytes, input_budget(app.settings)
+                )
             )
             link.writer = tg.create_task(
                 _write(ws, session, bridge, reader, app.settings.output_stall_timeout_s)
@@ -171,16 +173,6 @@ async def realtime(ws: WebSocket) -> None:
 
 def _initial_config(model: RealtimeModel, state: RealtimeSessionState) -> SessionConfig:
     return SessionConfig().merged(model.config).merged(state.duplex_patch())
-
-
-def _budget(settings: Settings) -> InputBudget:
-    """The same input rate limits as /v1/duplex (docs/protocol.md "Limits")."""
-    return InputBudget.of(
-        settings.audio_rate_limit,
-        settings.audio_burst_s,
-        settings.message_rate_limit,
-        settings.message_burst,
-    )
 
 
 async def _read(
