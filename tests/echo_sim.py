@@ -28,6 +28,7 @@ REPLY_TEXT = (
     "In the evening there may be a short shower, so take an umbrella.",
 )
 USER_TEXT = ("Wait, stop, what about Saturday?", "No, tell me about the weekend instead.")
+QUESTION_TEXT = ("What will the weather be like tomorrow?",)
 NOISE_DBFS = -60.0  # room noise at the microphone
 BARGE_IN_DEADLINE_MS = 400.0
 
@@ -36,6 +37,7 @@ BARGE_IN_DEADLINE_MS = 400.0
 class Scene:
     mic: np.ndarray  # int16, what the microphone heard
     ref: np.ndarray  # int16, the reply as played (same clock as mic, no delay)
+    reply_start_ms: float  # when playback of the reply starts
     reply_end_ms: float  # when playback of the reply ends
     onset_ms: float | None  # the user's onset (None: echo only)
 
@@ -70,13 +72,17 @@ def make_scene(
     barge_in: bool,
     cache_dir: Path | None = None,
     lead_ms: float = 500.0,
+    question: bool = False,
 ) -> Scene:
     """The reply starts playing at `lead_ms`; its echo arrives `delay_ms` later,
     `atten_db` below the reply's level, through a room of `rt60_ms`. With `barge_in` the
-    user starts talking 2.5-4 s into the reply."""
+    user starts talking 2.5-4 s into the reply. With `question` the user's question comes
+    first, then `lead_ms` of room noise (a reply follows a turn: end-of-turn silence plus
+    the provider's latency), so the suppressor starts with speech in its history."""
     rng = np.random.default_rng(seed)
     reply = _speech(REPLY_TEXT, REPLY_VOICE, 250.0, cache_dir)
-    start = int(SAMPLE_RATE * lead_ms / 1000)
+    asked = _speech(QUESTION_TEXT, USER_VOICE, 200.0, cache_dir) if question else np.zeros(0)
+    start = len(asked) + int(SAMPLE_RATE * lead_ms / 1000)
     total = start + len(reply) + SAMPLE_RATE * 2
     ref = np.zeros(total)
     ref[start : start + len(reply)] = reply
@@ -87,6 +93,7 @@ def make_scene(
     echo *= 10 ** (-atten_db / 20) * rms(reply) / rms(played)  # atten_db below the reply
     noise = make_noise("pink", total, rng)
     mic = echo + noise * (32768 * 10 ** (NOISE_DBFS / 20) / rms(noise))
+    mic[: len(asked)] += asked
     onset_ms = None
     if barge_in:
         user = _speech(USER_TEXT, USER_VOICE, 200.0, cache_dir)
@@ -95,7 +102,13 @@ def make_scene(
         mic[at:end] += user[: end - at]
         onset_ms = at * 1000 / SAMPLE_RATE
     clip = lambda x: np.clip(np.round(x), -32768, 32767).astype(np.int16)  # noqa: E731
-    return Scene(clip(mic), clip(ref), (start + len(reply)) * 1000 / SAMPLE_RATE, onset_ms)
+    return Scene(
+        clip(mic),
+        clip(ref),
+        start * 1000 / SAMPLE_RATE,
+        (start + len(reply)) * 1000 / SAMPLE_RATE,
+        onset_ms,
+    )
 
 
 def barge_in_ms(scene: Scene, echo_aware: bool, min_barge_in_ms: int = 300) -> float | None:
@@ -114,13 +127,15 @@ def barge_in_ms(scene: Scene, echo_aware: bool, min_barge_in_ms: int = 300) -> f
         now = (i + step) / 2 * 1000 / SAMPLE_RATE
         if now > scene.reply_end_ms:
             return None
+        if now <= scene.reply_start_ms:
+            continue  # the question (if any): the user's own turn
         if detector.state in ("speaking", "stopping") and detector.speech_ms >= min_barge_in_ms:
             return now
     return None
 
 
 def speech_starts(scene: Scene, echo_aware: bool) -> list[float]:
-    """Onsets (ms) of every turn the default turn detector opens over the whole scene,
+    """Onsets (ms) of every turn the default turn detector opens once the reply starts,
     echo tail included: with echo alone, each one would be answered as the user's turn."""
     detector = TurnDetector(TurnConfig(), SpeechDetector(DetectorConfig()))
     echo = EchoSuppressor(EchoConfig()) if echo_aware else None
@@ -132,4 +147,4 @@ def speech_starts(scene: Scene, echo_aware: bool) -> list[float]:
         if echo is not None:
             pcm = echo.process(pcm, ref[i : i + 2 * FRAME])
         starts += [e.start_ms for e in detector.push_pcm(pcm) if isinstance(e, SpeechStart)]
-    return starts
+    return [t for t in starts if t >= scene.reply_start_ms]

@@ -137,6 +137,7 @@ class EchoSuppressor:
         self._margin = 10 ** (config.margin_db / 10)
         self._rise = 10 ** (_FLOOR_RISE_DB_S * fms / 1000 / 10)
         self._floor = np.full(nb, np.inf)
+        self._everywhere = np.ones(nb, bool)
         self._noise = np.full(nb, np.inf)
         self._noise_alpha = 1 - math.exp(-fms / _NOISE_MS)
         self._gains_db = np.full((_GAIN_SAMPLES, nb), np.nan)
@@ -179,10 +180,12 @@ class EchoSuppressor:
         if ref and len(ref) != size:
             raise ValueError(f"ref must be as long as mic ({size} bytes), got {len(ref)}")
         m = np.frombuffer(mic, np.int16).reshape(-1, self._n)
-        if not ref and not self.active:
+        r = np.frombuffer(ref, np.int16).reshape(-1, self._n) if ref else None
+        if not self.active and (r is None or not r.any()):  # zeros are no reference
             self._observe(m)  # the room's noise, for when the next reply plays
             return mic
-        r = np.frombuffer(ref, np.int16).reshape(-1, self._n) if ref else np.zeros_like(m)
+        if r is None:
+            r = np.zeros_like(m)
         out = np.empty_like(m)
         for i in range(len(m)):
             out[i] = self._frame(m[i], r[i])
@@ -200,8 +203,11 @@ class EchoSuppressor:
         ref_on = bool(ref_bands.sum() > self._active_level * self._nb)
         spec = np.fft.rfft(mic)
         bands = self._bands(spec)
-        if not self.active:  # waking up: the past holds no reference
-            self._wake(bands)
+        if not self.active:
+            if not ref_on:  # a silent reference is no reference: the room, as in `_observe`
+                self._track_noise(bands, self._everywhere)
+                return mic
+            self._wake(bands)  # waking up: the past holds no reference
         self._idle = 0 if ref_on else self._idle + 1
         self.frames += 1
         # Histories, newest last.
@@ -272,9 +278,8 @@ class EchoSuppressor:
         spec = np.fft.rfft(frames, axis=1)
         power = spec.real**2 + spec.imag**2
         bands = np.add.reduceat(power, self._starts, axis=1)[:, : self._nb] + _TINY
-        everywhere = np.ones(self._nb, bool)
         for row in bands:
-            self._track_noise(row, everywhere)
+            self._track_noise(row, self._everywhere)
 
     def _track_noise(self, bands: np.ndarray, quiet: np.ndarray) -> None:
         """Per band: the floor (minimum statistics: fast down, slow up) and the noise level
@@ -316,27 +321,37 @@ class EchoSuppressor:
     def _estimate_delay(self) -> None:
         w, lags = self._window, self._lags
         active = self._ref_active
-        if np.count_nonzero(active) < 1000 // self.config.frame_ms:
+        min_frames = 1000 // self.config.frame_ms
+        if np.count_nonzero(active) < min_frames:
             return
-        mic = self._mic_log[-w:]
-        mic = mic - mic.mean(axis=0)
-        mic_norm = math.sqrt(float((mic * mic).sum()))
-        if mic_norm == 0:
+        # Per lag, only the frames where the reference (at that lag) was active count: a
+        # silent reference fits nothing, and its on/off steps (a reply starting, a pause)
+        # would otherwise line up with any step in the microphone, wrong lags included.
+        mic = self._mic_log[-w:]  # (w, bands)
+        on = active.astype(np.float64)
+        ref = self._ref_log * on[:, None]  # silent frames count as nothing
+        # Window sums from running sums, newest window (lag 0) first: frames, sum, sum
+        # of squares of the active reference.
+        run = np.zeros((len(ref) + 1, ref.shape[1], 3))
+        np.cumsum(np.stack([np.broadcast_to(on[:, None], ref.shape), ref, ref * ref], 2),
+                  axis=0, out=run[1:])  # fmt: skip
+        span = (run[w:] - run[:-w])[::-1][:lags]  # (lags, bands, 3)
+        n = span[:, 0, 0]
+        usable = n >= min_frames
+        if not usable.any():
             return
-        # Every lag at once: windows of `w` reference frames, newest (lag 0) first.
-        windows = np.lib.stride_tricks.sliding_window_view(self._ref_log, w, axis=0)
-        windows = windows[::-1][:lags]  # (lags, bands, w)
-        # mic is centred per band, so the window's own mean drops out of the product.
-        cross = np.einsum("wb,lbw->l", mic, windows)
-        # Window sums and sums of squares from running sums, newest window first.
-        ref = self._ref_log
-        run = np.zeros((len(ref) + 1, ref.shape[1], 2))
-        np.cumsum(np.stack([ref, ref * ref], axis=2), axis=0, out=run[1:])
-        span = (run[w:] - run[:-w])[::-1][:lags]  # (lags, bands, sum / sum of squares)
-        energy = (span[:, :, 1] - span[:, :, 0] ** 2 / w).sum(axis=1)
-        flat = energy < 1e-6  # a reference that does not change (silence) fits nothing
-        denom = mic_norm * np.sqrt(np.where(flat, 1.0, energy))
-        corr = np.where(flat, -1.0, cross / denom)
+        n = np.maximum(n, 1.0)[:, None]
+        s_r, s_rr = span[:, :, 1], span[:, :, 2]
+        mask = np.lib.stride_tricks.sliding_window_view(on, w)[::-1][:lags]  # (lags, w)
+        s_m = mask @ mic  # (lags, bands)
+        s_mm = mask @ (mic * mic)
+        windows = np.lib.stride_tricks.sliding_window_view(ref, w, axis=0)[::-1][:lags]
+        s_mr = np.einsum("wb,lbw->lb", mic, windows)
+        cov = (s_mr - s_m * s_r / n).sum(axis=1)
+        var_m = (s_mm - s_m * s_m / n).sum(axis=1)
+        var_r = (s_rr - s_r * s_r / n).sum(axis=1)
+        flat = ~usable | (var_m < 1e-6) | (var_r < 1e-6)  # nothing to fit
+        corr = np.where(flat, -1.0, cov / np.sqrt(np.where(flat, 1.0, var_m * var_r)))
         best_lag = int(np.argmax(corr))
         best = float(corr[best_lag])
         self.correlation = best
