@@ -59,7 +59,7 @@ def second_turn(m: Message) -> bool:
 class CrashOnSecondWrite:
     """The store as seen by a process that dies after its first write of the edit."""
 
-    WRITES = {"clear_messages", "append_messages", "edit_messages"}
+    WRITES = frozenset({"clear_messages", "append_messages", "edit_messages"})
 
     def __init__(self, inner: StateStore) -> None:
         self.inner = inner
@@ -109,8 +109,11 @@ async def test_readers_never_see_half_an_edit(store):
     reader = asyncio.create_task(read())
     try:
         for n in range(3):
+            await asyncio.sleep(0)
             assert await history.truncate_answer(store, SID, f"r{n}", 500.0)
+        await asyncio.sleep(0)
         assert await history.delete_messages(store, SID, second_turn)
+        await asyncio.sleep(0)
     finally:
         done.set()
         await reader
@@ -155,7 +158,9 @@ async def test_redis_edit_runs_again_when_the_list_changes_underneath(redis_url)
     def drop_second_turn(messages: list[Message]) -> list[Message]:
         calls.append(ids(messages))
         if len(calls) == 1:
-            other.rpush(store.key("messages", SID), Message(id="late", role="user").model_dump_json())
+            other.rpush(
+                store.key("messages", SID), Message(id="late", role="user").model_dump_json()
+            )
         return [m for m in messages if not second_turn(m)]
 
     try:

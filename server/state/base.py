@@ -14,7 +14,6 @@ from typing import Any
 
 from duplex.protocol import Message
 
-
 #: A rewrite of a session's messages (`StateStore.edit_messages`): the new list, or None.
 MessageEdit = Callable[[list[Message]], "list[Message] | None"]
 

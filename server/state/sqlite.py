@@ -178,7 +178,9 @@ class SqliteStore(StateStore):
             ).fetchall()
             rows.reverse()
             messages = [
-                Message(id=r[1], role=r[2], content=r[3], created_at=r[4], metadata=json.loads(r[5]))
+                Message(
+                    id=r[1], role=r[2], content=r[3], created_at=r[4], metadata=json.loads(r[5])
+                )
                 for r in rows
             ]
             edited = edit(messages)
