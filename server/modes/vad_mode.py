@@ -200,8 +200,9 @@ class VadMode(Mode):
             raise ProtocolError(exc.code, exc.message) from None
         ended = ingest.commit()
         if ended is not None:
-            self._clips.append(ended.pcm)
-            _bound(self._clips, self._max_audio_bytes(), len)
+            limit = self._max_audio_bytes()
+            self._clips.append(ended.pcm[-limit:])  # the latest part of one over the bound
+            _bound(self._clips, limit, len)
 
     async def on_respond(
         self, text: str, context: list[Message] | None, *, store_answer: bool
