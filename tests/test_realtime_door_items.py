@@ -272,6 +272,8 @@ async def test_out_of_band_refusals(live_server):
             ("evt_meta", {"metadata": {"k": 1}}),
             ("evt_input", {"input": [{"type": "function_call_output", "call_id": "c"}]}),
             ("evt_ref", {"input": [{"type": "item_reference", "id": "item_nope"}]}),
+            ("evt_ref_type", {"input": [{"type": "item_reference", "id": ["x"]}]}),
+            ("evt_part", {"input": [{"role": "user", "content": [{"type": "input_audio"}]}]}),
         ):
             await conn.send({"type": "response.create", "event_id": event_id, "response": response})
             error = (await until(conn, "error"))[-1].error

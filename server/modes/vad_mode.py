@@ -477,9 +477,6 @@ def _take_held(turn: Turn, held: list[Turn]) -> None:
     turn.audio = AudioClip(pcm, VAD_RATE) if pcm else None
     turn.text = " ".join(t for t in [*(h.text for h in held), turn.text] if t)
     turn.frames = [f for h in held for f in h.frames] + turn.frames
-    turn.audio_start_ms = held[0].audio_start_ms
-    if turn.audio_end_ms is None:
-        turn.audio_end_ms = held[-1].audio_end_ms
 
 
 def _turn_ended(turn: Turn) -> TurnEnded:

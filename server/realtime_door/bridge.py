@@ -595,7 +595,8 @@ class RealtimeBridge:
             if not isinstance(item, dict):
                 raise DoorError("invalid_type", "an input item must be an object", param)
             if item.get("type") == "item_reference":
-                ref = self._items.get(item.get("id"))  # type: ignore[arg-type]
+                ref_id = item.get("id")
+                ref = self._items.get(ref_id) if isinstance(ref_id, str) else None
                 if ref is None:
                     raise DoorError("item_not_found", "no item with this id", f"{param}.id")
                 item, literal = ref.item, False
