@@ -9,6 +9,9 @@ import asyncio
 import base64
 from typing import Any
 
+import numpy as np
+import pytest
+
 from tests.fakes.openai_http import ChatReply, run_fake
 from tests.test_realtime_door import (
     TIMEOUT,
@@ -279,3 +282,73 @@ async def test_out_of_band_refusals(live_server):
             error = (await until(conn, "error"))[-1].error
             assert error.event_id == event_id
             assert error.param.startswith("response.")
+
+
+@pytest.mark.parametrize("store", ["sqlite", "redis"])
+async def test_item_edits_through_each_store(server_factory, tmp_path, request, store):
+    """Delete and truncate after the turns are stored, through the app's own store stack
+    (resilient, timed) on SQLite and Redis (the memory store: tests/test_realtime_door.py)."""
+    if store == "redis":
+        url = request.getfixturevalue("redis_url")
+    else:
+        url = f"sqlite:///{tmp_path}/door.db"
+    server = server_factory(store_url=url)
+    async with connect(server) as conn:
+        await say_text(conn, "first")
+        user = (await until(conn, "conversation.item.done", stop_on_error=True))[-1].item
+        await conn.response.create()
+        await until(conn, "response.done", stop_on_error=True)
+        await append(conn, pcm24("Set a timer for fifteen minutes.") + silence24(1200))
+        events = await until(conn, "response.done", stop_on_error=True)
+        answer = events[-1].response.output[0]
+        played = int(len(audio_of(events)) / 48 / 3)
+        await stored_when(server, conn.session_id, lambda m: len(m) == 4)
+        await conn.conversation.item.delete(item_id=user.id)
+        await until(conn, "conversation.item.deleted", stop_on_error=True)
+        await conn.conversation.item.truncate(
+            item_id=answer.id, content_index=0, audio_end_ms=played
+        )
+        await until(conn, "conversation.item.truncated", stop_on_error=True)
+
+        def edited(messages: list[dict[str, Any]]) -> bool:
+            return len(messages) == 3 and messages[2]["metadata"].get("played_ms") == played
+
+        messages = await stored_when(server, conn.session_id, edited)
+    assert [m["role"] for m in messages] == ["assistant", "user", "assistant"]
+    full = answer.content[0].transcript
+    assert full.startswith(messages[2]["content"])
+    assert len(messages[2]["content"]) < len(full)
+
+
+async def test_audio_item_in_g711_with_manual_turns(live_server):
+    from media import g711
+
+    speech = pcm24("Two coffees, please.")
+    pcm8 = np.frombuffer(speech, "<i2")[::3].astype("<i2").tobytes()  # 24 -> 8 kHz
+    async with connect(live_server) as conn:
+        await conn.session.update(
+            session={
+                "type": "realtime",
+                "audio": {"input": {"format": {"type": "audio/pcmu"}, "turn_detection": None}},
+            }
+        )
+        await until(conn, "session.updated", stop_on_error=True)
+        await conn.conversation.item.create(
+            item={
+                "type": "message",
+                "role": "user",
+                "content": [
+                    {
+                        "type": "input_audio",
+                        "audio": base64.b64encode(g711.encode(pcm8, "mulaw")).decode(),
+                    },
+                    {"type": "input_text", "text": "to go"},
+                ],
+            }
+        )
+        await until(conn, "conversation.item.done", stop_on_error=True)
+        await conn.response.create()
+        events = await until(conn, "response.done", stop_on_error=True)
+    seconds = len(pcm8) / 16000
+    assert text_of(events).startswith("You said: \u201cto go\u201d Heard ")
+    assert f"Heard {seconds:.2f}"[:9] in text_of(events)
