@@ -163,6 +163,11 @@ class TurnDetectionConfig(_Strict):
     min_speech_ms: int = Field(200, ge=0, le=5000)
     max_turn_ms: int = Field(30000, ge=1000, le=300000)
     interrupt: bool = True
+    #: VAD mode: answer each turn as it ends. False: a turn that ends is announced
+    #: (``turn.ended``) and held unanswered; the next turn the client ends itself (an
+    #: ``input.text`` with ``final``, or an ``input.commit`` with no speech open) takes
+    #: the held turns and is answered.
+    respond: bool = True
     min_barge_in_ms: int = Field(300, ge=0, le=5000)
     #: For realtime providers (ASM mode): use the provider's own turn detection
     #: ("server_vad" / "semantic_vad") or drive commits with ours ("duplex").

@@ -737,6 +737,19 @@ class DuplexSession(BaseSession):
         self._check_open()
         await self._mode.on_commit(request_id, msg_id)
 
+    async def send_audio_clip(self, pcm: bytes, msg_id: str | None = None) -> None:
+        """A recorded clip (session input format) for the user's next turn, not heard by
+        turn detection."""
+        self._check_open()
+        await self._mode.on_audio_clip(pcm, msg_id)
+
+    async def respond(
+        self, text: str, context: list[Message] | None = None, *, store_answer: bool = False
+    ) -> str:
+        """An out-of-band response (see `Mode.on_respond`); returns its turn id."""
+        self._check_open()
+        return await self._mode.on_respond(text, context, store_answer=store_answer)
+
     async def cancel(self, msg_id: str | None = None) -> None:
         self._check_open()
         await self._mode.on_cancel(msg_id)

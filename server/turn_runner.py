@@ -70,6 +70,13 @@ class Turn:
     audio_end_ms: float | None = None
     #: When the user's turn ended: its stored message's time, before any answer's.
     created_at: float = field(default_factory=time.time)
+    #: The history the turn is answered from instead of the stored one (an out-of-band
+    #: response's own context); None: the stored history.
+    context: list[Message] | None = None
+    #: Whether the user's turn and the answer join the stored history (an out-of-band
+    #: response stores neither, or only its answer).
+    store_user: bool = True
+    store_answer: bool = True
 
 
 class TurnRunner:
@@ -120,7 +127,7 @@ class TurnRunner:
             response_id=self.response_id,
             config=session.config,
             instructions=session.instructions(),
-            history=await session.messages(),
+            history=await session.messages() if self.turn.context is None else self.turn.context,
             text=self.turn.text,
             audio=self.turn.audio,
             frames=list(self.turn.frames),
@@ -245,6 +252,8 @@ class TurnRunner:
             await self._persist_event("delta", {"text": text})
 
     async def _persist_event(self, kind: str, data: dict[str, Any]) -> None:
+        if not self.turn.store_answer:
+            return  # nothing to recover: the answer is not stored
         self._persisted_any = True
         await self.session.store.append_events(
             self.session.id, [StreamEvent(self.response_id, kind, data)]
@@ -285,7 +294,7 @@ class TurnRunner:
         )
 
     async def _store_user(self) -> None:
-        if not self._user_stored:
+        if not self._user_stored and self.turn.store_user:
             self._user_stored = True
             await self.session.store.append_messages(self.session.id, [self._user_message()])
 
@@ -302,15 +311,20 @@ class TurnRunner:
             meta["usage"] = self.usage
         # Complete tool exchanges go first; the loop's own final answer is replaced by
         # ours, which knows how far the answer really went.
-        messages = [m for m in self.tool_messages if m.role == "tool" or "tool_calls" in m.metadata]
-        messages.append(
-            Message(role="assistant", content=self.heard_text(played_ms), metadata=meta)
-        )
-        if not self._user_stored:  # the turn ended before the provider was called
+        messages: list[Message] = []
+        if turn.store_answer:
+            messages += [
+                m for m in self.tool_messages if m.role == "tool" or "tool_calls" in m.metadata
+            ]
+            messages.append(
+                Message(role="assistant", content=self.heard_text(played_ms), metadata=meta)
+            )
+        if not self._user_stored and turn.store_user:  # ended before the provider was called
             self._user_stored = True
             messages.insert(0, self._user_message())
         store = self.session.store
-        await store.append_messages(self.session.id, messages)
+        if messages:
+            await store.append_messages(self.session.id, messages)
         if self._persisted_any:
             await store.drop_events(self.session.id, self.response_id)
 

@@ -217,3 +217,26 @@ async def test_turn_longer_than_max_turn_is_cut(live_server):
         events = await c.until("response.done", timeout=20)
     ended = next(e for e in events if e["type"] == "turn.ended")
     assert ended["audio_end_ms"] - ended["audio_start_ms"] <= 1100
+
+
+async def test_respond_false_holds_turns_until_the_client_ends_one(live_server, conversation):
+    async with connect(live_server, TOKEN) as c:
+        await c.recv()
+        await c.send({"type": "session.update", "config": {"turn_detection": {"respond": False}}})
+        assert (await c.recv())["type"] == "session.updated"
+        await _stream(c, np.concatenate([conversation.audio, SILENCE_1S]))
+        events = []
+        while sum(e["type"] == "turn.ended" for e in events) < len(conversation.turns):
+            events.append(await c.recv(timeout=20))
+        await c.send({"type": "input.text", "text": "and this", "final": True})
+        events += await c.until("response.done")
+    kinds = [e["type"] for e in events]
+    # Both turns were detected and held; the client's turn took them: one answer.
+    assert kinds.count("response.started") == 1
+    assert kinds.index("response.started") > kinds.index("turn.ended")
+    reply = "".join(e.get("delta") or "" for e in events if e["type"] == "chunk")
+    assert reply.startswith("You said: \u201cand this\u201d Heard ")
+    ended = [e for e in events if e["type"] == "turn.ended" and e.get("audio_end_ms")]
+    heard_s = float(reply.split("Heard ")[1].split()[0])
+    spoken_s = sum(e["audio_end_ms"] - e["audio_start_ms"] for e in ended) / 1000
+    assert heard_s >= spoken_s - 0.1

@@ -13,7 +13,15 @@ from typing import Any, ClassVar, Protocol
 
 from pydantic import BaseModel
 
-from duplex.protocol import ImageFrame, Message, SessionConfig, TextChunk, VideoChunk
+from duplex.protocol import (
+    BAD_REQUEST,
+    ImageFrame,
+    Message,
+    ProtocolError,
+    SessionConfig,
+    TextChunk,
+    VideoChunk,
+)
 from server.decode_budget import PixelBudget
 from server.idempotency import TurnLocks
 from server.limits import SessionLimits
@@ -98,6 +106,19 @@ class Mode:
 
     async def on_commit(self, request_id: str | None, msg_id: str | None) -> None:
         raise NotImplementedError
+
+    async def on_audio_clip(self, pcm: bytes, msg_id: str | None) -> None:
+        """A recorded clip (session input format) that joins the user's next turn as it
+        is, unheard by turn detection (the Realtime door's ``input_audio`` items)."""
+        raise ProtocolError(BAD_REQUEST, "audio clips are not available in this mode")
+
+    async def on_respond(
+        self, text: str, context: list[Message] | None, *, store_answer: bool
+    ) -> str:
+        """Queue an out-of-band response: answer ``text`` from ``context`` (None: the
+        stored history) without taking or storing the user's turn being collected; the
+        answer is stored only with ``store_answer``. Returns its turn id."""
+        raise ProtocolError(BAD_REQUEST, "out-of-band responses are not available in this mode")
 
     async def on_cancel(self, msg_id: str | None) -> None:
         raise NotImplementedError

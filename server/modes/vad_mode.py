@@ -20,6 +20,7 @@ from duplex.protocol import (
     TOO_LARGE,
     ErrorEvent,
     ImageFrame,
+    Message,
     ProtocolError,
     ResponseDone,
     ResponseStarted,
@@ -29,6 +30,7 @@ from duplex.protocol import (
     StreamChunk,
     TextChunk,
     Transcript,
+    TurnDetectionConfig,
     TurnEnded,
     VideoChunk,
     chunk_event,
@@ -73,6 +75,10 @@ class VadMode(Mode):
             decode_wait_s=limits.decode_wait_s,
         )
         self._ingest: AudioIngest | None = None
+        # Audio clips for the next turn, and turns held unanswered (``respond: false``):
+        # VAD-rate PCM, each bounded by ``max_turn_ms`` of audio.
+        self._clips: list[bytes] = []
+        self._held: list[Turn] = []
         self._echo: EchoGuard | None = None  # echo-aware barge-in, when on
         self._active: _Active | None = None
         self._responding = False  # from a turn's start to its answer stored
@@ -170,6 +176,7 @@ class VadMode(Mode):
     async def on_commit(self, request_id: str | None, msg_id: str | None) -> None:
         ended = self._ingest.commit() if self._ingest is not None else None
         turn = Turn(turn_id=new_id("turn"), request_id=request_id)
+        hold = False
         if ended is not None:
             self._ending += 1  # busy from here: the turn has ended
             try:
@@ -177,11 +184,46 @@ class VadMode(Mode):
             finally:
                 self._ending -= 1
             turn = self._audio_turn(ended, request_id)
-        elif not self._text and not self._frames.pending:
+            hold = self._holding()
+        elif not (self._text or self._frames.pending or self._held or self._clips):
             raise ProtocolError(
                 BAD_REQUEST, "nothing to commit: no audio, text or frames since the last turn"
             )
-        await self._end_turn(turn)
+        await self._end_turn(turn, hold=hold)
+
+    async def on_audio_clip(self, pcm: bytes, msg_id: str | None) -> None:
+        cfg = self.session.config
+        ingest = AudioIngest(cfg.input_audio, TurnDetectionConfig(type="manual"))
+        try:
+            ingest.events(pcm)
+        except MediaError as exc:
+            raise ProtocolError(exc.code, exc.message) from None
+        ended = ingest.commit()
+        if ended is not None:
+            limit = self._max_audio_bytes()
+            self._clips.append(ended.pcm[-limit:])  # the latest part of one over the bound
+            _bound(self._clips, limit, len)
+
+    async def on_respond(
+        self, text: str, context: list[Message] | None, *, store_answer: bool
+    ) -> str:
+        turn = Turn(
+            turn_id=new_id("turn"),
+            text=text,
+            context=context,
+            store_user=False,
+            store_answer=store_answer,
+        )
+        self._put(turn)
+        return turn.turn_id
+
+    def _holding(self) -> bool:
+        """Turns that end are held unanswered (``turn_detection.respond: false``)."""
+        td = self.session.config.turn_detection
+        return not td.respond and td.type == "vad"
+
+    def _max_audio_bytes(self) -> int:
+        return self.session.config.turn_detection.max_turn_ms * VAD_RATE * 2 // 1000
 
     async def on_cancel(self, msg_id: str | None) -> None:
         if self._streaming() is None:
@@ -228,7 +270,7 @@ class VadMode(Mode):
 
     async def _on_turn_event(self, event: vt.TurnEvent) -> None:
         if isinstance(event, vt.TurnEnd):
-            await self._end_turn(self._audio_turn(event, None))
+            await self._end_turn(self._audio_turn(event, None), hold=self._holding())
         elif (message := self._event_message(event)) is not None:
             await self.session.emit(message)
 
@@ -239,7 +281,7 @@ class VadMode(Mode):
             turn = self._audio_turn(event, None)
             session.emit_nowait(_turn_ended(turn))
             try:
-                self._queue_turn(turn)
+                self._queue_turn(turn, hold=self._holding())
             except ProtocolError as exc:
                 session.emit_nowait(ErrorEvent(code=exc.code, message=exc.message))
         elif (message := self._event_message(event)) is not None:
@@ -264,7 +306,7 @@ class VadMode(Mode):
             audio_end_ms=ended.end_ms,
         )
 
-    async def _end_turn(self, turn: Turn) -> None:
+    async def _end_turn(self, turn: Turn, *, hold: bool = False) -> None:
         """Close the turn being collected: announce it, attach its text and frames, queue it.
 
         ``turn.ended`` goes out first: collecting due video frames may wait for a decode.
@@ -274,15 +316,31 @@ class VadMode(Mode):
         try:
             await self.session.emit(_turn_ended(turn))
             await self._frames.poll(speaking=False)
-            self._queue_turn(turn)
+            self._queue_turn(turn, hold=hold)
         finally:
             self._ending -= 1
 
-    def _queue_turn(self, turn: Turn) -> None:
+    def _queue_turn(self, turn: Turn, *, hold: bool = False) -> None:
+        """Queue the turn for its answer with what was collected for it (text, frames,
+        audio clips); ``hold``: keep it unanswered, for the next turn queued to take."""
         turn.text = "".join(self._text)
         self._text.clear()
         self._text_chars = 0
         turn.frames = self._frames.take()
+        if self._clips:
+            pcm = b"".join(self._clips) + (turn.audio.pcm if turn.audio is not None else b"")
+            self._clips.clear()
+            turn.audio = AudioClip(pcm, VAD_RATE)
+        if hold:
+            self._held.append(turn)
+            _bound(self._held, self._max_audio_bytes(), _turn_audio_bytes)
+            return
+        if self._held:
+            _take_held(turn, self._held)
+            self._held.clear()
+        self._put(turn)
+
+    def _put(self, turn: Turn) -> None:
         try:
             self._turns.put_nowait(turn)
         except asyncio.QueueFull:
@@ -398,6 +456,27 @@ class VadMode(Mode):
 
 async def _raise(exc: Exception) -> None:
     raise exc
+
+
+def _turn_audio_bytes(turn: Turn) -> int:
+    return len(turn.audio.pcm) if turn.audio is not None else 0
+
+
+def _bound(items: list[Any], limit: int, size: Any) -> None:
+    """Drop the oldest of ``items`` (never the newest) while their size is over ``limit``."""
+    total = sum(size(item) for item in items)
+    while len(items) > 1 and total > limit:
+        total -= size(items.pop(0))
+
+
+def _take_held(turn: Turn, held: list[Turn]) -> None:
+    """``turn`` takes the held turns before it: one user turn, in the order spoken."""
+    pcm = b"".join(t.audio.pcm for t in held if t.audio is not None)
+    if turn.audio is not None:
+        pcm += turn.audio.pcm
+    turn.audio = AudioClip(pcm, VAD_RATE) if pcm else None
+    turn.text = " ".join(t for t in [*(h.text for h in held), turn.text] if t)
+    turn.frames = [f for h in held for f in h.frames] + turn.frames
 
 
 def _turn_ended(turn: Turn) -> TurnEnded:

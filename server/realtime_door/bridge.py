@@ -54,6 +54,7 @@ from server.realtime_door.session_map import (
     parse_modalities,
 )
 from server.session import DuplexSession
+from server.state.base import StoreUnavailable
 
 #: Conversation items remembered for retrieve / delete / truncate (oldest forgotten).
 MAX_ITEMS = 1000
@@ -61,6 +62,9 @@ MAX_ITEMS = 1000
 MAX_TURNS = 64
 #: Function-call outputs kept for the next response.create (oldest dropped).
 MAX_OUTPUTS = 64
+#: ``metadata`` of a response: at most 16 pairs, keys of 64 and values of 512 characters.
+MAX_METADATA = (16, 64, 512)
+_TEXT_PARTS = ("input_text", "text", "output_text")
 _G711 = {"audio/pcmu": "mulaw", "audio/pcma": "alaw"}
 _STATUS = {
     "stop": ("completed", None),
@@ -103,10 +107,17 @@ class _Response:
     message: _Item | None = None
     text: list[str] = field(default_factory=list)
     restore_instructions: bool = False
+    #: "none": out of band, its items join no conversation.
+    conversation: str = "auto"
+    metadata: dict[str, str] | None = None
 
     @property
     def audio(self) -> bool:
         return "audio" in self.modalities
+
+    @property
+    def in_conversation(self) -> bool:
+        return self.conversation != "none"
 
 
 class RealtimeBridge:
@@ -127,6 +138,8 @@ class RealtimeBridge:
         self._committed: list[tuple[str, bytes]] = []
         self._commit_items: deque[str] = deque()
         self._pending_user_items: list[str] = []
+        #: User items of turns held unanswered (``create_response: false``).
+        self._held_items: list[str] = []
         self._turn_items: OrderedDict[str, str] = OrderedDict()
         #: Audio went to the session since the last user audio item (server VAD), and
         #: the latest such item (for transcripts a provider sends without a turn id).
@@ -136,6 +149,8 @@ class RealtimeBridge:
         # Responses: requested (waiting for the session to start one), streaming, and
         # a response paused on function calls until the client's outputs and response.create.
         self._requested: deque[dict[str, Any]] = deque()
+        #: Out-of-band responses requested, by the turn id the session gave them.
+        self._requested_turns: dict[str, dict[str, Any]] = {}
         self._response: _Response | None = None
         self._awaiting: str | None = None
         self._awaiting_calls: list[str] = []
@@ -341,6 +356,7 @@ class RealtimeBridge:
         content = _field(item, "content", list, "item.content")
         texts: list[str] = []
         images: list[ImageFrame] = []
+        clips: list[bytes] = []
         kept: list[Event] = []
         for i, part in enumerate(content):
             param = f"item.content[{i}]"
@@ -354,20 +370,34 @@ class RealtimeBridge:
                 images.append(_image(_field(part, "image_url", str, f"{param}.image_url"), param))
                 kept.append({"type": "input_image", "detail": part.get("detail", "auto")})
             elif ptype == "input_audio" and role == "user":
-                raise DoorError(
-                    "unsupported_value",
-                    "audio content in conversation.item.create is not supported: "
-                    "use input_audio_buffer.append and commit",
-                    f"{param}.type",
+                clip = _b64(_field(part, "audio", str, f"{param}.audio"), f"{param}.audio")
+                if not clip:
+                    raise DoorError("invalid_value", "the audio is empty", f"{param}.audio")
+                clips.append(clip)
+                transcript = part.get("transcript")
+                kept.append(
+                    {
+                        "type": "input_audio",
+                        "transcript": transcript if isinstance(transcript, str) else None,
+                    }
                 )
             else:
                 raise DoorError(
                     "invalid_value", f"content type {str(ptype)[:64]!r} not allowed here", param
                 )
+        if clips and self.state.model.mode != "vad":
+            raise DoorError(
+                "unsupported_value",
+                "input_audio items are not supported with a realtime provider: "
+                "use input_audio_buffer.append and commit",
+                "item.content",
+            )
         if role == "user":
             # Images first: a bad one fails the whole item before its text is taken.
             for frame in images:
                 await self.session.send_frame(frame, event_id)
+            for clip in clips:  # the user's next turn starts with them
+                await self.session.send_audio_clip(clip, event_id)
             text = " ".join(texts)
             if text:
                 await self.session.send_text(TextChunk(text, final=False), event_id)
@@ -450,7 +480,17 @@ class RealtimeBridge:
         )
 
     async def _history_edit(self, edit: Awaitable[bool], event_id: str | None) -> None:
-        if not await edit:
+        try:
+            stored = await edit
+        except (StoreUnavailable, TimeoutError) as exc:
+            await self._error(
+                "store_unavailable",
+                f"the stored history could not be edited ({exc}); it is unchanged",
+                "item_id",
+                event_id,
+            )
+            return
+        if not stored:
             await self._error(
                 "item_not_stored",
                 "the item was not stored in time; the stored history is unchanged",
@@ -471,19 +511,34 @@ class RealtimeBridge:
         options = event.get("response") or {}
         if not isinstance(options, dict):
             raise DoorError("invalid_type", "`response` must be an object", "response")
-        if self._response is not None or self._requested:
+        if self._response is not None or self._requested or self._requested_turns:
             active = self._response.id if self._response is not None else "(starting)"
             raise DoorError(
                 "conversation_already_has_active_response",
                 f"Conversation already has an active response in progress: {active}",
             )
-        for key in ("conversation", "input"):
-            if options.get(key) not in (None, "auto"):
-                raise DoorError(
-                    "unsupported_value",
-                    f"response.{key} is not supported: responses go to the conversation",
-                    f"response.{key}",
-                )
+        conversation = options.get("conversation") or "auto"
+        if conversation not in ("auto", "none"):
+            raise DoorError(
+                "invalid_value",
+                "response.conversation must be auto or none",
+                "response.conversation",
+            )
+        options["conversation"] = conversation
+        options["metadata"] = _metadata(options.get("metadata"))
+        out_of_band = conversation == "none" or options.get("input") is not None
+        oob_input = self._oob_input(options.get("input")) if out_of_band else None
+        if out_of_band and (self.state.model.mode != "vad" or self._awaiting is not None):
+            raise DoorError(
+                "unsupported_value",
+                "out-of-band responses (conversation: none, input) are not supported "
+                + (
+                    "with a realtime provider"
+                    if self.state.model.mode != "vad"
+                    else "while function calls wait for their outputs"
+                ),
+                "response.conversation",
+            )
         modalities = options.get("output_modalities") or options.get("modalities")
         if modalities is not None:
             options["output_modalities"] = parse_modalities(
@@ -499,6 +554,11 @@ class RealtimeBridge:
                 )
             await self.session.update({"instructions": instructions}, event_id)
             options["restore_instructions"] = True
+        if oob_input is not None:
+            text, context = oob_input
+            turn_id = await self.session.respond(text, context, store_answer=conversation == "auto")
+            self._requested_turns[turn_id] = options
+            return
         if self._awaiting is not None:
             await self._resume_after_tools(options, event_id)
             return
@@ -519,6 +579,56 @@ class RealtimeBridge:
         except BaseException:
             self._requested.pop()
             raise
+
+    def _oob_input(self, items: Any) -> tuple[str, list[Message] | None]:
+        """An out-of-band response's ``input`` -> (the turn's text, its context): the last
+        user message is the turn, the items before it the history (None: no ``input``,
+        the stored history). Text only: item references, and messages of text (or audio
+        with a transcript)."""
+        if items is None:
+            return "", None
+        if not isinstance(items, list):
+            raise DoorError("invalid_type", "response.input must be an array", "response.input")
+        messages: list[Message] = []
+        for i, item in enumerate(items):
+            param = f"response.input[{i}]"
+            if not isinstance(item, dict):
+                raise DoorError("invalid_type", "an input item must be an object", param)
+            if item.get("type") == "item_reference":
+                ref_id = item.get("id")
+                ref = self._items.get(ref_id) if isinstance(ref_id, str) else None
+                if ref is None:
+                    raise DoorError("item_not_found", "no item with this id", f"{param}.id")
+                item, literal = ref.item, False
+            else:
+                literal = True
+            role = item.get("role")
+            if item.get("type", "message") != "message" or role not in (
+                "user",
+                "system",
+                "assistant",
+            ):
+                raise DoorError(
+                    "unsupported_value",
+                    "response.input takes messages and item references",
+                    param,
+                )
+            texts: list[str] = []
+            for j, part in enumerate(item.get("content") or []):
+                text = part.get("text") if isinstance(part, dict) else None
+                if isinstance(part, dict) and part.get("type") not in _TEXT_PARTS:
+                    text = part.get("transcript")
+                if isinstance(text, str):
+                    texts.append(text)
+                elif literal:
+                    raise DoorError(
+                        "unsupported_value",
+                        "response.input takes text content (audio with a transcript)",
+                        f"{param}.content[{j}]",
+                    )
+            messages.append(Message(role=role, content=" ".join(texts)))
+        text = messages.pop().content if messages and messages[-1].role == "user" else ""
+        return text, messages
 
     async def _resume_after_tools(self, options: dict[str, Any], event_id: str | None) -> None:
         duplex_id = self._awaiting
@@ -607,7 +717,8 @@ class RealtimeBridge:
         events: list[Event] = []
         items = self._pending_user_items
         self._pending_user_items = []
-        if message.audio_end_ms is not None:
+        spoken = message.audio_end_ms is not None
+        if spoken:
             if self.state.manual and self._commit_items:
                 item_id = self._commit_items.popleft()
             else:
@@ -617,15 +728,31 @@ class RealtimeBridge:
             self._uncommitted = False
             self._last_audio_item = item_id
             items.append(item_id)
+        if spoken and self.state.holds_turns and not self.state.manual:
+            # Held by the session until response.create: the turn that answers it takes
+            # these items.
+            self._held_items += items
+            del self._held_items[:-MAX_ITEMS]
+            return events
+        items = self._held_items + items
+        self._held_items = []
         for item_id in items:
             entry = self._items.get(item_id)
             if entry is not None:
                 entry.turn_id = message.turn_id
         if items:
-            self._turn_items[message.turn_id] = items[-1]
+            # The turn's transcript belongs to its (last) audio item.
+            audio = [i for i in items if self._has_audio(i)]
+            self._turn_items[message.turn_id] = (audio or items)[-1]
             while len(self._turn_items) > MAX_TURNS:
                 self._turn_items.popitem(last=False)
         return events
+
+    def _has_audio(self, item_id: str) -> bool:
+        entry = self._items.get(item_id)
+        return entry is not None and any(
+            part.get("type") == "input_audio" for part in entry.item.get("content", [])
+        )
 
     def _user_audio_item(self, item_id: str) -> list[Event]:
         previous = self._last_item
@@ -704,6 +831,8 @@ class RealtimeBridge:
             duplex_id=duplex_id,
             modalities=options.get("output_modalities") or list(self.state.output_modalities),
             restore_instructions=bool(options.get("restore_instructions")),
+            conversation=options.get("conversation") or "auto",
+            metadata=options.get("metadata"),
         )
         return response
 
@@ -714,7 +843,7 @@ class RealtimeBridge:
             "status": status,
             "status_details": None,
             "output": response.output,
-            "conversation_id": self._conversation_id,
+            "conversation_id": self._conversation_id if response.in_conversation else None,
             "output_modalities": response.modalities,
             "max_output_tokens": self.state.max_output_tokens,
             "audio": {
@@ -724,7 +853,7 @@ class RealtimeBridge:
                 }
             },
             "usage": None,
-            "metadata": None,
+            "metadata": response.metadata,
         } | extra
 
     def _response_created(self, response: _Response) -> Event:
@@ -733,7 +862,9 @@ class RealtimeBridge:
         )
 
     def _response_started(self, message: ResponseStarted) -> list[Event]:
-        options = self._requested.popleft() if self._requested else {}
+        options = self._requested_turns.pop(message.turn_id or "", None)
+        if options is None:
+            options = self._requested.popleft() if self._requested else {}
         events = self._provider_turn()
         response = self._open_response(message.response_id, message.response_id, options)
         return [*events, self._response_created(response)]
@@ -826,9 +957,6 @@ class RealtimeBridge:
         entry = response.message = _Item(item, response_id=response.duplex_id)
         response.text = []
         response.output.append(item)
-        previous = self._last_item
-        self._items[item["id"]] = entry
-        self._last_item = item["id"]
         part = (
             {"type": "audio", "transcript": ""} if response.audio else {"type": "text", "text": ""}
         )
@@ -839,8 +967,19 @@ class RealtimeBridge:
                 output_index=len(response.output) - 1,
                 item=item,
             ),
-            self.event("conversation.item.added", previous_item_id=previous, item=item),
+            *self._conversation_added(response, entry),
             self._part_event("response.content_part.added", response, part=part),
+        ]
+
+    def _conversation_added(self, response: _Response, entry: _Item) -> list[Event]:
+        """A response's output item joins the conversation (not out of band)."""
+        if not response.in_conversation:
+            return []
+        previous = self._last_item
+        self._items[entry.item["id"]] = entry
+        self._last_item = entry.item["id"]
+        return [
+            self.event("conversation.item.added", previous_item_id=previous, item=dict(entry.item))
         ]
 
     def _close_message(self, response: _Response, status: str) -> list[Event]:
@@ -871,7 +1010,8 @@ class RealtimeBridge:
                 item=entry.item,
             )
         )
-        events.append(self.event("conversation.item.done", item=entry.item))
+        if response.in_conversation:
+            events.append(self.event("conversation.item.done", item=entry.item))
         response.message = None
         response.text = []
         return events
@@ -890,9 +1030,6 @@ class RealtimeBridge:
         }
         response.output.append(item)
         index = len(response.output) - 1
-        previous = self._last_item
-        self._items[item["id"]] = _Item(item, response_id=response.duplex_id)
-        self._last_item = item["id"]
         common = {"response_id": response.id, "item_id": item["id"], "output_index": index}
         events = [
             self.event(
@@ -901,7 +1038,7 @@ class RealtimeBridge:
                 output_index=index,
                 item=dict(item),
             ),
-            self.event("conversation.item.added", previous_item_id=previous, item=dict(item)),
+            *self._conversation_added(response, _Item(item, response_id=response.duplex_id)),
             self.event(
                 "response.function_call_arguments.delta",
                 call_id=call_id,
@@ -923,7 +1060,8 @@ class RealtimeBridge:
                 "response.output_item.done", response_id=response.id, output_index=index, item=item
             )
         )
-        events.append(self.event("conversation.item.done", item=item))
+        if response.in_conversation:
+            events.append(self.event("conversation.item.done", item=item))
         return events
 
     def _response_done(self, message: ResponseDone) -> list[Event]:
@@ -966,6 +1104,30 @@ class RealtimeBridge:
             await self._emit(
                 self.event("error", error=duplex_error_body(exc.code, exc.message, None))
             )
+
+
+def _metadata(value: Any) -> dict[str, str] | None:
+    count, key_chars, value_chars = MAX_METADATA
+    if value is None:
+        return None
+    if (
+        not isinstance(value, dict)
+        or len(value) > count
+        or not all(
+            isinstance(k, str)
+            and isinstance(v, str)
+            and len(k) <= key_chars
+            and len(v) <= value_chars
+            for k, v in value.items()
+        )
+    ):
+        raise DoorError(
+            "invalid_value",
+            f"response.metadata must map at most {count} keys of {key_chars} characters "
+            f"to strings of {value_chars}",
+            "response.metadata",
+        )
+    return dict(value)
 
 
 def _usage(usage: dict[str, Any] | None) -> dict[str, Any] | None:

@@ -1,8 +1,9 @@
 """Edits of a session's stored history that Realtime clients ask for after the fact
 (``conversation.item.truncate`` / ``delete`` once the turn is stored).
 
-The stores keep an append-only list per session, so an edit rewrites the list (load,
-clear, append). A turn is stored a moment after its ``response.done``; an edit waits
+An edit rewrites the session's list through `StateStore.edit_messages`, atomically
+in each store: a reader or a crash never sees half of it, and a turn stored meanwhile
+is kept. A turn is stored a moment after its ``response.done``; an edit waits
 (bounded) for the message it concerns to be there.
 """
 
@@ -33,12 +34,6 @@ async def _wait_for(store: StateStore, session_id: str, match: Match) -> list[Me
         await asyncio.sleep(_POLL_S)
 
 
-async def _rewrite(store: StateStore, session_id: str, messages: list[Message]) -> None:
-    await store.clear_messages(session_id)
-    if messages:
-        await store.append_messages(session_id, messages)
-
-
 def cut_text(text: str, played_ms: float, audio_ms: float) -> str:
     """The share of ``text`` heard when ``played_ms`` of ``audio_ms`` played (at a word
     boundary), the rule the turn runner applies to an interrupted answer."""
@@ -60,27 +55,34 @@ async def truncate_answer(
     def match(m: Message) -> bool:
         return m.role == "assistant" and m.metadata.get("response_id") == response_id
 
-    messages = await _wait_for(store, session_id, match)
-    if messages is None:
+    if await _wait_for(store, session_id, match) is None:
         return False
-    for message in reversed(messages):
-        if not match(message):
-            continue
-        audio_ms = float(message.metadata.get("audio_ms") or 0.0)
-        heard = message.metadata.get("played_ms")
-        if heard is not None and float(heard) <= played_ms:
-            return True
-        message.content = cut_text(message.content, played_ms, audio_ms)
-        message.metadata["played_ms"] = round(min(played_ms, audio_ms or played_ms), 1)
-        break
-    await _rewrite(store, session_id, messages)
+
+    def cut(messages: list[Message]) -> list[Message] | None:
+        for message in reversed(messages):
+            if not match(message):
+                continue
+            audio_ms = float(message.metadata.get("audio_ms") or 0.0)
+            heard = message.metadata.get("played_ms")
+            if heard is not None and float(heard) <= played_ms:
+                return None  # already cut as far
+            message.content = cut_text(message.content, played_ms, audio_ms)
+            message.metadata["played_ms"] = round(min(played_ms, audio_ms or played_ms), 1)
+            return messages
+        return None
+
+    await store.edit_messages(session_id, cut)
     return True
 
 
 async def delete_messages(store: StateStore, session_id: str, match: Match) -> bool:
     """Drop the stored messages ``match`` selects; False when none is stored in time."""
-    messages = await _wait_for(store, session_id, match)
-    if messages is None:
+    if await _wait_for(store, session_id, match) is None:
         return False
-    await _rewrite(store, session_id, [m for m in messages if not match(m)])
+
+    def drop(messages: list[Message]) -> list[Message] | None:
+        kept = [m for m in messages if not match(m)]
+        return kept if len(kept) < len(messages) else None
+
+    await store.edit_messages(session_id, drop)
     return True

@@ -229,10 +229,12 @@ async def _receive_loop(
 
 
 async def _pace(session: DuplexSession, budget: InputBudget, text: str) -> None:
-    """Input over its rate waits here, as on /v1/duplex: audio appends by their audio
-    (counted from the base64 length), other events by count."""
+    """Input over its rate waits here, as on /v1/duplex: audio appends and items with
+    audio by their audio (counted from the base64 length), other events by count."""
     if '"input_audio_buffer.append"' in text:
         await pace_audio(session, budget, len(text) * 3 // 4)
+    elif '"input_audio"' in text and '"conversation.item.create"' in text:
+        await pace_audio(session, budget, len(text) * 3 // 4)  # audio items, as appends
     else:
         await pace_message(session, budget)
 

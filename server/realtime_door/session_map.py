@@ -87,6 +87,13 @@ class RealtimeSessionState:
         return self.turn_detection is None
 
     @property
+    def holds_turns(self) -> bool:
+        """Server VAD with ``create_response: false``: detected turns wait for
+        ``response.create``."""
+        td = self.turn_detection
+        return td is not None and td.get("create_response") is False
+
+    @property
     def audio_out(self) -> bool:
         return "audio" in self.output_modalities
 
@@ -141,6 +148,13 @@ class RealtimeSessionState:
             state.output_format = _format(audio_out["format"], "session.audio.output.format")
         if "turn_detection" in audio_in:
             state.turn_detection = _turn_detection(audio_in["turn_detection"])
+            if state.holds_turns and self.model.mode != "vad":
+                raise DoorError(
+                    "unsupported_value",
+                    "create_response: false is not supported with a realtime provider's "
+                    "turn detection (use turn_detection: null and response.create)",
+                    "session.audio.input.turn_detection.create_response",
+                )
         if "transcription" in audio_in:
             value = audio_in["transcription"]
             if value is not None and not isinstance(value, dict):
@@ -194,6 +208,8 @@ class RealtimeSessionState:
                 }
             if self.model.mode == "asm":
                 patch["turn_detection"]["provider_vad"] = td["type"]
+            else:
+                patch["turn_detection"]["respond"] = td.get("create_response") is not False
         if self.model.mode == "vad":
             patch["stt"] = self.transcription is not None or bool(self.model.config.get("stt"))
             patch["tts"] = self.model.speaks and self.audio_out
@@ -306,13 +322,9 @@ def _turn_detection(value: Any) -> dict[str, Any] | None:
             "turn_detection.type must be server_vad or semantic_vad",
             f"{param}.type",
         )
-    if td.get("create_response") is False:
-        raise DoorError(
-            "unsupported_value",
-            "create_response: false is not supported: Duplex answers every detected turn "
-            "(use turn_detection: null and response.create to decide yourself)",
-            f"{param}.create_response",
-        )
+    for key in ("create_response", "interrupt_response"):
+        if not isinstance(td.get(key), bool):
+            raise DoorError("invalid_type", f"`{key}` must be a boolean", f"{param}.{key}")
     if td.get("idle_timeout_ms") is not None:
         raise DoorError(
             "unsupported_value", "idle_timeout_ms is not supported", f"{param}.idle_timeout_ms"

@@ -14,6 +14,9 @@ from typing import Any
 
 from duplex.protocol import Message
 
+#: A rewrite of a session's messages (`StateStore.edit_messages`): the new list, or None.
+MessageEdit = Callable[[list[Message]], "list[Message] | None"]
+
 
 class StoreUnavailable(Exception):
     """The state store cannot be reached now (an outage): new sessions and REST calls get 503."""
@@ -96,6 +99,14 @@ class StateStore(ABC):
 
     @abstractmethod
     async def clear_messages(self, session_id: str) -> None: ...
+
+    @abstractmethod
+    async def edit_messages(self, session_id: str, edit: MessageEdit) -> list[Message] | None:
+        """Replace the session's messages with ``edit(messages)``, atomically: no reader
+        sees half a rewrite, a crash leaves the old list or the new one, and a message
+        appended meanwhile is not lost (``edit`` may run again on the newer list, so it
+        must be pure). ``edit`` returns None to change nothing. Returns the new list, or
+        None when nothing changed. Stream events (crash-recovery records) are untouched."""
 
     @abstractmethod
     async def append_events(self, session_id: str, events: list[StreamEvent]) -> None:

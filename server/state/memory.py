@@ -7,7 +7,14 @@ from collections import OrderedDict, deque
 from dataclasses import dataclass, field, replace
 
 from duplex.protocol import Message
-from server.state.base import OutboxBatch, OutboxEntry, SessionRecord, StateStore, StreamEvent
+from server.state.base import (
+    MessageEdit,
+    OutboxBatch,
+    OutboxEntry,
+    SessionRecord,
+    StateStore,
+    StreamEvent,
+)
 
 
 @dataclass
@@ -90,6 +97,17 @@ class MemoryStore(StateStore):
         if entry is not None:
             entry.messages.clear()
             entry.events.clear()
+
+    async def edit_messages(self, session_id: str, edit: MessageEdit) -> list[Message] | None:
+        # No await between the read and the write: nothing else runs in between.
+        entry = self._get(session_id)
+        if entry is None:
+            return None
+        edited = edit([m.model_copy(deep=True) for m in entry.messages])
+        if edited is None:
+            return None
+        entry.messages = deque((m.model_copy(deep=True) for m in edited), maxlen=self._max_messages)
+        return edited
 
     async def append_events(self, session_id: str, events: list[StreamEvent]) -> None:
         entry = self._get(session_id)

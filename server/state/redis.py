@@ -30,6 +30,7 @@ from redis.exceptions import WatchError
 from duplex.protocol import Message
 from server.state.base import (
     FencedWrite,
+    MessageEdit,
     OutboxBatch,
     OutboxEntry,
     SessionRecord,
@@ -82,6 +83,9 @@ redis.call('EXPIRE', KEYS[1], ARGV[2])
 redis.call('EXPIRE', KEYS[2], ARGV[2])
 return raw
 """
+
+#: Tries of a message edit that concurrent writes keep invalidating (WATCH).
+EDIT_TRIES = 8
 
 #: Socket timeouts: a dead or unreachable Redis fails a call instead of stalling it.
 SOCKET_TIMEOUT_S = 5.0
@@ -221,6 +225,36 @@ class RedisStore(StateStore):
             *(self._k("events", session_id, r) for r in responses),
         ]
         await self._write(session_id, lambda pipe: pipe.delete(*keys))
+
+    async def edit_messages(self, session_id: str, edit: MessageEdit) -> list[Message] | None:
+        """WATCH the list (and the fence), read it, rewrite it in one MULTI/EXEC: readers
+        see the old list or the new one; an append in between makes the EXEC fail, and
+        the edit runs again on the newer list."""
+        key = self._k("messages", session_id)
+        fence = self.fence_key(session_id)
+        for _ in range(EDIT_TRIES):
+            token = self.fences.get(session_id)
+            async with self._redis.pipeline(transaction=True) as pipe:
+                await pipe.watch(key, *([fence] if token is not None else []))
+                if token is not None and await pipe.get(fence) != str(token):
+                    raise FencedWrite(session_id)
+                rows = await pipe.lrange(key, 0, -1)
+                edited = edit([Message.model_validate_json(row) for row in rows])
+                if edited is None:
+                    return None
+                pipe.multi()
+                pipe.delete(key)
+                if edited:
+                    pipe.rpush(key, *(m.model_dump_json() for m in edited))
+                    pipe.expire(key, self._ttl)
+                try:
+                    await pipe.execute()
+                    return edited
+                except WatchError:
+                    continue  # a concurrent write (or a lease renewal): read again
+        raise redis.exceptions.TimeoutError(
+            f"session {session_id}: messages kept changing during {EDIT_TRIES} edits"
+        )
 
     # ---- stream events ------------------------------------------------------------------
 

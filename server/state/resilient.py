@@ -22,6 +22,7 @@ from typing import Any, TypeVar
 
 from duplex.protocol import Message
 from server.state.base import (
+    MessageEdit,
     OutboxBatch,
     OutboxEntry,
     SessionRecord,
@@ -263,6 +264,15 @@ class ResilientStore(StateStore):
         if session_id in self._copies:
             self._copies[session_id] = []
         await self._write(session_id, "clear_messages", session_id)
+
+    async def edit_messages(self, session_id: str, edit: MessageEdit) -> list[Message] | None:
+        """Not deferred through an outage: an edit needs the list as it is now."""
+        if self._backlog:
+            raise StoreUnavailable(self._down or "state store unavailable: writes are pending")
+        edited = await self._read("edit_messages", session_id, edit)
+        if edited is not None and session_id in self._copies:
+            self._copies[session_id] = [m.model_copy() for m in edited][-self._max_messages :]
+        return edited
 
     async def append_events(self, session_id: str, events: list[StreamEvent]) -> None:
         size = sum(len(str(e.data)) + _OVERHEAD for e in events)

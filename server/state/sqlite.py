@@ -16,7 +16,14 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from duplex.protocol import Message
-from server.state.base import OutboxBatch, OutboxEntry, SessionRecord, StateStore, StreamEvent
+from server.state.base import (
+    MessageEdit,
+    OutboxBatch,
+    OutboxEntry,
+    SessionRecord,
+    StateStore,
+    StreamEvent,
+)
 
 T = TypeVar("T")
 
@@ -159,6 +166,42 @@ class SqliteStore(StateStore):
             db.execute("DELETE FROM events WHERE session_id = ?", (session_id,))
 
         await self._run(clear)
+
+    async def edit_messages(self, session_id: str, edit: MessageEdit) -> list[Message] | None:
+        def rewrite(db: sqlite3.Connection) -> list[Message] | None:
+            # One transaction, taken before the read: another process's writes wait.
+            db.execute("BEGIN IMMEDIATE")
+            rows = db.execute(
+                "SELECT seq, id, role, content, created_at, metadata FROM messages "
+                "WHERE session_id = ? ORDER BY seq DESC LIMIT ?",
+                (session_id, self.max_messages),
+            ).fetchall()
+            rows.reverse()
+            messages = [
+                Message(
+                    id=r[1], role=r[2], content=r[3], created_at=r[4], metadata=json.loads(r[5])
+                )
+                for r in rows
+            ]
+            edited = edit(messages)
+            if edited is None:
+                return None
+            if rows:  # the window the session loads is replaced; older rows stay
+                db.execute(
+                    "DELETE FROM messages WHERE session_id = ? AND seq >= ?",
+                    (session_id, rows[0][0]),
+                )
+            db.executemany(
+                "INSERT INTO messages (session_id, id, role, content, created_at, metadata) "
+                "VALUES (?, ?, ?, ?, ?, ?)",
+                [
+                    (session_id, m.id, m.role, m.content, m.created_at, json.dumps(m.metadata))
+                    for m in edited
+                ],
+            )
+            return edited
+
+        return await self._run(rewrite)
 
     # ---- stream events ------------------------------------------------------------------
 
