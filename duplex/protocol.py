@@ -742,6 +742,9 @@ class SessionResumed(_Event):
     session: SessionInfo
     last_seq: int
     first_seq: int
+    #: How many client messages the session has received (docs/protocol.md "Resending
+    #: input"); absent when the server cannot tell (the replica that ran it died).
+    input_received: int | None = None
 
 
 class SpeechStarted(_Event):

@@ -14,6 +14,7 @@ import logging
 import random
 import time
 import uuid
+from collections import deque
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -59,13 +60,25 @@ def error_for(code: int, message: str, *, fatal: bool = False) -> DuplexError:
 class Reconnect:
     """How a session reconnects after its socket drops: exponential backoff from
     ``initial_delay_s`` to ``max_delay_s`` with jitter (each wait is 50-100 % of the
-    step), giving up after ``max_wait_s`` (keep it within the server's resume grace)."""
+    step), giving up after ``max_wait_s`` (keep it within the server's resume grace).
+
+    The session keeps its last ``resend_max_messages`` sent messages, at most
+    ``resend_max_bytes`` of them (binary audio as is, JSON as its UTF-8 text; the
+    defaults hold about 30 s of 16 kHz audio), and after a resume sends again those
+    the server had not received (docs/clients.md "Reconnecting"). 0 keeps none."""
 
     initial_delay_s: float = 0.1
     max_delay_s: float = 2.0
     max_wait_s: float = 30.0
     connect_timeout_s: float = 5.0
+    resend_max_messages: int = 1000
+    resend_max_bytes: int = 1024 * 1024
 
+
+#: The SDK's own event (``seq`` 0) when input the server did not receive cannot be sent
+#: again: ``reason`` "not_held" (the resend buffer no longer held it; ``lost`` messages)
+#: or "unknown" (the server that ran the session died: it cannot tell what arrived).
+INPUT_LOST = "input.lost"
 
 #: Close codes after which the session is over: no reconnect (normal close, policy, a
 #: fatal server error, and 4001: the session was resumed on another connection). Any
@@ -173,6 +186,17 @@ class Session:
         self._waiters: list[tuple[Callable[[dict[str, Any]], bool], asyncio.Future[Any]]] = []
         self._reader: asyncio.Task[None] | None = None
         self._closed_error: DuplexError | None = None
+        #: Messages sent on this session, counted as the server counts what it received
+        #: (``session.resumed`` ``input_received``): every text and binary frame.
+        self.sent = 0
+        #: Messages sent again after resumes, and messages reported lost (``input.lost``).
+        self.resent = 0
+        self.input_lost = 0
+        #: The last messages sent, ``(number, data)``, for a resume to send again.
+        self._unconfirmed: deque[tuple[int, str | bytes]] = deque()
+        self._unconfirmed_bytes = 0
+        #: Held while a message is numbered and sent, and while a resume sends again.
+        self._send_lock = asyncio.Lock()
 
     async def _start(self) -> None:
         first = await self._expect(lambda e: e["type"] in ("session.created", "error"), start=True)
@@ -245,14 +269,73 @@ class Session:
                     await ws.close()
                     raise error_for(first["code"], first["message"], fatal=True)
                 else:
-                    self.ws = ws
-                    self.resumes += 1
-                    self._connected.set()
-                    self._dispatch(first)
-                    return
+                    try:
+                        async with self._send_lock:  # new input waits for what is resent
+                            self.ws = ws
+                            self._dispatch(first)
+                            await self._resend(ws, first)
+                    except websockets.ConnectionClosed as exc:
+                        log.info("session %s: lost while resending: %r", self.id, exc)
+                    else:
+                        self.resumes += 1
+                        self._connected.set()
+                        return
             if time.monotonic() + step > deadline:
                 raise ConnectionLost(code, f"could not resume within {policy.max_wait_s:g} s")
             step = min(step * 2, policy.max_delay_s)
+
+    async def _resend(self, ws: ClientConnection, resumed: dict[str, Any]) -> None:
+        """Send again what the server did not receive: the messages after its
+        ``input_received``, if still held; else tell the caller (`INPUT_LOST`)."""
+        received = resumed.get("input_received")
+        if received is not None and received > self.sent:  # another client fed it too
+            log.warning("session %s: server received %d of %d", self.id, received, self.sent)
+            self.sent = received
+        held_from = self._unconfirmed[0][0] if self._unconfirmed else self.sent + 1
+        if received is not None and received + 1 >= held_from:
+            again = [data for number, data in self._unconfirmed if number > received]
+            for data in again:
+                await ws.send(data)
+            self.resent += len(again)
+            if again:
+                log.info("session %s: resent %d message(s)", self.id, len(again))
+            return
+        lost = None if received is None else self.sent - received
+        if lost is None and self.sent == 0:
+            return
+        if lost is not None:
+            self.input_lost += lost
+        log.warning("session %s: input lost (%s)", self.id, lost if lost else "unknown")
+        self._dispatch(
+            {
+                "type": INPUT_LOST,
+                "seq": 0,
+                "reason": "unknown" if received is None else "not_held",
+                "input_received": received,
+                "sent": self.sent,
+                "lost": lost,
+            }
+        )
+        # Number on from what the server has (it counts from 0 again when it could not
+        # tell): nothing older is resent later.
+        self.sent = received or 0
+        self._unconfirmed.clear()
+        self._unconfirmed_bytes = 0
+
+    def _keep(self, number: int, data: str | bytes) -> None:
+        """Hold a sent message for a resume, within the resend bounds."""
+        policy = self._reconnect
+        if policy is None or policy.resend_max_messages <= 0:
+            return
+        size = len(data) if isinstance(data, bytes) else len(data.encode())
+        self._unconfirmed.append((number, data))
+        self._unconfirmed_bytes += size
+        while self._unconfirmed and (
+            len(self._unconfirmed) > policy.resend_max_messages
+            or self._unconfirmed_bytes > policy.resend_max_bytes
+        ):
+            _, old = self._unconfirmed.popleft()
+            self._unconfirmed_bytes -= len(old) if isinstance(old, bytes) else len(old.encode())
 
     def _dispatch(self, event: dict[str, Any]) -> None:
         seq = event.get("seq") or 0
@@ -307,20 +390,27 @@ class Session:
         await self._send(json.dumps(message))
 
     async def _send(self, data: str | bytes) -> None:
-        """Send on the current socket; while the session reconnects, wait for it (once)."""
-        for attempt in (1, 2):
-            await self._connected.wait()
-            if self._closed_error is not None and (self._reader is None or self._reader.done()):
-                raise self._closed_error
+        """Send on the current socket, numbered and held for a resume (`_resend`); while
+        the session reconnects, wait for it. A send the drop cut is sent again by the
+        resume if the server lacks it: this returns once the session is back."""
+        await self._connected.wait()
+        if self._closed_error is not None and (self._reader is None or self._reader.done()):
+            raise self._closed_error
+        async with self._send_lock:
             ws = self.ws
+            self.sent += 1
+            self._keep(self.sent, data)
             try:
                 await ws.send(data)
                 return
             except websockets.ConnectionClosed as exc:
-                if self._reconnect is None or attempt == 2 or self._closing:
+                if self._reconnect is None or self._closing:
                     raise ConnectionLost(_close_code(exc), f"connection lost: {exc}") from None
                 if self.ws is ws:  # let the reader notice the drop and start resuming
                     self._connected.clear()
+        await self._connected.wait()
+        if self._closed_error is not None and (self._reader is None or self._reader.done()):
+            raise self._closed_error
 
     async def update(self, **config: Any) -> dict[str, Any]:
         msg_id = uuid.uuid4().hex

@@ -55,6 +55,9 @@ class Link:
 
     ws: Any
     writer: asyncio.Task[Any] | None = None
+    #: Feeds the session the connection's input; stopped before a new connection takes
+    #: over, so that the input count the new one is told is final.
+    reader: asyncio.Task[Any] | None = None
     replaced: bool = False
 
 
@@ -118,6 +121,9 @@ async def _evict(session: DuplexSession) -> None:
         with contextlib.suppress(Exception):
             async with asyncio.timeout(2):
                 await old.ws.close(CLOSE_REPLACED, "session resumed on another connection")
+    if old.reader is not None:  # it takes no new message now (``replaced``)
+        old.reader.cancel()
+        await asyncio.wait([old.reader], timeout=CLOSING_WAIT_S)
     session.log.info("resumed on a new connection: the old one is closed (%d)", CLOSE_REPLACED)
 
 
@@ -146,7 +152,12 @@ def greeting(session: DuplexSession, last_seq: int) -> list[str]:
                 ),
             )
         )
-    resumed = SessionResumed(session=session.info(), last_seq=last_seq, first_seq=first)
+    resumed = SessionResumed(
+        session=session.info(),
+        last_seq=last_seq,
+        first_seq=first,
+        input_received=session.input_received,
+    )
     return [
         encode_server_message(resumed),
         *(encode_server_message(e) for e in errors),

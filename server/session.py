@@ -251,6 +251,16 @@ async def load_or_create_record(
     return record
 
 
+async def _take_input_count(services: SessionServices, record: SessionRecord) -> int | None:
+    """The input count a clean close left in ``record``, cleared in the store: it holds
+    for the live session that starts now only (one that dies leaves no count)."""
+    received = record.input_received
+    if received is not None:
+        record.input_received = None
+        await services.store.update_session(record)
+    return received
+
+
 _CLOSE = object()
 
 
@@ -275,10 +285,15 @@ class DuplexSession(BaseSession):
         services: SessionServices,
         *,
         outbox: list[OutboxEntry] | None = None,
+        input_received: int | None = 0,
     ):
         super().__init__(record, config, services)
         self._out: asyncio.Queue[Any] = asyncio.Queue(services.limits.output_queue_size)
         self._seq = outbox[-1].seq if outbox else 0
+        #: Client messages received (`take_input`); unknown (None) after a reopen whose
+        #: previous owner died, until the first message counted from 0 after it.
+        self._received = input_received or 0
+        self._received_known = input_received is not None
         self._outbox: Outbox | None = None
         if services.limits.outbox_max_messages > 0:
             self._outbox = Outbox(record.id, services.outbox_writer, services.limits, outbox)
@@ -335,7 +350,9 @@ class DuplexSession(BaseSession):
         config: SessionConfig | None = None,
     ) -> DuplexSession:
         """Create a new session, or continue ``session_id`` (the tenant's own only)."""
-        session = cls(*await cls._load(services, tenant, session_id, config), services)
+        record, config = await cls._load(services, tenant, session_id, config)
+        await _take_input_count(services, record)  # a new live session counts from 0
+        session = cls(record, config, services)
         await session.emit(SessionCreated(session=session.info()))
         return session
 
@@ -352,7 +369,8 @@ class DuplexSession(BaseSession):
             entries = await services.store.load_outbox(
                 session_id, max_age_s=limits.outbox_max_age_s
             )
-        return cls(record, config, services, outbox=entries)
+        received = await _take_input_count(services, record)
+        return cls(record, config, services, outbox=entries, input_received=received)
 
     def info(self) -> SessionInfo:
         return SessionInfo(
@@ -382,6 +400,7 @@ class DuplexSession(BaseSession):
         self._force_put(_CLOSE)
         if self._outbox is not None:
             await self._outbox.close()
+        await self._save_input_count()  # before `done`: a replica taking over reads it
         if self.tap is not None:
             self.tap.flush()
         self.done.set()
@@ -570,6 +589,33 @@ class DuplexSession(BaseSession):
     def sent_after(self, last_seq: int) -> list[OutboxEntry]:
         """The outbox's messages with ``seq > last_seq``, in order."""
         return self._outbox.after(last_seq) if self._outbox is not None else []
+
+    def take_input(self) -> bool:
+        """Count one client message as received (``input_received`` of a resume, see
+        docs/protocol.md "Resending input"); False, and not counted, once the session
+        is closed: a client resending from its count sends it again elsewhere."""
+        if self.closed:
+            return False
+        self._received += 1
+        self._received_known = True
+        return True
+
+    @property
+    def input_received(self) -> int | None:
+        """The client messages received, or None when a previous owner died with the
+        count (then counting starts again at 0 with the next message)."""
+        return self._received if self._received_known else None
+
+    async def _save_input_count(self) -> None:
+        """Keep the count at a clean close, for a resume that reopens the session (here
+        or on another replica); a store that lost the session is not written to."""
+        self.record.input_received = self.input_received
+        try:
+            async with asyncio.timeout(self.limits.close_timeout_s):
+                if await self.store.get_session(self.id) is not None:
+                    await self.store.update_session(self.record)
+        except Exception as exc:  # an outage, or another replica fenced us out
+            self.log.warning("input count not saved: %r", exc)
 
     def detach(self, grace_s: float, on_end: Callable[[], None]) -> None:
         """The connection went: run on for ``grace_s``, output going to the outbox only

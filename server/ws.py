@@ -147,10 +147,11 @@ async def _serve(
                         settings.output_stall_timeout_s,
                     )
                 )
-                reader = tg.create_task(
+                reader = link.reader = tg.create_task(
                     _read(
                         ws,
                         session,
+                        link,
                         settings.max_message_bytes,
                         budget,
                         writer,
@@ -177,7 +178,7 @@ async def _serve(
 
 
 def _direct_take(
-    session: DuplexSession, max_bytes: int, budget: InputBudget
+    session: DuplexSession, link: Link, max_bytes: int, budget: InputBudget
 ) -> Callable[[bytes], bool]:
     """The direct path's sink: audio within the budget goes straight to the session;
     the rest takes the usual path, where it waits for its budget."""
@@ -189,7 +190,7 @@ def _direct_take(
     def take(data: bytes) -> bool:
         nonlocal fmt, bytes_per_s
         size = len(data)
-        if size > max_bytes:
+        if size > max_bytes or link.replaced:
             return False
         if session.config.input_audio is not fmt:  # changed by a session.update
             fmt = session.config.input_audio
@@ -197,6 +198,7 @@ def _direct_take(
         if not try_audio(size, bytes_per_s):
             return False
         if send(data):
+            session.take_input()  # taken: counted (docs/protocol.md "Resending input")
             return True
         budget.refund_audio(size, bytes_per_s)
         return False
@@ -207,6 +209,7 @@ def _direct_take(
 async def _read(
     ws: WebSocket,
     session: DuplexSession,
+    link: Link,
     max_bytes: int,
     budget: InputBudget,
     writer: asyncio.Task[None],
@@ -220,9 +223,9 @@ async def _read(
     """
     direct: DirectPath | None = ws.scope.get("extensions", {}).get(DIRECT)
     if direct is not None:
-        direct.take = _direct_take(session, max_bytes, budget)
+        direct.take = _direct_take(session, link, max_bytes, budget)
     try:
-        return await _receive_loop(ws, session, max_bytes, direct, budget, fresh)
+        return await _receive_loop(ws, session, link, max_bytes, direct, budget, fresh)
     finally:
         if direct is not None:
             direct.take = None
@@ -233,6 +236,7 @@ async def _read(
 async def _receive_loop(
     ws: WebSocket,
     session: DuplexSession,
+    link: Link,
     max_bytes: int,
     direct: DirectPath | None,
     budget: InputBudget,
@@ -240,7 +244,8 @@ async def _receive_loop(
 ) -> ResumeRequest | None:
     while not session.closed:
         frame = await receive_frame(ws, session, direct)
-        if frame is None:
+        if frame is None or link.replaced or not session.take_input():
+            # not taken, not counted: the client resends it where the session went on
             break
         data = frame.get("bytes")
         text = frame.get("text")

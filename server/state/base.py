@@ -43,6 +43,9 @@ class SessionRecord:
     parent_id: str | None = None
     created_at: float = field(default_factory=time.time)
     updated_at: float = field(default_factory=time.time)
+    #: The client messages the last live session had received when it closed cleanly
+    #: (docs/protocol.md "Resending input"); None while one runs (or after it died).
+    input_received: int | None = None
 
 
 @dataclass

@@ -31,7 +31,7 @@ _SCHEMA = """
 CREATE TABLE IF NOT EXISTS sessions (
     id TEXT PRIMARY KEY, tenant TEXT NOT NULL, name TEXT NOT NULL DEFAULT '',
     variables TEXT NOT NULL, config TEXT NOT NULL, parent_id TEXT,
-    created_at REAL NOT NULL, updated_at REAL NOT NULL
+    created_at REAL NOT NULL, updated_at REAL NOT NULL, input_received INTEGER
 );
 CREATE TABLE IF NOT EXISTS messages (
     seq INTEGER PRIMARY KEY AUTOINCREMENT, session_id TEXT NOT NULL, id TEXT NOT NULL,
@@ -72,6 +72,9 @@ class SqliteStore(StateStore):
             db.execute("PRAGMA journal_mode=WAL")
             db.execute("PRAGMA synchronous=NORMAL")
             db.executescript(_SCHEMA)
+            columns = {row[1] for row in db.execute("PRAGMA table_info(sessions)")}
+            if "input_received" not in columns:  # a file made before the column
+                db.execute("ALTER TABLE sessions ADD COLUMN input_received INTEGER")
             self._db = db
         return self._db
 
@@ -101,8 +104,8 @@ class SqliteStore(StateStore):
     async def get_session(self, session_id: str, tenant: str | None = None) -> SessionRecord | None:
         row = await self._run(
             lambda db: db.execute(
-                "SELECT id, tenant, name, variables, config, parent_id, created_at, updated_at "
-                "FROM sessions WHERE id = ? AND (? IS NULL OR tenant = ?)",
+                "SELECT id, tenant, name, variables, config, parent_id, created_at, updated_at, "
+                "input_received FROM sessions WHERE id = ? AND (? IS NULL OR tenant = ?)",
                 (session_id, tenant, tenant),
             ).fetchone()
         )
@@ -117,6 +120,7 @@ class SqliteStore(StateStore):
             parent_id=row[5],
             created_at=row[6],
             updated_at=row[7],
+            input_received=row[8],
         )
 
     async def delete_session(self, session_id: str) -> None:
@@ -290,7 +294,7 @@ def _put_session(db: sqlite3.Connection, r: SessionRecord, *, replace: bool) -> 
     verb = "INSERT OR REPLACE" if replace else "INSERT"
     return db.execute(
         f"{verb} INTO sessions (id, tenant, name, variables, config, parent_id, created_at, "
-        "updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+        "updated_at, input_received) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
         (
             r.id,
             r.tenant,
@@ -300,5 +304,6 @@ def _put_session(db: sqlite3.Connection, r: SessionRecord, *, replace: bool) -> 
             r.parent_id,
             r.created_at,
             r.updated_at,
+            r.input_received,
         ),
     )
