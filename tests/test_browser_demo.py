@@ -362,9 +362,11 @@ def test_browser_demo_resumes_after_a_dropped_connection(
     server = server_factory(echo_pace=1.0)  # the spoken answer plays back at real time
     proxy = CuttableProxy(int(server.base.rsplit(":", 1)[1]))
     received: list[dict[str, Any]] = []  # what the page received, over both sockets
+    sent = [0]  # messages the page sent, over both sockets (resent ones included)
 
     def watch(ws: Any) -> None:
         ws.on("framereceived", lambda p: received.append(json.loads(p)))
+        ws.on("framesent", lambda p: sent.__setitem__(0, sent[0] + 1))
 
     def reply_audio() -> list[dict[str, Any]]:
         return [m for m in received if m.get("type") == "chunk" and "media" in m]
@@ -413,6 +415,20 @@ def test_browser_demo_resumes_after_a_dropped_connection(
                 )
                 assert seconds == pytest.approx(float(heard.group(1)), abs=0.06)
                 page.click("#mic")
+                # What the drop swallowed was resent once: the server received each
+                # message the page sent exactly once (it counts them, `input_received`).
+                (resumed,) = [m for m in received if m.get("type") == "session.resumed"]
+                assert "input_received" in resumed
+                notes = page.locator('.entry.note:has-text("resent")').all_inner_texts()
+                resent = sum(int(re.search(r"resent (\d+)", n).group(1)) for n in notes)
+                live = server.app.state.duplex.registry.get(
+                    "tenant-a", page.inner_text("#session-id").strip()
+                )
+                for _ in range(200):  # until the last frames arrived (a bound, not a measure)
+                    if live.input_received == sent[0] - resent:
+                        break
+                    page.wait_for_timeout(50)
+                assert live.input_received == sent[0] - resent
             finally:
                 browser.close()
     finally:

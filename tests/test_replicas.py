@@ -160,6 +160,11 @@ async def test_kill_9_of_the_owner_mid_answer(cluster: Cluster) -> None:
         assert session.resumes >= 1
         assert cluster.owner(session.id) not in (None, owner)
         assert done["finish_reason"] == "interrupted"
+        # The dead owner's input count died with it: nothing is resent, the caller is told.
+        assert "input_received" not in seen.of("session.resumed")[0]
+        (lost,) = seen.of("input.lost")
+        assert lost["reason"] == "unknown" and lost["sent"] == 5 and lost["lost"] is None
+        assert session.resent == 0
         cut_chunks = [e for e in seen.of("chunk", cut_id) if e.get("interrupted")]
         assert len(cut_chunks) == 1
         stored = await history(cluster, session.id)
@@ -219,6 +224,9 @@ async def test_sigterm_drains_the_owner(cluster: Cluster) -> None:
         later = await answer(seen, session, "and now?")
         assert later["finish_reason"] == "stop"
         assert session.resumes >= 1
+        # The drained owner kept its exact input count: all 3 messages had arrived.
+        assert seen.of("session.resumed")[0]["input_received"] == 3
+        assert seen.of("input.lost") == [] and session.resent == 0
         assert cluster.owner(session.id) not in (None, owner)
         stored = await history(cluster, session.id)
         kept = by_response(stored["messages"], response_id)
@@ -280,6 +288,8 @@ async def test_a_resume_on_another_replica_takes_the_session_over(cluster: Clust
             resumed = json.loads(await ws.recv())
             assert resumed["type"] == "session.resumed", resumed
             assert resumed["last_seq"] == last_seq
+            # counted by the owner, kept at its close, read here: update, audio, commit
+            assert resumed["input_received"] == session.sent == 3
             assert cluster.owner(session.id) == other.index
             after = Seen()
             async with asyncio.timeout(20):

@@ -20,6 +20,10 @@ const RETRY_FIRST_MS = 100;
 const RETRY_MAX_MS = 2000;
 const RETRY_GIVE_UP_MS = 30000;
 const FINAL_CLOSE_CODES = [1000, 1008, 1011, 4001]; // the session is over: no reconnect
+// The last messages sent are held so that a resume sends again those the drop lost
+// (`session.resumed` `input_received`, docs/protocol.md "Resending input").
+const RESEND_MAX_MESSAGES = 1000;
+const RESEND_MAX_BYTES = 1024 * 1024;
 
 const $ = (id) => document.getElementById(id);
 const ui = {
@@ -57,6 +61,10 @@ let attempt = 0; // connection attempts: a Disconnect during one makes it moot
 let sessionId = null; // the session to resume after a drop
 let lastSeq = 0; // the last numbered message handled: a resume replays what follows
 let retry = null; // {step, deadline, timer} while reconnecting
+let resuming = false; // a resume's socket is open but `session.resumed` has not come yet
+let sentCount = 0; // messages sent on this session, counted as the server counts them
+let unconfirmed = []; // [number, data, size] of the last messages sent, for a resume
+let unconfirmedSize = 0;
 const replies = new Map(); // response_id -> the reply's log entry
 
 // ---- the log -----------------------------------------------------------------------
@@ -144,9 +152,42 @@ function wsOpen() {
 }
 
 function send(message) {
-  if (!wsOpen()) return false;
-  ws.send(JSON.stringify(message));
+  if (!wsOpen() || resuming) return false;
+  sendData(JSON.stringify(message));
   return true;
+}
+
+// Every message to the server goes through here: numbered and held for a resume.
+function sendData(data) {
+  ws.send(data);
+  sentCount += 1;
+  const size = typeof data === "string" ? data.length : data.byteLength;
+  unconfirmed.push([sentCount, data, size]);
+  unconfirmedSize += size;
+  while (unconfirmed.length > RESEND_MAX_MESSAGES || unconfirmedSize > RESEND_MAX_BYTES) {
+    unconfirmedSize -= unconfirmed.shift()[2];
+  }
+}
+
+// After `session.resumed`: send again what the server did not receive, before anything
+// new; if it is no longer held (or the server cannot tell), say so and number on.
+function resendAfter(received) {
+  const heldFrom = unconfirmed.length ? unconfirmed[0][0] : sentCount + 1;
+  if (received !== undefined && received + 1 >= heldFrom) {
+    const again = unconfirmed.filter(([n]) => n > received);
+    for (const [, data] of again) ws.send(data);
+    if (again.length) addEntry("note", "input", `resent ${again.length} message(s) the drop lost`);
+    sentCount = Math.max(sentCount, received);
+    return;
+  }
+  if (received === undefined && sentCount > 0) {
+    addEntry("note", "input", "the server restarted: input sent just before the drop may be lost");
+  } else if (received !== undefined) {
+    addEntry("note", "input", `${sentCount - received} message(s) lost in the drop: not resent`);
+  }
+  sentCount = received ?? 0;
+  unconfirmed = [];
+  unconfirmedSize = 0;
 }
 
 // Created inside the Connect click, so autoplay policies let it run.
@@ -215,7 +256,11 @@ async function connect(resume = false) {
   } else {
     sessionId = null;
     lastSeq = 0;
+    sentCount = 0;
+    unconfirmed = [];
+    unconfirmedSize = 0;
   }
+  resuming = resume;
   const sock = new WebSocket(url);
   sock.binaryType = "arraybuffer";
   ws = sock;
@@ -309,6 +354,8 @@ function onServerMessage(msg) {
       break;
     case "session.resumed":
       retry = null;
+      resuming = false;
+      resendAfter(msg.input_received);
       showSession(msg.session);
       audioDeclared = true; // the session kept the capture format declared before
       setStatus("connected");
@@ -604,7 +651,7 @@ async function startMic() {
     sink.gain.value = 0;
     node.port.onmessage = ({ data }) => {
       ui.micLevel.value = Math.min(1, Math.max(0, (20 * Math.log10(data.rms + 1e-9) + 60) / 60));
-      if (audioDeclared && wsOpen()) ws.send(data.pcm);
+      if (audioDeclared && wsOpen() && !resuming) sendData(data.pcm);
     };
     source.connect(node).connect(sink).connect(ctx.destination);
     mic = { stream, source, node, sink };
