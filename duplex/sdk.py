@@ -327,15 +327,14 @@ class Session:
         policy = self._reconnect
         if policy is None or policy.resend_max_messages <= 0:
             return
-        size = len(data) if isinstance(data, bytes) else len(data.encode())
+        size = len(data)  # JSON from json.dumps is ASCII: characters are bytes
         self._unconfirmed.append((number, data))
         self._unconfirmed_bytes += size
         while self._unconfirmed and (
             len(self._unconfirmed) > policy.resend_max_messages
             or self._unconfirmed_bytes > policy.resend_max_bytes
         ):
-            _, old = self._unconfirmed.popleft()
-            self._unconfirmed_bytes -= len(old) if isinstance(old, bytes) else len(old.encode())
+            self._unconfirmed_bytes -= len(self._unconfirmed.popleft()[1])
 
     def _dispatch(self, event: dict[str, Any]) -> None:
         seq = event.get("seq") or 0
