@@ -165,6 +165,7 @@ async def _serve(
         keep = False
         raise
     finally:
+        link.reader = None  # a cancelled task's traceback would hold the session in a cycle
         grace = app.services.limits.resume_grace_s
         if link.replaced:
             pass  # another connection serves the session now
