@@ -407,8 +407,8 @@ class Session:
                     raise ConnectionLost(_close_code(exc), f"connection lost: {exc}") from None
                 if self.ws is ws:  # let the reader notice the drop and start resuming
                     self._connected.clear()
-        await self._connected.wait()
-        if self._closed_error is not None and (self._reader is None or self._reader.done()):
+        await self._connected.wait()  # resumed (and resent if need be), or over
+        if self._closed_error is not None:
             raise self._closed_error
 
     async def update(self, **config: Any) -> dict[str, Any]:

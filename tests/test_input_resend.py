@@ -13,12 +13,15 @@ import asyncio
 import base64
 import dataclasses
 import json
+import sqlite3
 from typing import Any
 
 import numpy as np
 import websockets
 
 from duplex.sdk import INPUT_LOST, Client, Reconnect, Session
+from server.state.base import SessionRecord
+from server.state.sqlite import SqliteStore
 from tests.conftest import TOKEN
 
 RATE = 16000
@@ -302,3 +305,26 @@ async def test_the_count_outlives_the_session_and_is_unknown_after_a_crash(serve
     ws = await open_raw(server, session_id=session_id, last_seq=pong["seq"])
     assert json.loads(await ws.recv())["input_received"] == 1
     await ws.close()
+
+
+async def test_sqlite_files_made_before_the_count_get_its_column(tmp_path):
+    path = tmp_path / "old.db"
+    db = sqlite3.connect(path)
+    db.execute(
+        "CREATE TABLE sessions (id TEXT PRIMARY KEY, tenant TEXT NOT NULL, name TEXT NOT NULL "
+        "DEFAULT '', variables TEXT NOT NULL, config TEXT NOT NULL, parent_id TEXT, "
+        "created_at REAL NOT NULL, updated_at REAL NOT NULL)"
+    )
+    db.execute("INSERT INTO sessions VALUES ('s1', 't', '', '{}', '{}', NULL, 1.0, 1.0)")
+    db.commit()
+    db.close()
+    store = SqliteStore(str(path))
+    try:
+        record = await store.get_session("s1")
+        assert record is not None and record.input_received is None
+        await store.update_session(dataclasses.replace(record, input_received=42))
+        assert (await store.get_session("s1")).input_received == 42
+        await store.create_session(SessionRecord(id="s2", tenant="t"))
+        assert (await store.get_session("s2")).input_received is None
+    finally:
+        await store.close()
