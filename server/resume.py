@@ -55,9 +55,9 @@ class Link:
 
     ws: Any
     writer: asyncio.Task[Any] | None = None
-    #: Feeds the session the connection's input; stopped before a new connection takes
-    #: over, so that the input count the new one is told is final.
-    reader: asyncio.Task[Any] | None = None
+    #: Set when another connection took the session over: from then on this one's reader
+    #: takes no new message (one being handled finishes), so the input count the new
+    #: connection is told is final.
     replaced: bool = False
 
 
@@ -121,9 +121,6 @@ async def _evict(session: DuplexSession) -> None:
         with contextlib.suppress(Exception):
             async with asyncio.timeout(2):
                 await old.ws.close(CLOSE_REPLACED, "session resumed on another connection")
-    if old.reader is not None:  # it takes no new message now (``replaced``)
-        old.reader.cancel()
-        await asyncio.wait([old.reader], timeout=CLOSING_WAIT_S)
     session.log.info("resumed on a new connection: the old one is closed (%d)", CLOSE_REPLACED)
 
 

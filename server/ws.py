@@ -147,7 +147,7 @@ async def _serve(
                         settings.output_stall_timeout_s,
                     )
                 )
-                reader = link.reader = tg.create_task(
+                reader = tg.create_task(
                     _read(
                         ws,
                         session,
@@ -165,7 +165,6 @@ async def _serve(
         keep = False
         raise
     finally:
-        link.reader = None  # a cancelled task's traceback would hold the session in a cycle
         grace = app.services.limits.resume_grace_s
         if link.replaced:
             pass  # another connection serves the session now
@@ -243,7 +242,7 @@ async def _receive_loop(
     budget: InputBudget,
     fresh: bool,
 ) -> ResumeRequest | None:
-    while not session.closed:
+    while not session.closed and not link.replaced:
         frame = await receive_frame(ws, session, direct)
         if frame is None or link.replaced or not session.take_input():
             # not taken, not counted: the client resends it where the session went on
