@@ -328,4 +328,3 @@ async def test_sqlite_files_made_before_the_count_get_its_column(tmp_path):
         assert (await store.get_session("s2")).input_received is None
     finally:
         await store.close()
-
