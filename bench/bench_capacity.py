@@ -302,6 +302,11 @@ async def run_worker(
 
 
 def worker_main(args: argparse.Namespace) -> None:
+    if args.door != "duplex":  # 24 kHz audio through either door (bench/capacity_door.py)
+        from bench.capacity_door import worker_main as door_worker
+
+        door_worker(args)
+        return
     plans = load_plans(args)
     result = asyncio.run(run_worker(args.port, args.worker, args.duration, args.stagger, plans))
     print("RESULT " + json.dumps(asdict(result)), flush=True)
@@ -422,7 +427,7 @@ def run_point(args: argparse.Namespace, n: int, plans: list[Plan], profile: bool
         argv = [sys.executable, "-m", "bench.bench_capacity", "--worker", str(n)]
         argv += ["--port", str(server.port), "--duration", str(args.duration)]
         argv += ["--stagger", str(args.stagger), "--conversations", str(args.conversations)]
-        argv += ["--turns", str(args.turns)]
+        argv += ["--turns", str(args.turns), "--door", getattr(args, "door", "duplex")]
         gen_cpu = client_cpu(args.workers)
 
         def pin() -> None:
@@ -562,6 +567,12 @@ def main() -> None:
         default="auto",
         help="the server's store (auto: memory for 1 worker, redis for more)",
     )
+    parser.add_argument(
+        "--door",
+        choices=["duplex", "duplex24", "realtime", "both"],
+        default="duplex",
+        help="24 kHz audio to /v1/duplex, /v1/realtime or both (bench/capacity_door.py)",
+    )
     parser.add_argument("--worker", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -580,7 +591,12 @@ def main() -> None:
         elif store == "sqlite":
             folder = stack.enter_context(tempfile.TemporaryDirectory(prefix="bench-sqlite-"))
             args.store_url = f"sqlite:///{folder}/duplex.db"
-        run_curve(args, store)
+        if args.door != "duplex":
+            from bench.capacity_door import run_doors
+
+            run_doors(args, store)
+        else:
+            run_curve(args, store)
 
 
 def run_curve(args: argparse.Namespace, store: str) -> None:

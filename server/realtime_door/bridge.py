@@ -24,11 +24,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from pydantic import BaseModel
+from pydantic_core import from_json
 
 from duplex.protocol import (
     ChunkEvent,
     ErrorEvent,
     ImageFrame,
+    InputAudioConfig,
     JsonLimits,
     Message,
     Playback,
@@ -42,6 +44,7 @@ from duplex.protocol import (
     ToolResult,
     Transcript,
     TurnEnded,
+    check_json_value,
     parse_json,
 )
 from media import g711
@@ -66,6 +69,7 @@ MAX_OUTPUTS = 64
 MAX_METADATA = (16, 64, 512)
 _TEXT_PARTS = ("input_text", "text", "output_text")
 _G711 = {"audio/pcmu": "mulaw", "audio/pcma": "alaw"}
+_APPEND = '"input_audio_buffer.append"'
 _STATUS = {
     "stop": ("completed", None),
     "tool_calls": ("completed", None),
@@ -159,6 +163,9 @@ class RealtimeBridge:
         #: Bringing the session's instructions back after a response that had its own;
         #: the next client event waits for it.
         self._restoring: asyncio.Task[None] | None = None
+        #: Input bytes a second for the budget, and the input format it is for.
+        self._rate_of: InputAudioConfig | None = None
+        self._rate = 1.0
         self._handlers: dict[str, Callable[[Event, str | None], Awaitable[None]]] = {
             "session.update": self._session_update,
             "input_audio_buffer.append": self._append,
@@ -191,32 +198,36 @@ class RealtimeBridge:
 
     def take_nowait(self, text: str, budget: InputBudget | None = None) -> bool:
         """An ``input_audio_buffer.append`` under server VAD, handled without waiting (the
-        server's direct receive path); False (nothing done) for anything else."""
-        if (
-            self.state.manual
-            or self._restoring is not None
-            or '"input_audio_buffer.append"' not in text
-        ):
+        server's direct receive path); False (nothing done) for anything else.
+
+        This runs for every 20 ms of audio: the JSON parse and the base64 decode are all
+        the protocol asks for (`parse_json`'s checks cannot fail on ``{type, audio}``
+        alone once the audio has decoded: both strings are then ASCII)."""
+        if self.state.manual or self._restoring is not None or _APPEND not in text:
             return False
         try:
-            event = parse_json(text, self._json_limits)
-        except ProtocolError:
-            return False
-        if not isinstance(event, dict) or event.get("type") != "input_audio_buffer.append":
+            event = from_json(text, allow_inf_nan=False)
+        except (ValueError, UnicodeError):
+            return False  # the usual path reports it
+        if type(event) is not dict or event.get("type") != "input_audio_buffer.append":
             return False
         audio = event.get("audio")
-        if not isinstance(audio, str):
+        if type(audio) is not str:
             return False
         try:
-            pcm = base64.b64decode(audio, validate=True)
-        except (binascii.Error, ValueError):
+            if len(event) > 2:  # anything besides type and audio: the JSON limits apply
+                check_json_value(event, self._json_limits)
+            pcm = binascii.a2b_base64(audio, strict_mode=True)
+        except (ProtocolError, binascii.Error, ValueError):
             return False  # the usual path reports it
-        rate = audio_bytes_per_second(self.session.config.input_audio)
-        if budget is not None and not budget.try_audio(len(pcm), rate):
+        fmt = self.session.config.input_audio
+        if fmt is not self._rate_of:  # changed by a session.update
+            self._rate_of, self._rate = fmt, audio_bytes_per_second(fmt)
+        if budget is not None and not budget.try_audio(len(pcm), self._rate):
             return False  # the usual path waits for the budget
         if not self.session.send_audio_nowait(pcm):
             if budget is not None:
-                budget.refund_audio(len(pcm), rate)
+                budget.refund_audio(len(pcm), self._rate)
             return False
         self._uncommitted = True
         return True
@@ -1161,7 +1172,7 @@ def _field(event: Event, key: str, kind: type, param: str | None = None) -> Any:
 
 def _b64(text: str, param: str) -> bytes:
     try:
-        return base64.b64decode(text, validate=True)
+        return binascii.a2b_base64(text, strict_mode=True)  # = b64decode(validate=True)
     except (binascii.Error, ValueError):
         raise DoorError("invalid_value", f"`{param}` is not valid base64", param) from None
 
