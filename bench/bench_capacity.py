@@ -43,6 +43,10 @@ machine has it, else it shares the cores (say so when comparing). Server CPU is 
 over the supervisor and its workers (Redis's own CPU is not counted). For 2 workers vs
 1, compare ``--workers 2`` with ``--workers 1 --store redis`` (same store).
 
+``--door both`` (or ``realtime`` / ``duplex24``) sends 24 kHz audio, as OpenAI clients
+do, through the OpenAI Realtime door (base64 appends) and/or /v1/duplex, same criteria,
+both doors at each N (bench/capacity_door.py).
+
 ``--profile N`` samples the server with py-spy (``pip install py-spy``) during the
 steady part of the run at N sessions and prints where its time goes.
 """

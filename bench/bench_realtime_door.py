@@ -17,6 +17,11 @@ Run: ``python -m bench.bench_realtime_door`` (``--trials N``). Prints markdown.
   ``input_audio_buffer.speech_stopped``.
 
 Both doors answer every turn; each trial drains to ``response.done`` before the next.
+
+``--append-cost``: instead, the CPU one 20 ms append costs each door's direct receive
+path in this process, the session's own work left out (its ``send_audio_nowait`` is a
+stub): /v1/realtime's ``RealtimeBridge.take_nowait`` (UTF-8 decode, JSON, base64, budget)
+against /v1/duplex's binary ``take`` (budget). Thread CPU time, best and median of 15.
 """
 
 from __future__ import annotations
@@ -236,10 +241,57 @@ async def run(trials: int) -> None:
         print(f"| {label} | {p50:.2f}x | {p99:.2f}x |")
 
 
+def append_cost(n: int = 20000) -> None:
+    import types
+
+    from duplex.protocol import JsonLimits
+    from server.rate import InputBudget
+    from server.realtime_door.bridge import RealtimeBridge
+    from server.realtime_door.models import RealtimeModel
+    from server.realtime_door.session_map import RealtimeSessionState
+    from server.ws import _direct_take
+
+    session: Any = types.SimpleNamespace(
+        id="sess_bench",
+        config=types.SimpleNamespace(input_audio=InputAudioConfig(sample_rate=24000)),
+        send_audio_nowait=lambda pcm: True,
+    )
+    state = RealtimeSessionState(RealtimeModel("duplex-echo", {"provider": "echo"}))
+    bridge = RealtimeBridge(session, state, JsonLimits())
+    budget = InputBudget.of(0, 1, 0, 1)  # unlimited: the check runs, never waits
+    pcm = bytes(range(256)) * 3 + bytes(192)  # 960 bytes: 20 ms at 24 kHz
+    frame = json.dumps(
+        {"type": "input_audio_buffer.append", "audio": base64.b64encode(pcm).decode()}
+    ).encode()
+    take = _direct_take(session, 1 << 20, budget)
+
+    def door() -> None:
+        bridge.take_nowait(frame.decode(), budget)
+
+    def duplex() -> None:
+        take(pcm)
+
+    assert bridge.take_nowait(frame.decode(), budget) and take(pcm)
+    runs: dict[str, list[float]] = {"realtime": [], "duplex": []}
+    for _ in range(15):
+        for name, step in (("realtime", door), ("duplex", duplex)):
+            t = time.thread_time()
+            for _ in range(n):
+                step()
+            runs[name].append((time.thread_time() - t) / n * 1e6)
+    print("| door | best µs per append | median µs |\n|---|---:|---:|")
+    for name, v in runs.items():
+        print(f"| {name} | {min(v):.2f} | {statistics.median(v):.2f} |")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--trials", type=int, default=100)
+    parser.add_argument("--append-cost", action="store_true", help="in-process append CPU")
     args = parser.parse_args()
+    if args.append_cost:
+        append_cost()
+        return
     asyncio.run(run(args.trials))
 
 
