@@ -43,7 +43,7 @@ def account() -> dict[str, float]:
             clips.add(id(obj.pcm))
             row["turn_audio"] += len(obj.pcm)
         elif kind is Outbox:
-            row["outbox"] += sum(len(e.text) for e in obj._entries)
+            row["outbox"] += obj.size
         elif kind is StreamResampler:
             row["resamplers"] += 1
         elif kind is ResamplerPool:

@@ -9,9 +9,17 @@ each ``outbox_flush_ms``, so that the session can be resumed after it closed or 
 another process reading the same store. A store call per session would cost more CPU
 than the messages themselves (measured: BENCHMARKS.md, "Outbox cost").
 
-Bounds: ``outbox_max_messages`` messages, ``outbox_max_bytes`` characters of JSON and
-``outbox_max_age_s`` seconds, whichever is reached first; the store keeps the same
-window (``keep_from``) and expires entries by age.
+What it holds is compact: reply audio as the raw bytes the message was encoded from
+(shared with it, not copied), the JSON around it as text; a replay re-encodes the same
+text (`OutboxEntry`). Base64 JSON would be 4/3 of the audio, and reply audio is most of
+what a voice session sends.
+
+Bounds: ``outbox_max_messages`` messages, ``outbox_max_bytes`` bytes (JSON text plus raw
+audio) and ``outbox_max_age_s`` seconds, whichever is reached first; the store keeps the
+same window (``keep_from``) and expires entries by age. And what the client has received
+is dropped: a ``playback`` report says how much of a response's audio the user heard, so
+the client has every message up to the last audio chunk it heard (one socket delivers
+in order); a resume from that client asks only for later ones (`heard`).
 """
 
 from __future__ import annotations
@@ -21,6 +29,7 @@ import logging
 import time
 from collections import deque
 
+from duplex.protocol import ChunkEvent
 from server.limits import SessionLimits
 from server.state.base import OutboxBatch, OutboxEntry, StateStore
 
@@ -44,9 +53,11 @@ class Outbox:
         self._max_bytes = limits.outbox_max_bytes
         self._max_age = limits.outbox_max_age_s
         self._entries: deque[OutboxEntry] = deque(entries or ())
-        self._bytes = sum(len(e.text) for e in self._entries)
+        self._bytes = sum(e.size for e in self._entries)
         self._pending: list[OutboxEntry] = []  # appended, not yet given to the writer
         self._stored_from = self._entries[0].seq if self._entries else 0
+        self._response: str | None = None  # the response whose audio is being sent
+        self._response_ms = 0.0  # how much of its audio (ms) is sent
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -56,30 +67,74 @@ class Outbox:
         """The oldest ``seq`` still held (None when empty)."""
         return self._entries[0].seq if self._entries else None
 
+    @property
+    def size(self) -> int:
+        """Bytes held (JSON text and raw audio), as `outbox_max_bytes` counts them."""
+        return self._bytes
+
+    def record(self, seq: int, text: str, message: object) -> None:
+        """Record ``message``, sent as ``text`` (the hot path): reply audio is kept raw."""
+        if type(message) is ChunkEvent:
+            media = message.media
+            if (
+                media is not None
+                and type(media.data) is bytes
+                and media.mime_type == "audio/pcm"
+                and media.sample_rate
+            ):
+                response_id = message.response_id
+                if response_id != self._response:
+                    self._response, self._response_ms = response_id, 0.0
+                self._response_ms += (
+                    len(media.data) * 500 / (media.channels or 1) / media.sample_rate
+                )
+                self._add(
+                    OutboxEntry.of_audio(
+                        seq, text, time.time(), media.data, response_id, self._response_ms
+                    )
+                )
+                return
+        self._add(OutboxEntry(seq, text, time.time()))
+
     def append(self, seq: int, text: str) -> None:
-        """Record a message as sent (the hot path)."""
-        now = time.time()
-        entry = OutboxEntry(seq, text, now)
+        """Record a message as sent, as its text."""
+        self._add(OutboxEntry(seq, text, time.time()))
+
+    def _add(self, entry: OutboxEntry) -> None:
         entries = self._entries
         entries.append(entry)
-        self._bytes += len(text)
-        oldest = now - self._max_age
+        self._bytes += entry.size
+        oldest = entry.at - self._max_age
         while len(entries) > 1 and (
             len(entries) > self._max_messages
             or self._bytes > self._max_bytes
             or entries[0].at < oldest
         ):
-            self._bytes -= len(entries.popleft().text)
+            self._bytes -= entries.popleft().size
         if not self._pending:
             self._writer.mark(self)
         self._pending.append(entry)
+
+    def heard(self, response_id: str, played_ms: float) -> None:
+        """The client heard ``played_ms`` of ``response_id``'s audio: it has received every
+        message up to the last audio chunk of it that ends there, so they go (a resume
+        from that client asks for later ones only; another one gets `error` 410)."""
+        entries = self._entries
+        last = -1
+        for i, entry in enumerate(entries):
+            if entry.response_id == response_id:
+                if entry.end_ms > played_ms + 0.5:  # rounding of the client's clock
+                    break
+                last = i
+        for _ in range(last + 1):
+            self._bytes -= entries.popleft().size
 
     def after(self, last_seq: int) -> list[OutboxEntry]:
         """Every held entry with ``seq > last_seq``, in order (after trimming by age)."""
         oldest = time.time() - self._max_age
         entries = self._entries
         while entries and entries[0].at < oldest:
-            self._bytes -= len(entries.popleft().text)
+            self._bytes -= entries.popleft().size
         return [e for e in entries if e.seq > last_seq]
 
     def take_pending(self) -> OutboxBatch | None:

@@ -481,7 +481,7 @@ class DuplexSession(BaseSession):
             if send_now(text):
                 self._seq = seq
                 if self._outbox is not None:
-                    self._outbox.append(seq, text)
+                    self._outbox.record(seq, text, message)
                 if self.tap is not None:
                     self.tap(message)
                 return True
@@ -569,7 +569,7 @@ class DuplexSession(BaseSession):
         message.seq = seq
         text = self._encode(message)
         if self._outbox is not None:
-            self._outbox.append(seq, text)
+            self._outbox.record(seq, text, message)
         if self.tap is not None:
             self.tap(message)
         return text
@@ -714,6 +714,8 @@ class DuplexSession(BaseSession):
             case ResponseCancel():
                 await self.cancel(message.id)
             case Playback():
+                if self._outbox is not None:
+                    self._outbox.heard(message.response_id, message.played_ms)
                 await self._mode.on_playback(message.response_id, message.played_ms)
             case ToolResult():
                 await self._mode.on_tool_result(message.call_id, message.output, message.id)

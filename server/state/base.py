@@ -6,6 +6,7 @@ implementation, so adding a backend changes no caller.
 
 from __future__ import annotations
 
+import binascii
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable
@@ -58,13 +59,76 @@ class StreamEvent:
     created_at: float = field(default_factory=time.time)
 
 
-@dataclass(slots=True)
 class OutboxEntry:
-    """One server message as it was sent: its ``seq``, its JSON text, when (wall clock)."""
+    """One server message as it was sent: its ``seq``, its JSON text, when (wall clock).
 
-    seq: int
-    text: str
-    at: float
+    A message carrying audio is held compactly: the raw audio bytes (the very object the
+    reply was encoded from, not a copy) and the JSON around its base64, which `text`
+    rebuilds, identical, when the message is replayed or stored. Base64 JSON is 4/3 of
+    the audio, and most of what a voice session sends."""
+
+    __slots__ = ("seq", "at", "_json", "_audio", "_cut", "response_id", "end_ms")
+
+    def __init__(
+        self,
+        seq: int,
+        text: str,
+        at: float,
+        *,
+        audio: bytes | None = None,
+        cut: int = 0,
+        response_id: str | None = None,
+        end_ms: float = 0.0,
+    ) -> None:
+        self.seq = seq
+        self.at = at
+        #: The JSON text; with ``audio``, the text without the audio's base64, which goes
+        #: at ``cut``.
+        self._json = text
+        self._audio = audio
+        self._cut = cut
+        #: For reply audio: its response, and where in the response's audio it ends (ms),
+        #: so that a ``playback`` report tells which messages the client has received.
+        self.response_id = response_id
+        self.end_ms = end_ms
+
+    @classmethod
+    def of_audio(
+        cls, seq: int, text: str, at: float, audio: bytes, response_id: str, end_ms: float
+    ) -> OutboxEntry:
+        """An entry holding ``audio`` raw when ``text`` has it as base64 (any JSON shape:
+        the base64 is found, not assumed); else the whole text."""
+        b64 = binascii.b2a_base64(audio, newline=False).decode("ascii")
+        cut = text.find(b64)
+        if cut < 0 or not audio:
+            return cls(seq, text, at, response_id=response_id, end_ms=end_ms)
+        rest = text[:cut] + text[cut + len(b64) :]
+        return cls(seq, rest, at, audio=audio, cut=cut, response_id=response_id, end_ms=end_ms)
+
+    @property
+    def text(self) -> str:
+        """The message's JSON text, exactly as it was sent."""
+        audio = self._audio
+        if audio is None:
+            return self._json
+        cut = self._cut
+        b64 = binascii.b2a_base64(audio, newline=False).decode("ascii")
+        return self._json[:cut] + b64 + self._json[cut:]
+
+    @property
+    def size(self) -> int:
+        """What the entry holds, in bytes of text and raw audio (`outbox_max_bytes`)."""
+        return len(self._json) + (0 if self._audio is None else len(self._audio))
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, OutboxEntry):
+            return NotImplemented
+        return (self.seq, self.text, self.at) == (other.seq, other.text, other.at)
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __repr__(self) -> str:
+        return f"OutboxEntry(seq={self.seq}, at={self.at!r}, size={self.size})"
 
 
 @dataclass(slots=True)
