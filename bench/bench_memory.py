@@ -88,6 +88,53 @@ async def _drain(ws, done: asyncio.Event | None = None, replies: list[int] | Non
                     done.set()
 
 
+REPORT_EVERY_S = 0.25  # the browser demo's playback report interval (server/static/app.js)
+
+
+async def _player(ws, replies: list[int], done: asyncio.Event | None = None) -> None:
+    """Read everything like `_drain`, and report ``playback`` as a client that plays each
+    response's audio at real time from its first chunk does (every 250 ms, as the
+    browser demo; the played position never passes what was received)."""
+    received: dict[str, float] = {}  # ms of audio received, per response
+    started: dict[str, float] = {}
+    reported: dict[str, float] = {}
+
+    async def report() -> None:
+        while True:
+            await asyncio.sleep(REPORT_EVERY_S)
+            now = time.monotonic()
+            for rid, got in list(received.items()):
+                played = round(min(got, (now - started[rid]) * 1000))
+                if played != reported.get(rid):
+                    reported[rid] = played
+                    msg = {"type": "playback", "response_id": rid, "played_ms": played}
+                    await ws.send(json.dumps(msg))
+                if played >= got and len(received) > 1:
+                    del received[rid], started[rid], reported[rid]  # an older one, all heard
+
+    reporter = asyncio.ensure_future(report())
+    try:
+        with contextlib.suppress(Exception):
+            async for raw in ws:
+                if not isinstance(raw, str):
+                    continue
+                if '"media"' in raw:
+                    event = json.loads(raw)
+                    media = event["media"]
+                    rid = event["response_id"]
+                    if rid not in received:
+                        received[rid], started[rid] = 0.0, time.monotonic()
+                    received[rid] += (
+                        len(base64.b64decode(media["data"])) / 2 / media["sample_rate"] * 1000
+                    )
+                elif '"response.done"' in raw:
+                    replies[0] += 1
+                    if done is not None:
+                        done.set()
+    finally:
+        reporter.cancel()
+
+
 async def _paced(ws, messages: list[bytes], start: float, until: float | None = None) -> None:
     """Send ``messages`` at real time from ``start`` (in a loop while ``until`` is set)."""
     i = 0
@@ -132,16 +179,22 @@ async def live_part(
     warm: float,
     measure: float,
     account: bool = False,
+    playback: bool = False,
+    trace: bool = False,
 ) -> dict[str, float]:
     await asyncio.sleep(1)
     base = rss_mb(server.pid)
+    if trace:
+        os.kill(server.pid, signal.SIGUSR2)  # the snapshot with no session
+        await asyncio.sleep(2)
     sockets = []
     for _ in range(n):
         sockets.append(await asyncio.wait_for(open_ws(server, True), 30))
     replies = [0]
     t0 = time.monotonic()
     until = t0 + stagger + warm + measure
-    tasks = [asyncio.ensure_future(_drain(ws, replies=replies)) for ws in sockets]
+    reader = _player if playback else (lambda ws, replies: _drain(ws, replies=replies))
+    tasks = [asyncio.ensure_future(reader(ws, replies)) for ws in sockets]
     senders = [
         asyncio.ensure_future(_paced(ws, messages, t0 + stagger * k / n, until))
         for k, ws in enumerate(sockets)
@@ -153,6 +206,8 @@ async def live_part(
         samples.append(rss_mb(server.pid))
         if account:
             os.kill(server.pid, signal.SIGUSR1)
+            if trace and len(samples) == 1:
+                os.kill(server.pid, signal.SIGUSR2)  # the snapshot at steady state
         await asyncio.sleep(1)
     await asyncio.wait_for(asyncio.gather(*senders), 30)
     lag = time.monotonic() - until
@@ -170,14 +225,16 @@ async def live_part(
     }
 
 
-async def _one_session(server: ServerProc, messages: list[bytes], start: float) -> bool:
+async def _one_session(
+    server: ServerProc, messages: list[bytes], start: float, playback: bool = False
+) -> bool:
     await asyncio.sleep(max(0.0, start - time.monotonic()))
     try:
         ws = await asyncio.wait_for(open_ws(server, True), 30)
     except Exception:
         return False
     done = asyncio.Event()
-    reader = asyncio.ensure_future(_drain(ws, done))
+    reader = asyncio.ensure_future(_player(ws, [0], done) if playback else _drain(ws, done))
     try:
         await _paced(ws, messages, time.monotonic())
         await asyncio.wait_for(done.wait(), 30)
@@ -190,30 +247,46 @@ async def _one_session(server: ServerProc, messages: list[bytes], start: float) 
 
 
 async def rounds_part(
-    server: ServerProc, rounds: int, size: int, messages: list[bytes], stagger: float
+    server: ServerProc,
+    rounds: int,
+    size: int,
+    messages: list[bytes],
+    stagger: float,
+    settle: float | None = None,
+    trim_s: float = TRIM_S,
+    playback: bool = False,
 ) -> tuple[float, list[tuple[int, float, int, float]]]:
+    """RSS 2 s after each round, or with ``settle``: once that round's resume windows
+    are over (`settled_rss`)."""
     await asyncio.sleep(1)
     base = rss_mb(server.pid)
     rows = []
     for r in range(1, rounds + 1):
         t0 = time.monotonic()
         ok = await asyncio.gather(
-            *(_one_session(server, messages, t0 + stagger * k / size) for k in range(size))
+            *(
+                _one_session(server, messages, t0 + stagger * k / size, playback)
+                for k in range(size)
+            )
         )
         took = time.monotonic() - t0
-        await asyncio.sleep(2)
-        rows.append((r, rss_mb(server.pid), size - sum(ok), took))
+        if settle is None:
+            await asyncio.sleep(2)
+            rss = rss_mb(server.pid)
+        else:
+            rss = await settled_rss(server, settle, trim_s)
+        rows.append((r, rss, size - sum(ok), took))
     return base, rows
 
 
-async def settled_rss(server: ServerProc, settle: float) -> float:
-    """RSS once the resume windows are over: ``settle`` seconds after the last round, one
-    session connects and leaves (the in-memory store expires outboxes when called), then
-    one period of the server's heap trim (``DUPLEX_MALLOC_TRIM_S``, 30 s) and 2 s more."""
+async def settled_rss(server: ServerProc, settle: float, trim_s: float = TRIM_S) -> float:
+    """RSS once the resume windows are over: ``settle`` seconds, then one session
+    connects and leaves (the in-memory store expires outboxes when called), then one
+    period of the server's heap trim (``DUPLEX_MALLOC_TRIM_S``, 30 s) and 2 s more."""
     await asyncio.sleep(settle)
     ws = await asyncio.wait_for(open_ws(server, True), 30)
     await ws.close()
-    await asyncio.sleep(TRIM_S + 2)
+    await asyncio.sleep(trim_s + 2)
     return rss_mb(server.pid)
 
 
@@ -280,11 +353,33 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--images", type=int, default=8, help="concurrent large images")
     ap.add_argument("--account", action="store_true", help="what live sessions hold, in-server")
     ap.add_argument(
+        "--trace",
+        action="store_true",
+        help="run the live server under tracemalloc (slower) and list where the memory a "
+        "session adds is allocated, by file:line",
+    )
+    ap.add_argument(
+        "--playback",
+        action="store_true",
+        help="live clients report playback every 250 ms as a playing client does (the "
+        "browser demo): the outbox lets go of what they heard",
+    )
+    ap.add_argument(
         "--settle",
         type=float,
         default=95.0,
         help="after the rounds, wait this long (resume grace 30 s + outbox age 60 s) and "
         "measure again; 0: not",
+    )
+    ap.add_argument(
+        "--round-settle",
+        type=float,
+        default=0.0,
+        help="measure each round once its closed sessions' resume windows are over: wait "
+        "this long (at least resume grace + outbox age), one session in and out, one heap "
+        "trim period; use with short windows, e.g. --server-env DUPLEX_RESUME_GRACE_S=2 "
+        "--server-env DUPLEX_OUTBOX_MAX_AGE_S=5 --server-env DUPLEX_MALLOC_TRIM_S=5 "
+        "--round-settle 8; 0: RSS 2 s after each round",
     )
     ap.add_argument(
         "--server-env",
@@ -332,20 +427,33 @@ async def _run(args: argparse.Namespace, loop_messages: list[bytes], turn_messag
     if "live" in parts:
         live_rows = []
         account_rows = []
+        trace_lines: list[str] = []
         for n in (int(x) for x in args.live.split(",")):
-            probe_out = _probe_file() if args.account else ""
-            server = start_probed(env, probe_out) if args.account else start_duplex(env)
+            probed = args.account or args.trace
+            probe_out = _probe_file() if probed else ""
+            probe_env = {**env, "DUPLEX_PROBE_TRACE": "1"} if args.trace else env
+            server = start_probed(probe_env, probe_out) if probed else start_duplex(env)
             try:
                 await _warm_up(server, turn_messages)
                 r = await live_part(
-                    server, n, loop_messages, args.stagger, args.warm, args.measure, args.account
+                    server,
+                    n,
+                    loop_messages,
+                    args.stagger,
+                    args.warm,
+                    args.measure,
+                    args.account or args.trace,
+                    args.playback,
+                    args.trace,
                 )
             finally:
                 server.stop()
             live_rows.append(
                 (n, r["base"], r["live"], r["max"], r["per_kb"], int(r["replies"]), r["lag"])
             )
-            if args.account:
+            if args.trace:
+                trace_lines += _trace_top(probe_out, n)
+            if probed:
                 account_rows.append((n, *_account(probe_out, n)))
         out += ["", "**Live VAD sessions** (paced audio, echo replies at real time):", ""]
         headers = ["sessions", "RSS no session (MB)", "RSS live, median (MB)", "max (MB)"]
@@ -356,6 +464,9 @@ async def _run(args: argparse.Namespace, loop_messages: list[bytes], turn_messag
             headers = ["sessions", "audio history (KB)", "turn audio (KB)", "outbox (KB)"]
             headers += ["reply resamplers (count, app-wide)"]
             out.append(md_table(headers, account_rows))
+        if trace_lines:
+            out += ["", "**Where they allocate** (tracemalloc, steady state minus no session):"]
+            out += ["", *trace_lines]
         targets += [
             f"per live session <= 256 KB at N={row[0]}: {row[4]:.0f} KB "
             f"({'met' if row[4] <= 256 else 'NOT met'})"
@@ -388,18 +499,36 @@ async def _run(args: argparse.Namespace, loop_messages: list[bytes], turn_messag
         server = start_duplex(env)
         try:
             await _warm_up(server, turn_messages)
+            trim_s = float(env.get("DUPLEX_MALLOC_TRIM_S", TRIM_S))
+            each = args.round_settle if args.round_settle > 0 else None
             base, rows = await rounds_part(
-                server, args.rounds, args.round_size, turn_messages, args.stagger
+                server,
+                args.rounds,
+                args.round_size,
+                turn_messages,
+                args.stagger,
+                each,
+                trim_s,
+                args.playback,
             )
-            settled = await settled_rss(server, args.settle) if args.settle > 0 else None
+            settled = (
+                await settled_rss(server, args.settle, trim_s)
+                if args.settle > 0 and each is None
+                else None
+            )
         finally:
             server.stop()
         first, last = rows[0][1], rows[-1][1]
+        when = (
+            "RSS 2 s after each round"
+            if each is None
+            else f"RSS after each round's resume windows: {each:.0f} s, one session in and "
+            f"out, one heap trim period ({trim_s:.0f} s) and 2 s"
+        )
         out += [
             "",
             f"**Close and return** ({args.round_size} sessions a round: connect, one turn at "
-            f"real time, reply, close; RSS 2 s after each round; before the first: "
-            f"{base:.1f} MB):",
+            f"real time, reply, close; {when}; before the first: {base:.1f} MB):",
             "",
         ]
         out.append(
@@ -445,6 +574,29 @@ def _account(path: str, n: int) -> tuple[float, float, float, float]:
 
     resamplers = statistics.median(row["resamplers"] for row in rows)
     return median_kb("history"), median_kb("turn_audio"), median_kb("outbox"), resamplers
+
+
+def _trace_top(path: str, n: int, top: int = 30) -> list[str]:
+    """The lines of code holding the most more memory at steady state than with no
+    session (tracemalloc), per session; the snapshots are removed."""
+    import tracemalloc
+
+    paths = [Path(f"{path}.{k}.trace") for k in (1, 2)]
+    if not all(p.exists() for p in paths):
+        return ["(no tracemalloc snapshots)"]
+    before, after = (tracemalloc.Snapshot.load(str(p)) for p in paths)
+    for p in paths:
+        p.unlink()
+    stats = after.compare_to(before, "lineno")
+    total = sum(s.size_diff for s in stats)
+    lines = [f"- all Python allocations: {total / 1024 / n:+.1f} KB per session"]
+    for stat in stats[:top]:
+        frame = stat.traceback[0]
+        lines.append(
+            f"- {stat.size_diff / 1024 / n:+.1f} KB, {stat.count_diff / n:+.1f} blocks: "
+            f"`{frame.filename.split('site-packages/')[-1]}:{frame.lineno}`"
+        )
+    return lines
 
 
 async def _warm_up(server: ServerProc, messages: list[bytes]) -> None:

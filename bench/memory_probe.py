@@ -6,15 +6,20 @@ bytes held by what a live VAD session keeps, found by walking the objects the ga
 collector tracks (no tracing, so the server runs at its usual speed; the walk pauses
 the event loop for a few milliseconds). Python-level bytes only: the native memory of
 reply resamplers is counted as their number.
+
+With ``DUPLEX_PROBE_TRACE=FRAMES`` the server runs under tracemalloc (slower) and each
+SIGUSR2 writes a snapshot to OUT.jsonl.1.trace, .2.trace, ... (``bench_memory --trace``).
 """
 
 from __future__ import annotations
 
 import gc
 import json
+import os
 import signal
 import sys
 import time
+import tracemalloc
 
 
 def _rss_kb() -> int:
@@ -61,6 +66,17 @@ def main() -> int:
             f.write(json.dumps(account()) + "\n")
 
     signal.signal(signal.SIGUSR1, dump)
+    frames = int(os.environ.get("DUPLEX_PROBE_TRACE", "0"))
+    if frames:
+        # tracemalloc (slows the server down): SIGUSR2 writes a snapshot to OUT.N.trace
+        tracemalloc.start(frames)
+        taken = [0]
+
+        def snapshot(*_: object) -> None:
+            taken[0] += 1
+            tracemalloc.take_snapshot().dump(f"{out}.{taken[0]}.trace")
+
+        signal.signal(signal.SIGUSR2, snapshot)
     from server.cli import main as duplex_main
 
     return duplex_main(sys.argv[2:])
