@@ -55,7 +55,10 @@ class Outbox:
         self._entries: deque[OutboxEntry] = deque(entries or ())
         self._bytes = sum(e.size for e in self._entries)
         self._pending: list[OutboxEntry] = []  # appended, not yet given to the writer
-        self._stored_from = self._entries[0].seq if self._entries else 0
+        #: The last ``seq`` let go of (by a bound or a playback report), so the store's
+        #: copy can let go too.
+        self._dropped_to = self._entries[0].seq - 1 if self._entries else 0
+        self._stored_from = self._dropped_to + 1  # the store holds nothing below this
         self._response: str | None = None  # the response whose audio is being sent
         self._response_ms = 0.0  # how much of its audio (ms) is sent
 
@@ -110,7 +113,7 @@ class Outbox:
             or self._bytes > self._max_bytes
             or entries[0].at < oldest
         ):
-            self._bytes -= entries.popleft().size
+            self._drop_first()
         if not self._pending:
             self._writer.mark(self)
         self._pending.append(entry)
@@ -127,24 +130,31 @@ class Outbox:
                     break
                 last = i
         for _ in range(last + 1):
-            self._bytes -= entries.popleft().size
+            self._drop_first()
+        if last >= 0:
+            self._writer.mark(self)  # the store's copy lets go of them too
+
+    def _drop_first(self) -> None:
+        entry = self._entries.popleft()
+        self._bytes -= entry.size
+        self._dropped_to = entry.seq
 
     def after(self, last_seq: int) -> list[OutboxEntry]:
         """Every held entry with ``seq > last_seq``, in order (after trimming by age)."""
         oldest = time.time() - self._max_age
         entries = self._entries
         while entries and entries[0].at < oldest:
-            self._bytes -= entries.popleft().size
+            self._drop_first()
         return [e for e in entries if e.seq > last_seq]
 
     def take_pending(self) -> OutboxBatch | None:
         """What the store lacks, and how far back it may keep (for `OutboxWriter`)."""
-        keep_from = self.first_seq or 0
+        keep_from = self._dropped_to + 1
         batch = [e for e in self._pending if e.seq >= keep_from]  # trimmed while waiting
         self._pending = []
-        if not batch:
-            return None
         trim = keep_from > self._stored_from  # the store holds older entries than the window
+        if not batch and not trim:
+            return None
         self._stored_from = keep_from
         return OutboxBatch(self.session_id, batch, keep_from if trim else None)
 

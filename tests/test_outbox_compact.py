@@ -3,6 +3,7 @@ client has heard (server/outbox.py)."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 
@@ -27,7 +28,7 @@ class RawReader:
         self.raw: list[str] = []
 
     async def until(self, kind: str, timeout: float = 20) -> dict:
-        async with __import__("asyncio").timeout(timeout):
+        async with asyncio.timeout(timeout):
             while True:
                 raw = await self.ws.recv()
                 self.raw.append(raw)
@@ -105,6 +106,13 @@ async def test_playback_report_lets_go_of_what_the_client_received(server_factor
     await first.ws.send(json.dumps({"type": "ping", "id": "q"}))
     await first.until("pong")
     assert outbox.first_seq == last_audio + 1
+    # the store's copy (read after the session closes, or by another replica) lets go too,
+    # with no new message to write
+    store = server.app.state.duplex.services.store
+    await asyncio.sleep(0.5)  # a few outbox_flush_ms
+    stored = await store.load_outbox(session_id, max_age_s=60)
+    assert [e.seq for e in stored] == [e.seq for e in outbox.after(0)]
+    assert all(e.seq > last_audio for e in stored)
     last = first.events()[-1]["seq"]
     drop(first.ws)
     # the same client resumes from what it saw: nothing missing
@@ -161,3 +169,22 @@ async def test_stores_keep_compact_entries_as_their_json(kind, tmp_path, request
         assert [(e.seq, e.text) for e in got] == list(zip((1, 2, 3), texts, strict=True))
     finally:
         await store.close()
+
+
+async def test_store_copy_lets_go_of_what_was_heard_with_nothing_new_to_write():
+    store = MemoryStore()
+    await store.create_session(SessionRecord(id="h", tenant="t"))
+    limits = SessionLimits(outbox_flush_ms=20)
+    writer = OutboxWriter(store, limits)
+    outbox = Outbox("h", writer, limits)
+    for seq in range(1, 6):
+        message, text = audio_chunk(seq, bytes(4800))  # 100 ms each
+        outbox.record(seq, text, message)
+    outbox.append(6, '{"type":"response.done","seq":6}')
+    await asyncio.sleep(0.1)
+    assert [e.seq for e in await store.load_outbox("h", max_age_s=60)] == [1, 2, 3, 4, 5, 6]
+    outbox.heard("resp_1", 500)  # all of it heard; nothing new is sent after
+    assert [e.seq for e in outbox.after(0)] == [6]
+    await asyncio.sleep(0.1)
+    assert [e.seq for e in await store.load_outbox("h", max_age_s=60)] == [6]
+    await writer.aclose()
