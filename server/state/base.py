@@ -67,7 +67,7 @@ class OutboxEntry:
     rebuilds, identical, when the message is replayed or stored. Base64 JSON is 4/3 of
     the audio, and most of what a voice session sends."""
 
-    __slots__ = ("seq", "at", "_json", "_audio", "_cut", "response_id", "end_ms")
+    __slots__ = ("_audio", "_cut", "_json", "at", "end_ms", "response_id", "seq")
 
     def __init__(
         self,
