@@ -19,7 +19,11 @@ session paced at real time from its own start, starts spread over ``--stagger`` 
    seconds; per session = (median - RSS of the warmed-up server with no session) / N.
    ``--account`` runs the server under ``bench.memory_probe`` and adds, per session,
    the median bytes of each thing a session holds (audio history, turn audio, outbox)
-   and the number of reply resamplers, read in the server at each sample.
+   and the number of reply resamplers, read in the server at each sample. ``--trace``
+   runs it under tracemalloc (slower: use fewer sessions) and lists the lines of code
+   that hold the memory sessions add. ``--playback``: the clients report ``playback``
+   every 250 ms as a client playing the replies at real time does (the browser demo);
+   the outbox lets go of what they heard. Without it they never report.
 3. Images: ``--images`` sessions (8) send the same 36-megapixel PNG at once (a small
    file); the server's peak RSS while they decode, with the default decode budget and
    with a budget large enough to bound nothing (``DUPLEX_MAX_DECODE_PIXELS``).
@@ -28,7 +32,11 @@ session paced at real time from its own start, starts spread over ``--stagger`` 
    and closes. RSS two seconds after each round. Target: after 10 rounds within 10 % of
    RSS after the first. A session that hangs up is kept for the resume grace (30 s) and
    its outbox for 60 s more, so rounds hold up to ~90 s of closed sessions; RSS is
-   measured again ``--settle`` seconds after the last round.
+   measured again ``--settle`` seconds after the last round. ``--round-settle S``
+   measures each round once those windows are over instead (S seconds, one session in
+   and out, one heap trim period): with short windows set explicitly
+   (``--server-env DUPLEX_RESUME_GRACE_S=2``, ``DUPLEX_OUTBOX_MAX_AGE_S=5``,
+   ``DUPLEX_MALLOC_TRIM_S=5``, ``--round-settle 8``), what should have been returned.
 
 Everything is bounded in time: every wait has a timeout, and a session that gets no
 reply within 30 s counts as failed (shown in the table) rather than hanging the run.
@@ -576,6 +584,14 @@ def _account(path: str, n: int) -> tuple[float, float, float, float]:
     return median_kb("history"), median_kb("turn_audio"), median_kb("outbox"), resamplers
 
 
+def _short(filename: str) -> str:
+    """A traced file's name relative to the repository or to site-packages."""
+    for root in (os.getcwd() + "/", "site-packages/", "/lib/python3."):
+        if root in filename:
+            return filename.split(root, 1)[-1]
+    return filename
+
+
 def _trace_top(path: str, n: int, top: int = 30) -> list[str]:
     """The lines of code holding the most more memory at steady state than with no
     session (tracemalloc), per session; the snapshots are removed."""
@@ -594,7 +610,7 @@ def _trace_top(path: str, n: int, top: int = 30) -> list[str]:
         frame = stat.traceback[0]
         lines.append(
             f"- {stat.size_diff / 1024 / n:+.1f} KB, {stat.count_diff / n:+.1f} blocks: "
-            f"`{frame.filename.split('site-packages/')[-1]}:{frame.lineno}`"
+            f"`{_short(frame.filename)}:{frame.lineno}`"
         )
     return lines
 

@@ -28,7 +28,8 @@ class SessionLimits:
     #: Longest wait for a session's work to stop at close (storing the last answer included).
     close_timeout_s: float = 11.0
     #: The outbox (recent server messages kept for resume, server/outbox.py): bounded by
-    #: count, by characters of JSON and by age; written to the store in batches this often.
+    #: count, by bytes (JSON text plus raw reply audio) and by age; written to the store
+    #: in batches this often.
     outbox_max_messages: int = 2000
     outbox_max_bytes: int = 2 * 1024 * 1024
     outbox_max_age_s: float = 60.0
