@@ -99,8 +99,8 @@ class OutboxEntry:
         """An entry holding ``audio`` raw when ``text`` has it as base64 (any JSON shape:
         the base64 is found, not assumed); else the whole text."""
         b64 = binascii.b2a_base64(audio, newline=False).decode("ascii")
-        cut = text.find(b64)
-        if cut < 0 or not audio:
+        cut = text.find(b64[:64])  # a short needle: finding all of it costs more than this
+        if cut < 0 or not audio or not text.startswith(b64, cut):
             return cls(seq, text, at, response_id=response_id, end_ms=end_ms)
         rest = text[:cut] + text[cut + len(b64) :]
         return cls(seq, rest, at, audio=audio, cut=cut, response_id=response_id, end_ms=end_ms)
