@@ -23,7 +23,10 @@ session paced at real time from its own start, starts spread over ``--stagger`` 
    runs it under tracemalloc (slower: use fewer sessions) and lists the lines of code
    that hold the memory sessions add. ``--playback``: the clients report ``playback``
    every 250 ms as a client playing the replies at real time does (the browser demo);
-   the outbox lets go of what they heard. Without it they never report.
+   the outbox lets go of what they heard. Without it they never report. With
+   ``--account --server-env DUPLEX_PROBE_TRIM=1`` each account also trims the heap and
+   reports what that gave back: the allocator's free memory (it lowers the RSS samples
+   that follow: accounting only).
 3. Images: ``--images`` sessions (8) send the same 36-megapixel PNG at once (a small
    file); the server's peak RSS while they decode, with the default decode budget and
    with a budget large enough to bound nothing (``DUPLEX_MAX_DECODE_PIXELS``).
@@ -470,7 +473,7 @@ async def _run(args: argparse.Namespace, loop_messages: list[bytes], turn_messag
         if account_rows:
             out += ["", "**What they hold** (median over the samples, per live session):", ""]
             headers = ["sessions", "audio history (KB)", "turn audio (KB)", "outbox (KB)"]
-            headers += ["reply resamplers (count, app-wide)"]
+            headers += ["reply resamplers (count, app-wide)", "heap trim gave back (KB)"]
             out.append(md_table(headers, account_rows))
         if trace_lines:
             out += ["", "**Where they allocate** (tracemalloc, steady state minus no session):"]
@@ -570,18 +573,26 @@ def _probe_file() -> str:
         return f.name
 
 
-def _account(path: str, n: int) -> tuple[float, float, float, float]:
-    """Median KB per session of each held thing, and the median number of resamplers."""
+def _account(path: str, n: int) -> tuple[float, float, float, float, float]:
+    """Median KB per session of each held thing, the median number of resamplers, and
+    (with ``DUPLEX_PROBE_TRIM=1``) the median KB per session a heap trim gave back."""
     rows = [json.loads(line) for line in Path(path).read_text().splitlines()]
     Path(path).unlink()
     if not rows:
-        return (float("nan"),) * 4
+        return (float("nan"),) * 5
 
     def median_kb(key: str) -> float:
         return statistics.median(row[key] for row in rows) / 1024 / n
 
     resamplers = statistics.median(row["resamplers"] for row in rows)
-    return median_kb("history"), median_kb("turn_audio"), median_kb("outbox"), resamplers
+    trimmed = statistics.median(row.get("trimmed_kb", 0) for row in rows) / n
+    return (
+        median_kb("history"),
+        median_kb("turn_audio"),
+        median_kb("outbox"),
+        resamplers,
+        trimmed,
+    )
 
 
 def _short(filename: str) -> str:

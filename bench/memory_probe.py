@@ -9,6 +9,9 @@ reply resamplers is counted as their number.
 
 With ``DUPLEX_PROBE_TRACE=FRAMES`` the server runs under tracemalloc (slower) and each
 SIGUSR2 writes a snapshot to OUT.jsonl.1.trace, .2.trace, ... (``bench_memory --trace``).
+With ``DUPLEX_PROBE_TRIM=1`` each account also calls ``malloc_trim`` and records what it
+gave back (``trimmed_kb``: free memory the allocator held; it lowers the RSS samples
+that follow, so use it for accounting only).
 """
 
 from __future__ import annotations
@@ -55,7 +58,16 @@ def account() -> dict[str, float]:
             row["idle"] += obj.idle
         elif isinstance(obj, DuplexSession) and not obj.closed:
             row["sessions"] += 1
-    return {"at": time.time(), "rss_kb": _rss_kb(), **row}
+    rss = _rss_kb()
+    if os.environ.get("DUPLEX_PROBE_TRIM"):
+        # What the allocator holds free in its heap: what malloc_trim gives back now
+        # (it perturbs the RSS samples that follow: for accounting runs only).
+        import ctypes
+        import ctypes.util
+
+        ctypes.CDLL(ctypes.util.find_library("c")).malloc_trim(0)
+        row["trimmed_kb"] = rss - _rss_kb()
+    return {"at": time.time(), "rss_kb": rss, **row}
 
 
 def main() -> int:
