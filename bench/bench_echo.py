@@ -1,6 +1,6 @@
 """Echo-aware barge-in over a grid of echo paths: false and missed/late barge-ins.
 
-    python -m bench.bench_echo [--seeds 2]
+    python -m bench.bench_echo [--seeds 2] [--question]
 
 Scenes from tests/echo_sim.py: a reply (espeak-ng, a low male voice) played into a room
 whose echo reaches the microphone `delay` later, `attenuation` below the reply's level,
@@ -11,7 +11,9 @@ of the onset is a hit; later is late; none is missed). Each scene runs through t
 turn detector as VAD mode runs it, with and without the echo-aware suppressor. Also the
 suppressor's CPU time per second of audio while a reply plays. "echo opened a turn": in
 the echo-only scene the detector opened a turn at some point (the echo tail included),
-which VAD mode would answer as the user's.
+which VAD mode would answer as the user's. With `--question` each scene starts with the
+user's question, and the reply plays 1 s after it ends (end-of-turn silence plus the
+provider's latency), as every reply does on a server.
 """
 
 from __future__ import annotations
@@ -48,6 +50,9 @@ def _cpu_per_second(cache: Path) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, default=2)
+    parser.add_argument(
+        "--question", action="store_true", help="the user's question before each reply"
+    )
     args = parser.parse_args()
     cache = Path(tempfile.mkdtemp(prefix="bench-echo-"))
     # per (aware, attenuation): counts
@@ -63,10 +68,11 @@ def main() -> None:
         for delay in DELAYS:
             for atten in ATTENUATIONS:
                 for rt60 in RT60S:
-                    echo_only = make_scene(
-                        seed, delay, atten, rt60, barge_in=False, cache_dir=cache
-                    )
-                    talk = make_scene(seed, delay, atten, rt60, barge_in=True, cache_dir=cache)
+                    scene = {"cache_dir": cache, "question": args.question}
+                    if args.question:
+                        scene["lead_ms"] = 1000.0
+                    echo_only = make_scene(seed, delay, atten, rt60, barge_in=False, **scene)
+                    talk = make_scene(seed, delay, atten, rt60, barge_in=True, **scene)
                     assert talk.onset_ms is not None
                     for aware in (False, True):
                         key = (aware, atten)
@@ -93,6 +99,7 @@ def main() -> None:
                             failures.append(
                                 f"barge-in {got}: seed {seed} {delay} ms {atten} dB {rt60}"
                             )
+    print("scenes: the user's question, then the reply" if args.question else "scenes: a reply")
     print(f"grid: delays {DELAYS} ms x attenuation {ATTENUATIONS} dB x RT60 {RT60S} ms")
     print(f"x {args.seeds} seeds; per cell {n[(True, ATTENUATIONS[0])]} scenes of each kind\n")
     print(

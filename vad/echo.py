@@ -17,7 +17,7 @@ piece, and a speaker, a codec or the client's resampler are not linear):
   active reference.
 * Echo estimate per band: the reference energy at that lag (the largest of lag-1..lag+1,
   to absorb jitter) plus an exponential tail for the room's reverberation (`tail_ms`,
-  RT60), times a per-band echo gain. The gain is a high percentile (90th) of the
+  RT60), times a per-band echo gain. The gain is a high percentile (95th) of the
   microphone-to-reference ratios seen in frames without near-end speech. Before the
   delay is trusted, the estimate is the loudest reference band energy over the whole lag
   range at `prior_gain_db`: cautious, so the reply's first second cannot interrupt it.
@@ -50,8 +50,8 @@ _BAND_EDGES_HZ = (
 )  # fmt: skip
 _DELAY_EVERY = 5  # frames between delay estimates (100 ms)
 _GAIN_SAMPLES = 100  # per band: microphone/reference ratios kept for the echo gain
-_GAIN_MIN_SAMPLES = 20  # fewer: the prior gain still holds
-_GAIN_PERCENTILE = 90.0
+_GAIN_MIN_SAMPLES = 50  # fewer: the prior gain still holds
+_GAIN_PERCENTILE = 95.0
 _FLOOR_RISE_DB_S = 3.0  # the noise floor follows a louder room at this rate
 _NOISE_MS = 1000  # time constant of the room's noise level
 _NOISE_GATE = 10.0  # frames 10 dB over the floor are not noise
