@@ -69,6 +69,12 @@ _SPREAD_PRIOR_DB = 3.0  # before the first block is measured: cautious, as for p
 _SPREAD_CAP_DB = 6.0  # frames further above the floor are not noise; keep them out of it
 _SPREAD_CAP = 10 ** (_SPREAD_CAP_DB / 10)
 _HPK = 4
+# Background peaks (babble, music): a frame must beat the second lowest block peak of
+# the last 8 s, plus a margin, or be this far above the floor.
+_BG_WINDOW_MS = 8000
+_BG_MARGIN_DB = 1.5
+_BG_CAP_DB = 20.0
+_BG_ROUGH = 10 ** (8.0 / 10)  # `background_rough`: peaks 8 dB over the floor
 # Turn-edge refinement (see `band_levels`, `edge_threshold`).
 _EDGE_BANDS_HZ = (250, 1000, 2000, 4000, 8000)
 _EDGE_MARGIN_DB = 2.0
@@ -165,8 +171,15 @@ class SpeechDetector:
         st[kernel.S_CLICKS] = config.frame_ms >= 20  # in 10 ms, 5 ms is no click's mark
         for f in (F0, F1):
             set_thresholds(st, f)
+        st[kernel.S_FLOOR_BLOCKS] = n_blocks
+        st[kernel.S_BG_GATE] = math.inf  # the first block: only the cap applies
+        st[kernel.S_BG_CAP] = st[kernel.S_BG_CAP_MAX] = 10 ** (_BG_CAP_DB / 10)
+        st[kernel.S_BG_MARGIN] = 10 ** (_BG_MARGIN_DB / 10)
+        n_peaks = max(n_blocks, round(_BG_WINDOW_MS / (block * config.frame_ms)))
         self._blk = np.zeros((2, block))  # energies of the block being filled, per feature
-        self._ring = np.zeros((2, n_blocks))  # minima of the blocks in the window
+        # Rows 0, 1: minima of the blocks in the floor's window, per feature (the first
+        # n_blocks columns); row 2: peaks of the full-band energy over the long window.
+        self._ring = np.zeros((3, n_peaks))
         self._shifted = np.zeros(n, np.int16)  # kernel scratch: the frame, shifted
 
     @property
@@ -181,6 +194,15 @@ class SpeechDetector:
         if floor == math.inf:
             return -math.inf
         return 10 * math.log10(floor / self._n) - _FULL_SCALE_DB
+
+    @property
+    def background_rough(self) -> bool:
+        """Whether the background has peaks far above its floor (babble, music, rumble
+        swells): `_BG_ROUGH_DB` or more. Bands standing out of such noise for a moment
+        say little about speech, so turn edges are not moved over them."""
+        st = self._st
+        peak = min(st[kernel.S_BG_GATE], st[F0 + FLOOR] * st[kernel.S_BG_CAP])
+        return bool(peak >= st[F0 + FLOOR] * _BG_ROUGH)
 
     def is_speech(self, frame: np.ndarray) -> bool:
         """Classify one frame: `frame_samples` int16 samples, oldest first."""

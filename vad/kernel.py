@@ -52,7 +52,20 @@ S_SUB = 25  # samples in 2.5 ms
 S_CLICKS = 28  # 1: frames with 80% of their energy in 5 ms are clicks (frames >= 20 ms)
 S_LAST = 26  # the previous frame's last sample
 S_EMPHASIS = 27  # 1: webrtcvad hears the frame's first difference, 0: the frame
-STATE_SIZE = 29
+# The background's peaks: what noise that is not steady (babble, music) reaches.
+S_BG_GATE = 29  # full-band energy a frame must beat: the background's typical peak
+S_BG_CAP = 30  # ... but never more than the floor x this: 10^((3 + 2 x spread) / 10), at
+# most S_BG_CAP_MAX. Steady noise has a small spread: a window of the user's own speech
+# (a long turn) cannot lift the gate there, while babble's spread leaves it room.
+S_BG_CAP_MAX = 35
+S_BG_MARGIN = 31  # factor over the background's peak
+S_FLOOR_BLOCKS = 32  # blocks in the floor's window (ring row 0 and 1 use that many)
+S_PEAKS_HELD = 33  # block peaks held (ring row 2, up to its length)
+S_PEAKS_AT = 34  # where the next block peak goes
+STATE_SIZE = 36
+# Blocks whose peaks are held before the second lowest is trusted over the lowest.
+BG_RANK2_BLOCKS = 6
+BG_CAP_DB, BG_CAP_SPREADS = 3.0, 2.0  # see S_BG_CAP
 # Noise whose first-difference floor is this far below its full-band floor (dB) falls
 # with frequency: webrtcvad hears it pre-emphasised. White noise is at +3 dB.
 EMPHASIS_ON_DB, EMPHASIS_OFF_DB = -3.0, -2.0
@@ -149,6 +162,8 @@ def _frame(x, st, blk, ring, shifted, vad):  # type: ignore[no-untyped-def]
     st[S_LAST] = x[n - 1]
     if st[S_CLICKS] and 5 * peak > 4 * full:  # 80% of it in 5 ms: a click, a key, a tap
         voiced = False
+    elif e0 <= min(st[S_BG_GATE], st[F0 + FLOOR] * st[S_BG_CAP]):  # not above the babble
+        voiced = False
     elif r == 1:
         voiced = e0 >= st[S_MIN_ENERGY] and (e0 > st[F0 + GATE] or e1 > st[F1 + GATE])
     else:  # overruled only by a plainly loud frame
@@ -174,6 +189,7 @@ def _close_block(st, blk, ring):  # type: ignore[no-untyped-def]
     held = int(st[S_BLOCKS])
     at = int(st[S_RING])
     filled = int(st[S_FILLED])
+    n_floor = int(st[S_FLOOR_BLOCKS])
     for row, f in ((0, F0), (1, F1)):
         floor = st[f + FLOOR]
         # Noise that swings more (narrow-band rumble) has frames further above its
@@ -195,8 +211,31 @@ def _close_block(st, blk, ring):  # type: ignore[no-untyped-def]
             else:  # the first measurement replaces the cautious prior
                 st[f + SPREAD] = excess
         ring[row, at] = lowest
-        st[f + FLOOR] = ring[row, : min(held + 1, ring.shape[1])].min()
+        st[f + FLOOR] = ring[row, : min(held + 1, n_floor)].min()
         set_thresholds(st, f)
+    # The background's typical peak: the second lowest block peak of the long window
+    # (the lowest while few are held). Speech is louder than its own background; babble
+    # and music reach their peaks in every block, the user's gaps included.
+    top = 0.0
+    for j in range(filled):
+        top = max(top, blk[0, j])
+    n_peaks = ring.shape[1]
+    peaks_held = int(st[S_PEAKS_HELD])
+    ring[2, int(st[S_PEAKS_AT])] = top
+    peaks_held = min(peaks_held + 1, n_peaks)
+    lowest = second = np.inf
+    for j in range(peaks_held):
+        e = ring[2, j]
+        if e < lowest:
+            lowest, second = e, lowest
+        elif e < second:
+            second = e
+    st[S_BG_GATE] = st[S_BG_MARGIN] * (second if peaks_held >= BG_RANK2_BLOCKS else lowest)
+    st[S_BG_CAP] = min(
+        st[S_BG_CAP_MAX], 10.0 ** ((BG_CAP_DB + BG_CAP_SPREADS * st[F0 + SPREAD]) / 10.0)
+    )
+    st[S_PEAKS_HELD] = peaks_held
+    st[S_PEAKS_AT] = (int(st[S_PEAKS_AT]) + 1) % n_peaks
     # Pre-emphasis whitens noise that falls with frequency (rumble, traffic, pink), so
     # webrtcvad's lowest bands stop taking its swings for speech; on flat (white) noise
     # it would only boost the noise where speech is weak. Hysteresis: no flapping.
@@ -206,8 +245,8 @@ def _close_block(st, blk, ring):  # type: ignore[no-untyped-def]
     elif tilt > EMPHASIS_OFF_DB:
         st[S_EMPHASIS] = 0.0
     st[S_SHIFT] = shift_for(st[F1 + FLOOR] if st[S_EMPHASIS] else st[F0 + FLOOR], st[S_TARGET])
-    st[S_BLOCKS] = min(held + 1, ring.shape[1])
-    st[S_RING] = (at + 1) % ring.shape[1]
+    st[S_BLOCKS] = min(held + 1, n_floor)
+    st[S_RING] = (at + 1) % n_floor
     st[S_FILLED] = 0
 
 

@@ -610,6 +610,9 @@ class TurnDetector:
                 break
             runs.pop(0)
         onset = runs[0][0]
+        if self.detector.background_rough:  # what stands out may be the noise itself
+            self._onset = onset
+            return
         i = (onset - ref_end) // fs
         lookback = hot[max(0, i - self._edge_frames) : i][::-1]  # nearest to the onset first
         self._onset = onset - _run_length(lookback) * fs
