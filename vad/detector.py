@@ -69,9 +69,9 @@ _SPREAD_PRIOR_DB = 3.0  # before the first block is measured: cautious, as for p
 _SPREAD_CAP_DB = 6.0  # frames further above the floor are not noise; keep them out of it
 _SPREAD_CAP = 10 ** (_SPREAD_CAP_DB / 10)
 _HPK = 4
-# Background peaks (babble, music): a frame must beat the second lowest block peak of
-# the last 8 s, plus a margin, or be this far above the floor.
-_BG_WINDOW_MS = 8000
+# Background peaks (babble, music): a frame must beat the lowest block peak of the last
+# 12 s plus a margin, unless it is far above the floor (kernel.S_BG_CAP).
+_BG_WINDOW_MS = 12000
 _BG_MARGIN_DB = 1.5
 _BG_CAP_DB = 20.0
 _BG_ROUGH = 10 ** (8.0 / 10)  # `background_rough`: peaks 8 dB over the floor

@@ -63,8 +63,6 @@ S_FLOOR_BLOCKS = 32  # blocks in the floor's window (ring row 0 and 1 use that m
 S_PEAKS_HELD = 33  # block peaks held (ring row 2, up to its length)
 S_PEAKS_AT = 34  # where the next block peak goes
 STATE_SIZE = 36
-# Blocks whose peaks are held before the second lowest is trusted over the lowest.
-BG_RANK2_BLOCKS = 6
 BG_CAP_DB, BG_CAP_SPREADS = 3.0, 2.0  # see S_BG_CAP
 # Noise whose first-difference floor is this far below its full-band floor (dB) falls
 # with frequency: webrtcvad hears it pre-emphasised. White noise is at +3 dB.
@@ -213,24 +211,19 @@ def _close_block(st, blk, ring):  # type: ignore[no-untyped-def]
         ring[row, at] = lowest
         st[f + FLOOR] = ring[row, : min(held + 1, n_floor)].min()
         set_thresholds(st, f)
-    # The background's typical peak: the second lowest block peak of the long window
-    # (the lowest while few are held). Speech is louder than its own background; babble
-    # and music reach their peaks in every block, the user's gaps included.
+    # The background's typical peak: the lowest block peak of the long window. Speech
+    # is louder than its own background; babble and music reach their peaks in every
+    # block, the user's gaps included. Only a turn longer than the window lifts it (and
+    # then no higher than the cap, set below from how much this noise swings).
     top = 0.0
     for j in range(filled):
         top = max(top, blk[0, j])
     n_peaks = ring.shape[1]
-    peaks_held = int(st[S_PEAKS_HELD])
+    peaks_held = min(int(st[S_PEAKS_HELD]) + 1, n_peaks)
     ring[2, int(st[S_PEAKS_AT])] = top
-    peaks_held = min(peaks_held + 1, n_peaks)
-    lowest = second = np.inf
-    for j in range(peaks_held):
-        e = ring[2, j]
-        if e < lowest:
-            lowest, second = e, lowest
-        elif e < second:
-            second = e
-    st[S_BG_GATE] = st[S_BG_MARGIN] * (second if peaks_held >= BG_RANK2_BLOCKS else lowest)
+    st[S_BG_GATE] = st[S_BG_MARGIN] * ring[2, :peaks_held].min()
+    st[S_PEAKS_HELD] = peaks_held
+    st[S_PEAKS_AT] = (int(st[S_PEAKS_AT]) + 1) % n_peaks
     st[S_BG_CAP] = min(
         st[S_BG_CAP_MAX], 10.0 ** ((BG_CAP_DB + BG_CAP_SPREADS * st[F0 + SPREAD]) / 10.0)
     )
