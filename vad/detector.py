@@ -74,6 +74,8 @@ _HPK = 4
 _BG_WINDOW_MS = 12000
 _BG_MARGIN_DB = 1.5
 _BG_CAP_DB = 20.0
+_BG_CAP_BASE_DB, _BG_CAP_SPREADS = 3.0, 4.0
+_BG_SKIP_DB = 6.0
 _BG_ROUGH = 10 ** (8.0 / 10)  # `background_rough`: peaks 8 dB over the floor
 # Turn-edge refinement (see `band_levels`, `edge_threshold`).
 _EDGE_BANDS_HZ = (250, 1000, 2000, 4000, 8000)
@@ -174,6 +176,9 @@ class SpeechDetector:
         st[kernel.S_FLOOR_BLOCKS] = n_blocks
         st[kernel.S_BG_GATE] = math.inf  # the first block: only the cap applies
         st[kernel.S_BG_CAP] = st[kernel.S_BG_CAP_MAX] = 10 ** (_BG_CAP_DB / 10)
+        st[kernel.S_BG_CAP_DB] = _BG_CAP_BASE_DB
+        st[kernel.S_BG_CAP_SPREADS] = _BG_CAP_SPREADS
+        st[kernel.S_BG_SKIP] = 10 ** (_BG_SKIP_DB / 10)
         st[kernel.S_BG_MARGIN] = 10 ** (_BG_MARGIN_DB / 10)
         n_peaks = max(n_blocks, round(_BG_WINDOW_MS / (block * config.frame_ms)))
         self._blk = np.zeros((2, block))  # energies of the block being filled, per feature

@@ -62,8 +62,10 @@ S_BG_MARGIN = 31  # factor over the background's peak
 S_FLOOR_BLOCKS = 32  # blocks in the floor's window (ring row 0 and 1 use that many)
 S_PEAKS_HELD = 33  # block peaks held (ring row 2, up to its length)
 S_PEAKS_AT = 34  # where the next block peak goes
-STATE_SIZE = 36
-BG_CAP_DB, BG_CAP_SPREADS = 3.0, 2.0  # see S_BG_CAP
+S_BG_CAP_DB, S_BG_CAP_SPREADS = 36, 37  # the cap: these dB + these x the spread
+S_BG_SKIP = 38  # a block peak over the background gate x this is left out ...
+S_BG_SKIPPED = 39  # ... unless this many in a row were (see `_close_block`)
+STATE_SIZE = 40
 # Noise whose first-difference floor is this far below its full-band floor (dB) falls
 # with frequency: webrtcvad hears it pre-emphasised. White noise is at +3 dB.
 EMPHASIS_ON_DB, EMPHASIS_OFF_DB = -3.0, -2.0
@@ -213,22 +215,35 @@ def _close_block(st, blk, ring):  # type: ignore[no-untyped-def]
         set_thresholds(st, f)
     # The background's typical peak: the lowest block peak of the long window. Speech
     # is louder than its own background; babble and music reach their peaks in every
-    # block, the user's gaps included. Only a turn longer than the window lifts it (and
-    # then no higher than the cap, set below from how much this noise swings).
+    # block, the user's gaps included. A block far louder than that is the user
+    # talking, not the background: it is left out (up to a window's worth in a row,
+    # so a background that got louder is learned all the same). So a long turn does
+    # not lift the gate over the user's own voice.
     top = 0.0
     for j in range(filled):
         top = max(top, blk[0, j])
     n_peaks = ring.shape[1]
-    peaks_held = min(int(st[S_PEAKS_HELD]) + 1, n_peaks)
-    ring[2, int(st[S_PEAKS_AT])] = top
-    st[S_BG_GATE] = st[S_BG_MARGIN] * ring[2, :peaks_held].min()
-    st[S_PEAKS_HELD] = peaks_held
-    st[S_PEAKS_AT] = (int(st[S_PEAKS_AT]) + 1) % n_peaks
-    st[S_BG_CAP] = min(
-        st[S_BG_CAP_MAX], 10.0 ** ((BG_CAP_DB + BG_CAP_SPREADS * st[F0 + SPREAD]) / 10.0)
-    )
-    st[S_PEAKS_HELD] = peaks_held
-    st[S_PEAKS_AT] = (int(st[S_PEAKS_AT]) + 1) % n_peaks
+    peaks_held = int(st[S_PEAKS_HELD])
+    skipped = int(st[S_BG_SKIPPED])
+    if top > st[S_BG_GATE] * st[S_BG_SKIP] and skipped < n_peaks:
+        st[S_BG_SKIPPED] = skipped + 1
+    else:
+        st[S_BG_SKIPPED] = 0
+        peaks_held = min(peaks_held + 1, n_peaks)
+        ring[2, int(st[S_PEAKS_AT])] = top
+        st[S_BG_GATE] = st[S_BG_MARGIN] * ring[2, :peaks_held].min()
+        st[S_PEAKS_HELD] = peaks_held
+        st[S_PEAKS_AT] = (int(st[S_PEAKS_AT]) + 1) % n_peaks
+    # The cap. Until the window is full it may hold nothing but the user's first turn,
+    # so the cap follows how much the noise swings (steady noise: a few dB); after
+    # that, babble and music get the room they need.
+    if peaks_held < n_peaks:
+        st[S_BG_CAP] = min(
+            st[S_BG_CAP_MAX],
+            10.0 ** ((st[S_BG_CAP_DB] + st[S_BG_CAP_SPREADS] * st[F0 + SPREAD]) / 10.0),
+        )
+    else:
+        st[S_BG_CAP] = st[S_BG_CAP_MAX]
     # Pre-emphasis whitens noise that falls with frequency (rumble, traffic, pink), so
     # webrtcvad's lowest bands stop taking its swings for speech; on flat (white) noise
     # it would only boost the noise where speech is weak. Hysteresis: no flapping.

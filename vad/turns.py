@@ -266,7 +266,7 @@ class TurnDetector:
         self._stop_bounds = (samples(config.min_stop_ms), samples(config.max_stop_ms))
         self._pause_margin = samples(_PAUSE_MARGIN_MS)
         if self._adaptive:  # cautious until this talker's pauses are known
-            lo, hi = self._stop_bounds
+            hi = self._stop_bounds[1]
             self._stop = max(self._stop, min(hi, samples(_CAUTIOUS_STOP_MS)))
 
     @property
