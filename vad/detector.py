@@ -76,7 +76,7 @@ _BG_MARGIN_DB = 1.5
 _BG_CAP_DB = 20.0
 _BG_CAP_BASE_DB, _BG_CAP_SPREADS = 3.0, 4.0
 _BG_SKIP_DB = 6.0
-_BG_ROUGH = 10 ** (8.0 / 10)  # `background_rough`: peaks 8 dB over the floor
+_BG_ROUGH_DB = 6.0  # `background_rough`: peaks this far over the floor
 # Turn-edge refinement (see `band_levels`, `edge_threshold`).
 _EDGE_BANDS_HZ = (250, 1000, 2000, 4000, 8000)
 _EDGE_MARGIN_DB = 2.0
@@ -175,6 +175,8 @@ class SpeechDetector:
             set_thresholds(st, f)
         st[kernel.S_FLOOR_BLOCKS] = n_blocks
         st[kernel.S_BG_GATE] = math.inf  # the first block: only the cap applies
+        st[kernel.S_BG_PEAK] = math.inf
+        st[kernel.S_BG_ROUGH] = 10 ** (_BG_ROUGH_DB / 10)
         st[kernel.S_BG_CAP] = st[kernel.S_BG_CAP_MAX] = 10 ** (_BG_CAP_DB / 10)
         st[kernel.S_BG_CAP_DB] = _BG_CAP_BASE_DB
         st[kernel.S_BG_CAP_SPREADS] = _BG_CAP_SPREADS
@@ -205,9 +207,7 @@ class SpeechDetector:
         """Whether the background has peaks far above its floor (babble, music, rumble
         swells): `_BG_ROUGH_DB` or more. Bands standing out of such noise for a moment
         say little about speech, so turn edges are not moved over them."""
-        st = self._st
-        peak = min(st[kernel.S_BG_GATE], st[F0 + FLOOR] * st[kernel.S_BG_CAP])
-        return bool(peak >= st[F0 + FLOOR] * _BG_ROUGH)
+        return bool(self._st[kernel.S_BG_GATE] > 0.0)
 
     def is_speech(self, frame: np.ndarray) -> bool:
         """Classify one frame: `frame_samples` int16 samples, oldest first."""

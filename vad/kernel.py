@@ -53,7 +53,9 @@ S_CLICKS = 28  # 1: frames with 80% of their energy in 5 ms are clicks (frames >
 S_LAST = 26  # the previous frame's last sample
 S_EMPHASIS = 27  # 1: webrtcvad hears the frame's first difference, 0: the frame
 # The background's peaks: what noise that is not steady (babble, music) reaches.
-S_BG_GATE = 29  # full-band energy a frame must beat: the background's typical peak
+S_BG_GATE = 29  # full-band energy a frame must beat: S_BG_PEAK where it is rough, else 0
+S_BG_PEAK = 40  # the background's typical peak (x the margin)
+S_BG_ROUGH = 41  # the background is rough when its peak is over the floor x this
 S_BG_CAP = 30  # ... but never more than the floor x this: 10^((3 + 2 x spread) / 10), at
 # most S_BG_CAP_MAX. Steady noise has a small spread: a window of the user's own speech
 # (a long turn) cannot lift the gate there, while babble's spread leaves it room.
@@ -65,7 +67,7 @@ S_PEAKS_AT = 34  # where the next block peak goes
 S_BG_CAP_DB, S_BG_CAP_SPREADS = 36, 37  # the cap: these dB + these x the spread
 S_BG_SKIP = 38  # a block peak over the background gate x this is left out ...
 S_BG_SKIPPED = 39  # ... unless this many in a row were (see `_close_block`)
-STATE_SIZE = 40
+STATE_SIZE = 42
 # Noise whose first-difference floor is this far below its full-band floor (dB) falls
 # with frequency: webrtcvad hears it pre-emphasised. White noise is at +3 dB.
 EMPHASIS_ON_DB, EMPHASIS_OFF_DB = -3.0, -2.0
@@ -225,15 +227,19 @@ def _close_block(st, blk, ring):  # type: ignore[no-untyped-def]
     n_peaks = ring.shape[1]
     peaks_held = int(st[S_PEAKS_HELD])
     skipped = int(st[S_BG_SKIPPED])
-    if top > st[S_BG_GATE] * st[S_BG_SKIP] and skipped < n_peaks:
+    if top > st[S_BG_PEAK] * st[S_BG_SKIP] and skipped < n_peaks:
         st[S_BG_SKIPPED] = skipped + 1
     else:
         st[S_BG_SKIPPED] = 0
         peaks_held = min(peaks_held + 1, n_peaks)
         ring[2, int(st[S_PEAKS_AT])] = top
-        st[S_BG_GATE] = st[S_BG_MARGIN] * ring[2, :peaks_held].min()
+        st[S_BG_PEAK] = st[S_BG_MARGIN] * ring[2, :peaks_held].min()
         st[S_PEAKS_HELD] = peaks_held
         st[S_PEAKS_AT] = (int(st[S_PEAKS_AT]) + 1) % n_peaks
+    # Steady noise (white, pink, hum) peaks a few dB over its floor, and the energy gate
+    # already handles it: the background gate only acts where the peaks stand far out.
+    rough = st[S_BG_PEAK] >= st[F0 + FLOOR] * st[S_BG_ROUGH]
+    st[S_BG_GATE] = st[S_BG_PEAK] if rough else 0.0
     # The cap. Until the window is full it may hold nothing but the user's first turn,
     # so the cap follows how much the noise swings (steady noise: a few dB); after
     # that, babble and music get the room they need.
