@@ -94,9 +94,14 @@ def test_turns_in_noise(seed: int, noise: str, snr_db: float, speech_cache: Path
 # late. Strict: a case that starts passing fails here until it is taken off the list.
 _KNOWN_GAPS = {
     (1, "keyboard", 5.0),
-    *((seed, "babble", snr) for seed in (1, 2) for snr in (20.0, 10.0, 5.0)),
-    *((seed, "music", snr) for seed in (1, 2) for snr in (20.0, 10.0, 5.0)),
-} - {(1, "music", 10.0), (2, "babble", 20.0), (2, "music", 5.0)}
+    (1, "babble", 20.0),
+    (1, "babble", 10.0),
+    (1, "babble", 5.0),
+    (2, "babble", 10.0),
+    (2, "babble", 5.0),
+    (1, "music", 20.0),
+    (1, "music", 5.0),
+}
 
 
 @pytest.mark.parametrize(
