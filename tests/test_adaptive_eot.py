@@ -139,7 +139,7 @@ def test_a_slow_talkers_first_turns_are_not_cut(speech_cache: Path) -> None:
         36, n_turns=2, voices=["en"], speeds=[165], pause_ms=(850, 900), cache_dir=speech_cache
     )
     assert any(p >= 850 for p in pauses_in_turns(conv))
-    td, events = run(TurnConfig(adaptive_stop=True), conv.audio)
+    _, events = run(TurnConfig(adaptive_stop=True), conv.audio)
     assert onsets_match(conv, [e for e in events if isinstance(e, TurnEnd)])
     _, fixed = run(TurnConfig(), conv.audio)
     assert len([e for e in fixed if isinstance(e, TurnEnd)]) > len(conv.turns)
