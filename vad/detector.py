@@ -28,7 +28,19 @@ handling, DC) is not heard. It acts as a high-pass near 100 Hz (-4 dB at 100 Hz,
 at 25 Hz, -27 dB at 10 Hz, within 1 dB from 150 Hz up). Without it such rumble kept the
 floor and gate swinging, and turns merged across gaps.
 
-Two more guards, for noise that is not steady:
+Three more guards, for noise that is not steady:
+
+* Background peaks (babble, music, rumble swells). Other voices and music are voiced and
+  stand well over the floor (which sits in their dips), so webrtcvad and the gate pass
+  them. But their level is steady on a scale of seconds, and the user is louder than
+  their own background: a frame must also beat the background's typical peak, the
+  lowest 400 ms block peak over the last 12 s (+1.5 dB). Blocks 6 dB over it are the
+  user talking and stay out of the window (up to a window's worth in a row, so a
+  background that got louder is learned), so a long turn does not lift it. It only acts
+  where these peaks stand 6 dB or more over the floor (steady noise peaks 2-4 dB over
+  it), and never above a cap over the floor: while the window fills (the first 12 s,
+  which may hold nothing but the user's first turn), 3 dB + 4x the noise's fluctuation;
+  after that, 20 dB.
 
 * Pre-emphasis for webrtcvad. When the noise falls with frequency (its first-difference
   floor 3 dB or more below its full-band floor; white noise is +3 dB), webrtcvad hears

@@ -18,7 +18,9 @@
 When a turn opens, leading noise blips are dropped from it. Then both edges move outward
 over adjacent frames that stand out from the noise before the turn in some frequency band
 (`SpeechDetector.band_levels`, `edge_threshold`). This catches the weak fricatives that
-the per-frame gate loses under noise.
+the per-frame gate loses under noise. In a rough background (babble, music:
+`SpeechDetector.background_rough`) the onset is not moved back: what stands out there
+is as often the noise itself.
 
 Time is counted in samples of whole frames. Times are exact (float ms since the first
 frame), and results do not depend on how the caller chunked the audio. At most
