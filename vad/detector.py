@@ -167,7 +167,11 @@ class SpeechDetector:
         self._ptr = kernel.vad_pointer(self._vad)
         block = max(1, round(_BLOCK_MS / config.frame_ms))
         n_blocks = max(1, round(config.floor_window_ms / (block * config.frame_ms)))
-        st = self._st = np.zeros(kernel.STATE_SIZE)
+        n_peaks = max(n_blocks, round(_BG_WINDOW_MS / (block * config.frame_ms)))
+        mem = self._mem = np.zeros(kernel.memory_size(block, n_peaks))
+        st = self._st = mem[: kernel.STATE_SIZE]
+        st[kernel.S_BLOCK_LEN] = block
+        st[kernel.S_N_PEAKS] = n_peaks
         for f in (F0, F1):
             st[f + FLOOR] = math.inf  # before the first frame: no floor, nothing passes
             st[f + SPREAD] = _SPREAD_PRIOR_DB
@@ -194,11 +198,13 @@ class SpeechDetector:
         st[kernel.S_BG_CAP_SPREADS] = _BG_CAP_SPREADS
         st[kernel.S_BG_SKIP] = 10 ** (_BG_SKIP_DB / 10)
         st[kernel.S_BG_MARGIN] = 10 ** (_BG_MARGIN_DB / 10)
-        n_peaks = max(n_blocks, round(_BG_WINDOW_MS / (block * config.frame_ms)))
-        self._blk = np.zeros((2, block))  # energies of the block being filled, per feature
-        # Rows 0, 1: minima of the blocks in the floor's window, per feature (the first
-        # n_blocks columns); row 2: peaks of the full-band energy over the long window.
-        self._ring = np.zeros((3, n_peaks))
+        # Views of `mem`, which the kernel reads as the same. `_blk`: energies of the
+        # block being filled, per feature. `_ring`: rows 0, 1: minima of the blocks in the
+        # floor's window, per feature (the first n_blocks columns); row 2: peaks of the
+        # full-band energy over the long window.
+        at = kernel.STATE_SIZE + 2 * block
+        self._blk = mem[kernel.STATE_SIZE : at].reshape(2, block)
+        self._ring = mem[at:].reshape(3, n_peaks)
         self._shifted = np.zeros(n, np.int16)  # kernel scratch: the frame, shifted
 
     @property
@@ -241,12 +247,7 @@ class SpeechDetector:
         if len(pcm) != self._nbytes:
             raise ValueError(f"pcm must hold {self._n} int16 samples, got {len(pcm)} bytes")
         code = one_frame(
-            pcm if type(pcm) is bytes else bytes(pcm),
-            self._st,
-            self._blk,
-            self._ring,
-            self._shifted,
-            self._ptr,
+            pcm if type(pcm) is bytes else bytes(pcm), self._mem, self._shifted, self._ptr
         )
         if code & VAD_ERROR:
             _vad_failed()
@@ -279,7 +280,7 @@ class SpeechDetector:
         if type(pcm) is not bytes:
             pcm = bytes(pcm)
         out = np.zeros(rows, np.uint8)
-        classify_frames(pcm, self._st, self._blk, self._ring, self._shifted, self._ptr, out)
+        classify_frames(pcm, self._mem, self._shifted, self._ptr, out)
         if (out & VAD_ERROR).any():
             _vad_failed()
         return (out & VOICED).astype(bool).tolist()

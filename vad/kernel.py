@@ -67,7 +67,11 @@ S_PEAKS_AT = 34  # where the next block peak goes
 S_BG_CAP_DB, S_BG_CAP_SPREADS = 36, 37  # the cap: these dB + these x the spread
 S_BG_SKIP = 38  # a block peak over the background gate x this is left out ...
 S_BG_SKIPPED = 39  # ... unless this many in a row were (see `_close_block`)
-STATE_SIZE = 42
+S_BLOCK_LEN = 42  # frames per block (the columns of `blk`)
+S_N_PEAKS = 43  # block peaks held at most (the columns of `ring`)
+STATE_SIZE = 44
+# A detector's memory is one float64 array (fewer arguments: each costs the call ~50 ns):
+# the state slots, then `blk` (2 x S_BLOCK_LEN), then `ring` (3 x S_N_PEAKS), row-major.
 # Noise whose first-difference floor is this far below its full-band floor (dB) falls
 # with frequency: webrtcvad hears it pre-emphasised. White noise is at +3 dB.
 EMPHASIS_ON_DB, EMPHASIS_OFF_DB = -3.0, -2.0
@@ -282,15 +286,32 @@ def shift_for(floor: float, target: float) -> int:
     return min(15, int(math.log(floor / target) / math.log(4.0) + 0.5))
 
 
-@_compile(types.int64(_PCM, _STATE, _ENERGIES, _ENERGIES, _SCRATCH, types.uintp))
-def one_frame(pcm, st, blk, ring, shifted, vad):  # type: ignore[no-untyped-def]
+def memory_size(block: int, n_peaks: int) -> int:
+    """Length of a detector's memory array (see STATE_SIZE)."""
+    return STATE_SIZE + 2 * block + 3 * n_peaks
+
+
+@njit(inline="always")
+def _views(mem):  # type: ignore[no-untyped-def]
+    block = int(mem[S_BLOCK_LEN])
+    n_peaks = int(mem[S_N_PEAKS])
+    at = STATE_SIZE + 2 * block
+    blk = mem[STATE_SIZE:at].reshape((2, block))
+    ring = mem[at : at + 3 * n_peaks].reshape((3, n_peaks))
+    return mem[:STATE_SIZE], blk, ring
+
+
+@_compile(types.int64(_PCM, _STATE, _SCRATCH, types.uintp))
+def one_frame(pcm, mem, shifted, vad):  # type: ignore[no-untyped-def]
     """Classify one frame given as bytes; returns the frame's result bits."""
+    st, blk, ring = _views(mem)
     return _frame(np.frombuffer(pcm, np.int16), st, blk, ring, shifted, vad)
 
 
-@_compile(types.void(_PCM, _STATE, _ENERGIES, _ENERGIES, _SCRATCH, types.uintp, types.uint8[::1]))
-def frames(pcm, st, blk, ring, shifted, vad, out):  # type: ignore[no-untyped-def]
+@_compile(types.void(_PCM, _STATE, _SCRATCH, types.uintp, types.uint8[::1]))
+def frames(pcm, mem, shifted, vad, out):  # type: ignore[no-untyped-def]
     """Classify consecutive frames, writing each one's result bits to `out`."""
+    st, blk, ring = _views(mem)
     x = np.frombuffer(pcm, np.int16)
     n = shifted.size
     for i in range(out.size):
