@@ -339,7 +339,7 @@ class SessionTap:
 
     def _speech_stopped(self, message: Any) -> None:
         td = self._session.config.turn_detection
-        # With stop_ms "auto" the silence is learned per session: its starting 800 ms here.
+        # With stop_ms "auto" the silence is learned per session: 800 ms here.
         lag = td.fixed_stop_ms / 1000 if td.type == "vad" else 0.0
         self._speech_end = time.monotonic() - lag
 

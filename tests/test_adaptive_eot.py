@@ -128,8 +128,21 @@ def test_turn_ends_never_teach_it_to_wait_longer(speech_cache: Path) -> None:
     conv = make_conversation(35, n_turns=6, max_phrases=1, cache_dir=speech_cache)
     td, events = run(TurnConfig(adaptive_stop=True, stop_ms=500), conv.audio)
     assert td.pauses_ms == []
-    assert td.stop_ms == 500
+    assert td.stop_ms == 1200  # where it starts (cautious), unchanged
     assert len([e for e in events if isinstance(e, TurnEnd)]) == len(conv.turns)
+
+
+def test_a_slow_talkers_first_turns_are_not_cut(speech_cache: Path) -> None:
+    """Pauses of 850-900 ms from the first turn on: nothing is learned yet, so "auto"
+    must start cautious (1200 ms), not at the fixed default, which cuts them."""
+    conv = make_conversation(
+        36, n_turns=2, voices=["en"], speeds=[165], pause_ms=(850, 900), cache_dir=speech_cache
+    )
+    assert any(p >= 850 for p in pauses_in_turns(conv))
+    _, events = run(TurnConfig(adaptive_stop=True), conv.audio)
+    assert onsets_match(conv, [e for e in events if isinstance(e, TurnEnd)])
+    _, fixed = run(TurnConfig(), conv.audio)
+    assert len([e for e in fixed if isinstance(e, TurnEnd)]) > len(conv.turns)
 
 
 def test_a_long_pause_raises_it_at_once_and_bounds_hold(speech_cache: Path) -> None:

@@ -88,17 +88,20 @@ def test_turns_in_noise(seed: int, noise: str, snr_db: float, speech_cache: Path
 
 
 # Known gaps (BENCHMARKS.md, "Turn-taking v2"): babble and music are speech-like to an
-# energy-and-webrtcvad detector, so their turns merge; rumble still moves some turn ends
-# late and splits one at 5 dB; one keyboard onset at 5 dB is 100 ms late. Strict: a case
-# that starts passing fails here until it is taken off the list.
+# energy-and-webrtcvad detector. The background-peak gate stops most of their merges,
+# but some onsets are still dated over 100 ms early or late, some turns still merge, and
+# a few of their sounds make turns of their own. One keyboard onset at 5 dB is 100 ms
+# late. Strict: a case that starts passing fails here until it is taken off the list.
 _KNOWN_GAPS = {
-    (1, "rumble", 20.0),
-    (1, "rumble", 10.0),
-    (2, "rumble", 5.0),
     (1, "keyboard", 5.0),
-    *((seed, "babble", snr) for seed in (1, 2) for snr in (20.0, 10.0, 5.0)),
-    *((seed, "music", snr) for seed in (1, 2) for snr in (20.0, 10.0, 5.0)),
-} - {(1, "music", 10.0)}
+    (1, "babble", 20.0),
+    (1, "babble", 10.0),
+    (1, "babble", 5.0),
+    (2, "babble", 10.0),
+    (2, "babble", 5.0),
+    (1, "music", 20.0),
+    (1, "music", 5.0),
+}
 
 
 @pytest.mark.parametrize(

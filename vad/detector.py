@@ -28,7 +28,19 @@ handling, DC) is not heard. It acts as a high-pass near 100 Hz (-4 dB at 100 Hz,
 at 25 Hz, -27 dB at 10 Hz, within 1 dB from 150 Hz up). Without it such rumble kept the
 floor and gate swinging, and turns merged across gaps.
 
-Two more guards, for noise that is not steady:
+Three more guards, for noise that is not steady:
+
+* Background peaks (babble, music, rumble swells). Other voices and music are voiced and
+  stand well over the floor (which sits in their dips), so webrtcvad and the gate pass
+  them. But their level is steady on a scale of seconds, and the user is louder than
+  their own background: a frame must also beat the background's typical peak, the
+  lowest 400 ms block peak over the last 12 s (+1.5 dB). Blocks 6 dB over it are the
+  user talking and stay out of the window (up to a window's worth in a row, so a
+  background that got louder is learned), so a long turn does not lift it. It only acts
+  where these peaks stand 6 dB or more over the floor (steady noise peaks 2-4 dB over
+  it), and never above a cap over the floor: while the window fills (the first 12 s,
+  which may hold nothing but the user's first turn), 3 dB + 4x the noise's fluctuation;
+  after that, 20 dB.
 
 * Pre-emphasis for webrtcvad. When the noise falls with frequency (its first-difference
   floor 3 dB or more below its full-band floor; white noise is +3 dB), webrtcvad hears
@@ -69,6 +81,14 @@ _SPREAD_PRIOR_DB = 3.0  # before the first block is measured: cautious, as for p
 _SPREAD_CAP_DB = 6.0  # frames further above the floor are not noise; keep them out of it
 _SPREAD_CAP = 10 ** (_SPREAD_CAP_DB / 10)
 _HPK = 4
+# Background peaks (babble, music): a frame must beat the lowest block peak of the last
+# 12 s plus a margin, unless it is far above the floor (kernel.S_BG_CAP).
+_BG_WINDOW_MS = 12000
+_BG_MARGIN_DB = 1.5
+_BG_CAP_DB = 20.0
+_BG_CAP_BASE_DB, _BG_CAP_SPREADS = 3.0, 4.0
+_BG_SKIP_DB = 6.0
+_BG_ROUGH_DB = 6.0  # `background_rough`: peaks this far over the floor
 # Turn-edge refinement (see `band_levels`, `edge_threshold`).
 _EDGE_BANDS_HZ = (250, 1000, 2000, 4000, 8000)
 _EDGE_MARGIN_DB = 2.0
@@ -147,7 +167,11 @@ class SpeechDetector:
         self._ptr = kernel.vad_pointer(self._vad)
         block = max(1, round(_BLOCK_MS / config.frame_ms))
         n_blocks = max(1, round(config.floor_window_ms / (block * config.frame_ms)))
-        st = self._st = np.zeros(kernel.STATE_SIZE)
+        n_peaks = max(n_blocks, round(_BG_WINDOW_MS / (block * config.frame_ms)))
+        mem = self._mem = np.zeros(kernel.memory_size(block, n_peaks))
+        st = self._st = mem[: kernel.STATE_SIZE]
+        st[kernel.S_BLOCK_LEN] = block
+        st[kernel.S_N_PEAKS] = n_peaks
         for f in (F0, F1):
             st[f + FLOOR] = math.inf  # before the first frame: no floor, nothing passes
             st[f + SPREAD] = _SPREAD_PRIOR_DB
@@ -165,8 +189,22 @@ class SpeechDetector:
         st[kernel.S_CLICKS] = config.frame_ms >= 20  # in 10 ms, 5 ms is no click's mark
         for f in (F0, F1):
             set_thresholds(st, f)
-        self._blk = np.zeros((2, block))  # energies of the block being filled, per feature
-        self._ring = np.zeros((2, n_blocks))  # minima of the blocks in the window
+        st[kernel.S_FLOOR_BLOCKS] = n_blocks
+        st[kernel.S_BG_GATE] = math.inf  # the first block: only the cap applies
+        st[kernel.S_BG_PEAK] = math.inf
+        st[kernel.S_BG_ROUGH] = 10 ** (_BG_ROUGH_DB / 10)
+        st[kernel.S_BG_CAP] = st[kernel.S_BG_CAP_MAX] = 10 ** (_BG_CAP_DB / 10)
+        st[kernel.S_BG_CAP_DB] = _BG_CAP_BASE_DB
+        st[kernel.S_BG_CAP_SPREADS] = _BG_CAP_SPREADS
+        st[kernel.S_BG_SKIP] = 10 ** (_BG_SKIP_DB / 10)
+        st[kernel.S_BG_MARGIN] = 10 ** (_BG_MARGIN_DB / 10)
+        # Views of `mem`, which the kernel reads as the same. `_blk`: energies of the
+        # block being filled, per feature. `_ring`: rows 0, 1: minima of the blocks in the
+        # floor's window, per feature (the first n_blocks columns); row 2: peaks of the
+        # full-band energy over the long window.
+        at = kernel.STATE_SIZE + 2 * block
+        self._blk = mem[kernel.STATE_SIZE : at].reshape(2, block)
+        self._ring = mem[at:].reshape(3, n_peaks)
         self._shifted = np.zeros(n, np.int16)  # kernel scratch: the frame, shifted
 
     @property
@@ -181,6 +219,13 @@ class SpeechDetector:
         if floor == math.inf:
             return -math.inf
         return 10 * math.log10(floor / self._n) - _FULL_SCALE_DB
+
+    @property
+    def background_rough(self) -> bool:
+        """Whether the background has peaks far above its floor (babble, music, rumble
+        swells): `_BG_ROUGH_DB` or more. Bands standing out of such noise for a moment
+        say little about speech, so turn edges are not moved over them."""
+        return bool(self._st[kernel.S_BG_GATE] > 0.0)
 
     def is_speech(self, frame: np.ndarray) -> bool:
         """Classify one frame: `frame_samples` int16 samples, oldest first."""
@@ -202,12 +247,7 @@ class SpeechDetector:
         if len(pcm) != self._nbytes:
             raise ValueError(f"pcm must hold {self._n} int16 samples, got {len(pcm)} bytes")
         code = one_frame(
-            pcm if type(pcm) is bytes else bytes(pcm),
-            self._st,
-            self._blk,
-            self._ring,
-            self._shifted,
-            self._ptr,
+            pcm if type(pcm) is bytes else bytes(pcm), self._mem, self._shifted, self._ptr
         )
         if code & VAD_ERROR:
             _vad_failed()
@@ -240,7 +280,7 @@ class SpeechDetector:
         if type(pcm) is not bytes:
             pcm = bytes(pcm)
         out = np.zeros(rows, np.uint8)
-        classify_frames(pcm, self._st, self._blk, self._ring, self._shifted, self._ptr, out)
+        classify_frames(pcm, self._mem, self._shifted, self._ptr, out)
         if (out & VAD_ERROR).any():
             _vad_failed()
         return (out & VOICED).astype(bool).tolist()

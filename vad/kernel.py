@@ -52,7 +52,26 @@ S_SUB = 25  # samples in 2.5 ms
 S_CLICKS = 28  # 1: frames with 80% of their energy in 5 ms are clicks (frames >= 20 ms)
 S_LAST = 26  # the previous frame's last sample
 S_EMPHASIS = 27  # 1: webrtcvad hears the frame's first difference, 0: the frame
-STATE_SIZE = 29
+# The background's peaks: what noise that is not steady (babble, music) reaches.
+S_BG_GATE = 29  # full-band energy a frame must beat: S_BG_PEAK where it is rough, else 0
+S_BG_PEAK = 40  # the background's typical peak (x the margin)
+S_BG_ROUGH = 41  # the background is rough when its peak is over the floor x this
+S_BG_CAP = 30  # ... but never more than the floor x this: 10^((3 + 2 x spread) / 10), at
+# most S_BG_CAP_MAX. Steady noise has a small spread: a window of the user's own speech
+# (a long turn) cannot lift the gate there, while babble's spread leaves it room.
+S_BG_CAP_MAX = 35
+S_BG_MARGIN = 31  # factor over the background's peak
+S_FLOOR_BLOCKS = 32  # blocks in the floor's window (ring row 0 and 1 use that many)
+S_PEAKS_HELD = 33  # block peaks held (ring row 2, up to its length)
+S_PEAKS_AT = 34  # where the next block peak goes
+S_BG_CAP_DB, S_BG_CAP_SPREADS = 36, 37  # the cap: these dB + these x the spread
+S_BG_SKIP = 38  # a block peak over the background gate x this is left out ...
+S_BG_SKIPPED = 39  # ... unless this many in a row were (see `_close_block`)
+S_BLOCK_LEN = 42  # frames per block (the columns of `blk`)
+S_N_PEAKS = 43  # block peaks held at most (the columns of `ring`)
+STATE_SIZE = 44
+# A detector's memory is one float64 array (fewer arguments: each costs the call ~50 ns):
+# the state slots, then `blk` (2 x S_BLOCK_LEN), then `ring` (3 x S_N_PEAKS), row-major.
 # Noise whose first-difference floor is this far below its full-band floor (dB) falls
 # with frequency: webrtcvad hears it pre-emphasised. White noise is at +3 dB.
 EMPHASIS_ON_DB, EMPHASIS_OFF_DB = -3.0, -2.0
@@ -149,6 +168,8 @@ def _frame(x, st, blk, ring, shifted, vad):  # type: ignore[no-untyped-def]
     st[S_LAST] = x[n - 1]
     if st[S_CLICKS] and 5 * peak > 4 * full:  # 80% of it in 5 ms: a click, a key, a tap
         voiced = False
+    elif e0 <= min(st[S_BG_GATE], st[F0 + FLOOR] * st[S_BG_CAP]):  # not above the babble
+        voiced = False
     elif r == 1:
         voiced = e0 >= st[S_MIN_ENERGY] and (e0 > st[F0 + GATE] or e1 > st[F1 + GATE])
     else:  # overruled only by a plainly loud frame
@@ -174,6 +195,7 @@ def _close_block(st, blk, ring):  # type: ignore[no-untyped-def]
     held = int(st[S_BLOCKS])
     at = int(st[S_RING])
     filled = int(st[S_FILLED])
+    n_floor = int(st[S_FLOOR_BLOCKS])
     for row, f in ((0, F0), (1, F1)):
         floor = st[f + FLOOR]
         # Noise that swings more (narrow-band rumble) has frames further above its
@@ -195,8 +217,43 @@ def _close_block(st, blk, ring):  # type: ignore[no-untyped-def]
             else:  # the first measurement replaces the cautious prior
                 st[f + SPREAD] = excess
         ring[row, at] = lowest
-        st[f + FLOOR] = ring[row, : min(held + 1, ring.shape[1])].min()
+        st[f + FLOOR] = ring[row, : min(held + 1, n_floor)].min()
         set_thresholds(st, f)
+    # The background's typical peak: the lowest block peak of the long window. Speech
+    # is louder than its own background; babble and music reach their peaks in every
+    # block, the user's gaps included. A block far louder than that is the user
+    # talking, not the background: it is left out (up to a window's worth in a row,
+    # so a background that got louder is learned all the same). So a long turn does
+    # not lift the gate over the user's own voice.
+    top = 0.0
+    for j in range(filled):
+        top = max(top, blk[0, j])
+    n_peaks = ring.shape[1]
+    peaks_held = int(st[S_PEAKS_HELD])
+    skipped = int(st[S_BG_SKIPPED])
+    if top > st[S_BG_PEAK] * st[S_BG_SKIP] and skipped < n_peaks:
+        st[S_BG_SKIPPED] = skipped + 1
+    else:
+        st[S_BG_SKIPPED] = 0
+        peaks_held = min(peaks_held + 1, n_peaks)
+        ring[2, int(st[S_PEAKS_AT])] = top
+        st[S_BG_PEAK] = st[S_BG_MARGIN] * ring[2, :peaks_held].min()
+        st[S_PEAKS_HELD] = peaks_held
+        st[S_PEAKS_AT] = (int(st[S_PEAKS_AT]) + 1) % n_peaks
+    # Steady noise (white, pink, hum) peaks a few dB over its floor, and the energy gate
+    # already handles it: the background gate only acts where the peaks stand far out.
+    rough = st[S_BG_PEAK] >= st[F0 + FLOOR] * st[S_BG_ROUGH]
+    st[S_BG_GATE] = st[S_BG_PEAK] if rough else 0.0
+    # The cap. Until the window is full it may hold nothing but the user's first turn,
+    # so the cap follows how much the noise swings (steady noise: a few dB); after
+    # that, babble and music get the room they need.
+    if peaks_held < n_peaks:
+        st[S_BG_CAP] = min(
+            st[S_BG_CAP_MAX],
+            10.0 ** ((st[S_BG_CAP_DB] + st[S_BG_CAP_SPREADS] * st[F0 + SPREAD]) / 10.0),
+        )
+    else:
+        st[S_BG_CAP] = st[S_BG_CAP_MAX]
     # Pre-emphasis whitens noise that falls with frequency (rumble, traffic, pink), so
     # webrtcvad's lowest bands stop taking its swings for speech; on flat (white) noise
     # it would only boost the noise where speech is weak. Hysteresis: no flapping.
@@ -206,8 +263,8 @@ def _close_block(st, blk, ring):  # type: ignore[no-untyped-def]
     elif tilt > EMPHASIS_OFF_DB:
         st[S_EMPHASIS] = 0.0
     st[S_SHIFT] = shift_for(st[F1 + FLOOR] if st[S_EMPHASIS] else st[F0 + FLOOR], st[S_TARGET])
-    st[S_BLOCKS] = min(held + 1, ring.shape[1])
-    st[S_RING] = (at + 1) % ring.shape[1]
+    st[S_BLOCKS] = min(held + 1, n_floor)
+    st[S_RING] = (at + 1) % n_floor
     st[S_FILLED] = 0
 
 
@@ -229,15 +286,32 @@ def shift_for(floor: float, target: float) -> int:
     return min(15, int(math.log(floor / target) / math.log(4.0) + 0.5))
 
 
-@_compile(types.int64(_PCM, _STATE, _ENERGIES, _ENERGIES, _SCRATCH, types.uintp))
-def one_frame(pcm, st, blk, ring, shifted, vad):  # type: ignore[no-untyped-def]
+def memory_size(block: int, n_peaks: int) -> int:
+    """Length of a detector's memory array (see STATE_SIZE)."""
+    return STATE_SIZE + 2 * block + 3 * n_peaks
+
+
+@njit(inline="always")
+def _views(mem):  # type: ignore[no-untyped-def]
+    block = int(mem[S_BLOCK_LEN])
+    n_peaks = int(mem[S_N_PEAKS])
+    at = STATE_SIZE + 2 * block
+    blk = mem[STATE_SIZE:at].reshape((2, block))
+    ring = mem[at : at + 3 * n_peaks].reshape((3, n_peaks))
+    return mem[:STATE_SIZE], blk, ring
+
+
+@_compile(types.int64(_PCM, _STATE, _SCRATCH, types.uintp))
+def one_frame(pcm, mem, shifted, vad):  # type: ignore[no-untyped-def]
     """Classify one frame given as bytes; returns the frame's result bits."""
+    st, blk, ring = _views(mem)
     return _frame(np.frombuffer(pcm, np.int16), st, blk, ring, shifted, vad)
 
 
-@_compile(types.void(_PCM, _STATE, _ENERGIES, _ENERGIES, _SCRATCH, types.uintp, types.uint8[::1]))
-def frames(pcm, st, blk, ring, shifted, vad, out):  # type: ignore[no-untyped-def]
+@_compile(types.void(_PCM, _STATE, _SCRATCH, types.uintp, types.uint8[::1]))
+def frames(pcm, mem, shifted, vad, out):  # type: ignore[no-untyped-def]
     """Classify consecutive frames, writing each one's result bits to `out`."""
+    st, blk, ring = _views(mem)
     x = np.frombuffer(pcm, np.int16)
     n = shifted.size
     for i in range(out.size):

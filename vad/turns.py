@@ -18,7 +18,9 @@
 When a turn opens, leading noise blips are dropped from it. Then both edges move outward
 over adjacent frames that stand out from the noise before the turn in some frequency band
 (`SpeechDetector.band_levels`, `edge_threshold`). This catches the weak fricatives that
-the per-frame gate loses under noise.
+the per-frame gate loses under noise. In a rough background (babble, music:
+`SpeechDetector.background_rough`) the onset is not moved back: what stands out there
+is as often the noise itself.
 
 Time is counted in samples of whole frames. Times are exact (float ms since the first
 frame), and results do not depend on how the caller chunked the audio. At most
@@ -62,6 +64,7 @@ _PAUSES_KEPT = 30  # the latest pauses learned from: old habits fade
 _PAUSES_NEEDED = 3  # fewer: the setting may grow, but not shrink
 _PAUSE_MARGIN_MS = 100  # the end-of-turn silence is the longest pause kept, plus a
 _PAUSE_MARGIN = 0.25  # quarter, plus this
+_CAUTIOUS_STOP_MS = 1200  # until pauses are known: slow talkers are not cut off
 
 
 @dataclass(frozen=True)
@@ -71,8 +74,10 @@ class TurnConfig:
     adaptive_stop: learn this stream's pauses inside turns (silences of at least 200 ms
         that more speech of the same turn followed; the latest 30) and end turns after
         the longest of them plus a quarter plus 100 ms, bounded by
-        min_stop_ms..max_stop_ms. It starts at `stop_ms`; a longer pause raises it at
-        once, and it is lowered only once 3 pauses are known. A silence that ended a
+        min_stop_ms..max_stop_ms. It starts cautious, at the larger of `stop_ms` and
+        1200 ms (at most max_stop_ms), so a slow talker's first long pauses do not cut
+        their first turns; a longer pause raises it at once, and it is lowered only
+        once 3 pauses are known. A silence that ended a
         turn is never learned from, so turn ends cannot teach it to wait longer.
     """
 
@@ -262,6 +267,9 @@ class TurnDetector:
         self._pause_min = samples(_PAUSE_MIN_MS)
         self._stop_bounds = (samples(config.min_stop_ms), samples(config.max_stop_ms))
         self._pause_margin = samples(_PAUSE_MARGIN_MS)
+        if self._adaptive:  # cautious until this talker's pauses are known
+            hi = self._stop_bounds[1]
+            self._stop = max(self._stop, min(hi, samples(_CAUTIOUS_STOP_MS)))
 
     @property
     def state(self) -> TurnState:
@@ -610,6 +618,9 @@ class TurnDetector:
                 break
             runs.pop(0)
         onset = runs[0][0]
+        if self.detector.background_rough:  # what stands out may be the noise itself
+            self._onset = onset
+            return
         i = (onset - ref_end) // fs
         lookback = hot[max(0, i - self._edge_frames) : i][::-1]  # nearest to the onset first
         self._onset = onset - _run_length(lookback) * fs
