@@ -55,8 +55,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
 import collections
 import contextlib
+import hashlib
 import heapq
 import json
 import os
@@ -72,6 +74,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import uvloop
 from websockets.asyncio.client import ClientConnection
 from websockets.frames import Frame, Opcode
 
@@ -80,6 +83,7 @@ from bench.bench_turns import MSG_MS, Plan, conversations, plan_for
 from bench.bench_ws import (
     ROOT,
     ServerProc,
+    auth_headers,
     free_port,
     header,
     machine_line,
@@ -136,6 +140,7 @@ class WorkerResult:
     loop_lag_p99: float
     loop_lag_max: float
     gen_cpu: float  # fraction of its core the generator used
+    gen_cpu_s: float  # the generator's CPU seconds while it sent (connects excluded)
     gen_wait: float  # fraction of the time it was runnable but waiting for the core
     reply_lag_p99: float
     sends: int
@@ -146,8 +151,191 @@ def _masked_binary(data: bytes) -> bytes:
     return Frame(Opcode.BINARY, data).serialize(mask=True, extensions=[])
 
 
+_CLOSE_1000 = Frame(Opcode.CLOSE, (1000).to_bytes(2, "big")).serialize(mask=True, extensions=[])
+_WS_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
+_CHUNK_TAIL = b'"type":"chunk"}'
+_DATA_KEY = b'"data":"'
+
+
+class RawClient(asyncio.Protocol):
+    """One generator session on a raw asyncio transport: the cheapest client that keeps the
+    protocol. It does the RFC 6455 handshake itself, writes pre-masked frames (a client may
+    use any masking key) and scans the server's unmasked frames in place: an audio chunk is
+    never copied, decoded or JSON-parsed (its length is read off the buffer); only the few
+    events the criteria need are. Pings are answered; a close frame is echoed."""
+
+    def __init__(self, s: SessionStats, host: str, path: str) -> None:
+        self.s = s
+        self.key = base64.b64encode(os.urandom(16))
+        self.request = (
+            f"GET {path} HTTP/1.1\r\nHost: {host}\r\nUpgrade: websocket\r\n"
+            "Connection: Upgrade\r\nSec-WebSocket-Version: 13\r\n"
+            f"Sec-WebSocket-Key: {self.key.decode()}\r\n"
+            + "".join(f"{k}: {v}\r\n" for k, v in auth_headers().items())
+            + "\r\n"
+        ).encode()
+        self.buf = bytearray()
+        self.fragments = bytearray()
+        self.fragment_op = 0
+        self.upgraded = False
+        self.closing = False  # the end of the connection is expected from here on
+        self.sent_close = False
+        self.transport: asyncio.Transport | None = None
+        loop = asyncio.get_running_loop()
+        self.created: asyncio.Future[None] = loop.create_future()  # session.created seen
+        self.lost: asyncio.Future[None] = loop.create_future()
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]  # uvloop's is not a subclass
+        transport.write(self.request)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self.closing:
+            self.s.errors.append(f"connection: lost ({exc!r})")
+        for fut in (self.created, self.lost):
+            if not fut.done():
+                fut.set_result(None)
+
+    def _fail(self, why: str) -> None:
+        self.s.errors.append(f"connection: {why}")
+        if not self.created.done():
+            self.created.set_exception(ConnectionError(why))
+        assert self.transport is not None
+        self.transport.abort()
+
+    def _handshake(self) -> bool:
+        end = self.buf.find(b"\r\n\r\n")
+        if end < 0:
+            return False
+        head = bytes(self.buf[:end]).decode("latin-1")
+        del self.buf[: end + 4]
+        accept = base64.b64encode(hashlib.sha1(self.key + _WS_GUID).digest()).decode()
+        if not head.startswith("HTTP/1.1 101") or accept not in head:
+            self._fail(f"handshake refused: {head.splitlines()[0] if head else head!r}")
+            return False
+        self.upgraded = True
+        return True
+
+    def data_received(self, data: bytes) -> None:
+        now = time.perf_counter()
+        buf = self.buf
+        buf += data
+        if not self.upgraded and not self._handshake():
+            return
+        pos, size = 0, len(buf)
+        while size - pos >= 2:
+            b0, b1 = buf[pos], buf[pos + 1]
+            length, head = b1 & 0x7F, 2
+            if length == 126:
+                if size - pos < 4:
+                    break
+                length, head = int.from_bytes(buf[pos + 2 : pos + 4], "big"), 4
+            elif length == 127:
+                if size - pos < 10:
+                    break
+                length, head = int.from_bytes(buf[pos + 2 : pos + 10], "big"), 10
+            if b1 & 0x80:
+                self._fail("masked server frame")
+                return
+            start = pos + head
+            end = start + length
+            if end > size:
+                break
+            self._frame(b0, buf, start, end, now)
+            pos = end
+        del buf[:pos]
+
+    def _frame(self, b0: int, buf: bytearray, start: int, end: int, now: float) -> None:
+        op, fin = b0 & 0x0F, b0 & 0x80
+        if op == 0x9:  # ping: answer with a pong carrying the same payload
+            assert self.transport is not None
+            self.transport.write(
+                Frame(Opcode.PONG, bytes(buf[start:end])).serialize(mask=True, extensions=[])
+            )
+            return
+        if op == 0x8:
+            code = int.from_bytes(buf[start : start + 2], "big") if end - start >= 2 else 1005
+            if not self.closing and code not in (1000, 1001):
+                self.s.errors.append(f"connection: closed by the server with {code}")
+            self.closing = True
+            if not self.sent_close:
+                self.sent_close = True
+                assert self.transport is not None
+                self.transport.write(_CLOSE_1000)
+            return
+        if op == 0xA:
+            return
+        if op == 0 or not fin:  # a fragmented message (the server does not fragment today)
+            if op:
+                self.fragment_op = op
+            self.fragments += buf[start:end]
+            if not fin:
+                return
+            op, data = self.fragment_op, bytes(self.fragments)
+            self.fragments.clear()
+            if op == 0x1:
+                self._text(bytearray(data), 0, len(data), now)
+            return
+        if op == 0x1:
+            self._text(buf, start, end, now)
+
+    def _text(self, buf: bytearray, start: int, end: int, now: float) -> None:
+        s = self.s
+        if buf.endswith(_CHUNK_TAIL, start, end):
+            i = buf.find(_DATA_KEY, start, min(end, start + 120))
+            if i < 0:
+                return
+            j = buf.index(b'"', i + 8, end)
+            ms = (j - i - 8) * 3 / 4 / 2 / 24.0  # base64 PCM16 at 24 kHz -> ms
+            if s.reply_first is None:
+                s.reply_first, s.reply_ms = now, 0.0
+            s.chunk_lateness.append(max(0.0, now - s.reply_first - s.reply_ms / 1000))
+            s.reply_ms += ms
+            return
+        event = json.loads(bytes(buf[start:end]))
+        kind = event.get("type")
+        if kind == "turn.ended":
+            s.turns.append((now, event.get("audio_end_ms")))
+        elif kind == "speech.started":
+            s.starts += 1
+        elif kind == "response.started":
+            s.reply_first = None
+        elif kind == "error":
+            s.errors.append(f"{event.get('code')}: {event.get('message')}")
+        elif kind == "session.created" and not self.created.done():
+            self.created.set_result(None)
+
+    def write(self, frame: bytes) -> None:
+        assert self.transport is not None
+        if self.transport.is_closing() or self.closing:
+            raise ConnectionError("closed")
+        self.transport.write(frame)
+
+    async def close(self) -> None:
+        """Send a close frame and wait (bounded) for the server to end the connection."""
+        if self.transport is None:
+            return
+        self.closing = True
+        if not self.sent_close and not self.transport.is_closing():
+            self.sent_close = True
+            self.transport.write(_CLOSE_1000)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(asyncio.shield(self.lost), 5)
+        self.transport.close()
+
+
+async def open_raw(port: int, s: SessionStats) -> RawClient:
+    loop = asyncio.get_running_loop()
+    _, client = await loop.create_connection(
+        lambda: RawClient(s, f"127.0.0.1:{port}", "/v1/duplex"), "127.0.0.1", port
+    )
+    await asyncio.wait_for(client.created, 30)
+    return client
+
+
 async def _reader(ws: ClientConnection, s: SessionStats) -> None:
-    """Cheap per-message handling: audio chunks are never JSON-parsed."""
+    """The websockets client's reader (``--client websockets``): audio chunks are never
+    JSON-parsed, but every frame goes through the library's parser and a queue."""
     try:
         async for raw in ws:
             now = time.perf_counter()
@@ -191,28 +379,43 @@ def _mark(word: str) -> None:
 
 
 async def run_worker(
-    url_port: int, n: int, duration: float, stagger: float, plans: list[Plan]
+    url_port: int, n: int, duration: float, stagger: float, plans: list[Plan], client: str
 ) -> WorkerResult:
     url = f"ws://127.0.0.1:{url_port}/v1/duplex"
     t_conn = time.perf_counter()
-    sockets: list[ClientConnection] = []
+    stats = [SessionStats(plan=k % len(plans), start=0.0) for k in range(n)]
     sem = asyncio.Semaphore(32)
+    readers: list[asyncio.Task[None]] = []
+    raws: list[RawClient] = []
+    sockets: list[ClientConnection] = []
 
-    async def one() -> ClientConnection:
-        async with sem:
-            return await open_ws(url, True)
+    if client == "raw":
 
-    sockets = list(await asyncio.gather(*(one() for _ in range(n))))
+        async def one_raw(s: SessionStats) -> RawClient:
+            async with sem:
+                return await open_raw(url_port, s)
+
+        raws = list(await asyncio.gather(*(one_raw(s) for s in stats)))
+    else:
+
+        async def one() -> ClientConnection:
+            async with sem:
+                return await open_ws(url, True)
+
+        sockets = list(await asyncio.gather(*(one() for _ in range(n))))
+        pairs = zip(sockets, stats, strict=True)
+        readers = [asyncio.create_task(_reader(ws, s)) for ws, s in pairs]
     connect_s = time.perf_counter() - t_conn
     per_session = int(duration / PERIOD)
     t0 = time.perf_counter() + 0.5
-    stats = [SessionStats(plan=k % len(plans), start=t0 + stagger * k / n) for k in range(n)]
+    for k, s in enumerate(stats):
+        s.start = t0 + stagger * k / n
     triggers = [{idx: j for j, (idx, _, _) in enumerate(p.turns)} for p in plans]
     # The generator must stay cheap at hundreds of sessions: each message is framed and
     # masked once, ahead of time, and written straight to the socket's transport (data
-    # frames need no protocol state; websockets still handles pings and the close).
+    # frames need no protocol state).
     wire = [[_masked_binary(m) for m in p.messages] for p in plans]
-    readers = [asyncio.create_task(_reader(ws, s)) for ws, s in zip(sockets, stats, strict=True)]
+    writers = [r.write for r in raws] or [_transport_writer(ws) for ws in sockets]
     stop = asyncio.Event()
     loop_lags: list[float] = []
     probe = asyncio.create_task(_loop_probe(loop_lags, stop))
@@ -235,15 +438,11 @@ async def run_worker(
         plan = plans[s.plan]
         i = s.sent
         j = triggers[s.plan].get(i)
-        now = time.perf_counter()
         if j is not None:
             s.sent_at[j] = now
         send_lags.append(now - due)
         try:
-            transport = sockets[k].transport
-            if transport.is_closing():
-                raise ConnectionError("closed")
-            transport.write(wire[s.plan][i])
+            writers[k](wire[s.plan][i])
         except Exception as exc:
             s.errors.append(f"send: {type(exc).__name__}")
             continue
@@ -263,8 +462,11 @@ async def run_worker(
     run1, wait1 = schedstat()
     stop.set()
     await probe
+    for r in raws:
+        r.closing = True  # from here on, the end of a connection is expected
     for task in readers:
         task.cancel()
+    await asyncio.gather(*(r.close() for r in raws), return_exceptions=True)
     await asyncio.gather(*(ws.close() for ws in sockets), return_exceptions=True)
 
     eot: list[float] = []
@@ -299,10 +501,22 @@ async def run_worker(
         loop_lag_p99=pct(loop_lags, 99),
         loop_lag_max=max(loop_lags, default=0.0),
         gen_cpu=(run1 - run0) / wall,
+        gen_cpu_s=run1 - run0,
         gen_wait=(wait1 - wait0) / wall,
         reply_lag_p99=pct(lateness, 99),
         sends=len(send_lags),
     )
+
+
+def _transport_writer(ws: ClientConnection) -> Any:
+    transport = ws.transport
+
+    def write(frame: bytes) -> None:
+        if transport.is_closing():
+            raise ConnectionError("closed")
+        transport.write(frame)
+
+    return write
 
 
 def worker_main(args: argparse.Namespace) -> None:
@@ -312,7 +526,11 @@ def worker_main(args: argparse.Namespace) -> None:
         door_worker(args)
         return
     plans = load_plans(args)
-    result = asyncio.run(run_worker(args.port, args.worker, args.duration, args.stagger, plans))
+    run = run_worker(args.port, args.worker, args.duration, args.stagger, plans, args.client)
+    if args.client == "raw":
+        result = uvloop.run(run)
+    else:
+        result = asyncio.run(run)
     print("RESULT " + json.dumps(asdict(result)), flush=True)
 
 
@@ -432,13 +650,14 @@ def run_point(args: argparse.Namespace, n: int, plans: list[Plan], profile: bool
         argv += ["--port", str(server.port), "--duration", str(args.duration)]
         argv += ["--stagger", str(args.stagger), "--conversations", str(args.conversations)]
         argv += ["--turns", str(args.turns), "--door", getattr(args, "door", "duplex")]
+        argv += ["--client", getattr(args, "client", "raw")]
         gen_cpu = client_cpu(args.workers)
 
         def pin() -> None:
             if gen_cpu is not None:
                 os.sched_setaffinity(0, {gen_cpu})
 
-        cpu_start = schedstat(server.pid)[0]
+        cpu_start = tree_schedstat(server.pid)[0]
         worker = subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.PIPE, text=True, preexec_fn=pin)
         assert worker.stdout is not None
         result: dict[str, Any] = {}
@@ -462,7 +681,7 @@ def run_point(args: argparse.Namespace, n: int, plans: list[Plan], profile: bool
             elif word.startswith("RESULT "):
                 result = json.loads(word[7:])
         worker.wait(timeout=60)
-        total_cpu = schedstat(server.pid)[0] - cpu_start
+        total_cpu = tree_schedstat(server.pid)[0] - cpu_start
         if scraper is not None:
             scraper.halt.set()
             scraper.join(timeout=10)
@@ -493,6 +712,11 @@ def kept_up(p: Point) -> bool:
     """The server processed audio as it came (so CPU per session-second is its real cost)."""
     r = p.result
     return bool(p.server_cpu) and r["missing"] == 0 and pct(r["eot"], 50) < 0.100
+
+
+def gen_ms_per_session_s(r: dict[str, Any]) -> float:
+    """The generator's own CPU per second of audio it streamed (its cost, for the record)."""
+    return r.get("gen_cpu_s", float("nan")) * 1000 / max(1e-9, r["sends"] * PERIOD)
 
 
 def judge(r: dict[str, Any]) -> str:
@@ -577,6 +801,13 @@ def main() -> None:
         default="duplex",
         help="24 kHz audio to /v1/duplex, /v1/realtime or both (bench/capacity_door.py)",
     )
+    parser.add_argument(
+        "--client",
+        choices=["raw", "websockets"],
+        default="raw",
+        help="the generator's client: raw asyncio transports on uvloop (default), or the "
+        "websockets library on asyncio (the earlier generator, for comparison)",
+    )
     parser.add_argument("--worker", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -632,7 +863,8 @@ def run_curve(args: argparse.Namespace, store: str) -> None:
     gen = client_cpu(args.workers)
     print(
         f"\nServer: {args.workers} worker(s), store {store}, pinned to CPU(s) "
-        f"{sorted(server_cpus(args.workers))}; load generator (one asyncio process) "
+        f"{sorted(server_cpus(args.workers))}; load generator (one process, "
+        f"{'raw transports on uvloop' if args.client == 'raw' else 'websockets on asyncio'}) "
         f"{'on CPU ' + str(gen) if gen is not None else 'sharing those cores'}. "
         f"Each session: {args.duration:g} s of 20 ms PCM16 16 kHz messages at "
         f"real time, starts spread over {args.stagger:g} s; {args.conversations} "
@@ -664,6 +896,7 @@ def run_curve(args: argparse.Namespace, store: str) -> None:
                 r["send_lag_p99"] * 1000,
                 r["loop_lag_p99"] * 1000,
                 f"{r['gen_cpu'] * 100:.0f}% / {r['gen_wait'] * 100:.0f}%",
+                gen_ms_per_session_s(r),
                 r["reply_lag_p99"] * 1000,
                 p.verdict,
             ]
@@ -683,6 +916,7 @@ def run_curve(args: argparse.Namespace, store: str) -> None:
                 "send lag p99 ms",
                 "gen loop lag p99 ms",
                 "gen CPU / wait",
+                "gen CPU ms per session-s",
                 "reply audio lag p99 ms",
                 "verdict",
             ],
