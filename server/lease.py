@@ -1,4 +1,7 @@
-"""One owner per live session across replicas: a Redis lease with a fencing token.
+"""One owner per live session across replicas: a lease with a fencing token, in Redis
+(replicas anywhere) or in the SQLite file (processes of one machine sharing it:
+``duplex serve --workers N``; `SqliteStore` holds the table and the transactions, the
+handover request is seen at the owner's next renewal, there is no channel).
 
 A replica that runs a session holds ``lease:{id}`` (value ``replica:token``, expiring
 after ``ttl_ms`` unless renewed) and the session's *fencing token*, ``fence:{id}``, a
@@ -27,10 +30,12 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from redis.exceptions import RedisError
 
 from server.state.redis import RedisStore
+from server.state.sqlite import SqliteStore
 
 log = logging.getLogger(__name__)
 
@@ -104,49 +109,145 @@ class Lease:
     released: bool = False
 
 
-class LeaseManager:
-    """Acquires, renews and releases session leases in the store's Redis."""
+class LeaseStore(Protocol):
+    """Where leases live: the few atomic steps `LeaseManager` is built on."""
 
-    def __init__(self, store: RedisStore, replica: str, settings: LeaseSettings) -> None:
+    #: Session id -> this process's fencing token (the store checks it on every write).
+    fences: dict[str, int]
+
+    async def acquire(
+        self, session_id: str, replica: str, s: LeaseSettings
+    ) -> tuple[bool, int, str | None]:
+        """(True, new token, None), or (False, ms left, the holder's ``replica:token``)."""
+        ...
+
+    async def renew(self, session_id: str, replica: str, token: int, s: LeaseSettings) -> int:
+        """0: taken over; 1: renewed; 2: renewed, and another replica asks for it."""
+        ...
+
+    async def release(self, session_id: str, replica: str, token: int) -> None: ...
+
+    async def ask_handover(self, session_id: str, holder: str, asker: str, ttl_ms: int) -> None:
+        """Ask ``holder`` (``replica:token``) to hand the session over; best effort."""
+        ...
+
+    async def listen(self, replica: str, asked: Callable[[str], None]) -> None:
+        """Call ``asked(session_id)`` for requests as they come, until cancelled (a store
+        without a channel returns at once: requests are seen at the next renewal)."""
+        ...
+
+
+class RedisLeases:
+    """Leases in the store's Redis (Lua scripts above), requests also on a channel."""
+
+    def __init__(self, store: RedisStore) -> None:
         self.store = store
-        self.replica = replica
-        self.settings = settings
+        self.fences = store.fences
         redis = store.redis
         self._acquire = redis.register_script(_ACQUIRE)
         self._renew = redis.register_script(_RENEW)
         self._release = redis.register_script(_RELEASE)
-        #: Session id -> what to do when another replica asks for it (`keep`).
-        self._handovers: dict[str, Callable[[], None]] = {}
 
     def _keys(self, session_id: str) -> list[str]:
-        return [self.store.key("lease", session_id), self.store.fence_key(session_id)]
+        return [
+            self.store.key("lease", session_id),
+            self.store.fence_key(session_id),
+            self.store.key("handover", session_id),
+        ]
 
-    def _channel(self, replica: str) -> str:
+    def channel(self, replica: str) -> str:
         return self.store.key("handover-to", replica)
 
-    async def _ask_handover(self, session_id: str, holder: str, ttl_ms: int) -> None:
+    async def acquire(
+        self, session_id: str, replica: str, s: LeaseSettings
+    ) -> tuple[bool, int, str | None]:
+        ok, value, *holder = await self._acquire(
+            keys=self._keys(session_id), args=[replica, s.ttl_ms, s.fence_ttl_s]
+        )
+        return bool(ok), int(value), holder[0] if holder else None
+
+    async def renew(self, session_id: str, replica: str, token: int, s: LeaseSettings) -> int:
+        keys = self._keys(session_id)
+        return int(await self._renew(keys=keys, args=[replica, token, s.ttl_ms, s.fence_ttl_s]))
+
+    async def release(self, session_id: str, replica: str, token: int) -> None:
+        await self._release(keys=[self.store.key("lease", session_id)], args=[f"{replica}:{token}"])
+
+    async def ask_handover(self, session_id: str, holder: str, asker: str, ttl_ms: int) -> None:
         owner = holder.rsplit(":", 1)[0]
         with contextlib.suppress(RedisError, OSError):
             redis = self.store.redis
-            await redis.set(self.store.key("handover", session_id), self.replica, px=ttl_ms)
-            await redis.publish(self._channel(owner), session_id)
+            await redis.set(self.store.key("handover", session_id), asker, px=ttl_ms)
+            await redis.publish(self.channel(owner), session_id)
 
-    async def listen(self) -> None:
-        """Hear handover requests for the sessions this replica keeps (until cancelled);
-        reconnects after a Redis fault."""
+    async def listen(self, replica: str, asked: Callable[[str], None]) -> None:
+        """Reconnects after a Redis fault."""
         while True:
             try:
                 async with self.store.redis.pubsub() as pubsub:
-                    await pubsub.subscribe(self._channel(self.replica))
+                    await pubsub.subscribe(self.channel(replica))
                     while True:
                         message = await pubsub.get_message(
                             ignore_subscribe_messages=True, timeout=1.0
                         )
                         if message is not None:
-                            self._asked(str(message["data"]))
+                            asked(str(message["data"]))
             except (RedisError, OSError) as exc:
                 log.warning("handover channel: %s; listening again in 1 s", exc)
                 await asyncio.sleep(1.0)
+
+
+class SqliteLeases:
+    """Leases in the SQLite file (`SqliteStore`'s ``leases`` table, IMMEDIATE
+    transactions); the processes share one machine, so one wall clock."""
+
+    def __init__(self, store: SqliteStore) -> None:
+        self.store = store
+        self.fences = store.fences
+
+    async def acquire(
+        self, session_id: str, replica: str, s: LeaseSettings
+    ) -> tuple[bool, int, str | None]:
+        return await self.store.lease_acquire(session_id, replica, s.ttl_ms)
+
+    async def renew(self, session_id: str, replica: str, token: int, s: LeaseSettings) -> int:
+        return await self.store.lease_renew(session_id, replica, token, s.ttl_ms)
+
+    async def release(self, session_id: str, replica: str, token: int) -> None:
+        await self.store.lease_release(session_id, replica, token)
+
+    async def ask_handover(self, session_id: str, holder: str, asker: str, ttl_ms: int) -> None:
+        with contextlib.suppress(*self.store.transient_errors):
+            await self.store.lease_ask_handover(session_id, asker)
+
+    async def listen(self, replica: str, asked: Callable[[str], None]) -> None:
+        return
+
+
+def lease_store(store: RedisStore | SqliteStore) -> LeaseStore:
+    return RedisLeases(store) if isinstance(store, RedisStore) else SqliteLeases(store)
+
+
+class LeaseManager:
+    """Acquires, renews and releases session leases in a shared store (Redis, SQLite)."""
+
+    def __init__(
+        self, store: RedisStore | SqliteStore, replica: str, settings: LeaseSettings
+    ) -> None:
+        self.store = store
+        self.replica = replica
+        self.settings = settings
+        self.backend = lease_store(store)
+        #: Session id -> what to do when another replica asks for it (`keep`).
+        self._handovers: dict[str, Callable[[], None]] = {}
+
+    def _channel(self, replica: str) -> str:
+        assert isinstance(self.backend, RedisLeases)
+        return self.backend.channel(replica)
+
+    async def listen(self) -> None:
+        """Hear handover requests for the sessions this replica keeps (until cancelled)."""
+        await self.backend.listen(self.replica, self._asked)
 
     def _asked(self, session_id: str) -> None:
         entry = self._handovers.get(session_id)
@@ -162,13 +263,10 @@ class LeaseManager:
         deadline = time.monotonic() + s.wait_ms / 1000
         asked = False
         while True:
-            ok, value, *holder = await self._acquire(
-                keys=[*self._keys(session_id), self.store.key("handover", session_id)],
-                args=[self.replica, s.ttl_ms, s.fence_ttl_s],
-            )
+            ok, value, holder = await self.backend.acquire(session_id, self.replica, s)
             if ok:
-                token = int(value)
-                self.store.fences[session_id] = token
+                token = value
+                self.backend.fences[session_id] = token
                 log.debug("[%s] lease acquired (token %d)", session_id, token)
                 return Lease(session_id, token, f"{self.replica}:{token}")
             left = deadline - time.monotonic()
@@ -176,10 +274,12 @@ class LeaseManager:
                 raise LeaseBusy(session_id, int(value))
             if handover and not asked and holder:
                 asked = True
-                await self._ask_handover(session_id, holder[0], max(1, int(left * 1000)))
+                await self.backend.ask_handover(
+                    session_id, holder, self.replica, max(1, int(left * 1000))
+                )
             # Poll: the holder's lease ends when it expires or is released (soon, once
             # asked to hand over: then poll more often).
-            step = 20 if asked else min(int(value), 100)
+            step = 20 if asked else min(value, 100)
             await asyncio.sleep(min(left, max(0.02, step / 1000)))
 
     async def renew(self, lease: Lease) -> bool:
@@ -188,10 +288,7 @@ class LeaseManager:
 
     async def _renew_asked(self, lease: Lease) -> int:
         """0: taken over; 1: renewed; 2: renewed, and another replica asks for it."""
-        s = self.settings
-        keys = [*self._keys(lease.session_id), self.store.key("handover", lease.session_id)]
-        ok = await self._renew(keys=keys, args=[self.replica, lease.token, s.ttl_ms, s.fence_ttl_s])
-        return int(ok)
+        return await self.backend.renew(lease.session_id, self.replica, lease.token, self.settings)
 
     async def keep(
         self,
@@ -229,7 +326,7 @@ class LeaseManager:
             try:
                 async with asyncio.timeout(max(s.renew_ms, s.ttl_ms / 2) / 1000):
                     ok = await self._renew_asked(lease)
-            except (RedisError, OSError, TimeoutError) as exc:
+            except (RedisError, OSError, TimeoutError, *self.store.transient_errors) as exc:
                 # The store is away: keep going, and renew once it is back (the fence
                 # then says whether another replica took the session meanwhile).
                 log.warning("[%s] lease renewal failed: %s", lease.session_id, exc)
@@ -249,13 +346,11 @@ class LeaseManager:
         if lease.released:
             return
         self._forget(lease)
-        with contextlib.suppress(RedisError, OSError, TimeoutError):
+        with contextlib.suppress(RedisError, OSError, TimeoutError, *self.store.transient_errors):
             async with asyncio.timeout(self.settings.ttl_ms / 1000):
-                await self._release(
-                    keys=[self.store.key("lease", lease.session_id)], args=[lease.value]
-                )
+                await self.backend.release(lease.session_id, self.replica, lease.token)
 
     def _forget(self, lease: Lease) -> None:
         lease.released = True
-        if self.store.fences.get(lease.session_id) == lease.token:
-            del self.store.fences[lease.session_id]
+        if self.backend.fences.get(lease.session_id) == lease.token:
+            del self.backend.fences[lease.session_id]

@@ -1,6 +1,7 @@
 """This process as one replica among several: who owns a session, and draining.
 
-- **Ownership.** With a Redis store, every live session holds a lease (`server.lease`)
+- **Ownership.** With a Redis or SQLite store (shared by replicas, or by the processes
+  of ``duplex serve --workers N``), every live session holds a lease (`server.lease`)
   from its connect to its close; a connect for a session another replica runs waits for
   that lease to end (crash: it expires; drain: it is released), then takes the session
   over. An answer the previous owner was streaming when it died is left in the store
@@ -43,6 +44,7 @@ from server.lease import Lease, LeaseBusy, LeaseManager, LeaseSettings
 from server.session import DuplexSession, SessionServices
 from server.state.base import StateStore
 from server.state.redis import RedisStore
+from server.state.sqlite import SqliteStore
 
 log = logging.getLogger(__name__)
 
@@ -57,9 +59,10 @@ _POLL_S = 0.05
 _CUT_WAIT_S = 2.0
 
 
-def _redis_store(store: StateStore) -> RedisStore | None:
-    """The Redis store under ``store`` (wrappers expose what they wrap as ``inner``)."""
-    while not isinstance(store, RedisStore):
+def _shared_store(store: StateStore) -> RedisStore | SqliteStore | None:
+    """The Redis or SQLite store under ``store`` (wrappers expose what they wrap as
+    ``inner``): the stores several processes may share, so sessions need leases."""
+    while not isinstance(store, RedisStore | SqliteStore):
         store = getattr(store, "inner", None)  # type: ignore[assignment]
         if store is None:
             return None
@@ -77,10 +80,10 @@ class Replica:
         self.id = settings.replica_id or default_replica_id()
         self.settings = settings
         self.leases: LeaseManager | None = None
-        redis_store = _redis_store(store)
-        if redis_store is not None:
+        shared = _shared_store(store)
+        if shared is not None:
             self.leases = LeaseManager(
-                redis_store,
+                shared,
                 self.id,
                 LeaseSettings(
                     ttl_ms=settings.lease_ttl_ms,
@@ -120,7 +123,7 @@ class Replica:
         session_id: str | None,
         config: SessionConfig | None = None,
     ) -> DuplexSession:
-        """`DuplexSession.open`, holding the session's lease (Redis stores). A session live
+        """`DuplexSession.open`, holding the session's lease (shared stores). A session live
         on another replica past ``lease_wait_ms`` raises ProtocolError(503)."""
         return await self._own(services, tenant, session_id, resume=False, config=config)
 
