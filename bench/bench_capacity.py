@@ -141,6 +141,7 @@ class WorkerResult:
     loop_lag_max: float
     gen_cpu: float  # fraction of its core the generator used
     gen_cpu_s: float  # the generator's CPU seconds while it sent (connects excluded)
+    gen_sys_share: float  # of which in the kernel (socket calls; loopback TCP's delivery)
     gen_wait: float  # fraction of the time it was runnable but waiting for the core
     reply_lag_p99: float
     sends: int
@@ -423,6 +424,7 @@ async def run_worker(
     heap = [(s.start, k) for k, s in enumerate(stats)]
     heapq.heapify(heap)
     run0, wait0 = schedstat()
+    times0 = os.times()
     loop = asyncio.get_running_loop()
     loop.call_later(0.5, _mark, "START")
     loop.call_later(0.5 + stagger, _mark, "STEADY")
@@ -460,6 +462,7 @@ async def run_worker(
         await asyncio.sleep(0.05)
     wall = time.perf_counter() - t0
     run1, wait1 = schedstat()
+    times1 = os.times()
     stop.set()
     await probe
     for r in raws:
@@ -502,6 +505,8 @@ async def run_worker(
         loop_lag_max=max(loop_lags, default=0.0),
         gen_cpu=(run1 - run0) / wall,
         gen_cpu_s=run1 - run0,
+        gen_sys_share=(times1.system - times0.system)
+        / max(1e-9, times1.user - times0.user + times1.system - times0.system),
         gen_wait=(wait1 - wait0) / wall,
         reply_lag_p99=pct(lateness, 99),
         sends=len(send_lags),
@@ -896,7 +901,7 @@ def run_curve(args: argparse.Namespace, store: str) -> None:
                 r["send_lag_p99"] * 1000,
                 r["loop_lag_p99"] * 1000,
                 f"{r['gen_cpu'] * 100:.0f}% / {r['gen_wait'] * 100:.0f}%",
-                gen_ms_per_session_s(r),
+                f"{gen_ms_per_session_s(r):.3f} ({r.get('gen_sys_share', 0) * 100:.0f}% sys)",
                 r["reply_lag_p99"] * 1000,
                 p.verdict,
             ]
@@ -916,7 +921,7 @@ def run_curve(args: argparse.Namespace, store: str) -> None:
                 "send lag p99 ms",
                 "gen loop lag p99 ms",
                 "gen CPU / wait",
-                "gen CPU ms per session-s",
+                "gen CPU ms per session-s (kernel share)",
                 "reply audio lag p99 ms",
                 "verdict",
             ],
