@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
+import sqlite3
 import subprocess
 import sys
+import time
+from pathlib import Path
 
 import httpx
 import pytest
@@ -19,12 +23,12 @@ from tests.conftest import TOKEN
 from tests.wsutil import Conn, connect
 
 
-def serve(*args: str) -> tuple[subprocess.Popen[str], int]:
+def serve(*args: str, env: dict[str, str] | None = None) -> tuple[subprocess.Popen[str], int]:
     port = free_port()
     proc = subprocess.Popen(
         [sys.executable, "-m", "server.cli", "serve", "--port", str(port), "--token", TOKEN, *args],
         cwd=ROOT,
-        env={**os.environ, "PYTHONPATH": str(ROOT), "DUPLEX_ECHO_PACE": "0"},
+        env={**os.environ, "PYTHONPATH": str(ROOT), "DUPLEX_ECHO_PACE": "0", **(env or {})},
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -47,6 +51,22 @@ async def stored(base: str, session_id: str, count: int) -> None:
             await asyncio.sleep(0.05)
 
 
+def sqlite_url(folder: Path) -> str:
+    return f"sqlite:///{folder / 'duplex.db'}"
+
+
+async def ready(proc: subprocess.Popen[str], port: int) -> str:
+    """Wait (bounded) until the server answers /readyz; its replica id."""
+    async with asyncio.timeout(60), httpx.AsyncClient() as http:
+        while True:
+            assert proc.poll() is None, proc.communicate()
+            with contextlib.suppress(httpx.TransportError):
+                reply = await http.get(f"http://127.0.0.1:{port}/readyz")
+                if reply.status_code == 200:
+                    return str(reply.json()["replica"])
+            await asyncio.sleep(0.1)
+
+
 def test_workers_refuse_the_in_memory_store() -> None:
     proc, _ = serve("--workers", "2")
     _out, err = proc.communicate(timeout=30)
@@ -55,8 +75,12 @@ def test_workers_refuse_the_in_memory_store() -> None:
     assert len(lines) == 1 and "--workers 2 needs a shared store" in lines[0], err
 
 
-async def test_two_workers_share_the_port_and_the_store(redis_url: str) -> None:
-    proc, port = serve("--workers", "2", "--store", redis_url)
+@pytest.mark.parametrize("store", ["redis", "sqlite"])
+async def test_two_workers_share_the_port_and_the_store(
+    store: str, request: pytest.FixtureRequest, tmp_path: Path
+) -> None:
+    url = request.getfixturevalue("redis_url") if store == "redis" else sqlite_url(tmp_path)
+    proc, port = serve("--workers", "2", "--store", url)
     base = f"http://127.0.0.1:{port}"
     try:
         replicas: set[str] = set()
@@ -119,3 +143,57 @@ async def test_a_session_runs_on_one_server_at_a_time(server_factory, redis_url:
         await websockets.connect(url, additional_headers=headers)
     assert refused.value.response.status_code == 503
     assert b"live on another replica" in refused.value.response.body
+
+
+async def test_one_sqlite_file_one_owner_per_session(tmp_path: Path) -> None:
+    """Two server processes on one SQLite file (as `--workers 2` runs them, but each on
+    its own port so that the test picks the process): a connect to the second for a
+    session live on the first asks the first to hand it over (seen at its next lease
+    renewal); the first lets it go (its socket closes with 4001) and the second
+    continues it with its history, so the session never runs in two processes. A lease
+    nobody renews (a process that is gone, its lease not yet expired) gets HTTP 503
+    after ``lease_wait_ms``."""
+    url = sqlite_url(tmp_path)
+    first, first_port = serve("--store", url)
+    second, second_port = serve("--store", url, env={"DUPLEX_LEASE_WAIT_MS": "1000"})
+    headers = {"Authorization": f"Bearer {TOKEN}"}
+    try:
+        ids = {await ready(first, first_port), await ready(second, second_port)}
+        assert len(ids) == 2
+        a = type("S", (), {"ws_url": f"ws://127.0.0.1:{first_port}/v1/duplex"})()
+        async with connect(a, TOKEN) as c:
+            sid = (await c.recv())["session"]["id"]
+            await c.ask("hello")
+            await stored(f"http://127.0.0.1:{first_port}", sid, 2)
+            url_b = f"ws://127.0.0.1:{second_port}/v1/duplex?session_id={sid}"
+            async with websockets.connect(url_b, additional_headers=headers) as ws:
+                conn = Conn(ws)
+                assert (await conn.recv())["session"]["id"] == sid
+                with pytest.raises(websockets.ConnectionClosed) as replaced:
+                    while True:
+                        await c.recv()
+                assert replaced.value.rcvd is not None and replaced.value.rcvd.code == 4001
+                await conn.ask("still me")
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{first_port}") as http:
+            await stored(f"http://127.0.0.1:{first_port}", sid, 4)
+            history = await http.get(f"/v1/sessions/{sid}/messages", headers=headers)
+        contents = [m["content"] for m in history.json()["messages"] if m["role"] == "user"]
+        assert contents == ["hello", "still me"]
+        # A lease nobody renews or releases (a process took the session, then vanished):
+        # refused after the wait.
+        with sqlite3.connect(tmp_path / "duplex.db") as db:
+            db.execute(
+                "UPDATE leases SET owner = 'ghost', token = token + 1, expires = ? "
+                "WHERE session_id = ?",
+                (time.time() + 60, sid),
+            )
+        with pytest.raises(InvalidStatus) as refused:
+            await websockets.connect(url_b, additional_headers=headers)
+        assert refused.value.response.status_code == 503
+        assert b"live on another replica" in refused.value.response.body
+    finally:
+        for proc in (first, second):
+            proc.send_signal(signal.SIGTERM)
+        for proc in (first, second):
+            _out, err = proc.communicate(timeout=60)
+            assert proc.returncode in (0, -signal.SIGTERM), err[-2000:]
