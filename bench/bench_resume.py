@@ -16,6 +16,9 @@ real time; the server's CPU time (schedstat) is read over a window in the middle
 playback and divided by sessions x seconds. Runs alternate outbox on / off
 (``DUPLEX_OUTBOX_MAX_MESSAGES=0``) on the same store (Redis by default), ``--rounds`` times
 each, because the machine is shared: the ranges are reported, not one number.
+``--python PATH`` adds a third variant, outbox on with the server run by another
+interpreter (a venv with ``hiredis``, which redis-py then uses to pack commands and parse
+replies), in the same rounds.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ import shutil
 import socket
 import statistics
 import subprocess
+import sys
 import tempfile
 import time
 from contextlib import contextmanager
@@ -167,11 +171,16 @@ async def main_async(args: argparse.Namespace) -> None:
             f"\n## Outbox cost ({args.sessions} sessions, {args.seconds:g} s playback, "
             f"store {args.store}, {args.rounds} interleaved rounds)\n"
         )
-        costs: dict[str, list[float]] = {"on": [], "off": []}
-        variants = [("off", {"DUPLEX_OUTBOX_MAX_MESSAGES": "0"}), ("on", {})]
+        variants = [("off", {"DUPLEX_OUTBOX_MAX_MESSAGES": "0"}, sys.executable)]
+        variants.append(("on", {}, sys.executable))
+        if args.python:
+            variants.append((f"on ({args.python})", {}, args.python))
+        costs: dict[str, list[float]] = {label: [] for label, _, _ in variants}
         for round_ in range(args.rounds):
-            for label, env in variants if round_ % 2 else variants[::-1]:  # order alternates
-                server = start_duplex({"DUPLEX_STORE_URL": store, "DUPLEX_ECHO_PACE": "1", **env})
+            for label, env, python in variants if round_ % 2 else variants[::-1]:  # alternate
+                server = start_duplex(
+                    {"DUPLEX_STORE_URL": store, "DUPLEX_ECHO_PACE": "1", **env}, python=python
+                )
                 try:
                     costs[label].append(await outbox_run(server, args.sessions, args.seconds))
                 finally:
@@ -190,6 +199,7 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=10.0)
     parser.add_argument("--rounds", type=int, default=None, dest="rounds_given")
     parser.add_argument("--store", choices=["memory", "redis"], default="redis")
+    parser.add_argument("--python", help="also run 'outbox on' with this interpreter")
     args = parser.parse_args()
     args.rounds = 4
     if args.quick:

@@ -142,7 +142,11 @@ class ServerProc:
 
 
 def _spawn(
-    argv: Sequence[str], port: int, env: dict[str, str], cpu: int | set[int] | None
+    argv: Sequence[str],
+    port: int,
+    env: dict[str, str],
+    cpu: int | set[int] | None,
+    python: str = sys.executable,
 ) -> ServerProc:
     full_env = {**os.environ, **env, "PYTHONUNBUFFERED": "1"}
     ncpu = os.cpu_count() or 1
@@ -153,7 +157,7 @@ def _spawn(
             os.sched_setaffinity(0, cpus)
 
     proc = subprocess.Popen(
-        [sys.executable, *argv],
+        [python, *argv],
         cwd=ROOT,
         env=full_env,
         stdout=subprocess.DEVNULL,
@@ -189,13 +193,15 @@ def start_duplex(
     env: dict[str, str] | None = None,
     cpu: int | set[int] | None = None,
     extra: Sequence[str] = (),
+    python: str = sys.executable,
 ) -> ServerProc:
     """``python -m server.cli serve`` with DUPLEX_* settings from ``env`` (and ``extra``
-    arguments, e.g. ``--workers 2``), pinned to ``cpu`` (one, or a set)."""
+    arguments, e.g. ``--workers 2``), pinned to ``cpu`` (one, or a set); ``python``: another
+    interpreter (a venv with other packages)."""
     port = free_port()
     argv = ["-m", "server.cli", "serve", "--port", str(port), "--token", f"{TOKEN}:bench"]
     argv += ["--log-level", "warning", *extra]
-    return _spawn(argv, port, env or {}, cpu)
+    return _spawn(argv, port, env or {}, cpu, python)
 
 
 def start_bare(cpu: int | None = None) -> ServerProc:

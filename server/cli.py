@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import sqlite3
 import sys
 from importlib import metadata
@@ -134,7 +135,10 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _run_worker(settings: Settings) -> None:
-    """One of ``--workers N`` (a spawned process): the server on a SO_REUSEPORT socket."""
+    """One of ``--workers N`` (a spawned process): the server on a SO_REUSEPORT socket.
+    A configured replica id gets the worker's pid: leases tell the workers apart."""
+    if settings.replica_id:
+        settings.replica_id = f"{settings.replica_id}-{os.getpid()}"
     try:
         code = _run(settings, reuse_port=True)
     except CliError as exc:

@@ -80,7 +80,8 @@ async def test_two_workers_share_the_port_and_the_store(
     store: str, request: pytest.FixtureRequest, tmp_path: Path
 ) -> None:
     url = request.getfixturevalue("redis_url") if store == "redis" else sqlite_url(tmp_path)
-    proc, port = serve("--workers", "2", "--store", url)
+    # One configured replica id: each worker still gets its own (leases tell them apart).
+    proc, port = serve("--workers", "2", "--store", url, env={"DUPLEX_REPLICA_ID": "box"})
     base = f"http://127.0.0.1:{port}"
     try:
         replicas: set[str] = set()
