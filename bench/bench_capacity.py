@@ -429,31 +429,35 @@ async def run_worker(
     loop.call_later(0.5, _mark, "START")
     loop.call_later(0.5 + stagger, _mark, "STEADY")
     tail = False
+    limits = [min(per_session, len(p.messages)) for p in plans]
+    perf_counter, heapreplace, heappop = time.perf_counter, heapq.heapreplace, heapq.heappop
+    lag = send_lags.append
     while heap:
         due, k = heap[0]
-        now = time.perf_counter()
+        now = perf_counter()
         if due > now:
             await asyncio.sleep(due - now)
             continue
-        heapq.heappop(heap)
         s = stats[k]
-        plan = plans[s.plan]
         i = s.sent
         j = triggers[s.plan].get(i)
         if j is not None:
             s.sent_at[j] = now
-        send_lags.append(now - due)
+        lag(now - due)
         try:
             writers[k](wire[s.plan][i])
         except Exception as exc:
             s.errors.append(f"send: {type(exc).__name__}")
+            heappop(heap)
             continue
-        s.sent += 1
-        if s.sent < min(per_session, len(plan.messages)):
-            heapq.heappush(heap, (due + PERIOD, k))
-        elif not tail:
-            tail = True
-            _mark("TAIL")
+        s.sent = i + 1
+        if i + 1 < limits[s.plan]:
+            heapreplace(heap, (due + PERIOD, k))  # one sift instead of a pop and a push
+        else:
+            heappop(heap)
+            if not tail:
+                tail = True
+                _mark("TAIL")
     # Let the last turns arrive, then stop.
     deadline = time.perf_counter() + 3.0
     while time.perf_counter() < deadline:
