@@ -5,7 +5,15 @@ Run: ``python -m bench.bench_capacity`` (``--quick`` for a short curve). Prints 
 Set-up (2-core machine): the server (``python -m server.cli serve``, default settings, so
 ``DUPLEX_ECHO_PACE=1``: the echo provider replies with the user's audio at real time) is
 pinned to CPU 0 and restarted for every N. The load generator is another process
-(``--worker``), pinned to CPU 1: one asyncio loop holding all N connections. Each
+(``--worker``), pinned to CPU 1: one event loop holding all N connections. It must cost
+far less than the server, or on a 2-core machine it takes the cores the server needs
+(``--workers 2``): by default each connection is a raw asyncio transport on uvloop
+(``RawClient``: the RFC 6455 handshake, pre-masked frames written as they fall due,
+replies scanned in place, only the few events the criteria use JSON-parsed);
+``--client websockets`` runs the earlier generator (the websockets library on asyncio)
+with the same schedule and criteria. Its CPU per session-second (and the kernel's share
+of it: loopback TCP does the receiving side's work in the sender's system calls) is
+reported with every point. Each
 session streams one of a few espeak-ng conversations (pink noise, 20 dB SNR) as 20 ms
 binary messages at real time; the session starts are spread over ``--stagger`` seconds,
 so sends are spread over the 20 ms period and turns do not end together.
