@@ -299,8 +299,9 @@ def _stop(proc: subprocess.Popen[bytes]) -> None:
 
 
 async def test_kill_9_mid_answer_keeps_the_question(tmp_path):
-    """A server killed with SIGKILL while it answers: the user's turn is in history, and
-    the client's retry with the same ``request_id`` on a new server stores it only once."""
+    """A server killed with SIGKILL while it answers: the user's turn is in history, the
+    cut answer is stored and ended as interrupted (never dropped silently), and the
+    client's retry with the same ``request_id`` on a new server stores it only once."""
     db = tmp_path / "kill.db"
     port = _free_port()
     url = f"ws://127.0.0.1:{port}/v1/duplex"
@@ -337,6 +338,12 @@ async def test_kill_9_mid_answer_keeps_the_question(tmp_path):
             await c.send(
                 {"type": "input.text", "text": "what did I ask?", "final": True, "request_id": "q1"}
             )
+            # The answer the killed server was streaming ends first, interrupted (the
+            # SQLite file holds the session's lease: the new server takes the session
+            # over once the dead one's lease expires, as a Redis replica would).
+            cut = await c.until("response.done", timeout=20)
+            assert [e["type"] for e in cut] == ["chunk", "response.done"]
+            assert cut[0]["interrupted"] and cut[-1]["finish_reason"] == "interrupted"
             events = await c.until("response.done", timeout=20)
             assert events[-1]["finish_reason"] == "stop"
     finally:
@@ -344,8 +351,12 @@ async def test_kill_9_mid_answer_keeps_the_question(tmp_path):
     messages, _ = await _history(f"sqlite:///{db}", session_id)
     assert [(m.role, m.metadata.get("request_id")) for m in messages] == [
         ("user", "q1"),
+        ("assistant", None),
         ("assistant", "q1"),
     ]
+    assert messages[1].metadata["finish_reason"] == "interrupted"
+    assert messages[1].metadata["interrupted"] == "replica_lost"
+    assert messages[1].metadata["response_id"] == cut[-1]["response_id"]
 
 
 async def test_backlog_is_bounded_and_written_when_redis_is_back(own_redis, caplog):
