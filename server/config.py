@@ -51,7 +51,7 @@ class Settings(BaseSettings):
     store_backlog_max_writes: int = 10_000
     store_backlog_max_bytes: int = 16 * 1024 * 1024
 
-    # Replicas (docs/deploy.md): leases need a Redis store
+    # Replicas (docs/deploy.md): leases need a shared store (Redis, or SQLite on one machine)
     #: This process's name in leases and logs (default: host-pid-random).
     replica_id: str = ""
     #: A session's lease: expires when not renewed for `lease_ttl_ms` (the failover time
