@@ -71,6 +71,7 @@ async def test_takeover_after_expiry_fences_the_old_owner(
         a.update_session(SessionRecord(id="s1", tenant="t", name="stale")),
         a.clear_messages("s1"),
         a.drop_events("s1", "r1"),
+        a.edit_messages("s1", lambda messages: messages[:0]),
         a.delete_session("s1"),
     ):
         with pytest.raises(FencedWrite):
