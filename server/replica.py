@@ -26,6 +26,7 @@ from typing import Any
 
 from fastapi import WebSocket
 from fastapi.responses import PlainTextResponse
+from redis.exceptions import RedisError
 
 from duplex.protocol import (
     UNAVAILABLE,
@@ -193,6 +194,13 @@ class Replica:
         except LeaseBusy:
             raise ProtocolError(
                 UNAVAILABLE, "the session is live on another replica: retry shortly", fatal=True
+            ) from None
+        except (RedisError, OSError, TimeoutError, *self.leases.store.transient_errors) as exc:
+            # The lease cannot be taken now (the store is away or overloaded): a 503 the
+            # client retries, as for a new session during an outage, not a 500.
+            log.warning("[%s] session lease: %s", session_id, exc)
+            raise ProtocolError(
+                UNAVAILABLE, "the state store is unavailable: retry shortly", fatal=True
             ) from None
 
     def _adopt(self, session: DuplexSession, lease: Lease | None) -> None:

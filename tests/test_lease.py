@@ -239,3 +239,46 @@ async def test_a_handover_request_is_heard_at_once(
     finally:
         keeper.cancel()
         listener.cancel()
+
+
+async def test_many_sessions_writing_at_once_wait_for_a_connection(
+    stores: tuple[RedisStore, RedisStore],
+) -> None:
+    """More fenced writes in flight than the client's connection pool holds (hundreds of
+    live sessions on one process): each waits (bounded) for a connection. redis-py's
+    default pool raised MaxConnectionsError past 100, which the server took for an
+    outage (new sessions refused, live ones warned)."""
+    a, _ = stores
+    owner = LeaseManager(a, "replica-a", LeaseSettings(ttl_ms=60_000))
+    ids = [f"many-{i}" for i in range(300)]
+    for sid in ids:
+        await a.create_session(SessionRecord(id=sid, tenant="t"))
+        await owner.acquire(sid)
+    await asyncio.gather(
+        *(a.append_messages(sid, [Message(role="user", content=sid)]) for sid in ids)
+    )
+    assert [m.content for m in await a.load_messages("many-299")] == ["many-299"]
+
+
+async def test_a_lease_the_store_cannot_give_is_a_503(
+    stores: tuple[RedisStore, RedisStore], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A store fault while taking a session's lease refuses the connect with 503 (the
+    client retries), not an internal error (the handshake answered HTTP 500)."""
+    from redis.exceptions import MaxConnectionsError
+
+    from duplex.protocol import UNAVAILABLE, ProtocolError
+    from server.replica import Replica
+    from tests.conftest import make_settings
+
+    a, _ = stores
+    replica = Replica(make_settings(store_url="redis://unused"), a)
+    assert replica.leases is not None
+
+    async def fault(*args: object, **kwargs: object) -> None:
+        raise MaxConnectionsError("Too many connections")
+
+    monkeypatch.setattr(replica.leases.backend, "acquire", fault)
+    with pytest.raises(ProtocolError) as refused:
+        await replica._claim("s1")
+    assert refused.value.code == UNAVAILABLE and refused.value.fatal

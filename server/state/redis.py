@@ -89,6 +89,8 @@ EDIT_TRIES = 8
 
 #: Socket timeouts: a dead or unreachable Redis fails a call instead of stalling it.
 SOCKET_TIMEOUT_S = 5.0
+#: Connections to Redis per process (redis-py's default pool size).
+POOL_CONNECTIONS = 100
 
 
 class RedisStore(StateStore):
@@ -106,12 +108,18 @@ class RedisStore(StateStore):
         max_messages: int = 1000,
         prefix: str = "duplex:",
     ) -> None:
-        self._redis = aioredis.from_url(
+        # A blocking pool: with more commands in flight than connections (hundreds of live
+        # sessions writing at once), a command waits for a connection (at most the socket
+        # timeout) instead of failing with MaxConnectionsError, which looks like an outage.
+        pool = aioredis.BlockingConnectionPool.from_url(
             url,
+            max_connections=POOL_CONNECTIONS,
+            timeout=SOCKET_TIMEOUT_S,
             decode_responses=True,
             socket_timeout=SOCKET_TIMEOUT_S,
             socket_connect_timeout=SOCKET_TIMEOUT_S,
         )
+        self._redis = aioredis.Redis.from_pool(pool)  # closed with the client
         self._ttl = max(1, int(ttl_s))
         self._max_messages = max_messages
         self._p = prefix
