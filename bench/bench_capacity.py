@@ -148,11 +148,11 @@ class WorkerResult:
     loop_lag_p99: float
     loop_lag_max: float
     gen_cpu: float  # fraction of its core the generator used
-    gen_cpu_s: float  # the generator's CPU seconds while it sent (connects excluded)
-    gen_sys_share: float  # of which in the kernel (socket calls; loopback TCP's delivery)
     gen_wait: float  # fraction of the time it was runnable but waiting for the core
     reply_lag_p99: float
     sends: int
+    gen_cpu_s: float = float("nan")  # the generator's CPU s while it sent (not connecting)
+    gen_sys_share: float = float("nan")  # of which in the kernel (loopback TCP's delivery)
 
 
 def _masked_binary(data: bytes) -> bytes:
