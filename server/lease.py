@@ -30,12 +30,11 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
-from redis.exceptions import RedisError
-
-from server.state.redis import RedisStore
-from server.state.sqlite import SqliteStore
+if TYPE_CHECKING:  # the redis package is optional (pip install duplex[redis])
+    from server.state.redis import RedisStore
+    from server.state.sqlite import SqliteStore
 
 log = logging.getLogger(__name__)
 
@@ -175,7 +174,7 @@ class RedisLeases:
 
     async def ask_handover(self, session_id: str, holder: str, asker: str, ttl_ms: int) -> None:
         owner = holder.rsplit(":", 1)[0]
-        with contextlib.suppress(RedisError, OSError):
+        with contextlib.suppress(*self.store.driver_errors, OSError):
             redis = self.store.redis
             await redis.set(self.store.key("handover", session_id), asker, px=ttl_ms)
             await redis.publish(self.channel(owner), session_id)
@@ -192,7 +191,7 @@ class RedisLeases:
                         )
                         if message is not None:
                             asked(str(message["data"]))
-            except (RedisError, OSError) as exc:
+            except (*self.store.driver_errors, OSError) as exc:
                 log.warning("handover channel: %s; listening again in 1 s", exc)
                 await asyncio.sleep(1.0)
 
@@ -225,7 +224,8 @@ class SqliteLeases:
 
 
 def lease_store(store: RedisStore | SqliteStore) -> LeaseStore:
-    return RedisLeases(store) if isinstance(store, RedisStore) else SqliteLeases(store)
+    redis = hasattr(store, "redis")  # not isinstance: that would import the redis package
+    return RedisLeases(store) if redis else SqliteLeases(store)  # type: ignore[arg-type]
 
 
 class LeaseManager:
@@ -258,7 +258,7 @@ class LeaseManager:
     async def acquire(self, session_id: str, *, handover: bool = False) -> Lease:
         """Own ``session_id`` (a new fencing token); waits up to ``wait_ms`` for another
         replica's lease to end (``handover``: asking that replica to hand the session
-        over), then raises `LeaseBusy`. RedisError propagates."""
+        over), then raises `LeaseBusy`. The store's driver errors propagate."""
         s = self.settings
         deadline = time.monotonic() + s.wait_ms / 1000
         asked = False
@@ -326,7 +326,9 @@ class LeaseManager:
             try:
                 async with asyncio.timeout(max(s.renew_ms, s.ttl_ms / 2) / 1000):
                     ok = await self._renew_asked(lease)
-            except (RedisError, OSError, TimeoutError, *self.store.transient_errors) as exc:
+            except (
+                OSError, TimeoutError, *self.store.driver_errors, *self.store.transient_errors
+            ) as exc:  # fmt: skip
                 # The store is away: keep going, and renew once it is back (the fence
                 # then says whether another replica took the session meanwhile).
                 log.warning("[%s] lease renewal failed: %s", lease.session_id, exc)
@@ -346,7 +348,9 @@ class LeaseManager:
         if lease.released:
             return
         self._forget(lease)
-        with contextlib.suppress(RedisError, OSError, TimeoutError, *self.store.transient_errors):
+        with contextlib.suppress(
+            OSError, TimeoutError, *self.store.driver_errors, *self.store.transient_errors
+        ):
             async with asyncio.timeout(self.settings.ttl_ms / 1000):
                 await self.backend.release(lease.session_id, self.replica, lease.token)
 

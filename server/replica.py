@@ -22,11 +22,10 @@ import os
 import secrets
 import socket
 import weakref
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fastapi import WebSocket
 from fastapi.responses import PlainTextResponse
-from redis.exceptions import RedisError
 
 from duplex.protocol import (
     UNAVAILABLE,
@@ -44,8 +43,10 @@ from server.config import Settings
 from server.lease import Lease, LeaseBusy, LeaseManager, LeaseSettings
 from server.session import DuplexSession, SessionServices
 from server.state.base import StateStore
-from server.state.redis import RedisStore
-from server.state.sqlite import SqliteStore
+
+if TYPE_CHECKING:  # the redis package is optional (pip install duplex[redis])
+    from server.state.redis import RedisStore
+    from server.state.sqlite import SqliteStore
 
 log = logging.getLogger(__name__)
 
@@ -63,11 +64,11 @@ _CUT_WAIT_S = 2.0
 def _shared_store(store: StateStore) -> RedisStore | SqliteStore | None:
     """The Redis or SQLite store under ``store`` (wrappers expose what they wrap as
     ``inner``): the stores several processes may share, so sessions need leases."""
-    while not isinstance(store, RedisStore | SqliteStore):
+    while not store.shared:
         store = getattr(store, "inner", None)  # type: ignore[assignment]
         if store is None:
             return None
-    return store
+    return store  # type: ignore[return-value]
 
 
 def default_replica_id() -> str:
@@ -195,7 +196,10 @@ class Replica:
             raise ProtocolError(
                 UNAVAILABLE, "the session is live on another replica: retry shortly", fatal=True
             ) from None
-        except (RedisError, OSError, TimeoutError, *self.leases.store.transient_errors) as exc:
+        except (
+            OSError, TimeoutError, *self.leases.store.driver_errors,
+            *self.leases.store.transient_errors,
+        ) as exc:  # fmt: skip
             # The lease cannot be taken now (the store is away or overloaded): a 503 the
             # client retries, as for a new session during an outage, not a 500.
             log.warning("[%s] session lease: %s", session_id, exc)

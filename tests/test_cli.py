@@ -224,3 +224,44 @@ def test_serve_refuses_bad_settings_in_one_line(env, words):
     port = [] if "DUPLEX_PORT" in env else ["--port", str(_free_port())]  # a flag wins
     result = duplex("serve", *port, env=env, timeout=60)
     _one_line(result, "duplex serve:", *words, code=2)
+
+
+def test_serve_runs_without_the_optional_redis_package():
+    """The README's first command installs `pip install -e .` only: no redis package
+    (an extra). `duplex serve` on its defaults must start and answer without it (it
+    failed with ModuleNotFoundError: the lease and replica modules imported redis)."""
+    port = _free_port()
+    code = (
+        "import runpy, sys\n"
+        "sys.modules['redis'] = None  # as if not installed: `import redis` fails\n"
+        f"sys.argv = ['duplex', 'serve', '--port', '{port}']\n"
+        "runpy.run_module('server.cli', run_name='__main__')\n"
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DUPLEX_")}
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=env | {"PYTHONPATH": str(ROOT)},
+        cwd=ROOT,
+    )
+    try:
+        token, seen = None, []
+        assert proc.stdout is not None
+        for line in proc.stdout:  # ends when the process does (a failed start)
+            seen.append(line)
+            if "Application startup complete" in line:
+                break
+            if line.startswith("Dev token"):
+                token = line.split()[-1]
+        assert token is not None, "".join(seen)
+        result = duplex(
+            "client", "--url", f"ws://127.0.0.1:{port}/v1/duplex", "--token", token,
+            "--idle", "0.5", "--text", "hello there",
+        )  # fmt: skip
+        assert result.returncode == 0, result.stderr
+        assert "You said" in result.stdout and '"finish_reason": "stop"' in result.stdout
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)

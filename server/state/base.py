@@ -143,6 +143,10 @@ class OutboxBatch:
 class StateStore(ABC):
     #: Exceptions of this backend that mean "unreachable now, try again" (not a bug).
     transient_errors: tuple[type[BaseException], ...] = ()
+    #: Every exception its driver raises for a failed call (what a lease step survives).
+    driver_errors: tuple[type[BaseException], ...] = ()
+    #: Whether other processes may open the same store (then live sessions need leases).
+    shared = False
 
     @abstractmethod
     async def create_session(self, record: SessionRecord) -> None: ...

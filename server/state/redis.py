@@ -99,6 +99,8 @@ class RedisStore(StateStore):
         redis.exceptions.TimeoutError,
         redis.exceptions.BusyLoadingError,
     )
+    driver_errors = (redis.exceptions.RedisError,)
+    shared = True
 
     def __init__(
         self,

@@ -69,6 +69,8 @@ CREATE TABLE IF NOT EXISTS leases (
 class SqliteStore(StateStore):
     """``max_messages``: the most recent messages a session loads (all are kept on disk)."""
 
+    shared = True
+
     transient_errors = (sqlite3.OperationalError,)  # locked, disk I/O, disk full
 
     def __init__(self, path: str, *, max_messages: int = 1000) -> None:
