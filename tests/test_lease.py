@@ -9,9 +9,9 @@ from __future__ import annotations
 import asyncio
 import sqlite3
 from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from pathlib import Path
-from typing import NamedTuple
+from typing import NamedTuple, TypeVar
 
 import pytest
 
@@ -28,32 +28,34 @@ from server.state.redis import RedisStore
 from server.state.sqlite import SqliteStore
 
 FAST = LeaseSettings(ttl_ms=300, renew_ms=60, wait_ms=0)
+S = TypeVar("S", RedisStore, SqliteStore)
+
+
+@asynccontextmanager
+async def two(a: S, b: S) -> AsyncIterator[tuple[S, S]]:
+    """Two processes' stores on the same backend (each has its own connection), with a
+    session "s1"; both closed at the end."""
+    try:
+        await a.create_session(SessionRecord(id="s1", tenant="t"))
+        yield a, b
+    finally:
+        await a.close()
+        await b.close()
 
 
 @asynccontextmanager
 async def redis_stores(redis_url: str) -> AsyncIterator[tuple[RedisStore, RedisStore]]:
-    """Two replicas' stores on the same Redis (each process has its own)."""
+    """Two replicas' stores on the same Redis."""
     a = RedisStore(redis_url, ttl_s=60, prefix="lease-test:")
     b = RedisStore(redis_url, ttl_s=60, prefix="lease-test:")
     await a.redis.flushdb()
-    await a.create_session(SessionRecord(id="s1", tenant="t"))
-    try:
-        yield a, b
-    finally:
-        await a.close()
-        await b.close()
+    async with two(a, b) as both:
+        yield both
 
 
-@asynccontextmanager
-async def sqlite_stores(path: Path) -> AsyncIterator[tuple[SqliteStore, SqliteStore]]:
-    """Two processes' stores on the same file (each `SqliteStore` has its own connection)."""
-    a, b = SqliteStore(str(path)), SqliteStore(str(path))
-    await a.create_session(SessionRecord(id="s1", tenant="t"))
-    try:
-        yield a, b
-    finally:
-        await a.close()
-        await b.close()
+def sqlite_stores(path: Path) -> AbstractAsyncContextManager[tuple[SqliteStore, SqliteStore]]:
+    """Two processes' stores on the same file."""
+    return two(SqliteStore(str(path)), SqliteStore(str(path)))
 
 
 def expire(path: str, session_id: str) -> None:
