@@ -792,6 +792,34 @@ def kept_up(p: Point) -> bool:
     return bool(p.server_cpu) and r["missing"] == 0 and pct(r["eot"], 50) < 0.100
 
 
+#: The table columns of a point's turns and server CPU (`point_cells`).
+POINT_COLUMNS = [
+    "turns got/expected",
+    "EOT p50 ms",
+    "EOT p99 ms",
+    "mismatch/missing/errors",
+    "server CPU",
+    "server CPU wait",
+    "server CPU ms per session-s",
+    "N at 100% CPU",
+]
+
+
+def point_cells(p: Point) -> list[Any]:
+    """A point's turns and server CPU, in the order of `POINT_COLUMNS`."""
+    r = p.result
+    return [
+        f"{r['received']}/{r['expected']}",
+        pct(r["eot"], 50) * 1000,
+        pct(r["eot"], 99) * 1000,
+        f"{r['mismatched']}/{r['missing']}/{r['errors']}",
+        f"{p.server_cpu * 100:.0f}%",
+        f"{p.server_wait * 100:.0f}%",
+        p.server_cpu * 1000 / p.n if kept_up(p) else "n/a (behind)",
+        f"{p.n / p.server_cpu:.0f}" if kept_up(p) else "n/a",
+    ]
+
+
 def gen_ms_per_session_s(r: dict[str, Any]) -> float:
     """The generator's own CPU per second of audio it streamed (its cost, for the record)."""
     return r.get("gen_cpu_s", float("nan")) * 1000 / max(1e-9, r["sends"] * PERIOD)
@@ -958,14 +986,7 @@ def run_curve(args: argparse.Namespace, store: str) -> None:
         rows.append(
             [
                 p.n,
-                f"{r['received']}/{r['expected']}",
-                pct(r["eot"], 50) * 1000,
-                pct(r["eot"], 99) * 1000,
-                f"{r['mismatched']}/{r['missing']}/{r['errors']}",
-                f"{p.server_cpu * 100:.0f}%",
-                f"{p.server_wait * 100:.0f}%",
-                p.server_cpu * 1000 / p.n if kept_up(p) else "n/a (behind)",
-                f"{p.n / p.server_cpu:.0f}" if kept_up(p) else "n/a",
+                *point_cells(p),
                 r["send_lag_p99"] * 1000,
                 r["loop_lag_p99"] * 1000,
                 f"{r['gen_cpu'] * 100:.0f}% / {r['gen_wait'] * 100:.0f}%",
@@ -978,14 +999,7 @@ def run_curve(args: argparse.Namespace, store: str) -> None:
         md_table(
             [
                 "N",
-                "turns got/expected",
-                "EOT p50 ms",
-                "EOT p99 ms",
-                "mismatch/missing/errors",
-                "server CPU",
-                "server CPU wait",
-                "server CPU ms per session-s",
-                "N at 100% CPU",
+                *POINT_COLUMNS,
                 "send lag p99 ms",
                 "gen loop lag p99 ms",
                 "gen CPU / wait",

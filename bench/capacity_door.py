@@ -37,6 +37,7 @@ from websockets.frames import Frame, Opcode
 
 from bench.bench_capacity import (
     CURVE,
+    POINT_COLUMNS,
     QUICK_CURVE,
     SessionStats,
     WorkerResult,
@@ -45,14 +46,14 @@ from bench.bench_capacity import (
     _transport_writer,
     client_cpu,
     drive,
-    kept_up,
     load_plans,
     measure,
+    point_cells,
     summarize_profile,
     worker_result,
 )
 from bench.bench_turns import MSG_MS, Plan, conversations
-from bench.bench_ws import header, machine_line, md_table, open_ws, pct, pin_self
+from bench.bench_ws import header, machine_line, md_table, open_ws, pin_self
 from duplex.protocol import InputAudioConfig, TurnDetectionConfig
 from server.modes.audio_ingest import AudioIngest
 from tests.speech import resample
@@ -216,14 +217,7 @@ def run_doors(args: argparse.Namespace, store: str) -> None:
                 [
                     n,
                     door,
-                    f"{r['received']}/{r['expected']}",
-                    pct(r["eot"], 50) * 1000,
-                    pct(r["eot"], 99) * 1000,
-                    f"{r['mismatched']}/{r['missing']}/{r['errors']}",
-                    f"{point.server_cpu * 100:.0f}%",
-                    f"{point.server_wait * 100:.0f}%",
-                    point.server_cpu * 1000 / n if kept_up(point) else "n/a (behind)",
-                    f"{n / point.server_cpu:.0f}" if kept_up(point) else "n/a",
+                    *point_cells(point),
                     point.us_per_message,
                     r["send_lag_p99"] * 1000,
                     f"{r['gen_cpu'] * 100:.0f}% / {r['gen_wait'] * 100:.0f}%",
@@ -249,14 +243,7 @@ def run_doors(args: argparse.Namespace, store: str) -> None:
             [
                 "N",
                 "door",
-                "turns got/expected",
-                "EOT p50 ms",
-                "EOT p99 ms",
-                "mismatch/missing/errors",
-                "server CPU",
-                "server CPU wait",
-                "server CPU ms per session-s",
-                "N at 100% CPU",
+                *POINT_COLUMNS,
                 "server µs per client message (whole run)",
                 "send lag p99 ms",
                 "gen CPU / wait",
