@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
-import heapq
 import json
 import sys
 import tempfile
@@ -38,22 +37,23 @@ from websockets.frames import Frame, Opcode
 
 from bench.bench_capacity import (
     CURVE,
-    PERIOD,
+    POINT_COLUMNS,
     QUICK_CURVE,
     SessionStats,
     WorkerResult,
-    _loop_probe,
-    _mark,
     _masked_binary,
     _reader,
+    _transport_writer,
     client_cpu,
-    kept_up,
+    drive,
     load_plans,
-    run_point,
+    measure,
+    point_cells,
     summarize_profile,
+    worker_result,
 )
 from bench.bench_turns import MSG_MS, Plan, conversations
-from bench.bench_ws import header, machine_line, md_table, open_ws, pct, pin_self, schedstat
+from bench.bench_ws import header, machine_line, md_table, open_ws, pin_self
 from duplex.protocol import InputAudioConfig, TurnDetectionConfig
 from server.modes.audio_ingest import AudioIngest
 from tests.speech import resample
@@ -163,101 +163,18 @@ async def run_door_worker(
     t_conn = time.perf_counter()
     sockets = list(await asyncio.gather(*(one() for _ in range(n))))
     connect_s = time.perf_counter() - t_conn
-    per_session = int(duration / PERIOD)
-    t0 = time.perf_counter() + 0.5
-    stats = [SessionStats(plan=k % len(plans), start=t0 + stagger * k / n) for k in range(n)]
-    triggers = [{idx: j for j, (idx, _, _) in enumerate(p.turns)} for p in plans]
+    stats = [SessionStats(plan=k % len(plans), start=0.0) for k in range(n)]
     make = _append_frame if door == "realtime" else _masked_binary
     wire = [[make(m) for m in p.messages] for p in plans]
     read = _realtime_reader if door == "realtime" else _reader
     readers = [asyncio.create_task(read(ws, s)) for ws, s in zip(sockets, stats, strict=True)]
-    stop = asyncio.Event()
-    loop_lags: list[float] = []
-    probe = asyncio.create_task(_loop_probe(loop_lags, stop))
-    send_lags: list[float] = []
-    heap = [(s.start, k) for k, s in enumerate(stats)]
-    heapq.heapify(heap)
-    run0, wait0 = schedstat()
-    loop = asyncio.get_running_loop()
-    loop.call_later(0.5, _mark, "START")
-    loop.call_later(0.5 + stagger, _mark, "STEADY")
-    tail = False
-    while heap:
-        due, k = heap[0]
-        now = time.perf_counter()
-        if due > now:
-            await asyncio.sleep(due - now)
-            continue
-        heapq.heappop(heap)
-        s = stats[k]
-        i = s.sent
-        j = triggers[s.plan].get(i)
-        now = time.perf_counter()
-        if j is not None:
-            s.sent_at[j] = now
-        send_lags.append(now - due)
-        transport = sockets[k].transport
-        if transport.is_closing():
-            s.errors.append("send: closed")
-            continue
-        transport.write(wire[s.plan][i])
-        s.sent += 1
-        if s.sent < min(per_session, len(plans[s.plan].messages)):
-            heapq.heappush(heap, (due + PERIOD, k))
-        elif not tail:
-            tail = True
-            _mark("TAIL")
-    deadline = time.perf_counter() + 3.0
-    while time.perf_counter() < deadline:
-        if all(len(s.turns) >= len(s.sent_at) for s in stats):
-            break
-        await asyncio.sleep(0.05)
-    wall = time.perf_counter() - t0
-    run1, wait1 = schedstat()
-    stop.set()
-    await probe
+    writers = [_transport_writer(ws) for ws in sockets]
+    sent = await drive(stats, plans, wire, writers, duration, stagger)
     for task in readers:
         task.cancel()
     await asyncio.gather(*(ws.close() for ws in sockets), return_exceptions=True)
-
-    eot: list[float] = []
-    expected = received = mismatched = missing = errors = 0
-    lateness: list[float] = []
-    for s in stats:
-        plan = plans[s.plan]
-        expected += len(s.sent_at)
-        received += len(s.turns)
-        errors += len(s.errors)
-        lateness += s.chunk_lateness
-        for j, sent in sorted(s.sent_at.items()):
-            if j >= len(s.turns):
-                missing += 1
-                continue
-            arrived, end_ms = s.turns[j]
-            # The door's audio_end_ms is whole milliseconds.
-            want = int(plan.turns[j][2]) if door == "realtime" else plan.turns[j][2]
-            mismatched += end_ms != want
-            eot.append(arrived - sent)
-    return WorkerResult(
-        n=n,
-        connect_s=connect_s,
-        wall_s=wall,
-        expected=expected,
-        received=received,
-        mismatched=mismatched,
-        missing=missing,
-        errors=errors,
-        eot=eot,
-        send_lag_p50=pct(send_lags, 50),
-        send_lag_p99=pct(send_lags, 99),
-        send_lag_max=max(send_lags, default=0.0),
-        loop_lag_p99=pct(loop_lags, 99),
-        loop_lag_max=max(loop_lags, default=0.0),
-        gen_cpu=(run1 - run0) / wall,
-        gen_wait=(wait1 - wait0) / wall,
-        reply_lag_p99=pct(lateness, 99),
-        sends=len(send_lags),
-    )
+    # The door's audio_end_ms is whole milliseconds.
+    return worker_result(connect_s, stats, plans, sent, whole_ms=door == "realtime")
 
 
 def worker_main(args: argparse.Namespace) -> None:
@@ -285,11 +202,7 @@ def run_doors(args: argparse.Namespace, store: str) -> None:
             if fails[door] >= 2 and not args.all:
                 continue
             point_args = argparse.Namespace(**{**vars(args), "door": door})
-            point = run_point(point_args, n, warm, profile=args.profile == n)
-            if point.verdict != "pass" and point.server_wait > 0.10:
-                again = run_point(point_args, n, warm, profile=args.profile == n)
-                point = min(point, again, key=lambda p: p.server_wait)
-                point.verdict += " (best of 2)"
+            point = measure(point_args, n, warm)
             print(f"N={n} {door}: {point.verdict}", file=sys.stderr, flush=True)
             raw = Path(tempfile.gettempdir()) / f"duplex-capacity-{n}.txt"
             if args.profile == n and raw.exists():
@@ -304,14 +217,7 @@ def run_doors(args: argparse.Namespace, store: str) -> None:
                 [
                     n,
                     door,
-                    f"{r['received']}/{r['expected']}",
-                    pct(r["eot"], 50) * 1000,
-                    pct(r["eot"], 99) * 1000,
-                    f"{r['mismatched']}/{r['missing']}/{r['errors']}",
-                    f"{point.server_cpu * 100:.0f}%",
-                    f"{point.server_wait * 100:.0f}%",
-                    point.server_cpu * 1000 / n if kept_up(point) else "n/a (behind)",
-                    f"{n / point.server_cpu:.0f}" if kept_up(point) else "n/a",
+                    *point_cells(point),
                     point.us_per_message,
                     r["send_lag_p99"] * 1000,
                     f"{r['gen_cpu'] * 100:.0f}% / {r['gen_wait'] * 100:.0f}%",
@@ -337,14 +243,7 @@ def run_doors(args: argparse.Namespace, store: str) -> None:
             [
                 "N",
                 "door",
-                "turns got/expected",
-                "EOT p50 ms",
-                "EOT p99 ms",
-                "mismatch/missing/errors",
-                "server CPU",
-                "server CPU wait",
-                "server CPU ms per session-s",
-                "N at 100% CPU",
+                *POINT_COLUMNS,
                 "server µs per client message (whole run)",
                 "send lag p99 ms",
                 "gen CPU / wait",

@@ -1,10 +1,17 @@
-"""Session leases and fencing on a real redis-server: one owner, and a stale owner
-cannot write after a takeover."""
+"""Session leases and fencing: one owner, and a stale owner cannot write after a takeover.
+
+The tests taking `pair` run on both shared backends: a real redis-server (replicas) and a
+SQLite file shared by the processes of one machine (``duplex serve --workers N``); the
+others are Redis-specific (tests/test_lease_sqlite.py holds the SQLite-specific ones)."""
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+import sqlite3
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from pathlib import Path
+from typing import NamedTuple, TypeVar
 
 import pytest
 
@@ -18,39 +25,89 @@ from server.state.base import (
     StreamEvent,
 )
 from server.state.redis import RedisStore
+from server.state.sqlite import SqliteStore
 
 FAST = LeaseSettings(ttl_ms=300, renew_ms=60, wait_ms=0)
+S = TypeVar("S", RedisStore, SqliteStore)
+
+
+@asynccontextmanager
+async def two(a: S, b: S) -> AsyncIterator[tuple[S, S]]:
+    """Two processes' stores on the same backend (each has its own connection), with a
+    session "s1"; both closed at the end."""
+    try:
+        await a.create_session(SessionRecord(id="s1", tenant="t"))
+        yield a, b
+    finally:
+        await a.close()
+        await b.close()
+
+
+@asynccontextmanager
+async def redis_stores(redis_url: str) -> AsyncIterator[tuple[RedisStore, RedisStore]]:
+    """Two replicas' stores on the same Redis."""
+    a = RedisStore(redis_url, ttl_s=60, prefix="lease-test:")
+    b = RedisStore(redis_url, ttl_s=60, prefix="lease-test:")
+    await a.redis.flushdb()
+    async with two(a, b) as both:
+        yield both
+
+
+def sqlite_stores(path: Path) -> AbstractAsyncContextManager[tuple[SqliteStore, SqliteStore]]:
+    """Two processes' stores on the same file."""
+    return two(SqliteStore(str(path)), SqliteStore(str(path)))
+
+
+def expire(path: str, session_id: str) -> None:
+    """As if the SQLite lease's holder had stopped renewing a while ago."""
+    with sqlite3.connect(path) as db:
+        db.execute("UPDATE leases SET expires = 0 WHERE session_id = ?", (session_id,))
+
+
+class Pair(NamedTuple):
+    """Two processes' stores of one backend, and how to expire a session's lease in it."""
+
+    a: RedisStore | SqliteStore
+    b: RedisStore | SqliteStore
+    expire: Callable[[str], Awaitable[object]]
+
+
+@pytest.fixture(params=["redis", "sqlite"])
+async def pair(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Pair]:
+    if request.param == "redis":
+        async with redis_stores(request.getfixturevalue("redis_url")) as (ra, rb):
+            # As if the lease had expired.
+            yield Pair(ra, rb, lambda sid: ra.redis.delete(ra.key("lease", sid)))
+    else:
+        async with sqlite_stores(tmp_path / "duplex.db") as (sa, sb):
+
+            async def expire_lease(sid: str) -> None:
+                expire(sa.path, sid)
+
+            yield Pair(sa, sb, expire_lease)
 
 
 @pytest.fixture
 async def stores(redis_url: str) -> AsyncIterator[tuple[RedisStore, RedisStore]]:
-    """Two replicas' stores on the same Redis (each process has its own)."""
-    a = RedisStore(redis_url, ttl_s=60, prefix="lease-test:")
-    b = RedisStore(redis_url, ttl_s=60, prefix="lease-test:")
-    await a.redis.flushdb()
-    await a.create_session(SessionRecord(id="s1", tenant="t"))
-    yield a, b
-    await a.close()
-    await b.close()
+    async with redis_stores(redis_url) as both:
+        yield both
 
 
-async def test_one_owner_at_a_time(stores: tuple[RedisStore, RedisStore]) -> None:
-    a, b = stores
+async def test_one_owner_at_a_time(pair: Pair) -> None:
+    a, b, _ = pair
     owner = LeaseManager(a, "replica-a", FAST)
     other = LeaseManager(b, "replica-b", FAST)
     lease = await owner.acquire("s1")
     with pytest.raises(LeaseBusy) as busy:
         await other.acquire("s1")
     assert 0 < busy.value.remaining_ms <= FAST.ttl_ms
-    # The owner may acquire again (a reconnect to the same replica): a newer token.
+    # The owner may acquire again (a reconnect to the same process): a newer token.
     again = await owner.acquire("s1")
     assert again.token > lease.token
 
 
-async def test_takeover_after_expiry_fences_the_old_owner(
-    stores: tuple[RedisStore, RedisStore],
-) -> None:
-    a, b = stores
+async def test_takeover_after_expiry_fences_the_old_owner(pair: Pair) -> None:
+    a, b, _ = pair
     owner = LeaseManager(a, "replica-a", FAST)
     waiting = LeaseManager(b, "replica-b", LeaseSettings(ttl_ms=300, renew_ms=60, wait_ms=3000))
     old = await owner.acquire("s1")
@@ -63,26 +120,28 @@ async def test_takeover_after_expiry_fences_the_old_owner(
         a.update_session(SessionRecord(id="s1", tenant="t", name="stale")),
         a.clear_messages("s1"),
         a.drop_events("s1", "r1"),
+        a.edit_messages("s1", lambda messages: messages[:0]),
+        a.delete_session("s1"),
     ):
         with pytest.raises(FencedWrite):
             await write
     await b.append_messages("s1", [Message(role="assistant", content="new owner")])
     assert [m.content for m in await b.load_messages("s1")] == ["before", "new owner"]
+    assert await b.load_events("s1") == []
     assert (await b.get_session("s1")).name == ""  # type: ignore[union-attr]
 
 
-async def test_a_stale_owner_cannot_write_the_outbox(
-    stores: tuple[RedisStore, RedisStore],
-) -> None:
-    """Outbox writes are batched across sessions in one script call: the fenced session's
-    entries are refused (FencedWrite), the others in the same call are written."""
-    a, b = stores
+async def test_a_stale_owner_cannot_write_the_outbox(pair: Pair) -> None:
+    """Outbox writes are batched across sessions in one call (a Redis script, a SQLite
+    transaction): the fenced session's entries are refused (FencedWrite), the others in the
+    same call are written."""
+    a, b, expire_lease = pair
     await a.create_session(SessionRecord(id="s2", tenant="t"))
     owner = LeaseManager(a, "replica-a", FAST)
     await owner.acquire("s1")
     await owner.acquire("s2")
     await a.append_outbox([OutboxBatch("s1", [OutboxEntry(1, "one", 1e12)])], max_age_s=60)
-    await a.redis.delete(a.key("lease", "s1"))  # as if it had expired
+    await expire_lease("s1")
     await LeaseManager(b, "replica-b", FAST).acquire("s1")
     await b.append_outbox([OutboxBatch("s1", [OutboxEntry(2, "new", 1e12)])], max_age_s=60)
     with pytest.raises(FencedWrite) as fenced:
@@ -115,10 +174,8 @@ async def test_a_takeover_between_check_and_write_is_fenced(
     assert await a.load_messages("s1") == []
 
 
-async def test_renewal_keeps_the_lease_and_sees_a_takeover(
-    stores: tuple[RedisStore, RedisStore],
-) -> None:
-    a, b = stores
+async def test_renewal_keeps_the_lease_and_sees_a_takeover(pair: Pair) -> None:
+    a, b, expire_lease = pair
     owner = LeaseManager(a, "replica-a", FAST)
     other = LeaseManager(b, "replica-b", FAST)
     lease = await owner.acquire("s1")
@@ -129,7 +186,7 @@ async def test_renewal_keeps_the_lease_and_sees_a_takeover(
         with pytest.raises(LeaseBusy):
             await other.acquire("s1")
         # A takeover (e.g. after this process was paused past its TTL) is noticed.
-        await a.redis.delete(a.key("lease", "s1"))
+        await expire_lease("s1")
         await other.acquire("s1")
         async with asyncio.timeout(5):
             await lost.wait()
@@ -139,10 +196,8 @@ async def test_renewal_keeps_the_lease_and_sees_a_takeover(
         keeper.cancel()
 
 
-async def test_release_lets_another_replica_in_at_once(
-    stores: tuple[RedisStore, RedisStore],
-) -> None:
-    a, b = stores
+async def test_release_lets_another_process_in_at_once(pair: Pair) -> None:
+    a, b, _ = pair
     slow = LeaseSettings(ttl_ms=60_000, renew_ms=1000, wait_ms=0)
     owner = LeaseManager(a, "replica-a", slow)
     lease = await owner.acquire("s1")
@@ -157,12 +212,10 @@ async def test_release_lets_another_replica_in_at_once(
         await LeaseManager(a, "replica-c", slow).acquire("s1")
 
 
-async def test_a_live_owner_hands_the_session_over_when_asked(
-    stores: tuple[RedisStore, RedisStore],
-) -> None:
-    """A replica that wants a session (a client resumed there) asks its owner, which sees
+async def test_a_live_owner_hands_the_session_over_when_asked(pair: Pair) -> None:
+    """A process that wants a session (a client resumed there) asks its owner, which sees
     the request at its next renewal and releases: the wait is a renewal, not a TTL."""
-    a, b = stores
+    a, b, _ = pair
     slow = LeaseSettings(ttl_ms=60_000, renew_ms=50, wait_ms=5000)
     owner = LeaseManager(a, "replica-a", slow)
     lease = await owner.acquire("s1")
