@@ -357,20 +357,25 @@ async def test_g711_formats_in_and_out(live_server, fmt, law_table):
 # ---- priority 3: tools, cancel, barge-in + truncate, images, items ----------------------
 
 
+def chat_server(server_factory, fake):
+    """A server whose model ``chat`` is the OpenAI-compatible chat provider on ``fake``."""
+    return server_factory(
+        openai_base_url=fake.url,
+        openai_api_key=KEY,
+        realtime_models={
+            "duplex-echo": {"provider": "echo"},
+            "chat": {"provider": "openai-chat"},
+        },
+    )
+
+
 async def test_function_call_round_trip(server_factory):
     async with run_fake(api_key=KEY, seed=2) as fake:
         fake.script(
             ChatReply(tool_calls=[FakeToolCall("get_weather", '{"city": "Paris"}', id="call_1")]),
             ChatReply(text="It is sunny in Paris."),
         )
-        server = server_factory(
-            openai_base_url=fake.url,
-            openai_api_key=KEY,
-            realtime_models={
-                "duplex-echo": {"provider": "echo"},
-                "chat": {"provider": "openai-chat"},
-            },
-        )
+        server = chat_server(server_factory, fake)
         async with connect(server, model="chat") as conn:
             await conn.session.update(
                 session={

@@ -16,6 +16,7 @@ from tests.fakes.openai_http import ChatReply, run_fake
 from tests.test_realtime_door import (
     TIMEOUT,
     append,
+    chat_server,
     connect,
     pcm24,
     say_text,
@@ -170,14 +171,7 @@ async def test_out_of_band_responses(server_factory):
             ChatReply(text="Stored without its input."),
             ChatReply(text="The pending question, answered."),
         )
-        server = server_factory(
-            openai_base_url=fake.url,
-            openai_api_key=KEY,
-            realtime_models={
-                "duplex-echo": {"provider": "echo"},
-                "chat": {"provider": "openai-chat"},
-            },
-        )
+        server = chat_server(server_factory, fake)
         async with connect(server, model="chat") as conn:
             await conn.session.update(
                 session={"type": "realtime", "output_modalities": ["text"], "instructions": "Hi."}
