@@ -536,32 +536,25 @@ class DuplexSession(BaseSession):
 
     async def response(self) -> AsyncIterator[BaseModel]:
         """Every server message, in order, each with its ``seq``; ends when the session does."""
-        while True:
-            self._consumer_waiting = True
-            try:
-                item = await self._out.get()
-            finally:
-                self._consumer_waiting = False
-            if item is _CLOSE:
-                if self.tap is not None:
-                    self.tap.flush()
-                return
+        while (item := await self._next_out()) is not _CLOSE:
             self._stamp(item)
             yield item
 
     async def frames(self) -> AsyncIterator[str]:
         """`response` as JSON text frames (what a connection writes)."""
-        while True:
-            self._consumer_waiting = True
-            try:
-                item = await self._out.get()
-            finally:
-                self._consumer_waiting = False
-            if item is _CLOSE:
-                if self.tap is not None:
-                    self.tap.flush()
-                return
+        while (item := await self._next_out()) is not _CLOSE:
             yield self._stamp(item)
+
+    async def _next_out(self) -> Any:
+        """The next message to send, or ``_CLOSE`` once the session has ended."""
+        self._consumer_waiting = True
+        try:
+            item = await self._out.get()
+        finally:
+            self._consumer_waiting = False
+        if item is _CLOSE and self.tap is not None:
+            self.tap.flush()
+        return item
 
     def _stamp(self, message: Any) -> str:
         """Number a message as it leaves, and record it in the outbox."""
