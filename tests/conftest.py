@@ -8,6 +8,7 @@ import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -97,6 +98,13 @@ def server_factory() -> Iterator[Any]:
     yield start
     for server, thread in started:
         stop_server(server, thread)
+
+
+def store_url(kind: str, tmp_path: Path, request: pytest.FixtureRequest) -> str:
+    """The URL of a fresh store of ``kind`` (memory, sqlite, redis) for one test."""
+    if kind == "redis":
+        return request.getfixturevalue("redis_url")
+    return "memory://" if kind == "memory" else f"sqlite:///{tmp_path}/s.db"
 
 
 @pytest.fixture(scope="session")

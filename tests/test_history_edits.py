@@ -14,17 +14,16 @@ from duplex.protocol import Message
 from server.realtime_door import history
 from server.state.base import SessionRecord, StateStore
 from server.state.open import open_store
+from tests.conftest import store_url
 
 SID = "sess_edit"
 
 
 @pytest.fixture(params=["memory", "sqlite", "redis"])
 async def store(request, tmp_path):
-    if request.param == "redis":
-        url = request.getfixturevalue("redis_url")
-    else:
-        url = "memory://" if request.param == "memory" else f"sqlite:///{tmp_path}/s.db"
-    s = open_store(url, ttl_s=60, max_sessions=100, max_messages=50)
+    s = open_store(
+        store_url(request.param, tmp_path, request), ttl_s=60, max_sessions=100, max_messages=50
+    )
     if request.param == "redis":
         await s._redis.flushdb()
     await s.create_session(SessionRecord(id=SID, tenant="t"))

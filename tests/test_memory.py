@@ -186,16 +186,7 @@ async def test_image_decodes_wait_for_the_pixel_budget(server_factory, monkeypat
         "mime_type": "image/png",
     }
 
-    async def one(k: int) -> list[dict]:
-        async with connect(server, TOKEN) as c:
-            await c.recv()
-            await c.send(message)
-            await c.send({"type": "ping", "id": f"after-{k}"})
-            return await c.until("pong", timeout=30)
-
-    replies = await asyncio.gather(*(one(k) for k in range(4)))
-    assert all(r[-1]["id"] == f"after-{k}" for k, r in enumerate(replies))
-    assert not [e for r in replies for e in r if e["type"] == "error"]
+    await _four_sessions_answer(server, message)
     assert 0 < most[0] <= budget
 
 
@@ -262,16 +253,7 @@ async def test_video_decodes_wait_for_the_pixel_budget(server_factory, monkeypat
         "height": height,
     }
 
-    async def one(k: int) -> list[dict]:
-        async with connect(server, TOKEN) as c:
-            await c.recv()
-            await c.send(message)
-            await c.send({"type": "ping", "id": f"after-{k}"})
-            return await c.until("pong", timeout=30)
-
-    replies = await asyncio.gather(*(one(k) for k in range(4)))
-    assert all(r[-1]["id"] == f"after-{k}" for k, r in enumerate(replies))
-    assert not [e for r in replies for e in r if e["type"] == "error"]
+    await _four_sessions_answer(server, message)
     assert 0 < most[0] <= budget
 
 
@@ -453,3 +435,18 @@ async def test_the_server_gives_freed_heap_back_periodically(monkeypatch):
         await task
     assert calls[:2] == [0, 0]
     assert await allocator.trim_periodically(0) is None  # 0: off
+
+
+async def _four_sessions_answer(server, message: dict) -> None:
+    """Four sessions send ``message`` at once; each answers a ping after it, no error."""
+
+    async def one(k: int) -> list[dict]:
+        async with connect(server, TOKEN) as c:
+            await c.recv()
+            await c.send(message)
+            await c.send({"type": "ping", "id": f"after-{k}"})
+            return await c.until("pong", timeout=30)
+
+    replies = await asyncio.gather(*(one(k) for k in range(4)))
+    assert all(r[-1]["id"] == f"after-{k}" for k, r in enumerate(replies))
+    assert not [e for r in replies for e in r if e["type"] == "error"]

@@ -15,6 +15,7 @@ from server.outbox import Outbox, OutboxWriter
 from server.state.base import OutboxBatch, OutboxEntry, SessionRecord
 from server.state.memory import MemoryStore
 from server.state.open import open_store
+from tests.conftest import store_url
 from tests.test_resume import drop, open_ws, tone
 
 RATE_OUT = 24000  # the default output_audio.sample_rate: the echo's 16 kHz is resampled
@@ -150,11 +151,7 @@ def test_outbox_holds_audio_raw_and_shares_the_bytes():
 
 @pytest.mark.parametrize("kind", ["memory", "sqlite", "redis"])
 async def test_stores_keep_compact_entries_as_their_json(kind, tmp_path, request):
-    url = {
-        "memory": "memory://",
-        "sqlite": f"sqlite:///{tmp_path}/o.db",
-        "redis": request.getfixturevalue("redis_url") if kind == "redis" else "",
-    }[kind]
+    url = store_url(kind, tmp_path, request)
     store = open_store(url, ttl_s=3600, max_sessions=100, max_messages=100)
     try:
         await store.create_session(SessionRecord(id="c1", tenant="t"))

@@ -17,7 +17,7 @@ from server.outbox import Outbox, OutboxWriter
 from server.state.base import OutboxBatch, OutboxEntry, SessionRecord
 from server.state.memory import MemoryStore
 from server.state.open import open_store
-from tests.conftest import OTHER_TOKEN, TOKEN
+from tests.conftest import OTHER_TOKEN, TOKEN, store_url
 
 RATE = 16000
 AUDIO_S = 3.0  # the echo plays it back at real time (echo_pace=1): the answer takes 3 s
@@ -244,11 +244,7 @@ async def test_resume_from_the_store_outbox_after_the_session_closed(
     server_factory, store, tmp_path, request
 ):
     """With no grace the session closes at the drop; its outbox is in the store."""
-    url = {
-        "memory": "memory://",
-        "sqlite": f"sqlite:///{tmp_path}/s.db",
-        "redis": request.getfixturevalue("redis_url") if store == "redis" else "",
-    }[store]
+    url = store_url(store, tmp_path, request)
     server = server_factory(store_url=url, resume_grace_s=0)
     r = Reader(await open_ws(server))
     session_id = (await r.recv())["session"]["id"]
@@ -328,11 +324,7 @@ async def test_sdk_close_while_reconnecting_stops_trying(server_factory):
 
 @pytest.mark.parametrize("kind", ["memory", "sqlite", "redis"])
 async def test_store_outbox_methods(kind, tmp_path, request):
-    url = {
-        "memory": "memory://",
-        "sqlite": f"sqlite:///{tmp_path}/o.db",
-        "redis": request.getfixturevalue("redis_url") if kind == "redis" else "",
-    }[kind]
+    url = store_url(kind, tmp_path, request)
     store = open_store(url, ttl_s=3600, max_sessions=100, max_messages=100)
     try:
         for sid in ("s1", "s2"):

@@ -11,15 +11,14 @@ from duplex.protocol import Message
 from server.state.base import SessionRecord, StreamEvent
 from server.state.memory import MemoryStore
 from server.state.open import open_store
+from tests.conftest import store_url
 
 
 @pytest.fixture(params=["memory", "sqlite", "redis"])
 async def store(request, tmp_path):
-    if request.param == "redis":
-        url = request.getfixturevalue("redis_url")
-    else:
-        url = "memory://" if request.param == "memory" else f"sqlite:///{tmp_path}/s.db"
-    s = open_store(url, ttl_s=60, max_sessions=100, max_messages=50)
+    s = open_store(
+        store_url(request.param, tmp_path, request), ttl_s=60, max_sessions=100, max_messages=50
+    )
     if request.param == "redis":
         await s._redis.flushdb()
     yield s
