@@ -89,6 +89,18 @@ _BG_CAP_DB = 20.0
 _BG_CAP_BASE_DB, _BG_CAP_SPREADS = 3.0, 4.0
 _BG_SKIP_DB = 6.0
 _BG_ROUGH_DB = 6.0  # `background_rough`: peaks this far over the floor
+# The user's own level (kernel `_near_level`): in a rough background, a frame that
+# begins or resumes speech must reach 40% of the way (in dB) from the background's peak
+# to the user's level (a running mean over ~400 ms of the frames that passed), and need
+# not reach more than that level minus 2 dB. It begins or resumes speech when no frame
+# within 6 dB of the level passed for 100 ms. Only where the level stands 1 dB or more
+# over the background's peak: else it was learned from the background itself.
+_LEVEL_MS = 400
+_LEVEL_OVER_DB = 1.0
+_LEVEL_FRAC = 0.4
+_LEVEL_MIN_DB = 2.0
+_STRONG_DB = 6.0
+_PAUSE_MS = 100
 # Turn-edge refinement (see `band_levels`, `edge_threshold`).
 _EDGE_BANDS_HZ = (250, 1000, 2000, 4000, 8000)
 _EDGE_MARGIN_DB = 2.0
@@ -198,6 +210,13 @@ class SpeechDetector:
         st[kernel.S_BG_CAP_SPREADS] = _BG_CAP_SPREADS
         st[kernel.S_BG_SKIP] = 10 ** (_BG_SKIP_DB / 10)
         st[kernel.S_BG_MARGIN] = 10 ** (_BG_MARGIN_DB / 10)
+        st[kernel.S_LEVEL_ALPHA] = 1.0 - math.exp(-config.frame_ms / _LEVEL_MS)
+        st[kernel.S_SINCE] = 1e9  # no speech yet
+        st[kernel.S_STRONG_DB] = _STRONG_DB
+        st[kernel.S_PAUSE_FRAMES] = math.ceil(_PAUSE_MS / config.frame_ms)
+        st[kernel.S_LEVEL_FRAC] = _LEVEL_FRAC
+        st[kernel.S_LEVEL_MIN_DB] = _LEVEL_MIN_DB
+        st[kernel.S_LEVEL_OVER_DB] = _LEVEL_OVER_DB
         # Views of `mem`, which the kernel reads as the same. `_blk`: energies of the
         # block being filled, per feature. `_ring`: rows 0, 1: minima of the blocks in the
         # floor's window, per feature (the first n_blocks columns); row 2: peaks of the

@@ -69,7 +69,18 @@ S_BG_SKIP = 38  # a block peak over the background gate x this is left out ...
 S_BG_SKIPPED = 39  # ... unless this many in a row were (see `_close_block`)
 S_BLOCK_LEN = 42  # frames per block (the columns of `blk`)
 S_N_PEAKS = 43  # block peaks held at most (the columns of `ring`)
-STATE_SIZE = 44
+# The user's own level: what a frame that begins or resumes speech in a rough background
+# must reach (see `_near_level`). Levels in dB of the full-band energy.
+S_LEVEL = 44  # running mean of the levels of frames that passed; 0: none yet
+S_LEVEL_ALPHA = 45  # its weight per frame
+S_SINCE = 46  # frames since the last frame within S_STRONG_DB of S_LEVEL
+S_STRONG_DB = 47
+S_PAUSE_FRAMES = 48  # a frame this many frames after one begins or resumes speech
+S_LEVEL_FRAC = 49  # it must reach this fraction of the way from S_BG_DB to S_LEVEL ...
+S_LEVEL_MIN_DB = 50  # ... but never more than S_LEVEL minus this
+S_BG_DB = 51  # S_BG_PEAK in dB (set once per block)
+S_LEVEL_OVER_DB = 52  # ... and only where S_LEVEL stands this far over S_BG_DB
+STATE_SIZE = 53
 # A detector's memory is one float64 array (fewer arguments: each costs the call ~50 ns):
 # the state slots, then `blk` (2 x S_BLOCK_LEN), then `ring` (3 x S_N_PEAKS), row-major.
 # Noise whose first-difference floor is this far below its full-band floor (dB) falls
@@ -176,9 +187,41 @@ def _frame(x, st, blk, ring, shifted, vad):  # type: ignore[no-untyped-def]
         voiced = e0 >= st[S_MIN_ENERGY] and (
             (e0 > st[F0 + LOUD] and e1 > st[F1 + GATE]) or e1 > st[F1 + LOUD]
         )
+    if voiced:
+        voiced = _near_level(st, e0)
+    else:
+        st[S_SINCE] += 1
     if k + 1 == blk.shape[1]:
         _close_block(st, blk, ring)
     return (VOICED if voiced else 0) | (VAD_ERROR if r < 0 else 0)
+
+
+@njit(inline="always")
+def _near_level(st, e0):  # type: ignore[no-untyped-def]
+    """Whether a frame that passed the other gates is the user; updates the user's level.
+
+    In a rough background, babble and music that pass every other gate are still under
+    the user, who is nearer the microphone: a frame that begins or resumes speech (no
+    frame near the level for S_PAUSE_FRAMES) must reach S_LEVEL_FRAC of the way (in dB)
+    from the background's typical peak to the user's level. Within a run of speech, weak
+    frames (codas, unvoiced consonants) pass as before. Where the level is not over the
+    background's peak, it was learned from the background: no rule. One log per voiced
+    frame; the background's peak in dB is taken once per block."""
+    level = st[S_LEVEL]
+    db = 10.0 * math.log10(e0)
+    bg = st[S_BG_DB]
+    if (
+        st[S_BG_GATE] > 0.0
+        and bg < level - st[S_LEVEL_OVER_DB]
+        and st[S_SINCE] >= st[S_PAUSE_FRAMES]
+        and db < min(level - st[S_LEVEL_MIN_DB], bg + st[S_LEVEL_FRAC] * (level - bg))
+    ):
+        st[S_SINCE] += 1
+        return False
+    level = db if level == 0.0 else level + st[S_LEVEL_ALPHA] * (db - level)
+    st[S_LEVEL] = level
+    st[S_SINCE] = 0.0 if db >= level - st[S_STRONG_DB] else st[S_SINCE] + 1
+    return True
 
 
 @njit(inline="always")
@@ -254,6 +297,8 @@ def _close_block(st, blk, ring):  # type: ignore[no-untyped-def]
         )
     else:
         st[S_BG_CAP] = st[S_BG_CAP_MAX]
+    if rough:
+        st[S_BG_DB] = 10.0 * math.log10(st[S_BG_PEAK])
     # Pre-emphasis whitens noise that falls with frequency (rumble, traffic, pink), so
     # webrtcvad's lowest bands stop taking its swings for speech; on flat (white) noise
     # it would only boost the noise where speech is weak. Hysteresis: no flapping.
