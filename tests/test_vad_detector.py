@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +21,7 @@ from tests.speech import (
     rms,
     synth,
 )
+from vad import kernel
 from vad.detector import DetectorConfig, SpeechDetector
 
 FULL_SCALE = 32768
@@ -333,3 +335,74 @@ def test_edge_statistics_match_their_numpy_definitions(seed: int, n_frames: int)
     np.testing.assert_allclose(threshold, want_t, rtol=1e-12)
     assert SpeechDetector.above(levels, threshold) == (levels > threshold).any(axis=1).tolist()
     assert SpeechDetector.edge_threshold(levels[:4]) is None  # too few noise frames
+
+
+# -- the user's own level (rough backgrounds) --------------------------------------------
+
+
+def level_state(bg_db: float, level_db: float, since: int, rough: bool = True) -> np.ndarray:
+    """Kernel state with the detector's level settings and a background at `bg_db`."""
+    st = SpeechDetector()._st.copy()
+    st[kernel.S_BG_GATE] = 10 ** (bg_db / 10) if rough else 0.0
+    st[kernel.S_BG_DB] = bg_db
+    st[kernel.S_LEVEL] = level_db
+    st[kernel.S_SINCE] = since
+    return st
+
+
+@pytest.mark.parametrize(
+    ("bg_db", "level_db", "since", "rough", "frame_db", "passes"),
+    [
+        # After a pause (100 ms: 5 frames), a frame must reach 40% of the way from the
+        # background's peak (60) to the user's level (80): 68 dB.
+        (60.0, 80.0, 5, True, 67.0, False),
+        (60.0, 80.0, 5, True, 69.0, True),
+        (60.0, 80.0, 50, True, 67.0, False),
+        # Within a run of speech, weak frames pass.
+        (60.0, 80.0, 4, True, 61.0, True),
+        # Steady noise (no background gate): no rule.
+        (60.0, 80.0, 50, False, 61.0, True),
+        # A level that is not over the background's peak was learned from it: no rule.
+        (79.5, 80.0, 50, True, 61.0, True),
+        # Near the background, 40% of the way (71.2) would be under the level by less
+        # than 2 dB; the level minus 2 dB (71) is all that is asked.
+        (70.0, 73.0, 50, True, 71.1, True),
+        (70.0, 73.0, 50, True, 70.9, False),
+    ],
+)
+def test_level_rule(
+    bg_db: float, level_db: float, since: int, rough: bool, frame_db: float, passes: bool
+) -> None:
+    st = level_state(bg_db, level_db, since, rough)
+    assert kernel._near_level(st, 10 ** (frame_db / 10)) is passes
+    alpha = st[kernel.S_LEVEL_ALPHA]
+    if passes:  # the level follows the frames that pass, and a near one ends the pause
+        assert st[kernel.S_LEVEL] == pytest.approx(level_db + alpha * (frame_db - level_db))
+        near = frame_db >= st[kernel.S_LEVEL] - 6.0
+        assert st[kernel.S_SINCE] == (0 if near else since + 1)
+    else:  # a rejected frame teaches nothing, and the pause goes on
+        assert st[kernel.S_LEVEL] == level_db
+        assert st[kernel.S_SINCE] == since + 1
+
+
+def test_the_first_frame_sets_the_level() -> None:
+    st = level_state(60.0, 0.0, 10**9)  # no level yet: nothing to compare with
+    assert kernel._near_level(st, 10**6.1)
+    assert st[kernel.S_LEVEL] == pytest.approx(61.0)
+    assert st[kernel.S_SINCE] == 0
+
+
+@pytest.mark.parametrize("seed", [1, 4, 6, 7])
+def test_background_voices_under_the_user_stay_out_of_the_gaps(
+    seed: int, speech_cache: Path
+) -> None:
+    """Babble 20 dB under the user: voiced, and over the background gate now and then
+    (1-48 gap frames per file before the level rule), but under the user's own level.
+    From 100 ms after a turn to 100 ms before the next, no frame passes."""
+    conv = make_conversation(seed, n_turns=3, noise="babble", snr_db=20.0, cache_dir=speech_cache)
+    frames = frames_of(conv.audio, 320)
+    decisions = np.array(SpeechDetector().classify(frames))
+    spans = [(b + 100, c - 100) for (_, b), (c, _) in itertools.pairwise(conv.turns)]
+    gaps = voiced_mask(len(frames), spans)
+    assert not decisions[gaps].any()
+    assert decisions[voiced_mask(len(frames), conv.phrases)].mean() > 0.7
