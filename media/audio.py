@@ -5,7 +5,7 @@ Plain library code (numpy arrays and bytes in, values out; no asyncio). Errors a
 declared format, 413 too large, 415 unsupported or undecodable.
 
 Pipeline: ``make_decoder`` (Opus in WebM/Ogg, G.711) -> int16 PCM -> ``PcmFramer``
-(``StreamResampler`` over libswresample, then fixed-size frames at the VAD rate).
+(``media.resample.StreamResampler``, then fixed-size frames at the VAD rate).
 The Opus containers are demuxed by ``media.webm`` and ``media.ogg``, the packets
 decoded by ``media.opus``; ``OpusStreamDecoder`` here ties them together.
 """
@@ -15,23 +15,20 @@ from __future__ import annotations
 import io
 import math
 import wave
-from fractions import Fraction
 from typing import Protocol
 
 import av
 import numpy as np
-from av.error import BlockingIOError as _AvAgain
-from av.error import EOFError as _AvEOF
-from av.filter import Graph
 
 from media.ebml import EBML_MAGIC
 from media.errors import MediaError
 from media.ogg import OggOpusDemuxer
 from media.opus import OPUS_RATE, OpusEvent, OpusPacketDecoder
 from media.opus import parse_opus_head as parse_opus_head  # re-exported
+from media.resample import StreamResampler as StreamResampler  # re-exported
 from media.webm import WebmOpusDemuxer
 
-#: Any integer input rate from MIN_RATE to MAX_RATE Hz is accepted (libswresample takes
+#: Any integer input rate from MIN_RATE to MAX_RATE Hz is accepted (the resampler takes
 #: any rate); these common ones are what the tests sweep.
 SUPPORTED_RATES: tuple[int, ...] = (8000, 11025, 16000, 22050, 24000, 32000, 44100, 48000, 96000)
 MIN_RATE, MAX_RATE = 8000, 96000
@@ -40,15 +37,6 @@ FRAME_MS_CHOICES: tuple[int, ...] = (10, 20, 30)
 INPUT_FORMATS: tuple[str, ...] = ("pcm16", "opus", "mulaw", "alaw")
 # Floor for audio_level_dbfs: silence would be -inf, which JSON cannot carry.
 MIN_DBFS = -120.0
-
-_LAYOUTS = {1: "mono", 2: "stereo"}
-#: `StreamResampler` pushes at most this much audio per filter-graph frame. libswresample
-#: and the graph keep buffers sized for the largest frame they were given, for as long as
-#: the resampler lives: ~150 KB after 100 ms frames (16 -> 24 kHz), ~1.5 MB after 1 s
-#: frames (48 -> 16 kHz). Larger pushes are cut into frames of this length (measured:
-#: 1 s chunks then hold ~190 KB, at 1.7x the CPU of one frame; 100 ms is where the
-#: per-frame overhead stops dominating: 50 ms frames cost 1.6x, 20 ms frames 3.5x).
-MAX_PUSH_MS = 100
 
 
 def check_pcm_format(sample_rate: int, channels: int) -> None:
@@ -116,169 +104,16 @@ def wav_bytes_to_pcm(data: bytes) -> tuple[np.ndarray, int, int]:
     return np.frombuffer(frames[:usable], dtype="<i2").astype(np.int16), rate, channels
 
 
-class StreamResampler:
-    """Stateful int16 resampler/remixer over libswresample, for continuous streams.
-
-    Continuous state (filter history) means chunk boundaries leave no clicks and the
-    concatenated output is bit-identical however the input was chunked (see tests).
-
-    Built on a PyAV filter graph (abuffer -> aresample -> aformat -> abuffersink) rather
-    than ``av.AudioResampler``: the same libswresample, but ``AudioResampler`` drains its
-    sink until EAGAIN on every call and PyAV reports EAGAIN by raising (~10 µs per
-    call). aresample emits at most one frame per input frame, so one pull per push is
-    enough; we pull again only if the output lags the input by more than ``_slack``.
-    ``filter_size=16`` (FFmpeg default 32) roughly halves the DSP cost; it is plenty for
-    speech and VAD. Output lags input by ~0.5 ms (filter delay) until :meth:`flush`.
-    """
-
-    def __init__(
-        self,
-        in_rate: int,
-        in_channels: int,
-        out_rate: int,
-        out_channels: int = 1,
-        *,
-        filter_size: int = 16,
-    ) -> None:
-        for name, ch in (("in_channels", in_channels), ("out_channels", out_channels)):
-            if ch not in _LAYOUTS:
-                raise ValueError(f"{name} must be 1 or 2, not {ch!r}")
-        if in_rate <= 0 or out_rate <= 0:
-            raise ValueError(f"rates must be positive, got {in_rate} -> {out_rate}")
-        self.in_rate = in_rate
-        self.in_channels = in_channels
-        self.out_rate = out_rate
-        self.out_channels = out_channels
-        self._filter_size = filter_size
-        self._in_block = 2 * in_channels
-        self._out_block = 2 * out_channels
-        self._time_base = Fraction(1, in_rate)
-        self._slack = out_rate // 100
-        self._max_push = max(1, in_rate * MAX_PUSH_MS // 1000)
-        self.passthrough = in_rate == out_rate and in_channels == out_channels
-        self._build()
-
-    def _build(self) -> None:
-        self._in_total = 0
-        self._out_total = 0
-        if self.passthrough:
-            return
-        # The Graph owns the filter contexts: it must outlive them (PyAV segfaults otherwise).
-        graph = Graph()
-        # One thread: libavfilter otherwise starts a pool of a thread per core for every
-        # graph (~0.2 ms, most of the construction cost) that audio filters never use.
-        graph.threads = 1
-        self._src = graph.add(
-            "abuffer",
-            sample_rate=str(self.in_rate),
-            sample_fmt="s16",
-            channel_layout=_LAYOUTS[self.in_channels],
-            time_base=f"1/{self.in_rate}",
-        )
-        # Resample in int16 (libswresample would convert to float and back): its buffers,
-        # sized by the largest frame pushed, are half as big, and the result is as
-        # clean at 16-bit output (a 1 kHz sine: 82-100 dB SNR either way). Measured:
-        # 127 -> 91 KB per 16 -> 24 kHz stream fed 100 ms pieces.
-        resample = graph.add(
-            "aresample", filter_size=str(self._filter_size), internal_sample_fmt="s16p"
-        )
-        fmt = graph.add(
-            "aformat",
-            sample_rates=str(self.out_rate),
-            sample_fmts="s16",
-            channel_layouts=_LAYOUTS[self.out_channels],
-        )
-        self._sink = graph.add("abuffersink")
-        self._src.link_to(resample)
-        resample.link_to(fmt)
-        fmt.link_to(self._sink)
-        graph.configure()
-        self._graph = graph
-
-    def push(self, pcm: np.ndarray) -> np.ndarray:
-        """Convert int16 interleaved samples; returns what is ready (int16 interleaved)."""
-        if pcm.dtype != np.int16:
-            raise ValueError(f"expected int16 PCM, got {pcm.dtype}")
-        data = memoryview(np.ascontiguousarray(pcm)).cast("B")
-        return np.frombuffer(self.push_bytes(data), dtype=np.int16)
-
-    def push_bytes(self, data: bytes | bytearray | memoryview) -> bytes:
-        """Like :meth:`push` on raw s16le bytes (saves array round-trips on the ingest path)."""
-        n = len(data) // self._in_block
-        if n * self._in_block != len(data):
-            raise ValueError(
-                f"{len(data)} bytes is not a whole number of {self._in_block}-byte samples"
-            )
-        if n == 0:
-            return b""
-        if self.passthrough:
-            self._in_total += n
-            return bytes(data)
-        most = self._max_push
-        if n > most:  # in slices: the filters keep buffers as large as the largest frame
-            with memoryview(data) as view:
-                step = most * self._in_block
-                return b"".join([self._push(view[i : i + step]) for i in range(0, len(data), step)])
-        return self._push(data)
-
-    def _push(self, data: bytes | bytearray | memoryview) -> bytes:
-        n = len(data) // self._in_block
-        frame = av.AudioFrame(format="s16", layout=_LAYOUTS[self.in_channels], samples=n)
-        frame.planes[0].update(data)
-        frame.sample_rate = self.in_rate
-        frame.time_base = self._time_base
-        frame.pts = self._in_total
-        self._in_total += n
-        self._src.push(frame)
-        return self._pull(draining=False)
-
-    def _pull(self, draining: bool) -> bytes:
-        parts: list[bytes] = []
-        while True:
-            try:
-                frame = self._sink.pull()
-            except (_AvAgain, _AvEOF):
-                break
-            n = frame.samples
-            self._out_total += n
-            parts.append(bytes(memoryview(frame.planes[0])[: n * self._out_block]))
-            expected = self._in_total * self.out_rate // self.in_rate
-            if not draining and expected - self._out_total <= self._slack:
-                break
-        return parts[0] if len(parts) == 1 else b"".join(parts)
-
-    def restart(self) -> None:
-        """Begin a new stream without rebuilding (a rebuild costs 0.06-0.3 ms; this one
-        push). Silence the length of two filters clears the old stream's history; what
-        comes out is dropped. The new stream then comes out after ~the filter delay
-        (< 1 ms) of silence, as if it had followed silence; nothing of the old one."""
-        if self.passthrough:
-            return
-        span = self._filter_size * max(1, -(-self.in_rate // self.out_rate))
-        self.push_bytes(bytes(2 * span * self._in_block))
-        self._pull(draining=True)
-
-    def flush(self) -> np.ndarray:
-        """Emit the filter's tail (end of stream) and reset, ready for a new stream."""
-        if self.passthrough:
-            self._build()
-            return np.empty(0, dtype=np.int16)
-        self._src.push(None)
-        tail = self._pull(draining=True)
-        self._build()
-        return np.frombuffer(tail, dtype=np.int16)
-
-
 class PcmFramer:
     """Resample + downmix to the VAD rate and cut into fixed frames, carrying remainders.
 
     Frames depend only on the concatenated input, never on how it was chunked: exactly
     for 16 kHz mono (pure byte framing), and also exactly with resampling because
-    libswresample is a streaming filter (verified in tests); before :meth:`flush` the
-    resampled stream lags by the filter delay (< 1 ms), so at most one frame is pending.
+    the resampler is a streaming filter (verified in tests); before :meth:`flush` the
+    resampled stream lags by half the filter (0.5-1 ms), so at most one frame is pending.
 
     ``batch_ms`` > 0 holds input until that much has accumulated before resampling:
-    it amortises PyAV's per-call cost (~10-20 µs) at the price of up to ``batch_ms``
+    it amortises the resampler's per-call cost (a few µs) at the price of up to ``batch_ms``
     extra latency. Ignored for 16 kHz mono input, which needs no resampler.
 
     Frames are read-only int16 arrays of ``target_rate * frame_ms / 1000`` samples
