@@ -4,8 +4,8 @@ Run as ``python -m bench.memory_probe OUT.jsonl serve ...`` (the rest is ``duple
 command line). Each SIGUSR1 appends one JSON line to OUT.jsonl: the server's RSS and the
 bytes held by what a live VAD session keeps, found by walking the objects the garbage
 collector tracks (no tracing, so the server runs at its usual speed; the walk pauses
-the event loop for a few milliseconds). Python-level bytes only: the native memory of
-reply resamplers is counted as their number.
+the event loop for a few milliseconds). Python-level bytes only; resamplers (under 1 KB
+each) are counted as their number.
 
 With ``DUPLEX_PROBE_TRACE=FRAMES`` the server runs under tracemalloc (slower) and each
 SIGUSR2 writes a snapshot to OUT.jsonl.1.trace, .2.trace, ... (``bench_memory --trace``).
@@ -37,11 +37,10 @@ def account() -> dict[str, float]:
     from media.audio import StreamResampler
     from server.outbox import Outbox
     from server.providers.base import AudioClip
-    from server.reply_audio import ResamplerPool
     from server.session import DuplexSession
     from vad.turns import TurnDetector
 
-    row = dict.fromkeys(("sessions", "history", "turn_audio", "outbox", "resamplers", "idle"), 0)
+    row = dict.fromkeys(("sessions", "history", "turn_audio", "outbox", "resamplers"), 0)
     clips: set[int] = set()
     for obj in gc.get_objects():
         kind = type(obj)
@@ -54,8 +53,6 @@ def account() -> dict[str, float]:
             row["outbox"] += obj.size
         elif kind is StreamResampler:
             row["resamplers"] += 1
-        elif kind is ResamplerPool:
-            row["idle"] += obj.idle
         elif isinstance(obj, DuplexSession) and not obj.closed:
             row["sessions"] += 1
     rss = _rss_kb()

@@ -66,7 +66,6 @@ from server.logs import SessionLog
 from server.modes.base import Mode, ModeFactory, SessionPort
 from server.outbox import Outbox, OutboxWriter
 from server.providers.catalog import ProviderCatalog
-from server.reply_audio import ResamplerPool
 from server.state.base import OutboxEntry, SessionRecord, StateStore
 from server.tools import ToolRegistry
 from server.turn_runner import Turn, TurnRunner
@@ -99,8 +98,6 @@ class SessionServices:
     outbox_writer: OutboxWriter = None  # type: ignore[assignment]
     #: Decoded image pixels in flight across the app (server/decode_budget.py).
     decode_budget: PixelBudget = field(default_factory=lambda: PixelBudget(40_000_000))
-    #: Reply resamplers shared between replies of all sessions (server/reply_audio.py).
-    resamplers: ResamplerPool = field(default_factory=ResamplerPool)
 
     #: Builds a session's watcher of its outgoing messages (server/metrics.py
     #: `session_taps`: metrics, response log lines); None: nothing watches.
@@ -325,7 +322,6 @@ class DuplexSession(BaseSession):
             limits=services.limits,
             turn_locks=services.turn_locks,
             decode_budget=services.decode_budget,
-            resamplers=services.resamplers,
             emit=self.emit,
             emit_nowait=self.emit_nowait,
             emit_error=self.emit_error,

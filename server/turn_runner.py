@@ -32,7 +32,7 @@ from server.idempotency import TurnLocks
 from server.limits import SessionLimits
 from server.providers.base import AudioClip, TurnRequest, UnaryProvider
 from server.providers.catalog import ProviderCatalog
-from server.reply_audio import ReplyAudio, ReplyResamplers
+from server.reply_audio import ReplyAudio
 from server.state.base import StateStore, StreamEvent
 from server.tools import ClientTool, ToolRegistry, run_tool_loop, with_tool_messages
 
@@ -96,7 +96,6 @@ class TurnRunner:
         *,
         response_id: str | None = None,
         output_rate: int | None = None,
-        resamplers: ReplyResamplers | None = None,
         client_tool: ClientTool | None = None,
         on_transcript: Callable[[str], Awaitable[None]] | None = None,
     ) -> None:
@@ -104,7 +103,7 @@ class TurnRunner:
         self.provider = provider
         self.turn = turn
         self.response_id = response_id or new_id("resp")
-        self.audio = ReplyAudio(output_rate, resamplers)
+        self.audio = ReplyAudio(output_rate)
         self.client_tool = client_tool
         self.on_transcript = on_transcript
         self.hop_text: list[str] = []  # text of the current model call (after the last tools)

@@ -21,7 +21,7 @@ from duplex.protocol import (
     parse_server_message,
 )
 from media.audio import StreamResampler
-from server.reply_audio import ReplyAudio, ReplyResamplers
+from server.reply_audio import ReplyAudio
 
 PCM = (np.arange(2400, dtype=np.int16) * 13).astype("<i2").tobytes()
 
@@ -154,25 +154,20 @@ def test_reply_audio_matches_a_stream_resampler_and_counts_ms() -> None:
     assert reply.ms_sent == pytest.approx(sum(map(len, out)) / 2 / 24)
 
 
-def test_session_resamplers_carry_nothing_from_one_response_to_the_next() -> None:
-    """A session's responses share a resampler (no rebuild per response), and a new
+def test_a_response_hears_nothing_of_the_previous_one() -> None:
+    """Each response has its own resampler (they are too small to keep or pool), so a new
     response hears nothing of the previous one, even one cut off mid-stream."""
     rng = np.random.default_rng(4)
     loud = (rng.standard_normal(1600) * 20000).astype("<i2").tobytes()
     silence = bytes(3200)
-    resamplers = ReplyResamplers()
-    first = ReplyAudio(24000, resamplers)
+    first = ReplyAudio(24000)
     assert first.convert(Media(mime_type="audio/pcm", data=loud, sample_rate=16000))
-    second = ReplyAudio(24000, resamplers)
+    second = ReplyAudio(24000)
     got = second.convert(Media(mime_type="audio/pcm", data=silence, sample_rate=16000))
-    assert got is not None and len(got.data) == 4800  # 100 ms, as the stream goes on
-    assert not any(got.data)  # not a sample of the first response's tail
-    assert second._resampler is first._resampler
-    # Without the restart, the first response's tail would come out here.
-    resampler = second._resampler
-    assert resampler is not None
-    resampler.push_bytes(loud)
-    assert any(resampler.push_bytes(silence))
+    assert got is not None and not any(got.data)
+    # 100 ms less the filter's half (8 samples at 16 kHz) still in it: 2388 samples.
+    assert len(got.data) == 2 * (2400 - 12)
+    assert second._resampler is not first._resampler
 
 
 def test_reply_audio_passes_audio_at_the_output_rate_through() -> None:

@@ -27,7 +27,6 @@ from server.idempotency import TurnLocks
 from server.limits import SessionLimits
 from server.logs import SessionLog
 from server.providers.catalog import ProviderCatalog
-from server.reply_audio import ResamplerPool
 from server.state.base import StateStore
 from server.tools import ToolRegistry
 
@@ -56,8 +55,6 @@ class SessionPort:
     turn_locks: TurnLocks
     #: Decoded image pixels in flight across the app (server/decode_budget.py).
     decode_budget: PixelBudget
-    #: Reply resamplers shared between replies of all sessions (server/reply_audio.py).
-    resamplers: ResamplerPool
     #: Send or queue one server message; waits while the output queue is full.
     emit: Callable[[BaseModel], Awaitable[None]]
     #: `emit` without waiting: False (nothing done) if the output queue is full.

@@ -42,7 +42,7 @@ from server.modes.audio_ingest import FRAME_MS, VAD_RATE, AudioIngest
 from server.modes.base import Mode, SessionPort
 from server.modes.echo_guard import EchoGuard, echo_aware
 from server.providers.base import AudioClip, ProviderError
-from server.reply_audio import Playback, ReplyResamplers
+from server.reply_audio import Playback
 from server.tools import ClientToolWaiters
 from server.turn_runner import Turn, TurnRunner
 from vad import turns as vt
@@ -84,8 +84,6 @@ class VadMode(Mode):
         self._responding = False  # from a turn's start to its answer stored
         self._ending = 0  # turns ended (announced, frames collected) but not queued yet
         self._done_due = False  # response.started sent, response.done not yet
-        # Responses stream one at a time; between them the resampler goes back to the app.
-        self._resamplers = ReplyResamplers(session.resamplers)
         self._client_tools = ClientToolWaiters(limits.client_tool_timeout_s)
         self._worker: asyncio.Task[None] | None = session.spawn(self._work(), "turns")
 
@@ -249,7 +247,6 @@ class VadMode(Mode):
     async def close(self) -> None:
         self._frames.close()
         self._client_tools.cancel_all()
-        self._resamplers.clear()
         self._worker = None  # once cancelled, its traceback would hold this mode
 
     # ---- turns ----------------------------------------------------------------------
@@ -371,7 +368,6 @@ class VadMode(Mode):
             provider,
             turn,
             output_rate=session.config.output_audio.sample_rate,
-            resamplers=self._resamplers,
             client_tool=self._client_tools,
             on_transcript=lambda text: session.emit(Transcript(turn_id=turn.turn_id, text=text)),
         )
@@ -419,9 +415,6 @@ class VadMode(Mode):
         finally:
             self._active = None
             self._done_due = False
-            # The reply resampler (~150 KB of filter graph, measured) goes back to the
-            # app's pool between replies (docs/limits.md).
-            self._resamplers.clear()
             # Once (a no-op if stored above); a close waits for it, bounded, then re-raises.
             await runner.record(
                 reason, active.playback.played_ms if reason == "interrupted" else None
