@@ -78,7 +78,7 @@ def _dot(line, start, bank, r, taps):  # type: ignore[no-untyped-def]
     types.Array(types.int16, 1, "C")(
         types.Array(types.int16, 1, "C", readonly=True),
         types.int64[::1],
-        types.int32[:, ::1],
+        types.int16[:, ::1],
         types.Array(types.int16, 2, "C", readonly=True),
     )
 )
@@ -93,7 +93,7 @@ def _run(x, st, hist, bank):  # type: ignore[no-untyped-def]
     n = x.size // in_ch
     total = held + n
     # [history, new input] per channel.
-    ext = np.empty((ch, total), np.int32)
+    ext = np.empty((ch, total), np.int16)
     ext[:, :held] = hist[:, :held]
     if mix:
         for i in range(n):
@@ -115,8 +115,9 @@ def _run(x, st, hist, bank):  # type: ignore[no-untyped-def]
     for c in range(ch):
         line = ext[c]
         p, f = pos, frac
+        exact = phases == up
         for k in range(count):
-            if phases == up:
+            if exact:
                 acc = _dot(line, p, bank, f, taps)
             else:  # between two rows of the table
                 scaled = f * phases
@@ -233,7 +234,7 @@ class StreamResampler:
         st[_PHASES] = st[_UP] if bank.shape[0] == st[_UP] else bank.shape[0] - 1
         st[_MIX] = int(in_channels == 2 and out_channels == 1)
         st[_OUT_CH] = out_channels
-        self._hist = np.zeros((work_ch, bank.shape[1]), np.int32)
+        self._hist = np.zeros((work_ch, bank.shape[1]), np.int16)
         self.restart()
 
     def restart(self) -> None:
