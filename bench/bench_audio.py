@@ -77,7 +77,7 @@ def cpu(fn: Callable[[], object]) -> float:
 # input (48 and 44.1 kHz browsers, 8 kHz telephony; 20 ms messages and 1 s uploads).
 RESAMPLE_CASES = [(16000, 24000, 100), (24000, 16000, 100), (24000, 48000, 100)]
 RESAMPLE_CASES += [(48000, 16000, 20), (48000, 16000, 1000), (44100, 16000, 20)]
-RESAMPLE_CASES += [(8000, 16000, 20)]
+RESAMPLE_CASES += [(8000, 16000, 20), (8001, 16000, 100)]  # 8001: the interpolated table
 MEMORY_STREAMS = 200
 
 

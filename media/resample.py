@@ -37,7 +37,7 @@ KAISER_BETA = 9.0
 MAX_BANK = 65536
 _Q = 15  # coefficients are Q15
 
-# The state of a stream: one int64 array with these slots, then per-channel history.
+# The state of a stream: one int64 array with these slots (its history is a second array).
 _POS = 0  # index into [history, new input] of the next output's first tap (may pass the end)
 _FRAC = 1  # the next output's phase, in 1/up of an input sample
 _HELD = 2  # history samples held
@@ -206,6 +206,7 @@ class StreamResampler:
         "out_channels",
         "out_rate",
         "passthrough",
+        "remix_only",
     )
 
     def __init__(self, in_rate: int, in_channels: int, out_rate: int, out_channels: int = 1):
@@ -221,9 +222,11 @@ class StreamResampler:
         self._in_block = 2 * in_channels
         self._out_block = 2 * out_channels
         self.passthrough = in_rate == out_rate and in_channels == out_channels
+        # Same rate, other channel count: no filter (and no delay), as libswresample did.
+        self.remix_only = in_rate == out_rate and not self.passthrough
         self._in_total = 0
         self._out_total = 0
-        if self.passthrough:
+        if in_rate == out_rate:
             return
         self._bank = bank = filter_bank(in_rate, out_rate)
         g = math.gcd(in_rate, out_rate)
@@ -240,7 +243,7 @@ class StreamResampler:
     def restart(self) -> None:
         """Begin a new stream: nothing of the old one comes out (no allocation)."""
         self._in_total = self._out_total = 0
-        if self.passthrough:
+        if self.in_rate == self.out_rate:
             return
         # The first output is centred on the first input sample: the taps before it
         # read silence.
@@ -267,13 +270,18 @@ class StreamResampler:
         self._in_total += n
         if self.passthrough:
             return bytes(data)
+        if self.remix_only:
+            x = np.frombuffer(data, np.int16)
+            if self.in_channels == 2:  # the average, as `_run` downmixes
+                return ((x[0::2].astype(np.int32) + x[1::2]) >> 1).astype(np.int16).tobytes()
+            return np.repeat(x, 2).tobytes()
         out = _run(np.frombuffer(data, np.int16), self._st, self._hist, self._bank)
         self._out_total += out.size // self.out_channels
         return out.tobytes()
 
     def flush(self) -> np.ndarray:
         """Emit the filter's tail (end of stream) and reset, ready for a new stream."""
-        if self.passthrough:
+        if self.in_rate == self.out_rate:
             self.restart()
             return np.empty(0, dtype=np.int16)
         st = self._st

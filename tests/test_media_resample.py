@@ -143,6 +143,16 @@ def test_a_sine_keeps_its_level_and_comes_out_clean(in_rate, out_rate, freq):
         assert err.max() < 8, err.max()
 
 
+def test_same_rate_other_channels_is_a_remix_without_filter_or_delay():
+    stereo = np.array([100, 300, -5, -6, 32767, 32767, -32768, -32768], np.int16)
+    down = StreamResampler(16000, 2, 16000, 1)
+    assert down.remix_only and not down.passthrough
+    assert down.push(stereo).tolist() == [200, -6, 32767, -32768]
+    assert down.flush().size == 0
+    up = StreamResampler(16000, 1, 16000, 2)
+    assert up.push(np.array([1, -2], np.int16)).tolist() == [1, 1, -2, -2]
+
+
 def test_flush_then_restart_begin_new_streams_with_nothing_of_the_old():
     loud = (np.random.default_rng(2).standard_normal(2400) * 20000).astype(np.int16)
     for end in ("flush", "restart"):
