@@ -37,9 +37,7 @@ async def on_server(server, coro):
 async def stored_outbox(server, session_id: str) -> list:
     app = server.app.state.duplex
     store, limits = app.services.store, app.services.limits
-    return await on_server(
-        server, store.load_outbox(session_id, max_age_s=limits.outbox_max_age_s)
-    )
+    return await on_server(server, store.load_outbox(session_id, max_age_s=limits.outbox_max_age_s))
 
 
 async def live_sessions(server) -> int:
@@ -58,8 +56,8 @@ async def until_detached(server, session_id: str, timeout: float = 20):
     """The live session once the server has seen its connection go (and kept it)."""
     registry = server.app.state.duplex.registry
     async with asyncio.timeout(timeout):
-        while (session := registry.get(TENANT, session_id)) is not None and (
-            session.connection is not None
+        while (session := registry.get(TENANT, session_id)) is not None and (  # noqa: ASYNC110
+            session.connection is not None  # polled state
         ):
             await asyncio.sleep(0.02)
     assert session is not None and not session.closed, "the session ended: not detached"
@@ -73,7 +71,7 @@ async def answered(server) -> tuple[Reader, str]:
     await r.ws.send(json.dumps({"type": "input.text", "text": "kept for later", "final": True}))
     await r.until(lambda e: e["type"] == "response.done")
     async with asyncio.timeout(10):
-        while len(await stored_outbox(server, session_id)) < len(r.got):
+        while len(await stored_outbox(server, session_id)) < len(r.got):  # noqa: ASYNC110
             await asyncio.sleep(0.05)  # the writer copies it every outbox_flush_ms
     return r, session_id
 
