@@ -414,6 +414,9 @@ class DuplexSession(BaseSession):
         self._port = SessionPort.__new__(SessionPort)
         self._send_now = None
         self._rest = None
+        # The connection's link holds its writer task, whose traceback (cancelled) holds
+        # this session: no resume takes a closed session's output (server/resume.py).
+        self.connection = None
 
     @property
     def closed(self) -> bool:
