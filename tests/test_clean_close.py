@@ -177,3 +177,20 @@ async def test_session_the_server_ended_keeps_its_outbox(server_factory):
         await r.until(lambda e: False)
     await until_gone(server, session_id)
     assert await stored_outbox(server, session_id) != []
+
+
+@pytest.mark.parametrize("code", [1000, 1001])
+async def test_realtime_door_ends_at_once_and_a_close_1000_drops_the_outbox(server_factory, code):
+    """No resume in the Realtime protocol: every ending ends the session; only a close
+    1000 also drops the outbox a /v1/duplex resume could read (docs/openai-realtime.md)."""
+    server = _server(server_factory, None)
+    url = server.base.replace("http", "ws", 1) + "/v1/realtime"
+    headers = {"Authorization": f"Bearer {TOKEN}"}
+    async with websockets.connect(url, additional_headers=headers) as ws:
+        session_id = json.loads(await ws.recv())["session"]["id"]
+        async with asyncio.timeout(10):
+            while not await stored_outbox(server, session_id):  # noqa: ASYNC110
+                await asyncio.sleep(0.05)
+        await ws.close(code)
+    await until_gone(server, session_id)
+    assert (await stored_outbox(server, session_id) == []) == (code == 1000)

@@ -212,7 +212,7 @@ async def _read(
         if direct is not None:
             direct.take_text = None
     # Every disconnect ends the session here (no resume in this protocol); a client's
-    # close 1000 also drops its outbox, as on /v1/duplex (docs/realtime.md).
+    # close 1000 also drops its outbox, as on /v1/duplex (docs/openai-realtime.md).
     await session.close(resumable=code != CLOSE_NORMAL)
 
 
