@@ -180,12 +180,13 @@ async def _serve(
             app.registry.remove(tenant, session)
         elif link.close_code == CLOSE_NORMAL or grace <= 0:
             # A client's close 1000 says it is done: nobody resumes the session, so its
-            # outbox goes too. An answer in progress is stopped and stored as it stood.
+            # outbox goes too (memory and the store's copy). An answer in progress is
+            # stopped and stored as it stood; the close waits for that write (bounded).
             await session.close(resumable=link.close_code != CLOSE_NORMAL)
             app.registry.remove(tenant, session)
         else:
             session.detach(grace, lambda: app.registry.remove(tenant, session))
-        session.log.info("disconnected (%s)", link.close_code or "by the server")
+        session.log.info("disconnected (close code %s)", link.close_code or "-")
     return asked
 
 
