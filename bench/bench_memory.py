@@ -32,10 +32,12 @@ session paced at real time from its own start, starts spread over ``--stagger`` 
    with a budget large enough to bound nothing (``DUPLEX_MAX_DECODE_PIXELS``).
 4. Rounds: ``--rounds`` rounds of ``--round-size`` sessions; each session connects,
    streams one turn and a second of silence at real time, reads until its reply is done,
-   and closes. RSS two seconds after each round. Target: after 10 rounds within 10 % of
-   RSS after the first. A session that hangs up is kept for the resume grace (30 s) and
-   its outbox for 60 s more, so rounds hold up to ~90 s of closed sessions; RSS is
-   measured again ``--settle`` seconds after the last round. ``--round-settle S``
+   and closes (close 1000: the server ends the session at once and drops its outbox).
+   RSS two seconds after each round. Target: after 10 rounds within 10 % of RSS after
+   the first. ``--leave drop``: each drops its connection instead (no close frame, as a
+   network drop); such a session is kept for the resume grace (30 s) and its outbox for
+   60 s more, so rounds hold up to ~90 s of closed sessions. RSS is measured again
+   ``--settle`` seconds after the last round. ``--round-settle S``
    measures each round once those windows are over instead (S seconds, one session in
    and out, one heap trim period): with short windows set explicitly
    (``--server-env DUPLEX_RESUME_GRACE_S=2``, ``DUPLEX_OUTBOX_MAX_AGE_S=5``,
@@ -99,6 +101,8 @@ async def _drain(ws, done: asyncio.Event | None = None, replies: list[int] | Non
                     done.set()
 
 
+#: How a rounds session leaves (``--leave``), as the table says it.
+LEAVE = {"close": "close (1000)", "drop": "drop the connection (no close frame)"}
 REPORT_EVERY_S = 0.25  # the browser demo's playback report interval (server/static/app.js)
 
 
@@ -237,7 +241,11 @@ async def live_part(
 
 
 async def _one_session(
-    server: ServerProc, messages: list[bytes], start: float, playback: bool = False
+    server: ServerProc,
+    messages: list[bytes],
+    start: float,
+    playback: bool = False,
+    leave: str = "close",
 ) -> bool:
     await asyncio.sleep(max(0.0, start - time.monotonic()))
     try:
@@ -253,7 +261,10 @@ async def _one_session(
     except Exception:
         return False
     finally:
-        await ws.close()
+        if leave == "drop":
+            ws.transport.abort()  # no close frame, as a network drop
+        else:
+            await ws.close()  # 1000: done with the session
         reader.cancel()
 
 
@@ -266,6 +277,7 @@ async def rounds_part(
     settle: float | None = None,
     trim_s: float = TRIM_S,
     playback: bool = False,
+    leave: str = "close",
 ) -> tuple[float, list[tuple[int, float, int, float]]]:
     """RSS 2 s after each round, or with ``settle``: once that round's resume windows
     are over (`settled_rss`)."""
@@ -276,7 +288,7 @@ async def rounds_part(
         t0 = time.monotonic()
         ok = await asyncio.gather(
             *(
-                _one_session(server, messages, t0 + stagger * k / size, playback)
+                _one_session(server, messages, t0 + stagger * k / size, playback, leave)
                 for k in range(size)
             )
         )
@@ -374,6 +386,14 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="live clients report playback every 250 ms as a playing client does (the "
         "browser demo): the outbox lets go of what they heard",
+    )
+    ap.add_argument(
+        "--leave",
+        choices=("close", "drop"),
+        default="close",
+        help="how each rounds session leaves: close (close 1000: done, the server ends the "
+        "session at once) or drop (the TCP connection without a close frame, as a network "
+        "drop: the session waits out the resume grace)",
     )
     ap.add_argument(
         "--settle",
@@ -521,6 +541,7 @@ async def _run(args: argparse.Namespace, loop_messages: list[bytes], turn_messag
                 each,
                 trim_s,
                 args.playback,
+                args.leave,
             )
             settled = (
                 await settled_rss(server, args.settle, trim_s)
@@ -539,7 +560,7 @@ async def _run(args: argparse.Namespace, loop_messages: list[bytes], turn_messag
         out += [
             "",
             f"**Close and return** ({args.round_size} sessions a round: connect, one turn at "
-            f"real time, reply, close; {when}; before the first: {base:.1f} MB):",
+            f"real time, reply, {LEAVE[args.leave]}; {when}; before the first: {base:.1f} MB):",
             "",
         ]
         out.append(

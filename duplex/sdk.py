@@ -85,6 +85,12 @@ INPUT_LOST = "input.lost"
 #: other close resumes: 1006 (the network), 1012 (a draining or moved server), 1013.
 FINAL_CLOSE_CODES = frozenset({1000, 1008, 1011, 4001})
 
+#: The close code that ends the session on the server at once (`Session.close`: done with
+#: it). A socket closed meaning to come back uses `CLOSE_COMING_BACK`: the server then
+#: keeps the session for its resume grace period (docs/protocol.md "Resuming a session").
+CLOSE_DONE = 1000
+CLOSE_COMING_BACK = 1001
+
 
 @dataclass
 class Message:
@@ -263,7 +269,7 @@ class Session:
                 if first["type"] == "error" and first["code"] == UNAVAILABLE:
                     # Not here, not now (a replica draining, or the session still held by
                     # one): try again, like an HTTP 503 to the handshake.
-                    await ws.close()
+                    await ws.close(CLOSE_COMING_BACK)
                     log.info("session %s: resume refused (503), retrying", self.id)
                 elif first["type"] == "error":
                     await ws.close()
@@ -560,8 +566,10 @@ class Session:
         return body["id"]
 
     async def close(self) -> None:
+        """End the session: close 1000 tells the server it is done (it ends the session
+        at once and keeps nothing for a resume)."""
         self._closing = True
-        await self.ws.close()
+        await self.ws.close(CLOSE_DONE)
         if not self._connected.is_set() and self._reader is not None:
             self._reader.cancel()  # between reconnect attempts: stop trying
         if self._reader is not None:

@@ -336,17 +336,21 @@ async def _converse(
         reconnect=None if args.no_reconnect else Reconnect(),
         **config,
     )
-    streams = []
-    if args.video:
-        streams.append(stream_video(session, args.video, fast=args.fast))
-    if wav is not None:
-        streams.append(stream_wav(session, wav, fast=args.fast))
-    await asyncio.gather(*streams)
-    for text in args.text or []:
-        await session.ask(text, stream=False)
-    if args.mic:
-        await stream_mic(session)
-    # Wait for answers still on their way: no open response and a quiet moment.
-    while printer.open_responses or time.monotonic() - printer.last_event < args.idle:  # noqa: ASYNC110 - a quiet period, polled
-        await asyncio.sleep(0.05)
-    await session.close()
+    try:
+        streams = []
+        if args.video:
+            streams.append(stream_video(session, args.video, fast=args.fast))
+        if wav is not None:
+            streams.append(stream_wav(session, wav, fast=args.fast))
+        await asyncio.gather(*streams)
+        for text in args.text or []:
+            await session.ask(text, stream=False)
+        if args.mic:
+            await stream_mic(session)
+        # Wait for answers still on their way: no open response and a quiet moment.
+        while printer.open_responses or time.monotonic() - printer.last_event < args.idle:  # noqa: ASYNC110 - a quiet period, polled
+            await asyncio.sleep(0.05)
+    finally:
+        # Close 1000, on Ctrl-C too: the server ends the session at once instead of
+        # keeping it for a resume that will not come (bounded by the close handshake).
+        await session.close()

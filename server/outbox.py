@@ -162,6 +162,15 @@ class Outbox:
         """Write what is pending now (bounded); the held entries stay readable."""
         await self._writer.write_now(self)
 
+    async def discard(self, last_seq: int) -> None:
+        """Drop everything (the session ended and will not be resumed): the entries held
+        here at once, the store's copy up to ``last_seq`` in one write (bounded)."""
+        self._entries.clear()
+        self._pending = []
+        self._bytes = 0
+        self._dropped_to = max(self._dropped_to, last_seq)
+        await self._writer.drop(self)
+
 
 class OutboxWriter:
     """Copies new outbox entries of every session to the store, one call per interval."""
@@ -199,6 +208,14 @@ class OutboxWriter:
         batch = outbox.take_pending()
         if batch is not None:
             await self._write([batch])
+
+    async def drop(self, outbox: Outbox) -> None:
+        """Let the store's copy of ``outbox`` go (see `Outbox.discard`), after a write of
+        it that may be under way, so that write cannot put entries back."""
+        self._dirty.pop(outbox.session_id, None)
+        if self._writing is not None:
+            await asyncio.wait([self._writing], timeout=STORE_TIMEOUT_S)
+        await self.write_now(outbox)  # nothing pending: only the trim
 
     async def _write(self, batches: list[OutboxBatch]) -> None:
         """Best effort: a failed write is logged, never fatal (resume from memory works)."""

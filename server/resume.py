@@ -59,6 +59,10 @@ class Link:
     #: takes no new message (one being handled finishes), so the input count the new
     #: connection is told is final.
     replaced: bool = False
+    #: The code the connection ended with, as the reader saw it: the client's close
+    #: frame's (1000: done with the session, which then ends at once), the server's own
+    #: close's, or 1005/1006 for one lost without a close frame; None until then.
+    close_code: int | None = None
 
 
 def request_from_query(params: Mapping[str, str]) -> ResumeRequest | None:

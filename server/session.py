@@ -376,7 +376,11 @@ class DuplexSession(BaseSession):
             config=self.config.model_dump(),
         )
 
-    async def close(self) -> None:
+    async def close(self, *, resumable: bool = True) -> None:
+        """End the session: an answer in progress is stopped and stored as it stood
+        (bounded by ``close_timeout_s``). ``resumable=False`` (the client closed with 1000:
+        nobody will resume it): the outbox is dropped, here and in the store, instead of
+        written."""
         if self._closed:
             return
         self._closed = True
@@ -395,7 +399,10 @@ class DuplexSession(BaseSession):
         self._unwatch()
         self._force_put(_CLOSE)
         if self._outbox is not None:
-            await self._outbox.close()
+            if resumable:
+                await self._outbox.close()
+            else:
+                await self._outbox.discard(self._seq)
         await self._save_input_count()  # before `done`: a replica taking over reads it
         if self.tap is not None:
             self.tap.flush()
@@ -407,6 +414,9 @@ class DuplexSession(BaseSession):
         self._port = SessionPort.__new__(SessionPort)
         self._send_now = None
         self._rest = None
+        # The connection's link holds its writer task, whose traceback (cancelled) holds
+        # this session: no resume takes a closed session's output (server/resume.py).
+        self.connection = None
 
     @property
     def closed(self) -> bool:

@@ -32,7 +32,13 @@ from server.replica import refuse_unavailable
 from server.resume import Link, ResumeRequest, request_from_query, resume
 from server.session import DuplexSession
 from server.state.base import StoreUnavailable
-from server.ws_input import input_budget, pace_audio, pace_message, receive_frame
+from server.ws_input import (
+    CLOSE_NORMAL,
+    input_budget,
+    pace_audio,
+    pace_message,
+    receive_frame,
+)
 from server.ws_protocol import DIRECT, DirectPath
 
 log = logging.getLogger(__name__)
@@ -123,7 +129,8 @@ async def _serve(
     """Run one session on the connection; returns a first-message resume request, if any.
 
     When the client goes, a live session is detached for ``resume_grace_s`` (see
-    server/resume.py) instead of closed; one taken over by another connection is left alone.
+    server/resume.py) instead of closed, unless the client closed with 1000 (it is done:
+    the session ends at once); one taken over by another connection is left alone.
     """
     link.ws = ws
     session.connection = link
@@ -168,12 +175,18 @@ async def _serve(
         grace = app.services.limits.resume_grace_s
         if link.replaced:
             pass  # another connection serves the session now
-        elif session.closed or asked is not None or grace <= 0 or not keep:
+        elif session.closed or asked is not None or not keep:
             await session.close()  # first: a resume meanwhile waits for it (server/resume.py)
+            app.registry.remove(tenant, session)
+        elif link.close_code == CLOSE_NORMAL or grace <= 0:
+            # A client's close 1000 says it is done: nobody resumes the session, so its
+            # outbox goes too (memory and the store's copy). An answer in progress is
+            # stopped and stored as it stood; the close waits for that write (bounded).
+            await session.close(resumable=link.close_code != CLOSE_NORMAL)
             app.registry.remove(tenant, session)
         else:
             session.detach(grace, lambda: app.registry.remove(tenant, session))
-        session.log.info("disconnected")
+        session.log.info("disconnected (close code %s)", link.close_code or "-")
     return asked
 
 
@@ -244,7 +257,10 @@ async def _receive_loop(
 ) -> ResumeRequest | None:
     while not session.closed and not link.replaced:
         frame = await receive_frame(ws, session, direct)
-        if frame is None or link.replaced or not session.take_input():
+        if isinstance(frame, int):
+            link.close_code = frame
+            break
+        if link.replaced or not session.take_input():
             # not taken, not counted: the client resends it where the session went on
             break
         data = frame.get("bytes")

@@ -26,25 +26,37 @@ def input_budget(settings: Settings) -> InputBudget:
     )
 
 
+#: A client's close with this code says it is done with the session: it ends at once
+#: (docs/protocol.md "Resuming a session").
+CLOSE_NORMAL = 1000
+#: The close code of a connection that ended without one.
+CLOSE_ABNORMAL = 1006
+
+
 async def receive_frame(
     ws: WebSocket, session: DuplexSession, direct: DirectPath | None
-) -> dict[str, Any] | None:
-    """The next ASGI frame, or None when the client went.
+) -> dict[str, Any] | int:
+    """The next ASGI frame, or the close code when the connection went.
 
-    While this waits, the direct path may hand audio straight to the session; whatever
-    it took is fully handled (`DuplexSession.settle`) before the frame is returned.
+    The code is the client's close frame's (1000: it is done with the session), or what
+    the server reports for a connection that ended without one (uvicorn: 1005 after the
+    handshake, 1006; never 1000). While this waits, the direct path may hand audio
+    straight to the session; whatever it took is fully handled (`DuplexSession.settle`)
+    before the frame is returned.
     """
     if direct is not None:
         direct.ready = True
     try:
         frame = await ws.receive()
-    except (WebSocketDisconnect, RuntimeError):
-        return None
+    except WebSocketDisconnect as exc:
+        return exc.code
+    except RuntimeError:  # received after the disconnect: the code was taken already
+        return CLOSE_ABNORMAL
     finally:
         if direct is not None:
             direct.ready = False
     if frame["type"] == "websocket.disconnect":
-        return None
+        return int(frame.get("code") or CLOSE_ABNORMAL)
     await session.settle()
     return frame
 

@@ -30,11 +30,12 @@ async def _until_removed(registry, tenant: str, session_id: str) -> None:
     raise AssertionError("the session was not removed after its connection closed")
 
 
-async def test_closed_session_is_freed_by_reference_counting(server_factory, speech):
-    """A session that streamed audio, got a spoken reply and closed (after its resume
-    grace) leaves nothing alive, with the cyclic GC off: the server freezes the heap and
-    runs full collections rarely, so anything left in a cycle would wait there, native
-    buffers included."""
+@pytest.mark.parametrize("leave", ["close", "drop"])
+async def test_closed_session_is_freed_by_reference_counting(server_factory, speech, leave):
+    """A session that streamed audio, got a spoken reply and closed (at once on the
+    client's close 1000, or after its resume grace when the socket drops) leaves nothing
+    alive, with the cyclic GC off: the server freezes the heap and runs full collections
+    rarely, so anything left in a cycle would wait there, native buffers included."""
     live_server = server_factory(resume_grace_s=0.2)
     registry = live_server.app.state.duplex.registry
     gc.collect()
@@ -49,6 +50,8 @@ async def test_closed_session_is_freed_by_reference_counting(server_factory, spe
             for i in range(0, len(speech) - 640, 640):
                 await c.send(speech[i : i + 640])
             await c.until("response.done", timeout=30)
+            if leave == "drop":
+                c.ws.transport.abort()  # no close frame: detached, then the grace ends
         await _until_removed(registry, "tenant-a", session_id)
         for _ in range(50):  # the close finishes in tasks of its own: give them turns
             if all(ref() is None for ref in refs):

@@ -246,11 +246,15 @@ async def test_resume_from_the_store_outbox_after_the_session_closed(
     """With no grace the session closes at the drop; its outbox is in the store."""
     url = store_url(store, tmp_path, request)
     server = server_factory(store_url=url, resume_grace_s=0)
+    registry = server.app.state.duplex.registry
     r = Reader(await open_ws(server))
     session_id = (await r.recv())["session"]["id"]
     await r.ws.send(json.dumps({"type": "input.text", "text": "kept for later", "final": True}))
     await r.until(lambda e: e["type"] == "response.done")
-    await r.ws.close()
+    drop(r.ws)  # a close 1000 would drop the outbox too (tests/test_clean_close.py)
+    async with asyncio.timeout(10):
+        while registry.get("tenant-a", session_id) is not None:  # noqa: ASYNC110
+            await asyncio.sleep(0.02)  # closed, its outbox in the store
     again = Reader(await open_ws(server, session_id=session_id, last_seq=2))
     assert (await again.recv())["first_seq"] == 3
     replayed = [await again.recv() for _ in range(len(r.got) - 2)]

@@ -31,7 +31,13 @@ from server.realtime_door.session_map import RealtimeSessionState
 from server.resume import Link
 from server.session import DuplexSession
 from server.state.base import StoreUnavailable
-from server.ws_input import input_budget, pace_audio, pace_message, receive_frame
+from server.ws_input import (
+    CLOSE_NORMAL,
+    input_budget,
+    pace_audio,
+    pace_message,
+    receive_frame,
+)
 from server.ws_protocol import DIRECT, DirectPath
 
 router = APIRouter()
@@ -201,11 +207,13 @@ async def _read(
             len(text) <= max_bytes // 4 and bridge.take_nowait(text, budget)
         )
     try:
-        await _receive_loop(ws, session, bridge, max_bytes, direct, budget)
+        code = await _receive_loop(ws, session, bridge, max_bytes, direct, budget)
     finally:
         if direct is not None:
             direct.take_text = None
-    await session.close()
+    # Every disconnect ends the session here (no resume in this protocol); a client's
+    # close 1000 also drops its outbox, as on /v1/duplex (docs/openai-realtime.md).
+    await session.close(resumable=code != CLOSE_NORMAL)
 
 
 async def _receive_loop(
@@ -215,11 +223,12 @@ async def _receive_loop(
     max_bytes: int,
     direct: DirectPath | None,
     budget: InputBudget,
-) -> None:
+) -> int | None:
+    """Returns the close code when the client went (None: the session ended)."""
     while not session.closed:
         frame = await receive_frame(ws, session, direct)
-        if frame is None:
-            break
+        if isinstance(frame, int):
+            return frame
         text = frame.get("text")
         if text is None:
             text = (frame.get("bytes") or b"").decode("utf-8", "replace")
@@ -234,6 +243,7 @@ async def _receive_loop(
         except Exception:
             session.log.exception("internal error handling a realtime event")
             await session.fail(500, "internal error")
+    return None
 
 
 async def _pace(session: DuplexSession, budget: InputBudget, text: str) -> None:
