@@ -82,11 +82,16 @@ class AudioIngest:
     def push(self, data: bytes, *, detect: bool = True) -> IngestResult:
         """Raises MediaError for undecodable or misaligned input; nothing earlier is lost."""
         pcm = self._to_frames(data)
+        if detect and pcm and self.filter is None and not self.manual:  # the usual case
+            return IngestResult(pcm, self._detect(pcm))
         return IngestResult(pcm, self._turn_events(pcm, detect))
 
     def events(self, data: bytes) -> list[TurnEvent]:
         """`push` for a caller that needs only the turn events (VAD mode, per message)."""
-        return self._turn_events(self._to_frames(data), True)
+        pcm = self._to_frames(data)
+        if pcm and self.filter is None and not self.manual:  # `_turn_events`, inlined
+            return self._detect(pcm)
+        return self._turn_events(pcm, True)
 
     def _turn_events(self, pcm: bytes, detect: bool) -> list[TurnEvent]:
         if self.manual:
