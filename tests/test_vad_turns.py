@@ -442,6 +442,58 @@ def test_ingest_passes_bytes_through_and_gives_the_same_events(
     assert ingest.clock_ms == len(data) // 2 * 1000 / SAMPLE_RATE
 
 
+_MESSAGE_SIZES = st.one_of(
+    st.just(2 * FRAME),  # 20 ms: the fast path
+    st.sampled_from([FRAME, 2, 2 * FRAME - 2, 2 * FRAME + 2, 1000, 10 * FRAME, 100 * FRAME]),
+    st.integers(min_value=1, max_value=20_000).map(lambda n: 2 * n),  # whole samples
+)
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    sizes=st.lists(_MESSAGE_SIZES, min_size=1, max_size=30),
+    call=st.sampled_from(["events", "push", "both"]),
+    with_filter=st.booleans(),
+)
+def test_ingest_fast_path_gives_the_general_paths_events(
+    chunking_audio: np.ndarray,
+    reference_events: list[TurnEvent],
+    sizes: list[int],
+    call: str,
+    with_filter: bool,
+) -> None:
+    """20 ms messages skip the framer while nothing is pending in it; any mix of message
+    sizes (10 ms, 20 ms, a sample more or less, 1 s, random), through `events`, `push` or
+    both, with or without a filter (which every frame must then pass): the events of the
+    TurnDetector alone, and the input clock counts every byte."""
+    from duplex.protocol import InputAudioConfig, TurnDetectionConfig
+    from server.modes.audio_ingest import AudioIngest
+
+    ingest = AudioIngest(InputAudioConfig(), TurnDetectionConfig())
+    filtered: list[int] = []
+    if with_filter:
+
+        def identity(pcm: bytes) -> bytes:
+            filtered.append(len(pcm))
+            return pcm
+
+        ingest.filter = identity
+    data = frames_of(chunking_audio, FRAME).tobytes()
+    events: list[TurnEvent] = []
+    pos, k = 0, 0
+    for size in itertools.cycle(sizes):
+        message = data[pos : pos + size]
+        if not message:
+            break
+        pos += len(message)
+        use_push = call == "push" or (call == "both" and k % 2)
+        events += ingest.push(message).events if use_push else ingest.events(message)
+        assert ingest.clock_ms == pos // (2 * FRAME) * 20
+        k += 1
+    assert events + ingest.detector.flush() == reference_events
+    assert sum(filtered) == (len(data) if with_filter else 0)
+
+
 def test_ingest_manual_commit_keeps_the_latest_max_turn() -> None:
     from duplex.protocol import InputAudioConfig, TurnDetectionConfig
     from server.modes.audio_ingest import AudioIngest

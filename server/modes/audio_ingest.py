@@ -67,31 +67,60 @@ class AudioIngest:
             else partial(_decode_and_frame, self.decoder, self.framer)
         )
         self._detect = self.detector.push_pcm
-        #: Applied to the VAD-rate frames before detection (echo-aware barge-in).
-        self.filter: Callable[[bytes], bytes] | None = None
+        self._filter: Callable[[bytes], bytes] | None = None
         # Manual turns (push-to-talk) keep everything since the last commit, bounded.
         self._manual_limit = turns.max_turn_ms // FRAME_MS * _FRAME_BYTES
         self._manual: deque[bytes] = deque()
         self._manual_bytes = 0
+        # The usual message, one frame of 16 kHz mono PCM16 (20 ms), skips the framer
+        # while nothing is pending in it (the framer would hand the bytes back as they
+        # are): `_fast_size` is that message's size then, else -1. It is counted here.
+        self._plain = self.decoder is None and rate == VAD_RATE and channels == 1
+        self._framer_rest = 0  # bytes pending in the framer (plain input only)
+        self._fast_frames = 0
+        self._fast_size = -1
+        self._update_fast()
 
     @property
     def clock_ms(self) -> float:
         """Milliseconds of audio received, on the session's input clock."""
-        return self.framer.frames_out * FRAME_MS
+        return (self.framer.frames_out + self._fast_frames) * FRAME_MS
+
+    @property
+    def filter(self) -> Callable[[bytes], bytes] | None:
+        """Applied to the VAD-rate frames before detection (echo-aware barge-in)."""
+        return self._filter
+
+    @filter.setter
+    def filter(self, value: Callable[[bytes], bytes] | None) -> None:
+        self._filter = value
+        self._update_fast()
 
     def push(self, data: bytes, *, detect: bool = True) -> IngestResult:
         """Raises MediaError for undecodable or misaligned input; nothing earlier is lost."""
-        pcm = self._to_frames(data)
-        if detect and pcm and self.filter is None and not self.manual:  # the usual case
-            return IngestResult(pcm, self._detect(pcm))
+        if len(data) == self._fast_size and detect and type(data) is bytes:
+            self._fast_frames += 1
+            return IngestResult(data, self._detect(data))
+        pcm = self._frames(data)
         return IngestResult(pcm, self._turn_events(pcm, detect))
 
     def events(self, data: bytes) -> list[TurnEvent]:
         """`push` for a caller that needs only the turn events (VAD mode, per message)."""
+        if len(data) == self._fast_size and type(data) is bytes:
+            self._fast_frames += 1
+            return self._detect(data)
+        return self._turn_events(self._frames(data), True)
+
+    def _frames(self, data: bytes) -> bytes:
         pcm = self._to_frames(data)
-        if pcm and self.filter is None and not self.manual:  # `_turn_events`, inlined
-            return self._detect(pcm)
-        return self._turn_events(pcm, True)
+        if self._plain:  # the framer cuts the bytes as they come: what it keeps is this
+            self._framer_rest = (self._framer_rest + len(data)) % _FRAME_BYTES
+            self._update_fast()
+        return pcm
+
+    def _update_fast(self) -> None:
+        fast = self._plain and not self.manual and self._filter is None and not self._framer_rest
+        self._fast_size = _FRAME_BYTES if fast else -1
 
     def _turn_events(self, pcm: bytes, detect: bool) -> list[TurnEvent]:
         if self.manual:
@@ -100,7 +129,7 @@ class AudioIngest:
             return []
         if not (detect and pcm):
             return []
-        return self._detect(pcm if self.filter is None else self.filter(pcm))
+        return self._detect(pcm if self._filter is None else self._filter(pcm))
 
     def commit(self) -> TurnEnd | None:
         """End the user's turn now (``input.commit``)."""
