@@ -48,7 +48,8 @@ from bench.bench_ws import (
     start_duplex,
 )
 from duplex.protocol import InputAudioConfig, TurnDetectionConfig
-from server.modes.audio_ingest import AudioIngest
+from server.modes.audio_ingest import VAD_RATE, AudioIngest
+from server.modes.echo_guard import EchoGuard
 from tests.speech import Conversation, make_conversation
 from vad import turns as vt
 
@@ -100,9 +101,13 @@ def ingest_cost(audio: np.ndarray, repeats: int = 7) -> list[tuple[str, float, f
     Each run times bare webrtcvad and then every message size, so that a machine whose
     speed drifts (it is shared) moves both sides of a ratio alike. `AudioIngest.push`
     is what the ASM mode calls per message; VAD mode calls `AudioIngest.events` (the same
-    work, without the result object), timed at 20 ms as well.
+    work, without the result object), timed at 20 ms as well, and with echo-aware
+    barge-in on (its default for telephony codecs and clients without echo
+    cancellation): with no reply playing, and with one playing all along (the same
+    audio reversed, as if the client played it back to the microphone).
     """
     data = audio.astype("<i2").tobytes()
+    reply = audio[::-1].astype(np.int16).tobytes()
     frames = len(data) // MSG_BYTES
     sizes = (20, 100, 1000)
     vad = webrtcvad.Vad(3)
@@ -113,10 +118,16 @@ def ingest_cost(audio: np.ndarray, repeats: int = 7) -> list[tuple[str, float, f
             vad.is_speech(data[i : i + MSG_BYTES], 16000)
         return time.process_time() - t
 
-    def ingest(ms: int, events: bool = False) -> float:
+    def ingest(ms: int, events: bool = False, echo: str | None = None) -> float:
         size = MSG_BYTES * ms // MSG_MS
         ingest = AudioIngest(InputAudioConfig(), TurnDetectionConfig())
         push = ingest.events if events else ingest.push
+        if echo is not None:
+            guard = EchoGuard(VAD_RATE, MSG_MS)
+            ingest.filter = guard.filter
+            if echo == "reply":
+                guard.reply_started()
+                guard.reply_audio(reply, VAD_RATE)
         t = time.process_time()
         for i in range(0, frames * MSG_BYTES, size):
             push(data[i : i + size])
@@ -125,14 +136,20 @@ def ingest_cost(audio: np.ndarray, repeats: int = 7) -> list[tuple[str, float, f
     runs = []
     for _ in range(repeats):
         base = bare()
-        runs.append([base] + [ingest(ms) for ms in sizes] + [ingest(MSG_MS, events=True)])
+        runs.append(
+            [base]
+            + [ingest(ms) for ms in sizes]
+            + [ingest(MSG_MS, events=True, echo=echo) for echo in (None, "idle", "reply")]
+        )
     names = [
         f"AudioIngest.push, {ms} ms messages (framing + SpeechDetector + turns)" for ms in sizes
     ] + [
         f"AudioIngest.events, {MSG_MS} ms messages (VAD mode's call)",
+        "... with echo-aware barge-in on, no reply playing",
+        "... with echo-aware barge-in on, a reply playing",
         "bare webrtcvad.Vad.is_speech, 20 ms frames",
     ]
-    order = [*range(1, len(sizes) + 2), 0]
+    order = [*range(1, len(sizes) + 4), 0]
     return [
         (
             names[k],
