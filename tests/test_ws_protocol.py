@@ -326,15 +326,15 @@ async def test_internal_error_in_audio_ends_that_session_with_500(
     the server goes on serving others."""
     server = server_factory(uvicorn_kwargs={"ws": ws} if ws else None)
     calls = [0]
-    original = AudioIngest._turn_events  # behind both `push` and `events`
+    original = vt.TurnDetector.push_pcm  # behind `push` and `events`, fast path or not
 
-    def failing(self, pcm, detect):
+    def failing(self, pcm):
         calls[0] += 1
         if calls[0] == 20:
             raise RuntimeError("boom")
-        return original(self, pcm, detect)
+        return original(self, pcm)
 
-    monkeypatch.setattr(AudioIngest, "_turn_events", failing)
+    monkeypatch.setattr(vt.TurnDetector, "push_pcm", failing)
     data = audio.astype("<i2").tobytes()
     async with connect(server, TOKEN) as c:
         await c.recv()
@@ -342,7 +342,7 @@ async def test_internal_error_in_audio_ends_that_session_with_500(
             await c.send(data[pos : pos + 640])
         error = await c.until("error")
     assert error[-1]["code"] == 500 and error[-1]["fatal"]
-    monkeypatch.setattr(AudioIngest, "_turn_events", original)
+    monkeypatch.setattr(vt.TurnDetector, "push_pcm", original)
     assert await _turn_ends(server, data) == _turns_offline(data)
 
 
