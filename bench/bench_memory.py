@@ -382,6 +382,13 @@ def main(argv: list[str] | None = None) -> int:
         "session adds is allocated, by file:line",
     )
     ap.add_argument(
+        "--trace-frames",
+        type=int,
+        default=1,
+        help="with --trace: frames of each allocation's traceback kept and listed (more "
+        "frames tell which caller holds it; slower)",
+    )
+    ap.add_argument(
         "--playback",
         action="store_true",
         help="live clients report playback every 250 ms as a playing client does (the "
@@ -462,7 +469,8 @@ async def _run(args: argparse.Namespace, loop_messages: list[bytes], turn_messag
         for n in (int(x) for x in args.live.split(",")):
             probed = args.account or args.trace
             probe_out = _probe_file() if probed else ""
-            probe_env = {**env, "DUPLEX_PROBE_TRACE": "1"} if args.trace else env
+            frames = str(args.trace_frames)
+            probe_env = {**env, "DUPLEX_PROBE_TRACE": frames} if args.trace else env
             server = start_probed(probe_env, probe_out) if probed else start_duplex(env)
             try:
                 await _warm_up(server, turn_messages)
@@ -483,7 +491,7 @@ async def _run(args: argparse.Namespace, loop_messages: list[bytes], turn_messag
                 (n, r["base"], r["live"], r["max"], r["per_kb"], int(r["replies"]), r["lag"])
             )
             if args.trace:
-                trace_lines += _trace_top(probe_out, n)
+                trace_lines += _trace_top(probe_out, n, frames=args.trace_frames)
             if probed:
                 account_rows.append((n, *_account(probe_out, n)))
         out += ["", "**Live VAD sessions** (paced audio, echo replies at real time):", ""]
@@ -624,9 +632,10 @@ def _short(filename: str) -> str:
     return filename
 
 
-def _trace_top(path: str, n: int, top: int = 30) -> list[str]:
+def _trace_top(path: str, n: int, top: int = 30, frames: int = 1) -> list[str]:
     """The lines of code holding the most more memory at steady state than with no
-    session (tracemalloc), per session; the snapshots are removed."""
+    session (tracemalloc), per session; with ``frames`` > 1, by traceback (the
+    callers, innermost first). The snapshots are removed."""
     import tracemalloc
 
     paths = [Path(f"{path}.{k}.trace") for k in (1, 2)]
@@ -635,15 +644,14 @@ def _trace_top(path: str, n: int, top: int = 30) -> list[str]:
     before, after = (tracemalloc.Snapshot.load(str(p)) for p in paths)
     for p in paths:
         p.unlink()
-    stats = after.compare_to(before, "lineno")
+    stats = after.compare_to(before, "lineno" if frames <= 1 else "traceback")
     total = sum(s.size_diff for s in stats)
     lines = [f"- all Python allocations: {total / 1024 / n:+.1f} KB per session"]
     for stat in stats[:top]:
-        frame = stat.traceback[0]
-        lines.append(
-            f"- {stat.size_diff / 1024 / n:+.1f} KB, {stat.count_diff / n:+.1f} blocks: "
-            f"`{_short(frame.filename)}:{frame.lineno}`"
+        where = " < ".join(
+            f"`{_short(f.filename)}:{f.lineno}`" for f in reversed(stat.traceback)
         )
+        lines.append(f"- {stat.size_diff / 1024 / n:+.1f} KB, {stat.count_diff / n:+.1f} blocks: {where}")
     return lines
 
 

@@ -7,8 +7,9 @@ collector tracks (no tracing, so the server runs at its usual speed; the walk pa
 the event loop for a few milliseconds). Python-level bytes only; resamplers (under 1 KB
 each) are counted as their number.
 
-With ``DUPLEX_PROBE_TRACE=FRAMES`` the server runs under tracemalloc (slower) and each
-SIGUSR2 writes a snapshot to OUT.jsonl.1.trace, .2.trace, ... (``bench_memory --trace``).
+With ``DUPLEX_PROBE_TRACE=FRAMES`` each SIGUSR2 writes a tracemalloc snapshot to
+OUT.jsonl.1.trace, .2.trace, ... (``bench_memory --trace``); tracing (slower) starts at
+the first, so the first snapshot holds nothing and later ones what was allocated since.
 With ``DUPLEX_PROBE_TRIM=1`` each account also calls ``malloc_trim`` and records what it
 gave back (``trimmed_kb``: free memory the allocator held; it lowers the RSS samples
 that follow, so use it for accounting only).
@@ -77,11 +78,14 @@ def main() -> int:
     signal.signal(signal.SIGUSR1, dump)
     frames = int(os.environ.get("DUPLEX_PROBE_TRACE", "0"))
     if frames:
-        # tracemalloc (slows the server down): SIGUSR2 writes a snapshot to OUT.N.trace
-        tracemalloc.start(frames)
+        # tracemalloc (slows the server down): SIGUSR2 writes a snapshot to OUT.N.trace.
+        # Tracing starts at the first one (the server with no session): start-up runs at
+        # full speed, and what is traced is what came after.
         taken = [0]
 
         def snapshot(*_: object) -> None:
+            if not tracemalloc.is_tracing():
+                tracemalloc.start(frames)
             taken[0] += 1
             tracemalloc.take_snapshot().dump(f"{out}.{taken[0]}.trace")
 

@@ -125,6 +125,37 @@ def test_quiet_stream_keeps_little_audio_and_turns_are_unchanged(speech):
     assert _kept_bytes(reference) >= 30 * 32000  # what the unbounded detector holds
 
 
+def test_idle_history_is_what_turn_detection_needs(speech):
+    """Between turns a session keeps the history the next turn's edges read before its
+    onset (the edges' reach, 300 ms, and the pre-roll or noise reference before that,
+    300 ms) and little more: at most 400 ms of block rounding and the block filling,
+    plus the latest message. It kept 1-2 s (about 32 KB a session more) before. While a
+    turn is open it keeps the turn and its pre-roll, to within a block (200 ms)."""
+    from duplex.protocol import InputAudioConfig, TurnDetectionConfig
+    from server.modes.audio_ingest import AudioIngest
+
+    ingest = AudioIngest(InputAudioConfig(), TurnDetectionConfig())
+    td = ingest.detector
+    needed = (td._lookback + 16000 * 400 // 1000) * 2
+    assert td._lookback == 16000 * 600 // 1000
+    stream = bytes(16000 * 2 * 3) + speech[: len(speech) // 640 * 640] + bytes(16000 * 2 * 5)
+    kept_quiet, turn_slack, started = [], [], None
+    for i in range(0, len(stream), 640):
+        ingest.events(stream[i : i + 640])
+        if td.state == "quiet":
+            kept_quiet.append(_kept_bytes(td))
+            started = None
+        elif td.state in ("speaking", "stopping"):
+            # Once the turn has started its onset is refined: only the pre-roll before
+            # it is ever read again (half a second of audio less for every open turn),
+            # dropped as the next block is sealed.
+            started = td._pos if started is None else started
+            if td._pos - started >= td._seal:
+                turn_slack.append(td._onset - td._pre - td._blocks_start)
+    assert max(kept_quiet) <= needed + 640
+    assert turn_slack and max(turn_slack) <= 16000 * 200 // 1000
+
+
 def test_server_ingest_keeps_little_audio_between_turns():
     """What a VAD session holds for its audio after a minute of quiet input."""
     from duplex.protocol import InputAudioConfig, TurnDetectionConfig

@@ -29,7 +29,9 @@ memory and every turn's audio.
 
 Cost: `push_pcm` takes frames as bytes, as they come off the network; one frame takes a
 fast path with no numpy beyond the detector's. Audio is kept as the pushed bytes, joined
-into blocks of about a second, so a turn's audio is copied out with one join. Each turn
+into blocks of about 200 ms, so a turn's audio is copied out with one join and history is
+dropped to within 200 ms of what the next turn may read (blocks of a second kept up to
+twice that between turns: ~32 KB a stream). Each turn
 edge costs one small FFT (~0.1-0.3 ms). For pushes of up to 100 ms the end's runs one
 push early, when the next push may end the turn, so the push that does end it (and
 delays turn.ended) is cheap.
@@ -51,7 +53,7 @@ from vad.kernel import VOICED
 
 _MAX_MS = 600_000  # ten minutes: a larger setting is a unit mistake, not a use case
 _BLOCK_FRAMES = 50  # push_pcm classifies and buffers at most this many frames at a time
-_SEAL_FRAMES = 50  # buffered audio is kept in bytes blocks of about this many frames
+_SEAL_FRAMES = 10  # buffered audio is kept in bytes blocks of about this many frames
 _SUBSTANTIAL_MS = 80  # a starting candidate with this much speech survives longer pauses
 _RESUME_MS = 40  # in *stopping*, a turn resumes on this much speech (one gap allowed)
 # (until it is known, the silence goes on counting, and the turn cannot end)
@@ -476,8 +478,9 @@ class TurnDetector:
 
     def _seal_tail(self, span: int) -> None:
         """Join `_tail` into one block; drop whole blocks older than what may be read:
-        `_cap` samples, or with `idle_history_ms` what the open turn or, with none open,
-        a turn starting in the `span` samples just written could need."""
+        `_cap` samples, or with `idle_history_ms` what the open turn (its pre-roll once
+        started, the edges' history while starting) or, with none open, a turn starting
+        in the `span` samples just written could need."""
         self._blocks.append(b"".join(self._tail))
         self._tail = []
         pos = self._pos
@@ -486,8 +489,10 @@ class TurnDetector:
         if self._idle is not None:
             if self._state is _QUIET:
                 keep_from = max(keep_from, pos - span - self._idle)
-            else:
+            elif self._state is _STARTING:
                 keep_from = max(keep_from, self._onset - self._lookback)
+            else:  # the onset is refined: only the pre-roll before it is read again
+                keep_from = max(keep_from, self._onset - self._pre)
         self._drop_before(keep_from)
 
     def _drop_before(self, keep_from: int) -> None:
