@@ -648,10 +648,10 @@ def _trace_top(path: str, n: int, top: int = 30, frames: int = 1) -> list[str]:
     total = sum(s.size_diff for s in stats)
     lines = [f"- all Python allocations: {total / 1024 / n:+.1f} KB per session"]
     for stat in stats[:top]:
-        where = " < ".join(
-            f"`{_short(f.filename)}:{f.lineno}`" for f in reversed(stat.traceback)
+        where = " < ".join(f"`{_short(f.filename)}:{f.lineno}`" for f in reversed(stat.traceback))
+        lines.append(
+            f"- {stat.size_diff / 1024 / n:+.1f} KB, {stat.count_diff / n:+.1f} blocks: {where}"
         )
-        lines.append(f"- {stat.size_diff / 1024 / n:+.1f} KB, {stat.count_diff / n:+.1f} blocks: {where}")
     return lines
 
 
