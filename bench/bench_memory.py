@@ -502,6 +502,8 @@ async def _run(args: argparse.Namespace, loop_messages: list[bytes], turn_messag
             out += ["", "**What they hold** (median over the samples, per live session):", ""]
             headers = ["sessions", "audio history (KB)", "turn audio (KB)", "outbox (KB)"]
             headers += ["reply resamplers (count, app-wide)", "heap trim gave back (KB)"]
+            headers += ["output queued (messages)", "socket write buffers (KB)"]
+            headers += ["frames being received (KB)", "stored messages", "heap trim took (ms)"]
             out.append(md_table(headers, account_rows))
         if trace_lines:
             out += ["", "**Where they allocate** (tracemalloc, steady state minus no session):"]
@@ -602,13 +604,16 @@ def _probe_file() -> str:
         return f.name
 
 
-def _account(path: str, n: int) -> tuple[float, float, float, float, float]:
-    """Median KB per session of each held thing, the median number of resamplers, and
-    (with ``DUPLEX_PROBE_TRIM=1``) the median KB per session a heap trim gave back."""
+def _account(path: str, n: int) -> tuple[float, ...]:
+    """Median KB per session of each held thing, the median number of resamplers,
+    (with ``DUPLEX_PROBE_TRIM=1``) the median KB per session a heap trim gave back, and
+    per session: messages in the output queue, KB in socket write buffers and in frames
+    being received, messages in the store (the conversation so far); the longest heap
+    trim (ms, with ``DUPLEX_PROBE_TRIM=1``)."""
     rows = [json.loads(line) for line in Path(path).read_text().splitlines()]
     Path(path).unlink()
     if not rows:
-        return (float("nan"),) * 5
+        return (float("nan"),) * 10
 
     def median_kb(key: str) -> float:
         return statistics.median(row[key] for row in rows) / 1024 / n
@@ -621,6 +626,11 @@ def _account(path: str, n: int) -> tuple[float, float, float, float, float]:
         median_kb("outbox"),
         resamplers,
         trimmed,
+        statistics.median(row.get("queued", 0) for row in rows) / n,
+        median_kb("write_buffers") if "write_buffers" in rows[0] else 0.0,
+        median_kb("partial_frames") if "partial_frames" in rows[0] else 0.0,
+        statistics.median(row.get("stored_messages", 0) for row in rows) / n,
+        max(row.get("trim_ms", 0) for row in rows),
     )
 
 

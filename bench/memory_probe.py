@@ -39,13 +39,25 @@ def account() -> dict[str, float]:
     from server.outbox import Outbox
     from server.providers.base import AudioClip
     from server.session import DuplexSession
+    from server.state.memory import MemoryStore
+    from server.ws_protocol import DuplexWebSocketProtocol
     from vad.turns import TurnDetector
 
-    row = dict.fromkeys(("sessions", "history", "turn_audio", "outbox", "resamplers"), 0)
+    keys = ("sessions", "history", "turn_audio", "outbox", "resamplers")
+    keys += ("queued", "write_buffers", "partial_frames", "stored_messages")
+    row = dict.fromkeys(keys, 0)
     clips: set[int] = set()
     for obj in gc.get_objects():
         kind = type(obj)
-        if kind is TurnDetector:
+        if isinstance(obj, DuplexWebSocketProtocol):
+            # Output the kernel did not take yet, and a frame being received.
+            transport = getattr(obj, "transport", None)
+            if transport is not None and not transport.is_closing():
+                row["write_buffers"] += transport.get_write_buffer_size()
+            row["partial_frames"] += len(obj._pending)
+        elif kind is MemoryStore:
+            row["stored_messages"] += sum(len(e.messages) for e in obj._entries.values())
+        elif kind is TurnDetector:
             row["history"] += sum(map(len, obj._blocks)) + sum(map(len, obj._tail))
         elif kind is AudioClip and id(obj.pcm) not in clips:
             clips.add(id(obj.pcm))
@@ -56,6 +68,7 @@ def account() -> dict[str, float]:
             row["resamplers"] += 1
         elif isinstance(obj, DuplexSession) and not obj.closed:
             row["sessions"] += 1
+            row["queued"] += obj._out.qsize()  # messages waiting in the output queue
     rss = _rss_kb()
     if os.environ.get("DUPLEX_PROBE_TRIM"):
         # What the allocator holds free in its heap: what malloc_trim gives back now
@@ -63,7 +76,9 @@ def account() -> dict[str, float]:
         import ctypes
         import ctypes.util
 
+        start = time.perf_counter()
         ctypes.CDLL(ctypes.util.find_library("c")).malloc_trim(0)
+        row["trim_ms"] = (time.perf_counter() - start) * 1000  # the allocator lock held
         row["trimmed_kb"] = rss - _rss_kb()
     return {"at": time.time(), "rss_kb": rss, **row}
 
