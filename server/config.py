@@ -76,7 +76,7 @@ class Settings(BaseSettings):
     #: Image pixels decoded at once across the server (at least ``max_image_pixels``).
     max_decode_pixels: int = 40_000_000
     decode_wait_s: float = 10.0
-    #: Audio a VAD session keeps while no turn is open (0: the 1-2 s turn detection needs).
+    #: Audio a VAD session keeps while no turn is open (0: the 0.6-1 s turn detection needs).
     vad_idle_history_ms: int = Field(0, ge=0, le=600_000)
     ws_per_message_deflate: bool = False
 

@@ -120,7 +120,7 @@ def test_quiet_stream_keeps_little_audio_and_turns_are_unchanged(speech):
             if td.state == "quiet":
                 kept_quiet.append(_kept_bytes(td))
         assert got + td.flush() == want
-        # The edges' history (0.5 s), a sealed block (1 s), the push and the block filling.
+        # The edges' history (0.6 s), a sealed block, the push and the block filling.
         assert max(kept_quiet) <= (500 + 1000 + 1000) * 32 + 2 * max(sizes)
     assert _kept_bytes(reference) >= 30 * 32000  # what the unbounded detector holds
 
@@ -339,7 +339,7 @@ async def test_vad_commit_with_no_turn_open_holds_the_configured_history(
     server_factory, history_ms
 ):
     """A steady tone is no speech: a commit then holds what the session kept between
-    turns, 1-2 s by default, all of it with ``DUPLEX_VAD_IDLE_HISTORY_MS`` above it."""
+    turns, 0.6-1 s by default, all of it with ``DUPLEX_VAD_IDLE_HISTORY_MS`` above it."""
     server = server_factory(vad_idle_history_ms=history_ms)
     t = np.arange(3 * 16000) / 16000
     tone = (np.sin(2 * np.pi * 220 * t) * 8000).astype("<i2").tobytes()

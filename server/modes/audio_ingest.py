@@ -52,8 +52,9 @@ class AudioIngest:
                 pre_roll_ms=turns.pre_roll_ms,
                 min_speech_ms=turns.min_speech_ms,
                 max_turn_ms=turns.max_turn_ms,
-                # A commit with no turn open holds this much (at least the last second or
-                # so), not 30 s kept for it in every session (~1 MB each): docs/limits.md.
+                # A commit with no turn open holds this much (at least the 0.6-1 s turn
+                # detection keeps), not 30 s kept for it in every session (~1 MB each):
+                # docs/limits.md.
                 idle_history_ms=min(idle_history_ms, turns.max_turn_ms),
             ),
             SpeechDetector(
