@@ -47,6 +47,7 @@ def account() -> dict[str, float]:
     keys += ("queued", "write_buffers", "partial_frames", "stored_messages")
     row = dict.fromkeys(keys, 0)
     clips: set[int] = set()
+    stores: set[object] = set()
     for obj in gc.get_objects():
         kind = type(obj)
         if isinstance(obj, DuplexWebSocketProtocol):
@@ -55,8 +56,6 @@ def account() -> dict[str, float]:
             if transport is not None and not transport.is_closing():
                 row["write_buffers"] += transport.get_write_buffer_size()
             row["partial_frames"] += len(obj._pending)
-        elif kind is MemoryStore:
-            row["stored_messages"] += sum(len(e.messages) for e in obj._entries.values())
         elif kind is TurnDetector:
             row["history"] += sum(map(len, obj._blocks)) + sum(map(len, obj._tail))
         elif kind is AudioClip and id(obj.pcm) not in clips:
@@ -67,8 +66,15 @@ def account() -> dict[str, float]:
         elif kind is StreamResampler:
             row["resamplers"] += 1
         elif isinstance(obj, DuplexSession) and not obj.closed:
+            if not row["sessions"]:  # the app's store, frozen with the start-up heap
+                stores.add(obj.services.store)
             row["sessions"] += 1
             row["queued"] += obj._out.qsize()  # messages waiting in the output queue
+    for store in stores:
+        while not isinstance(store, MemoryStore) and hasattr(store, "_store"):
+            store = store._store  # the metrics' timing wrapper
+        if isinstance(store, MemoryStore):
+            row["stored_messages"] += sum(len(e.messages) for e in store._entries.values())
     rss = _rss_kb()
     if os.environ.get("DUPLEX_PROBE_TRIM"):
         # What the allocator holds free in its heap: what malloc_trim gives back now
