@@ -29,9 +29,9 @@ memory and every turn's audio.
 
 Cost: `push_pcm` takes frames as bytes, as they come off the network; one frame takes a
 fast path with no numpy beyond the detector's. Audio is kept as the pushed bytes, joined
-into blocks of about 200 ms, so a turn's audio is copied out with one join and history is
-dropped to within 200 ms of what the next turn may read (blocks of a second kept up to
-twice that between turns: ~32 KB a stream). Each turn
+into blocks of about 200 ms, so a turn's audio is copied out with one join, and history
+is dropped to within a block of what a turn may still read (blocks of a second kept up
+to a second more, ~32 KB a stream between turns). Each turn
 edge costs one small FFT (~0.1-0.3 ms). For pushes of up to 100 ms the end's runs one
 push early, when the next push may end the turn, so the push that does end it (and
 delays turn.ended) is cheap.
