@@ -61,6 +61,7 @@ def new_id(prefix: str) -> str:
 BAD_REQUEST = 400
 UNAUTHORIZED = 401
 NOT_FOUND = 404
+CONFLICT = 409  # the session belongs to another endpoint (/v1/realtime)
 RESUME_GAP = 410  # a resume asked for messages the outbox no longer holds (not fatal)
 TOO_LARGE = 413
 UNSUPPORTED_MEDIA = 415

@@ -41,8 +41,8 @@ from duplex.protocol import (
 )
 from server.config import Settings
 from server.lease import Lease, LeaseBusy, LeaseManager, LeaseSettings
-from server.session import DuplexSession, SessionServices
-from server.state.base import StateStore
+from server.session import DuplexSession, SessionServices, check_endpoint
+from server.state.base import DUPLEX_ENDPOINT, StateStore
 
 if TYPE_CHECKING:  # the redis package is optional (pip install duplex[redis])
     from server.state.redis import RedisStore
@@ -124,10 +124,13 @@ class Replica:
         tenant: str,
         session_id: str | None,
         config: SessionConfig | None = None,
+        endpoint: str = DUPLEX_ENDPOINT,
     ) -> DuplexSession:
         """`DuplexSession.open`, holding the session's lease (shared stores). A session live
         on another replica past ``lease_wait_ms`` raises ProtocolError(503)."""
-        return await self._own(services, tenant, session_id, resume=False, config=config)
+        return await self._own(
+            services, tenant, session_id, resume=False, config=config, endpoint=endpoint
+        )
 
     async def reopen(
         self, services: SessionServices, *, tenant: str, session_id: str
@@ -145,25 +148,30 @@ class Replica:
         *,
         resume: bool,
         config: SessionConfig | None = None,
+        endpoint: str = DUPLEX_ENDPOINT,
     ) -> DuplexSession:
         lease: Lease | None = None
         cut: list[Message] = []
         try:
-            if (
-                self.leases is not None
-                and session_id
-                and await services.store.get_session(session_id, tenant) is not None
-            ):
+            record = None
+            if self.leases is not None and session_id:
+                record = await services.store.get_session(session_id, tenant)
+            if record is not None:
+                # Another endpoint's session is refused before its lease is asked for: the
+                # ask would hand it over (end it) on the replica that runs it.
+                check_endpoint(record, endpoint)
                 lease = await self._claim(session_id)
                 if not any(s.id == session_id and not s.done.is_set() for s in self._live):
                     cut = await settle_interrupted(services.store, session_id)
             # Unknown or foreign ids take the 404 path; no lease is touched for them.
             if resume:
                 assert session_id is not None
-                session = await DuplexSession.reopen(services, tenant=tenant, session_id=session_id)
+                session = await DuplexSession.reopen(
+                    services, tenant=tenant, session_id=session_id, endpoint=endpoint
+                )
             else:
                 session = await DuplexSession.open(
-                    services, tenant=tenant, session_id=session_id, config=config
+                    services, tenant=tenant, session_id=session_id, config=config, endpoint=endpoint
                 )
             try:
                 # The client saw these start: they end here, interrupted, through the

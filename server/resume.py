@@ -29,7 +29,8 @@ from duplex.protocol import (
     encode_server_message,
 )
 from server.registry import SessionRegistry
-from server.session import DuplexSession, SessionServices
+from server.session import DuplexSession, SessionServices, check_endpoint
+from server.state.base import DUPLEX_ENDPOINT
 
 #: Close code of a connection whose session was resumed on another connection.
 CLOSE_REPLACED = 4001
@@ -89,9 +90,13 @@ async def resume(
     returned link), and the frames that connection sends first (greeting and replay).
 
     Unknown sessions and other tenants' sessions raise the same fatal 404 as a plain
-    ``session_id`` continuation. A session not live here is continued by ``reopen``.
+    ``session_id`` continuation; a session another endpoint opened (/v1/realtime) a fatal
+    409, live or not, before anything touches it. A session not live here is continued
+    by ``reopen``.
     """
     session = registry.get(tenant, request.session_id)
+    if session is not None:  # another endpoint's: refused, and left as it is
+        check_endpoint(session.record, DUPLEX_ENDPOINT)
     if session is not None and session.closed:  # closing: its outbox is being written
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(CLOSING_WAIT_S):

@@ -25,6 +25,7 @@ from pydantic import BaseModel, ValidationError
 
 from duplex.protocol import (
     BAD_REQUEST,
+    CONFLICT,
     INTERNAL,
     NOT_FOUND,
     RATE_LIMITED,
@@ -66,7 +67,7 @@ from server.logs import SessionLog
 from server.modes.base import Mode, ModeFactory, SessionPort
 from server.outbox import Outbox, OutboxWriter
 from server.providers.catalog import ProviderCatalog
-from server.state.base import OutboxEntry, SessionRecord, StateStore
+from server.state.base import DUPLEX_ENDPOINT, OutboxEntry, SessionRecord, StateStore
 from server.tools import ToolRegistry
 from server.turn_runner import Turn, TurnRunner
 
@@ -167,10 +168,11 @@ class BaseSession:
         tenant: str,
         session_id: str | None,
         config: SessionConfig | None,
+        endpoint: str | None = None,
     ) -> tuple[SessionRecord, SessionConfig]:
         """The record and config of a new session, or of ``session_id`` continued."""
         record = await load_or_create_record(
-            services.store, tenant, session_id, config or SessionConfig()
+            services.store, tenant, session_id, config or SessionConfig(), endpoint
         )
         if session_id and config is None:
             config = _stored_config(record)
@@ -234,16 +236,40 @@ def check_variables(limits: ConfigLimits, variables: dict[str, str]) -> None:
         raise ProtocolError(BAD_REQUEST, f"invalid session variables: {exc}") from None
 
 
+def check_endpoint(record: SessionRecord, endpoint: str | None) -> None:
+    """Raise a fatal ProtocolError(409) unless ``endpoint`` may continue the session: only
+    the endpoint that opened it does (its outbox is in that endpoint's wire format, and
+    its connection reads it). None: any (the REST API)."""
+    if endpoint is not None and record.endpoint != endpoint:
+        raise ProtocolError(
+            CONFLICT,
+            f"session {record.id!r} belongs to {record.endpoint}: it cannot be continued or "
+            f"resumed on {endpoint}",
+            fatal=True,
+        )
+
+
 async def load_or_create_record(
-    store: StateStore, tenant: str, session_id: str | None, config: SessionConfig
+    store: StateStore,
+    tenant: str,
+    session_id: str | None,
+    config: SessionConfig,
+    endpoint: str | None = None,
 ) -> SessionRecord:
-    """The tenant's session ``session_id`` (404 when unknown or foreign), or a new one."""
+    """The tenant's session ``session_id`` (404 when unknown or foreign; 409 when it belongs
+    to another endpoint than ``endpoint``), or a new one of ``endpoint``."""
     if session_id:
         record = await store.get_session(session_id, tenant)
         if record is None or record.tenant != tenant:
             raise ProtocolError(NOT_FOUND, f"unknown session {session_id!r}", fatal=True)
+        check_endpoint(record, endpoint)
         return record
-    record = SessionRecord(id=new_id("sess"), tenant=tenant, config=config.model_dump())
+    record = SessionRecord(
+        id=new_id("sess"),
+        tenant=tenant,
+        config=config.model_dump(),
+        endpoint=endpoint or DUPLEX_ENDPOINT,
+    )
     await store.create_session(record)
     return record
 
@@ -344,9 +370,11 @@ class DuplexSession(BaseSession):
         tenant: str,
         session_id: str | None = None,
         config: SessionConfig | None = None,
+        endpoint: str = DUPLEX_ENDPOINT,
     ) -> DuplexSession:
-        """Create a new session, or continue ``session_id`` (the tenant's own only)."""
-        record, config = await cls._load(services, tenant, session_id, config)
+        """Create a new session, or continue ``session_id`` (the tenant's own only, opened
+        by ``endpoint``)."""
+        record, config = await cls._load(services, tenant, session_id, config, endpoint)
         await _take_input_count(services, record)  # a new live session counts from 0
         session = cls(record, config, services)
         await session.emit(SessionCreated(session=session.info()))
@@ -354,11 +382,16 @@ class DuplexSession(BaseSession):
 
     @classmethod
     async def reopen(
-        cls, services: SessionServices, *, tenant: str, session_id: str
+        cls,
+        services: SessionServices,
+        *,
+        tenant: str,
+        session_id: str,
+        endpoint: str = DUPLEX_ENDPOINT,
     ) -> DuplexSession:
         """Continue ``session_id`` after its live session ended, for a resume: numbering
         and outbox pick up where the store's copy of the outbox ends. No greeting is sent."""
-        record, config = await cls._load(services, tenant, session_id, None)
+        record, config = await cls._load(services, tenant, session_id, None, endpoint)
         limits = services.limits
         entries: list[OutboxEntry] = []
         if limits.outbox_max_messages > 0:

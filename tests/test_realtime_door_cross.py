@@ -9,6 +9,7 @@ import json
 import sqlite3
 from typing import Any
 
+import httpx
 import pytest
 import websockets
 
@@ -81,9 +82,12 @@ async def duplex_attempt(server: Any, session_id: str, by: str) -> Reader:
     return other
 
 
+@pytest.mark.parametrize("store", ["memory", "sqlite"])  # sqlite: with session leases
 @pytest.mark.parametrize("by", ["resume", "message", "continue"])
-async def test_duplex_refuses_a_live_realtime_session_which_goes_on(server_factory, by):
-    server = server_factory()
+async def test_duplex_refuses_a_live_realtime_session_which_goes_on(
+    server_factory, by, store, tmp_path, request
+):
+    server = server_factory(store_url=store_url(store, tmp_path, request))
     registry = server.app.state.duplex.registry
     rt, session_id = await realtime_session(server)
     await realtime_turn(rt, "before")
@@ -111,6 +115,18 @@ async def test_duplex_refuses_a_stored_realtime_session(server_factory, store, t
             await asyncio.sleep(0.02)  # closed, stored
     for by in ("resume", "continue"):
         await refused_409(await duplex_attempt(server, session_id, by))
+    # its conversation goes on through a fork, which is a /v1/duplex session
+    fork = await asyncio.to_thread(
+        httpx.post,
+        f"{server.base}/v1/sessions/{session_id}/fork",
+        headers={"Authorization": f"Bearer {TOKEN}"},
+    )
+    assert fork.status_code == 201, fork.text
+    again = Reader(await open_ws(server, session_id=fork.json()["id"]))
+    assert (await again.recv())["type"] == "session.created"
+    await again.ws.send(json.dumps({"type": "input.text", "text": "on", "final": True}))
+    assert (await again.until(lambda e: e["type"] == "response.done"))["finish_reason"] == "stop"
+    await again.ws.close()
 
 
 async def test_realtime_never_attaches_to_a_duplex_session(server_factory):
@@ -139,9 +155,7 @@ async def test_a_realtime_connection_taken_over_leaves_the_session_open(server_f
     loop = session.connection.writer.get_loop()  # the server's
 
     async def take_over() -> bool:
-        readers = [
-            t for t in asyncio.all_tasks() if t.get_coro().cr_code is routes._read.__code__
-        ]
+        readers = [t for t in asyncio.all_tasks() if t.get_coro().cr_code is routes._read.__code__]
         async with session.claim_lock:
             await _evict(session)
             await session.claim_output()

@@ -30,7 +30,7 @@ from server.realtime_door.models import RealtimeModel, RealtimeModels
 from server.realtime_door.session_map import RealtimeSessionState
 from server.resume import Link
 from server.session import DuplexSession
-from server.state.base import StoreUnavailable
+from server.state.base import REALTIME_ENDPOINT, StoreUnavailable
 from server.ws_input import (
     CLOSE_NORMAL,
     input_budget,
@@ -150,7 +150,7 @@ async def realtime(ws: WebSocket) -> None:
         config = _initial_config(model, state)
         # Through the replica: the session's lease (Redis), and the drain on SIGTERM.
         session = await app.replica.open(
-            app.services, tenant=tenant, session_id=None, config=config
+            app.services, tenant=tenant, session_id=None, config=config, endpoint=REALTIME_ENDPOINT
         )
     except StoreUnavailable as exc:
         await _refuse(ws, 503, "store_unavailable", f"{exc}; try again later")
@@ -159,8 +159,8 @@ async def realtime(ws: WebSocket) -> None:
         await _refuse(ws, 500, "internal_error", str(exc)[:200])
         return
     await ws.accept(subprotocol="realtime" if "realtime" in protocols else None)
-    # The connection's hold on the session's output: a resume on /v1/duplex can take the
-    # session over (server/resume.py), which closes this connection and keeps the session.
+    # The connection's hold on the session's output. The session belongs to /v1/realtime
+    # (its record says so): /v1/duplex neither resumes nor continues it (a 409 there).
     link = session.connection = Link(ws=ws)
     app.registry.add(tenant, session)
     session.log.info("realtime connected (tenant %s, model %s)", tenant, model.name)
@@ -169,7 +169,12 @@ async def realtime(ws: WebSocket) -> None:
         async with asyncio.TaskGroup() as tg:
             reader = tg.create_task(
                 _read(
-                    ws, session, bridge, app.settings.max_message_bytes, input_budget(app.settings)
+                    ws,
+                    session,
+                    link,
+                    bridge,
+                    app.settings.max_message_bytes,
+                    input_budget(app.settings),
                 )
             )
             link.writer = tg.create_task(
@@ -192,25 +197,29 @@ def _initial_config(model: RealtimeModel, state: RealtimeSessionState) -> Sessio
 async def _read(
     ws: WebSocket,
     session: DuplexSession,
+    link: Link,
     bridge: RealtimeBridge,
     max_bytes: int,
     budget: InputBudget,
 ) -> None:
     """Feed the bridge until the client goes or the session ends. Under Duplex's WebSocket
     protocol, audio appends arriving while this loop waits skip the ASGI queue
-    (`RealtimeBridge.take_nowait`), as binary audio does on /v1/duplex."""
+    (`RealtimeBridge.take_nowait`), as binary audio does on /v1/duplex. A connection
+    taken over (``link.replaced``, server/resume.py) leaves the session to its new one."""
     direct: DirectPath | None = ws.scope.get("extensions", {}).get(DIRECT)
     if direct is not None:
         # At most 4 UTF-8 bytes a character: anything that could be over the limit takes
         # the usual path, which checks the size exactly.
         direct.take_text = lambda text: (
-            len(text) <= max_bytes // 4 and bridge.take_nowait(text, budget)
+            not link.replaced and len(text) <= max_bytes // 4 and bridge.take_nowait(text, budget)
         )
     try:
-        code = await _receive_loop(ws, session, bridge, max_bytes, direct, budget)
+        code = await _receive_loop(ws, session, link, bridge, max_bytes, direct, budget)
     finally:
         if direct is not None:
             direct.take_text = None
+    if link.replaced:
+        return  # another connection holds the session now: not this one's to end
     # Every disconnect ends the session here (no resume in this protocol); a client's
     # close 1000 also drops its outbox, as on /v1/duplex (docs/openai-realtime.md).
     await session.close(resumable=code != CLOSE_NORMAL)
@@ -219,16 +228,20 @@ async def _read(
 async def _receive_loop(
     ws: WebSocket,
     session: DuplexSession,
+    link: Link,
     bridge: RealtimeBridge,
     max_bytes: int,
     direct: DirectPath | None,
     budget: InputBudget,
 ) -> int | None:
-    """Returns the close code when the client went (None: the session ended)."""
-    while not session.closed:
+    """Returns the close code when the client went (None: the session ended or went on
+    another connection)."""
+    while not session.closed and not link.replaced:
         frame = await receive_frame(ws, session, direct)
         if isinstance(frame, int):
             return frame
+        if link.replaced:
+            break  # not this connection's session any more: its input is not taken
         text = frame.get("text")
         if text is None:
             text = (frame.get("bytes") or b"").decode("utf-8", "replace")

@@ -32,6 +32,11 @@ class FencedWrite(Exception):
         self.session_id = session_id
 
 
+#: The endpoints that open sessions; a session belongs to its own (`SessionRecord.endpoint`).
+DUPLEX_ENDPOINT = "/v1/duplex"
+REALTIME_ENDPOINT = "/v1/realtime"
+
+
 @dataclass
 class SessionRecord:
     """What a session is, apart from its messages."""
@@ -47,6 +52,9 @@ class SessionRecord:
     #: The client messages the last live session had received when it closed cleanly
     #: (docs/protocol.md "Resending input"); None while one runs (or after it died).
     input_received: int | None = None
+    #: The endpoint that opened the session, the only one that continues or resumes it
+    #: (its outbox is in that endpoint's wire format). Records from before: /v1/duplex.
+    endpoint: str = DUPLEX_ENDPOINT
 
 
 @dataclass

@@ -40,7 +40,8 @@ _SCHEMA = """
 CREATE TABLE IF NOT EXISTS sessions (
     id TEXT PRIMARY KEY, tenant TEXT NOT NULL, name TEXT NOT NULL DEFAULT '',
     variables TEXT NOT NULL, config TEXT NOT NULL, parent_id TEXT,
-    created_at REAL NOT NULL, updated_at REAL NOT NULL, input_received INTEGER
+    created_at REAL NOT NULL, updated_at REAL NOT NULL, input_received INTEGER,
+    endpoint TEXT NOT NULL DEFAULT '/v1/duplex'
 );
 CREATE TABLE IF NOT EXISTS messages (
     seq INTEGER PRIMARY KEY AUTOINCREMENT, session_id TEXT NOT NULL, id TEXT NOT NULL,
@@ -92,6 +93,10 @@ class SqliteStore(StateStore):
             columns = {row[1] for row in db.execute("PRAGMA table_info(sessions)")}
             if "input_received" not in columns:  # a file made before the column
                 db.execute("ALTER TABLE sessions ADD COLUMN input_received INTEGER")
+            if "endpoint" not in columns:  # a file made before the column: /v1/duplex's
+                db.execute(
+                    "ALTER TABLE sessions ADD COLUMN endpoint TEXT NOT NULL DEFAULT '/v1/duplex'"
+                )
             self._db = db
         return self._db
 
@@ -210,7 +215,7 @@ class SqliteStore(StateStore):
         row = await self._run(
             lambda db: db.execute(
                 "SELECT id, tenant, name, variables, config, parent_id, created_at, updated_at, "
-                "input_received FROM sessions WHERE id = ? AND (? IS NULL OR tenant = ?)",
+                "input_received, endpoint FROM sessions WHERE id = ? AND (? IS NULL OR tenant = ?)",
                 (session_id, tenant, tenant),
             ).fetchone()
         )
@@ -226,6 +231,7 @@ class SqliteStore(StateStore):
             created_at=row[6],
             updated_at=row[7],
             input_received=row[8],
+            endpoint=row[9],
         )
 
     async def delete_session(self, session_id: str) -> None:
@@ -414,7 +420,7 @@ def _put_session(db: sqlite3.Connection, r: SessionRecord, *, replace: bool) -> 
     verb = "INSERT OR REPLACE" if replace else "INSERT"
     return db.execute(
         f"{verb} INTO sessions (id, tenant, name, variables, config, parent_id, created_at, "
-        "updated_at, input_received) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        "updated_at, input_received, endpoint) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
         (
             r.id,
             r.tenant,
@@ -425,5 +431,6 @@ def _put_session(db: sqlite3.Connection, r: SessionRecord, *, replace: bool) -> 
             r.created_at,
             r.updated_at,
             r.input_received,
+            r.endpoint,
         ),
     )
