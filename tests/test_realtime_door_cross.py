@@ -18,6 +18,7 @@ from server.resume import CLOSE_REPLACED, _evict
 from server.state.base import SessionRecord
 from server.state.open import open_store
 from tests.conftest import TOKEN, store_url
+from tests.test_realtime_door import stored_when
 from tests.test_resume import Reader, drop, open_ws
 
 TIMEOUT = 20
@@ -94,10 +95,20 @@ async def test_duplex_refuses_a_live_realtime_session_which_goes_on(
     live = registry.get("tenant-a", session_id)
     assert live is not None
     await refused_409(await duplex_attempt(server, session_id, by))
+    if store == "sqlite":  # its lease is as it was: no new fencing token, not released
+        lease = server.app.state.duplex.replica._leases[live]
+        with sqlite3.connect(tmp_path / "s.db") as db:
+            row = db.execute(
+                "SELECT owner, token FROM leases WHERE session_id = ?", (session_id,)
+            ).fetchone()
+        assert row is not None and row[0] is not None and row[1] == lease.token, row
     # untouched: the same live session, its socket open, still answering
     assert registry.get("tenant-a", session_id) is live and not live.closed
     events = await realtime_turn(rt, "after")
     assert events[-1]["response"]["status"] == "completed"
+    # ... and still writes its history (its lease and fencing token untouched)
+    await stored_when(server, session_id, lambda ms: any(m["content"] == "after" for m in ms))
+    assert not live.closed
     await rt.close()
 
 
