@@ -10,7 +10,7 @@ import binascii
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 from duplex.protocol import Message
@@ -55,6 +55,13 @@ class SessionRecord:
     #: The endpoint that opened the session, the only one that continues or resumes it
     #: (its outbox is in that endpoint's wire format). Records from before: /v1/duplex.
     endpoint: str = DUPLEX_ENDPOINT
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> SessionRecord:
+        """A stored record; keys this version does not know (written by a newer replica
+        during a rolling upgrade) are ignored rather than making the session unloadable."""
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in known})
 
 
 @dataclass

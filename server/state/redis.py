@@ -195,7 +195,7 @@ class RedisStore(StateStore):
         )
         if raw is None:
             return None
-        return SessionRecord(**json.loads(raw))
+        return SessionRecord.from_dict(json.loads(raw))
 
     async def delete_session(self, session_id: str) -> None:
         responses = await self._redis.smembers(self._k("responses", session_id))
