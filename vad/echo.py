@@ -57,6 +57,10 @@ _NOISE_MS = 1000  # time constant of the room's noise level
 _NOISE_GATE = 10.0  # frames 10 dB over the floor are not noise
 _MIN_BANDS = 3  # bands a frame of the user's speech must stand out in
 _TINY = 1e-3  # energies are sums of int16 squares; this keeps logs finite
+_HOLD_AFTER = 5  # the user's frames in a row before they hold (100 ms)
+_HOLD_DB = 1.0  # ...while a frame stands this far over the typical echo (dB, band mean)
+_FREEZE_FRAMES = 10  # frames this soon after the user's teach no echo gain (200 ms)
+_EXCESS_MIN_BANDS = 4  # bands with echo the excess is measured over, at least
 
 
 @dataclass(frozen=True)
@@ -143,12 +147,16 @@ class EchoSuppressor:
         self._gains_db = np.full((_GAIN_SAMPLES, nb), np.nan)
         self._gain_count = np.zeros(nb, np.int64)
         self._gain_db = np.full(nb, config.prior_gain_db)
+        self._typical_db = np.full(nb, config.prior_gain_db)  # the median ratio
         self._prior = 10 ** (config.prior_gain_db / 10)
         self._active_level = n * 10 ** ((-60.0 + 20 * math.log10(32768)) / 10) / nb
         self._idle_after = self._lags + 2 * max(config.tail_ms, fms) // fms
         self._idle = self._idle_after  # frames since the reference was last active
         self._since_delay = 0
         self._loud = self._user = False
+        self._since_user = _FREEZE_FRAMES  # frames since the last user frame
+        self._run = 0  # user frames in a row
+        self.excess_db = 0.0  # the last frame's microphone over its typical echo (dB)
         self.delay_ms: float | None = None  # the trusted echo delay, if any
         self.correlation = 0.0  # its envelope correlation
         self.frames = 0  # frames processed (not passed through idle)
@@ -243,14 +251,31 @@ class EchoSuppressor:
         # in `_MIN_BANDS` bands (an echo frame the estimate misses is mostly alone).
         loud = int(np.count_nonzero(near & above_floor)) >= _MIN_BANDS
         user = loud and (self._loud or self._user)
+        # Double talk: the microphone over the typical echo, averaged in dB over the bands
+        # where echo is expected. The user as loud as the echo adds 3 dB; echo alone
+        # scatters around 0 (the 95th-percentile gains sit several dB above it).
+        excess = self._excess(bands) if self.delay_ms is not None else 0.0
+        self.excess_db = excess
+        hold = not user and self._run >= _HOLD_AFTER and excess > _HOLD_DB
+        if hold:
+            # A user frame's successor stays the user's while the frame holds more than
+            # the echo: at 0 dB the user's quieter syllables do not beat the cautious
+            # estimate, and barge-in needs them counted. Its bands over the typical echo
+            # pass.
+            user = True
+            near = bands > echo * 10 ** ((self._typical_db - self._gain_db) / 10)
         self._loud, self._user = loud, user
+        self._since_user = 0 if user else self._since_user + 1
+        self._run = self._run + 1 if user else 0
         if user:
             self.near_frames += 1
             if near.all():
                 return mic
         else:
             near[:] = False
-            if self.delay_ms is not None and not loud:
+            # Gains learn from echo alone: not in double talk, where the user would lift
+            # them and hide the rest of the barge-in.
+            if self.delay_ms is not None and not loud and self._since_user >= _FREEZE_FRAMES:
                 self._learn_gain(bands, above_floor)
         # Echo bands become comfort noise at the floor: scaled echo would keep the reply's
         # harmonics, and a quiet voice is still a voice to the detector after us.
@@ -260,6 +285,13 @@ class EchoSuppressor:
         comfort = (noise[0] + 1j * noise[1]) * (level * math.sqrt(0.5))
         out = np.fft.irfft(np.where(keep, spec, comfort), self._n)
         return np.clip(np.round(out), -32768, 32767).astype(np.int16)
+
+    def _excess(self, bands: np.ndarray) -> float:
+        typical = self._tail * 10 ** (self._typical_db / 10)
+        where = typical > self._margin * self._noise
+        if np.count_nonzero(where) < _EXCESS_MIN_BANDS:
+            return 0.0
+        return float(10 * np.mean(np.log10(bands[where] / typical[where])))
 
     def _wake(self, bands: np.ndarray) -> None:
         # The echo cannot be here yet: a band 10 dB over the noise level learned so far
@@ -317,6 +349,11 @@ class EchoSuppressor:
             cols = np.arange(idx.size)
             below, above = ordered[lo, cols], ordered[hi, cols]
             self._gain_db[idx] = below + (rank - lo) * (above - below)
+            mid = (count - 1) * 0.5
+            lo = mid.astype(np.int64)
+            hi = np.minimum(lo + 1, count - 1)
+            below, above = ordered[lo, cols], ordered[hi, cols]
+            self._typical_db[idx] = below + (mid - lo) * (above - below)
 
     def _estimate_delay(self) -> None:
         w, lags = self._window, self._lags
@@ -362,4 +399,5 @@ class EchoSuppressor:
             self._gain_count[:] = 0  # ratios measured at the old lag no longer hold
             self._gains_db[:] = np.nan
             self._gain_db[:] = self.config.prior_gain_db
+            self._typical_db[:] = self.config.prior_gain_db
         self.delay_ms = float(new)
