@@ -312,6 +312,7 @@ class EchoSuppressor:
         self._ref_log[:] = math.log10(_TINY)
         self._ref_active[:] = False
         self._tail[:] = 0.0
+        self._run = 0  # a hold is earned anew in each reply
 
     def _observe(self, frames: np.ndarray) -> None:
         """Noise tracking alone, for frames with no reply in play (one FFT call)."""
