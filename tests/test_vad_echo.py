@@ -194,6 +194,23 @@ def test_the_users_speech_does_not_teach_the_echo_gain(cache):
     assert (echo.gain_db - before).max() < 2.0, echo.gain_db - before
 
 
+def test_a_quiet_echo_does_not_hide_the_user(cache):
+    """Echo 20 dB down sits near the room's noise: few bands rise out of it, so they got
+    no measured gain in the reply's first seconds and kept the prior (+6 dB over the
+    reply), under which the user was taken out (measured: barge-in 932 ms late). The
+    microphone bounds the echo: those bands now learn from the frames of room alone."""
+    scene = _scene(1, 100, 20.0, 200, True, True, cache)
+    assert scene.onset_ms is not None
+    mic, ref = _whole(scene)
+    onset = int(scene.onset_ms // 20) * 640
+    echo = EchoSuppressor()
+    echo.process(mic[:onset], ref[:onset])
+    assert (echo.gain_db < EchoConfig().prior_gain_db).mean() > 0.9, echo.gain_db
+    at = barge_in_ms(scene, echo_aware=True)
+    assert at is not None
+    assert scene.onset_ms <= at <= scene.onset_ms + BARGE_IN_DEADLINE_MS, at - scene.onset_ms
+
+
 # ---- end to end --------------------------------------------------------------------
 
 

@@ -154,6 +154,8 @@ class EchoSuppressor:
         self._noise_alpha = 1 - math.exp(-fms / _NOISE_MS)
         self._gains_db = np.full((_GAIN_SAMPLES, nb), np.nan)
         self._gain_count = np.zeros(nb, np.int64)
+        self._bounds_db = np.full((_GAIN_SAMPLES, nb), np.nan)  # see `_learn_gain`
+        self._bound_count = np.zeros(nb, np.int64)
         self._gain_db = np.full(nb, config.prior_gain_db)
         self._typical_db = np.full(nb, config.prior_gain_db)  # the median ratio
         self._prior = 10 ** (config.prior_gain_db / 10)
@@ -339,30 +341,40 @@ class EchoSuppressor:
 
     def _learn_gain(self, bands: np.ndarray, above_floor: np.ndarray) -> None:
         tail = self._tail
-        usable = above_floor & (tail > self._active_level)
-        if not usable.any():
-            return
+        playing = tail > self._active_level
+        usable = above_floor & playing
         ratio_db = 10 * np.log10(bands / tail)
-        for b in np.flatnonzero(usable):
-            self._gains_db[self._gain_count[b] % _GAIN_SAMPLES, b] = ratio_db[b]
-            self._gain_count[b] += 1
-        idx = np.flatnonzero(usable & (self._gain_count >= _GAIN_MIN_SAMPLES))
+        if usable.any():
+            for b in np.flatnonzero(usable):
+                self._gains_db[self._gain_count[b] % _GAIN_SAMPLES, b] = ratio_db[b]
+                self._gain_count[b] += 1
+            idx = np.flatnonzero(usable & (self._gain_count >= _GAIN_MIN_SAMPLES))
+            if idx.size:
+                count = np.minimum(self._gain_count[idx], _GAIN_SAMPLES)
+                high, mid = _percentiles(self._gains_db[:, idx], count)
+                self._gain_db[idx], self._typical_db[idx] = high, mid
+        # A band whose echo stays under the room's noise gets no measured gain for a long
+        # time (or never), and the prior (+6 dB over the reply) would hide the user there.
+        # The microphone bounds the echo, so the frames where the band heard only the room
+        # count too, as ratios no lower than the echo's, until enough are measured.
+        bound = ~above_floor & playing & (self._gain_count < _GAIN_MIN_SAMPLES)
+        if bound.any():
+            for b in np.flatnonzero(bound):
+                self._bounds_db[self._bound_count[b] % _GAIN_SAMPLES, b] = ratio_db[b]
+                self._bound_count[b] += 1
+        idx = np.flatnonzero(
+            (bound | usable)
+            & (self._gain_count < _GAIN_MIN_SAMPLES)
+            & (self._gain_count + self._bound_count >= _GAIN_MIN_SAMPLES)
+        )
         if idx.size:
-            # np.percentile (linear) of each band's history, in one sort: unused slots
-            # are NaN, which sorts last.
-            ordered = np.sort(self._gains_db[:, idx], axis=0)
-            count = np.minimum(self._gain_count[idx], _GAIN_SAMPLES)
-            rank = (count - 1) * (_GAIN_PERCENTILE / 100)
-            lo = rank.astype(np.int64)
-            hi = np.minimum(lo + 1, count - 1)
-            cols = np.arange(idx.size)
-            below, above = ordered[lo, cols], ordered[hi, cols]
-            self._gain_db[idx] = below + (rank - lo) * (above - below)
-            mid = (count - 1) * 0.5
-            lo = mid.astype(np.int64)
-            hi = np.minimum(lo + 1, count - 1)
-            below, above = ordered[lo, cols], ordered[hi, cols]
-            self._typical_db[idx] = below + (mid - lo) * (above - below)
+            both = np.concatenate([self._gains_db[:, idx], self._bounds_db[:, idx]])
+            count = np.minimum(self._gain_count[idx], _GAIN_SAMPLES) + np.minimum(
+                self._bound_count[idx], _GAIN_SAMPLES
+            )
+            high, mid = _percentiles(both, count)
+            self._gain_db[idx] = np.minimum(high, self.config.prior_gain_db)
+            self._typical_db[idx] = np.minimum(mid, self._gain_db[idx])
 
     def _estimate_delay(self) -> None:
         w, lags = self._window, self._lags
@@ -407,6 +419,23 @@ class EchoSuppressor:
         if self.delay_ms is not None and abs(new - self.delay_ms) > self.config.frame_ms:
             self._gain_count[:] = 0  # ratios measured at the old lag no longer hold
             self._gains_db[:] = np.nan
+            self._bound_count[:] = 0
+            self._bounds_db[:] = np.nan
             self._gain_db[:] = self.config.prior_gain_db
             self._typical_db[:] = self.config.prior_gain_db
         self.delay_ms = float(new)
+
+
+def _percentiles(history: np.ndarray, count: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per column: np.percentile (linear) at `_GAIN_PERCENTILE` and at 50 of its first
+    `count` rows, in one sort (unused slots are NaN, which sorts last)."""
+    ordered = np.sort(history, axis=0)
+    cols = np.arange(history.shape[1])
+    out = []
+    for pct in (_GAIN_PERCENTILE, 50.0):
+        rank = (count - 1) * (pct / 100)
+        lo = rank.astype(np.int64)
+        hi = np.minimum(lo + 1, count - 1)
+        below, above = ordered[lo, cols], ordered[hi, cols]
+        out.append(below + (rank - lo) * (above - below))
+    return out[0], out[1]
