@@ -19,7 +19,8 @@ piece, and a speaker, a codec or the client's resampler are not linear):
   to absorb jitter) plus an exponential tail for the room's reverberation (`tail_ms`,
   RT60), times a per-band echo gain. The gain is a high percentile (95th) of the
   microphone-to-reference ratios seen in frames without near-end speech (their median
-  is the *typical* echo, for double talk). Before the
+  is the *typical* echo, for double talk); a band with too few of them (its echo under
+  the room's noise) counts the frames of room alone as bounds. Before the
   delay is trusted, the estimate is the loudest reference band energy over the whole lag
   range at `prior_gain_db`: cautious, so the reply's first second cannot interrupt it.
 * Decision: a band is the user's if the microphone exceeds the echo estimate by
