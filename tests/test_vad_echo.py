@@ -148,13 +148,67 @@ def test_without_echo_awareness_the_echo_interrupts(cache, atten_db):
 def test_the_user_still_interrupts_in_time(cache, request, delay_ms, atten_db, rt60_ms, question):
     if atten_db == 0:
         # Echo as loud as the user (0 dB): measured late for some delays (see
-        # BENCHMARKS.md, "Echo-aware barge-in"); kept visible, not dropped.
+        # BENCHMARKS.md, "Echo-aware barge-in" and "at loud echo"): the user's first
+        # 80-120 ms stay under the echo estimate. Kept visible, not dropped.
         request.applymarker(
             pytest.mark.xfail(reason="0 dB echo: barge-in often late", strict=False)
         )
     scene = _scene(1, delay_ms, atten_db, rt60_ms, question, True, cache)
     at = barge_in_ms(scene, echo_aware=True)
     assert at is not None and scene.onset_ms is not None
+    assert scene.onset_ms <= at <= scene.onset_ms + BARGE_IN_DEADLINE_MS, at - scene.onset_ms
+
+
+# Grid points (seed 1) where the barge-in came late before the suppressor held the user's
+# frames through double talk (measured: 908, 1414, 832 and 835 ms after the onset).
+LOUD_ECHO = [
+    (False, 40, 0.0, 200),
+    (True, 40, 0.0, 400),
+    (True, 40, 5.0, 200),
+    (False, 300, 5.0, 400),
+]
+
+
+@pytest.mark.parametrize(("question", "delay_ms", "atten_db", "rt60_ms"), LOUD_ECHO)
+def test_the_user_interrupts_in_time_over_loud_echo(cache, question, delay_ms, atten_db, rt60_ms):
+    """Echo 0-5 dB below the reply, as loud as the user: once the user has stood out of
+    the cautious echo estimate for 100 ms, their quieter syllables must still count
+    (barge-in needs 300 ms of speech within 400 ms of the onset)."""
+    scene = _scene(1, delay_ms, atten_db, rt60_ms, question, True, cache)
+    at = barge_in_ms(scene, echo_aware=True)
+    assert at is not None and scene.onset_ms is not None
+    assert scene.onset_ms <= at <= scene.onset_ms + BARGE_IN_DEADLINE_MS, at - scene.onset_ms
+
+
+def test_the_users_speech_does_not_teach_the_echo_gain(cache):
+    """Double talk: the user's frames, and those just after them, are no echo to learn the
+    gain from. Measured before: a band's gain rose 4.6 dB in the barge-in's first second
+    (the 95th percentile of 100 ratios moves with five of them), which then hid the user."""
+    scene = make_scene(1, 40, 0.0, 200, barge_in=True, cache_dir=cache)
+    assert scene.onset_ms is not None
+    mic, ref = _whole(scene)
+    onset = int(scene.onset_ms // 20) * 640
+    echo = EchoSuppressor()
+    echo.process(mic[:onset], ref[:onset])
+    before = echo.gain_db
+    echo.process(mic[onset : onset + 50 * 640], ref[onset : onset + 50 * 640])  # 1 s
+    assert (echo.gain_db - before).max() < 2.0, echo.gain_db - before
+
+
+def test_a_quiet_echo_does_not_hide_the_user(cache):
+    """Echo 20 dB down sits near the room's noise: few bands rise out of it, so they got
+    no measured gain in the reply's first seconds and kept the prior (+6 dB over the
+    reply), under which the user was taken out (measured: barge-in 932 ms late). The
+    microphone bounds the echo: those bands now learn from the frames of room alone."""
+    scene = _scene(1, 100, 20.0, 200, True, True, cache)
+    assert scene.onset_ms is not None
+    mic, ref = _whole(scene)
+    onset = int(scene.onset_ms // 20) * 640
+    echo = EchoSuppressor()
+    echo.process(mic[:onset], ref[:onset])
+    assert (echo.gain_db < EchoConfig().prior_gain_db).mean() > 0.9, echo.gain_db
+    at = barge_in_ms(scene, echo_aware=True)
+    assert at is not None
     assert scene.onset_ms <= at <= scene.onset_ms + BARGE_IN_DEADLINE_MS, at - scene.onset_ms
 
 

@@ -18,7 +18,9 @@ piece, and a speaker, a codec or the client's resampler are not linear):
 * Echo estimate per band: the reference energy at that lag (the largest of lag-1..lag+1,
   to absorb jitter) plus an exponential tail for the room's reverberation (`tail_ms`,
   RT60), times a per-band echo gain. The gain is a high percentile (95th) of the
-  microphone-to-reference ratios seen in frames without near-end speech. Before the
+  microphone-to-reference ratios seen in frames without near-end speech (their median
+  is the *typical* echo, for double talk); a band with too few of them (its echo under
+  the room's noise) counts the frames of room alone as bounds. Before the
   delay is trusted, the estimate is the loudest reference band energy over the whole lag
   range at `prior_gain_db`: cautious, so the reply's first second cannot interrupt it.
 * Decision: a band is the user's if the microphone exceeds the echo estimate by
@@ -29,10 +31,17 @@ piece, and a speaker, a codec or the client's resampler are not linear):
   would keep the reply's harmonics; holes, or noise under the room's level, would make
   the room read as speech to the detector when the echo ends). The frames go on to the
   turn detector, which decides on speech and barge-in as it always does.
+* Double talk: once the user has held `_HOLD_AFTER` frames in a row (100 ms), the next
+  frames stay the user's while the microphone stands `_HOLD_DB` over the *typical* echo
+  (the median gain; averaged in dB over the bands with echo). With the echo as loud as
+  the user, their quieter syllables do not beat the cautious estimate, and a barge-in
+  needs 300 ms of their speech counted; the echo's own excursions over the estimate come
+  in short runs that do not reach the hold. The user's frames, and the 200 ms after
+  them, teach no gain: a 95th percentile of 100 ratios moves with five of double talk.
 
 Cost: two 320-point FFTs, one inverse FFT and a few dozen small numpy operations per
 20 ms frame while a reply (or its echo tail) is playing, and the delay search every
-100 ms (one einsum over all lags): about 8 ms CPU per audio-second. Nothing otherwise
+100 ms (one einsum over all lags): about 10 ms CPU per audio-second. Nothing otherwise
 (the frames pass through untouched). Memory: ~4 s of band energies (~100 KB).
 See docs/turn-taking.md for figures and limits.
 """
@@ -57,6 +66,10 @@ _NOISE_MS = 1000  # time constant of the room's noise level
 _NOISE_GATE = 10.0  # frames 10 dB over the floor are not noise
 _MIN_BANDS = 3  # bands a frame of the user's speech must stand out in
 _TINY = 1e-3  # energies are sums of int16 squares; this keeps logs finite
+_HOLD_AFTER = 5  # the user's frames in a row before they hold (100 ms)
+_HOLD_DB = 1.0  # ...while a frame stands this far over the typical echo (dB, band mean)
+_FREEZE_FRAMES = 10  # frames this soon after the user's teach no echo gain (200 ms)
+_EXCESS_MIN_BANDS = 4  # bands with echo the excess is measured over, at least
 
 
 @dataclass(frozen=True)
@@ -142,13 +155,19 @@ class EchoSuppressor:
         self._noise_alpha = 1 - math.exp(-fms / _NOISE_MS)
         self._gains_db = np.full((_GAIN_SAMPLES, nb), np.nan)
         self._gain_count = np.zeros(nb, np.int64)
+        self._bounds_db = np.full((_GAIN_SAMPLES, nb), np.nan)  # see `_learn_gain`
+        self._bound_count = np.zeros(nb, np.int64)
         self._gain_db = np.full(nb, config.prior_gain_db)
+        self._typical_db = np.full(nb, config.prior_gain_db)  # the median ratio
         self._prior = 10 ** (config.prior_gain_db / 10)
         self._active_level = n * 10 ** ((-60.0 + 20 * math.log10(32768)) / 10) / nb
         self._idle_after = self._lags + 2 * max(config.tail_ms, fms) // fms
         self._idle = self._idle_after  # frames since the reference was last active
         self._since_delay = 0
         self._loud = self._user = False
+        self._since_user = _FREEZE_FRAMES  # frames since the last user frame
+        self._run = 0  # user frames in a row
+        self.excess_db = 0.0  # the last frame's microphone over its typical echo (dB)
         self.delay_ms: float | None = None  # the trusted echo delay, if any
         self.correlation = 0.0  # its envelope correlation
         self.frames = 0  # frames processed (not passed through idle)
@@ -243,14 +262,31 @@ class EchoSuppressor:
         # in `_MIN_BANDS` bands (an echo frame the estimate misses is mostly alone).
         loud = int(np.count_nonzero(near & above_floor)) >= _MIN_BANDS
         user = loud and (self._loud or self._user)
+        # Double talk: the microphone over the typical echo, averaged in dB over the bands
+        # where echo is expected. The user as loud as the echo adds 3 dB; echo alone
+        # scatters around 0 (the 95th-percentile gains sit several dB above it).
+        excess = self._excess(bands) if self.delay_ms is not None else 0.0
+        self.excess_db = excess
+        hold = not user and self._run >= _HOLD_AFTER and excess > _HOLD_DB
+        if hold:
+            # After 100 ms of the user's frames, a frame stays the user's while it holds
+            # more than the echo: at 0 dB the user's quieter syllables do not beat the
+            # cautious estimate, and barge-in needs them counted. Its bands over the
+            # typical echo pass.
+            user = True
+            near = bands > echo * 10 ** ((self._typical_db - self._gain_db) / 10)
         self._loud, self._user = loud, user
+        self._since_user = 0 if user else self._since_user + 1
+        self._run = self._run + 1 if user else 0
         if user:
             self.near_frames += 1
             if near.all():
                 return mic
         else:
             near[:] = False
-            if self.delay_ms is not None and not loud:
+            # Gains learn from echo alone: not in double talk, where the user would lift
+            # them and hide the rest of the barge-in.
+            if self.delay_ms is not None and not loud and self._since_user >= _FREEZE_FRAMES:
                 self._learn_gain(bands, above_floor)
         # Echo bands become comfort noise at the floor: scaled echo would keep the reply's
         # harmonics, and a quiet voice is still a voice to the detector after us.
@@ -260,6 +296,13 @@ class EchoSuppressor:
         comfort = (noise[0] + 1j * noise[1]) * (level * math.sqrt(0.5))
         out = np.fft.irfft(np.where(keep, spec, comfort), self._n)
         return np.clip(np.round(out), -32768, 32767).astype(np.int16)
+
+    def _excess(self, bands: np.ndarray) -> float:
+        typical = self._tail * 10 ** (self._typical_db / 10)
+        where = typical > self._margin * self._noise
+        if np.count_nonzero(where) < _EXCESS_MIN_BANDS:
+            return 0.0
+        return float(10 * np.mean(np.log10(bands[where] / typical[where])))
 
     def _wake(self, bands: np.ndarray) -> None:
         # The echo cannot be here yet: a band 10 dB over the noise level learned so far
@@ -272,6 +315,7 @@ class EchoSuppressor:
         self._ref_log[:] = math.log10(_TINY)
         self._ref_active[:] = False
         self._tail[:] = 0.0
+        self._run = 0  # a hold is earned anew in each reply
 
     def _observe(self, frames: np.ndarray) -> None:
         """Noise tracking alone, for frames with no reply in play (one FFT call)."""
@@ -298,25 +342,40 @@ class EchoSuppressor:
 
     def _learn_gain(self, bands: np.ndarray, above_floor: np.ndarray) -> None:
         tail = self._tail
-        usable = above_floor & (tail > self._active_level)
-        if not usable.any():
-            return
+        playing = tail > self._active_level
+        usable = above_floor & playing
         ratio_db = 10 * np.log10(bands / tail)
-        for b in np.flatnonzero(usable):
-            self._gains_db[self._gain_count[b] % _GAIN_SAMPLES, b] = ratio_db[b]
-            self._gain_count[b] += 1
-        idx = np.flatnonzero(usable & (self._gain_count >= _GAIN_MIN_SAMPLES))
+        if usable.any():
+            for b in np.flatnonzero(usable):
+                self._gains_db[self._gain_count[b] % _GAIN_SAMPLES, b] = ratio_db[b]
+                self._gain_count[b] += 1
+            idx = np.flatnonzero(usable & (self._gain_count >= _GAIN_MIN_SAMPLES))
+            if idx.size:
+                count = np.minimum(self._gain_count[idx], _GAIN_SAMPLES)
+                high, mid = _percentiles(self._gains_db[:, idx], count)
+                self._gain_db[idx], self._typical_db[idx] = high, mid
+        # A band whose echo stays under the room's noise gets no measured gain for a long
+        # time (or never), and the prior (+6 dB over the reply) would hide the user there.
+        # The microphone bounds the echo, so the frames where the band heard only the room
+        # count too, as ratios no lower than the echo's, until enough are measured.
+        bound = ~above_floor & playing & (self._gain_count < _GAIN_MIN_SAMPLES)
+        if bound.any():
+            for b in np.flatnonzero(bound):
+                self._bounds_db[self._bound_count[b] % _GAIN_SAMPLES, b] = ratio_db[b]
+                self._bound_count[b] += 1
+        idx = np.flatnonzero(
+            (bound | usable)
+            & (self._gain_count < _GAIN_MIN_SAMPLES)
+            & (self._gain_count + self._bound_count >= _GAIN_MIN_SAMPLES)
+        )
         if idx.size:
-            # np.percentile (linear) of each band's history, in one sort: unused slots
-            # are NaN, which sorts last.
-            ordered = np.sort(self._gains_db[:, idx], axis=0)
-            count = np.minimum(self._gain_count[idx], _GAIN_SAMPLES)
-            rank = (count - 1) * (_GAIN_PERCENTILE / 100)
-            lo = rank.astype(np.int64)
-            hi = np.minimum(lo + 1, count - 1)
-            cols = np.arange(idx.size)
-            below, above = ordered[lo, cols], ordered[hi, cols]
-            self._gain_db[idx] = below + (rank - lo) * (above - below)
+            both = np.concatenate([self._gains_db[:, idx], self._bounds_db[:, idx]])
+            count = np.minimum(self._gain_count[idx], _GAIN_SAMPLES) + np.minimum(
+                self._bound_count[idx], _GAIN_SAMPLES
+            )
+            high, mid = _percentiles(both, count)
+            self._gain_db[idx] = np.minimum(high, self.config.prior_gain_db)
+            self._typical_db[idx] = np.minimum(mid, self._gain_db[idx])
 
     def _estimate_delay(self) -> None:
         w, lags = self._window, self._lags
@@ -361,5 +420,23 @@ class EchoSuppressor:
         if self.delay_ms is not None and abs(new - self.delay_ms) > self.config.frame_ms:
             self._gain_count[:] = 0  # ratios measured at the old lag no longer hold
             self._gains_db[:] = np.nan
+            self._bound_count[:] = 0
+            self._bounds_db[:] = np.nan
             self._gain_db[:] = self.config.prior_gain_db
+            self._typical_db[:] = self.config.prior_gain_db
         self.delay_ms = float(new)
+
+
+def _percentiles(history: np.ndarray, count: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per column: np.percentile (linear) at `_GAIN_PERCENTILE` and at 50 of its first
+    `count` rows, in one sort (unused slots are NaN, which sorts last)."""
+    ordered = np.sort(history, axis=0)
+    cols = np.arange(history.shape[1])
+    out = []
+    for pct in (_GAIN_PERCENTILE, 50.0):
+        rank = (count - 1) * (pct / 100)
+        lo = rank.astype(np.int64)
+        hi = np.minimum(lo + 1, count - 1)
+        below, above = ordered[lo, cols], ordered[hi, cols]
+        out.append(below + (rank - lo) * (above - below))
+    return out[0], out[1]
