@@ -17,7 +17,7 @@ from fastapi.staticfiles import StaticFiles
 
 from duplex.protocol import ConfigLimits, JsonLimits
 from server import api_docs, chat_api, client_token_api, http_api, ws
-from server.allocator import trim_periodically
+from server.allocator import HeapTrimmer
 from server.auth import TokenAuth
 from server.client_tokens import ClientTokens
 from server.config import Settings
@@ -58,6 +58,7 @@ class AppState:
     replica: Replica
     client_tokens: ClientTokens
     metrics: Metrics | None = None
+    trimmer: HeapTrimmer | None = None
 
 
 def _entries(value: str) -> list[str]:
@@ -68,7 +69,8 @@ def create_app(settings: Settings | None = None, *, tools: ToolRegistry | None =
     settings = settings or Settings()
     install_redaction()  # no token in any log line, uvicorn's access log included
     auth = TokenAuth.from_settings(settings)
-    registry = SessionRegistry()
+    trimmer = HeapTrimmer(settings.malloc_trim_s, settings.malloc_trim_after_close_s)
+    registry = SessionRegistry(on_remove=trimmer.session_ended)
     metrics = metrics_from_settings(settings, registry.modes_and_providers)
     store = open_store(
         settings.store_url,
@@ -118,7 +120,9 @@ def create_app(settings: Settings | None = None, *, tools: ToolRegistry | None =
     )
     client_tokens = ClientTokens(settings.client_secret_key, settings.client_token_ttl_s, store)
     replica = Replica(settings, store)
-    state = AppState(settings, auth, services, registry, replica, client_tokens, metrics)
+    state = AppState(
+        settings, auth, services, registry, replica, client_tokens, metrics, trimmer
+    )
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -131,7 +135,7 @@ def create_app(settings: Settings | None = None, *, tools: ToolRegistry | None =
         gc.freeze()
         thresholds = gc.get_threshold()
         gc.set_threshold(thresholds[0], thresholds[1], _FULL_GC_EVERY)
-        trimmer = asyncio.ensure_future(trim_periodically(settings.malloc_trim_s))
+        trimming = asyncio.ensure_future(trimmer.run())
         try:
             with ExitStack() as stack:
                 if metrics is not None and settings.metrics == "port":
@@ -140,7 +144,7 @@ def create_app(settings: Settings | None = None, *, tools: ToolRegistry | None =
                     )
                 yield
         finally:
-            trimmer.cancel()
+            trimming.cancel()
         gc.set_threshold(*thresholds)
         await services.providers.aclose()
         await services.outbox_writer.aclose()

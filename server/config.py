@@ -149,6 +149,9 @@ class Settings(BaseSettings):
 
     # Memory (docs/limits.md): give freed heap pages back to the system this often (s; 0: off)
     malloc_trim_s: float = 30.0
+    #: ... and this long after sessions stop ending (s; 0: only periodically); trims stay
+    #: at least 5 s apart (server/allocator.py)
+    malloc_trim_after_close_s: float = 1.0
 
     # Tools
     #: Server-side tools: ``module:attribute`` entry points, comma separated (see load_tools).

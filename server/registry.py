@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Callable
 
 from server.session import DuplexSession
 
 
 class SessionRegistry:
-    def __init__(self) -> None:
+    def __init__(self, on_remove: Callable[[], None] | None = None) -> None:
         self._live: dict[str, dict[str, DuplexSession]] = defaultdict(dict)
+        self._on_remove = on_remove  # the app's heap trimmer: a session's memory is let go
 
     def add(self, tenant: str, session: DuplexSession) -> None:
         self._live[tenant][session.id] = session
@@ -20,6 +22,8 @@ class SessionRegistry:
             del sessions[session.id]
             if not sessions:
                 del self._live[tenant]
+            if self._on_remove is not None:
+                self._on_remove()
 
     def get(self, tenant: str, session_id: str) -> DuplexSession | None:
         return self._live.get(tenant, {}).get(session_id)

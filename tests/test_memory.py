@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import weakref
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -401,7 +402,7 @@ async def test_memory_store_lets_a_closed_sessions_outbox_go_after_its_age(monke
 
 
 async def test_the_server_gives_freed_heap_back_periodically(monkeypatch):
-    """`trim_periodically` calls glibc's malloc_trim every interval until cancelled."""
+    """The trimmer calls glibc's malloc_trim every interval until cancelled."""
     import server.allocator as allocator
 
     calls = []
@@ -416,14 +417,98 @@ async def test_the_server_gives_freed_heap_back_periodically(monkeypatch):
             return 1
 
     monkeypatch.setattr(allocator, "_glibc", Libc)
-    task = asyncio.ensure_future(allocator.trim_periodically(0.01))
+    task = asyncio.ensure_future(allocator.HeapTrimmer(0.01, 0).run())
     async with asyncio.timeout(5):
         await twice.wait()
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task
     assert calls[:2] == [0, 0]
-    assert await allocator.trim_periodically(0) is None  # 0: off
+    monkeypatch.setattr(allocator, "_glibc", lambda: None)
+    assert await allocator.HeapTrimmer(0.01).run() is None  # off glibc: nothing to do
+
+
+async def _trims_seen(trimmer, trims: list[float], until: float) -> None:
+    loop = asyncio.get_running_loop()
+    task = asyncio.ensure_future(trimmer.run(lambda: trims.append(loop.time())))
+    try:
+        await asyncio.sleep(until)
+    finally:
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+
+async def test_a_burst_of_closes_gets_one_trim_once_it_is_over():
+    """Sessions that end get their heap back soon, not at the next 30 s period; a burst
+    of closes costs one trim, after it, and trims keep their minimum gap."""
+    from server.allocator import HeapTrimmer
+
+    trims: list[float] = []
+    trimmer = HeapTrimmer(30.0, 0.05, min_gap_s=0.3, max_wait_s=5.0)
+    loop = asyncio.get_running_loop()
+    start = loop.time()
+
+    async def closes() -> None:
+        for _ in range(10):  # a burst: 10 closes 20 ms apart
+            trimmer.session_ended()
+            await asyncio.sleep(0.02)
+        burst_over.append(loop.time())
+        await asyncio.sleep(0.1)
+        trimmer.session_ended()  # another close right after the trim: waits for the gap
+
+    burst_over: list[float] = []
+    closer = asyncio.ensure_future(closes())
+    await _trims_seen(trimmer, trims, 1.0)
+    await closer
+    assert len(trims) == 2, trims
+    assert trims[0] >= burst_over[0]  # not during the burst
+    assert trims[0] - start >= 0.3  # the minimum gap counts from the trimmer's start too
+    assert trims[1] - trims[0] >= 0.3
+
+
+async def test_closes_that_never_stop_still_get_a_trim():
+    """A steady stream of closes (a busy server) is not a burst that never ends."""
+    from server.allocator import HeapTrimmer
+
+    trims: list[float] = []
+    trimmer = HeapTrimmer(30.0, 0.1, min_gap_s=0.0, max_wait_s=0.3)
+
+    async def closes() -> None:
+        while True:
+            trimmer.session_ended()
+            await asyncio.sleep(0.02)
+
+    closer = asyncio.ensure_future(closes())
+    try:
+        await _trims_seen(trimmer, trims, 1.0)
+    finally:
+        closer.cancel()
+    assert len(trims) >= 2, trims
+
+
+async def test_no_trim_after_closes_when_that_is_off():
+    from server.allocator import HeapTrimmer
+
+    trims: list[float] = []
+    trimmer = HeapTrimmer(30.0, 0)
+    trimmer.session_ended()
+    await _trims_seen(trimmer, trims, 0.3)
+    assert trims == []
+
+
+def test_sessions_leaving_the_registry_tell_the_trimmer():
+    """The app wires the registry's removals to the trimmer (server/app.py)."""
+    from server.app import create_app
+    from server.config import Settings
+
+    app = create_app(Settings(api_tokens="t"))
+    trimmer = app.state.duplex.trimmer
+    session = SimpleNamespace(id="s1")
+    app.state.duplex.registry.add("t", session)
+    assert not trimmer._ended.is_set()
+    app.state.duplex.registry.remove("t", session)
+    assert trimmer._ended.is_set()
 
 
 async def _four_sessions_answer(server, message: dict) -> None:
