@@ -120,9 +120,7 @@ def create_app(settings: Settings | None = None, *, tools: ToolRegistry | None =
     )
     client_tokens = ClientTokens(settings.client_secret_key, settings.client_token_ttl_s, store)
     replica = Replica(settings, store)
-    state = AppState(
-        settings, auth, services, registry, replica, client_tokens, metrics, trimmer
-    )
+    state = AppState(settings, auth, services, registry, replica, client_tokens, metrics, trimmer)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
