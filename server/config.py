@@ -145,6 +145,9 @@ class Settings(BaseSettings):
     outbox_max_bytes: int = 2 * 1024 * 1024
     outbox_max_age_s: float = 60.0
     outbox_flush_ms: int = 150
+    #: Ping this often while sent messages are not acknowledged; the pong lets them go
+    #: from the outbox (server/ws_protocol.py; 0: off)
+    outbox_ack_interval_s: float = Field(1.0, ge=0)
     resume_grace_s: float = 30.0
 
     # Memory (docs/limits.md): give freed heap pages back to the system this often (s; 0: off)

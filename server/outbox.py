@@ -19,7 +19,8 @@ audio) and ``outbox_max_age_s`` seconds, whichever is reached first; the store k
 same window (``keep_from``) and expires entries by age. And what the client has received
 is dropped: a ``playback`` report says how much of a response's audio the user heard, so
 the client has every message up to the last audio chunk it heard (one socket delivers
-in order); a resume from that client asks only for later ones (`heard`).
+in order); a resume from that client asks only for later ones (`heard`). So does the
+pong to a delivery ping (`release`, ``outbox_ack_interval_s``), for any client.
 """
 
 from __future__ import annotations
@@ -122,17 +123,25 @@ class Outbox:
         """The client heard ``played_ms`` of ``response_id``'s audio: it has received every
         message up to the last audio chunk of it that ends there, so they go (a resume
         from that client asks for later ones only; another one gets `error` 410)."""
-        entries = self._entries
-        last = -1
-        for i, entry in enumerate(entries):
+        last = 0
+        for entry in self._entries:
             if entry.response_id == response_id:
                 if entry.end_ms > played_ms + 0.5:  # rounding of the client's clock
                     break
-                last = i
-        for _ in range(last + 1):
+                last = entry.seq
+        self.release(last)
+
+    def release(self, seq: int) -> None:
+        """The client has every message up to ``seq``: they go, here and in the store (a
+        resume from that client asks for later ones; one asking for them gets 410). Said
+        by a ``playback`` report (`heard`) or by the pong to a ping written after them
+        (server/ws_protocol.py: the client's WebSocket library read them)."""
+        entries = self._entries
+        if not entries or entries[0].seq > seq:
+            return
+        while entries and entries[0].seq <= seq:
             self._drop_first()
-        if last >= 0:
-            self._writer.mark(self)  # the store's copy lets go of them too
+        self._writer.mark(self)  # the store's copy lets go of them too
 
     def _drop_first(self) -> None:
         entry = self._entries.popleft()

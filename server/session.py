@@ -618,6 +618,12 @@ class DuplexSession(BaseSession):
         outbox is gone goes on from the client's ``last_seq``)."""
         self._seq = max(self._seq, seq)
 
+    def acknowledge(self, seq: int) -> None:
+        """The client's WebSocket stack read every message up to ``seq`` (a pong to a
+        delivery ping, server/ws_protocol.py): the outbox lets go of them."""
+        if self._outbox is not None:
+            self._outbox.release(seq)
+
     def sent_after(self, last_seq: int) -> list[OutboxEntry]:
         """The outbox's messages with ``seq > last_seq``, in order."""
         return self._outbox.after(last_seq) if self._outbox is not None else []

@@ -152,6 +152,7 @@ async def _serve(
                         greeting,
                         lambda: reader.cancel(),
                         settings.output_stall_timeout_s,
+                        settings.outbox_ack_interval_s,
                     )
                 )
                 reader = tg.create_task(
@@ -301,25 +302,49 @@ async def _write(
     greeting: list[str],
     stop_reader: Callable[[], Any],
     stall_timeout_s: float,
+    ack_interval_s: float = 0.0,
 ) -> None:
     """The greeting (a resume's replay), then session output to the socket. A send that
     cannot complete for ``stall_timeout_s`` (the client stopped reading: the kernel's
     buffers and the transport's are full) ends the session with a fatal 429 and drops
-    the connection."""
+    the connection. Under `DuplexWebSocketProtocol`, every ``ack_interval_s`` a ping
+    tells which written messages the client read (`DuplexSession.acknowledge`)."""
+    direct: DirectPath | None = ws.scope.get("extensions", {}).get(DIRECT)
+    acks = direct.acks if direct is not None and ack_interval_s > 0 else None
+    if direct is not None:
+        direct.written = 0  # this session's seq from here (a connection may change sessions)
+    if acks is not None:
+        acks(ack_interval_s, session.acknowledge)
+    try:
+        await _write_all(ws, session, greeting, stop_reader, stall_timeout_s, direct)
+    finally:
+        if acks is not None and direct is not None and direct.acks is not None:
+            direct.acks(0, None)  # a pong from now on acknowledges nothing of this session
+
+
+async def _write_all(
+    ws: WebSocket,
+    session: DuplexSession,
+    greeting: list[str],
+    stop_reader: Callable[[], Any],
+    stall_timeout_s: float,
+    direct: DirectPath | None,
+) -> None:
     for text in greeting:
         try:
             async with asyncio.timeout(stall_timeout_s):
                 await ws.send_text(text)
         except (TimeoutError, WebSocketDisconnect, RuntimeError, OSError):
             return  # the client is gone (or not reading): the session is detached
-    direct: DirectPath | None = ws.scope.get("extensions", {}).get(DIRECT)
     send_now = direct.send_text if direct is not None else None
-    if send_now is not None:
-        session.attach_output(send_now)
+    if direct is not None and send_now is not None:
+        session.attach_output(_counting(session, direct, send_now))
     stalled = False
     text = ""
     async for text in session.frames():
+        seq = session.last_seq  # this message's (numbered as it was taken)
         if send_now is not None and send_now(text):
+            direct.written = seq  # type: ignore[union-attr]
             continue
         try:
             async with asyncio.timeout(stall_timeout_s):
@@ -329,6 +354,8 @@ async def _write(
             break
         except (WebSocketDisconnect, RuntimeError, OSError):
             break
+        if direct is not None:
+            direct.written = seq
     session.attach_output(None)
     if stalled:
         await _drop_stalled(session, direct, stall_timeout_s, text)
@@ -341,6 +368,21 @@ async def _write(
         except RuntimeError:
             pass
     stop_reader()
+
+
+def _counting(
+    session: DuplexSession, direct: DirectPath, send_now: Callable[[str], bool]
+) -> Callable[[str], bool]:
+    """``send_now`` for `DuplexSession.emit_nowait`, keeping ``direct.written``: that
+    numbers its message ``last_seq + 1`` and counts it only once it is written."""
+
+    def send(text: str) -> bool:
+        if send_now(text):
+            direct.written = session.last_seq + 1
+            return True
+        return False
+
+    return send
 
 
 async def _drop_stalled(

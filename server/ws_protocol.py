@@ -24,6 +24,14 @@ Outgoing text messages take a direct path too (`DirectPath.send_text`): one
 ``transport.write`` of a ready-made frame instead of the ASGI send chain, when the
 transport is not applying backpressure; otherwise the app awaits the usual send.
 
+Delivery acknowledgements (`DirectPath.acks`): while the app has written messages not
+yet acknowledged, the protocol sends a ping with its own payload every interval,
+remembering the ``seq`` of the last message the app wrote before it (``written``). TCP
+and WebSocket keep order end to end (a proxy tunnels the upgraded stream, control frames
+included), so the matching pong proves the client's WebSocket stack has read every
+message written before that ping: the app's outbox lets go of them. uvicorn's keepalive
+pings have 4-byte payloads, ours 8: each side ignores the other's pongs.
+
 The class reads private state of uvicorn's sans-I/O protocol and of the websockets
 parser. `websocket_protocol()` checks, once at startup, that all of it is there (by
 building one protocol and running a handshake and a frame through its parser) and
@@ -37,6 +45,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -67,6 +76,9 @@ STOCK_PROTOCOL = "websockets-sansio"
 _BINARY_FIN = 0x82  # FIN, no RSV bits, opcode 2
 _TEXT_FIN = 0x81  # FIN, no RSV bits, opcode 1
 _ABORT_GRACE_S = 2.0
+#: Acknowledgement pings in flight per connection: a new one replaces the oldest.
+MAX_ACK_PINGS = 4
+_ACK_PREFIX = b"dxak"  # + a 4-byte counter: 8 bytes, never uvicorn's 4-byte payloads
 
 #: What this class reads or calls on uvicorn's protocol instance (checked at startup).
 PROTOCOL_ATTRS = (
@@ -85,6 +97,7 @@ PROTOCOL_ATTRS = (
     "handle_parser_exception",
     "send_receive_event_to_app",
     "data_received",
+    "handle_pong",
 )
 #: What it reads or sets on the websockets parser (``conn``), checked the same way.
 PARSER_ATTRS = ("state", "reader", "parser", "current_size", "max_message_size")
@@ -111,6 +124,13 @@ class DirectPath:
     #: ``abort(last_text, code)``: for a peer that stopped reading, queue ``last_text``
     #: and a close frame past the backpressure, then drop the connection shortly after.
     abort: Callable[[str | None, int], None] | None = None
+    #: The ``seq`` of the last message the app wrote to this connection (0: none); the
+    #: app sets it after each write, of any path (direct or ASGI send).
+    written: int = 0
+    #: ``acks(interval_s, on_ack)``: ping every ``interval_s`` while ``written`` is ahead
+    #: of what was acknowledged, and call ``on_ack(seq)`` when the client's pong shows it
+    #: read every message up to ``seq``; ``acks(0, None)`` stops.
+    acks: Callable[[float, Callable[[int], None] | None], None] | None = None
 
 
 def text_frame(payload: bytes) -> bytes:
@@ -136,12 +156,21 @@ def _parser_at_frame_boundary(conn: Any) -> bool:
 class DuplexWebSocketProtocol(_Stock or asyncio.Protocol):  # type: ignore[misc]
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self._direct = DirectPath(send_text=self._send_text, limit=self._limit, abort=self._abort)
+        self._direct = DirectPath(
+            send_text=self._send_text, limit=self._limit, abort=self._abort, acks=self._acks
+        )
         #: Called once when the connection is gone (the server's connection count).
         self.on_connection_lost: Callable[[], None] | None = None
         self._framing = False  # True once this class frames the stream itself
         self._pending = bytearray()  # an incomplete frame, when framing
         self._need = 0  # its whole size once its header is in (0: not yet)
+        # Delivery acknowledgements (see `_acks`): pings in flight as (payload, seq).
+        self._on_ack: Callable[[int], None] | None = None
+        self._ack_interval = 0.0
+        self._ack_timer: asyncio.TimerHandle | None = None
+        self._ack_pings: deque[tuple[bytes, int]] = deque(maxlen=MAX_ACK_PINGS)
+        self._ack_count = 0
+        self._ack_asked = 0  # the seq the newest ping covers
 
     def handle_connect(self, event: Any) -> None:
         super().handle_connect(event)
@@ -158,8 +187,9 @@ class DuplexWebSocketProtocol(_Stock or asyncio.Protocol):  # type: ignore[misc]
                 hook()
             # The path's bound methods would keep this protocol (and its buffers) in a
             # cycle, left for a rare full collection (see server/app.py).
+            self._acks(0, None)
             direct = self._direct
-            direct.take = direct.send_text = direct.limit = direct.abort = None
+            direct.take = direct.send_text = direct.limit = direct.abort = direct.acks = None
 
     def data_received(self, data: bytes) -> None:
         if not self._framing:
@@ -328,6 +358,48 @@ class DuplexWebSocketProtocol(_Stock or asyncio.Protocol):  # type: ignore[misc]
             return False
         self.transport.write(text_frame(text.encode()))
         return True
+
+    def _acks(self, interval_s: float, on_ack: Callable[[int], None] | None) -> None:
+        if self._ack_timer is not None:
+            self._ack_timer.cancel()
+            self._ack_timer = None
+        self._ack_pings.clear()
+        self._on_ack = on_ack if interval_s > 0 else None
+        self._ack_interval = interval_s
+        if self._on_ack is not None:
+            self._ack_asked = self._direct.written  # a new owner: nothing asked yet on its behalf
+            self._ack_timer = self.loop.call_later(interval_s, self._ack_tick)
+
+    def _ack_tick(self) -> None:
+        """Ping if the app wrote messages since the last ping; never waits for anything."""
+        self._ack_timer = self.loop.call_later(self._ack_interval, self._ack_tick)
+        seq = self._direct.written
+        if (
+            seq <= self._ack_asked
+            or self.close_sent
+            or not self.writable.is_set()  # not reading: a pong would not come anyway
+            or self.conn.state is not OPEN
+            or self.transport.is_closing()
+        ):
+            return
+        self._ack_count = (self._ack_count + 1) & 0xFFFFFFFF
+        payload = _ACK_PREFIX + self._ack_count.to_bytes(4)
+        self._ack_pings.append((payload, seq))  # the oldest goes when full
+        self._ack_asked = seq
+        self.transport.write(b"\x89\x08" + payload)  # FIN ping, unmasked, 8 bytes
+
+    def handle_pong(self, event: Frame) -> None:
+        pings = self._ack_pings
+        if pings and len(event.data) == len(_ACK_PREFIX) + 4:
+            data = bytes(event.data)
+            for i, (payload, seq) in enumerate(pings):
+                if payload == data:
+                    for _ in range(i + 1):  # older pings were answered before it (in order)
+                        pings.popleft()
+                    if self._on_ack is not None:
+                        self._on_ack(seq)
+                    return
+        super().handle_pong(event)
 
     def _abort(self, last_text: str | None, code: int) -> None:
         if self.transport.is_closing() or self.close_sent or self.conn.state is not OPEN:
