@@ -116,13 +116,13 @@ async def test_resume_replays_what_was_not_acknowledged(server_factory):
 async def test_uvicorn_keepalive_still_works_beside_the_delivery_pings(server_factory):
     server = server_factory(
         outbox_ack_interval_s=ACK_S,
-        uvicorn_kwargs={"ws_ping_interval": ACK_S, "ws_ping_timeout": 2.0},
+        uvicorn_kwargs={"ws_ping_interval": ACK_S, "ws_ping_timeout": 1.0},
     )
     r, session_id = await manual_session(server)
     for _ in range(3):  # keepalive pings and delivery pings interleave for a while
         await ask(r, 0.5)
         await r.until(lambda e: e["type"] == "response.done")
-    await asyncio.sleep(40 * ACK_S)
+    await asyncio.sleep(60 * ACK_S)  # longer than the keepalive timeout
     await ask(r, 0.5)  # still open: every keepalive ping got its pong
     await r.until(lambda e: e["type"] == "response.done")
     outbox = outbox_of(server, session_id)
