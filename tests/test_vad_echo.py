@@ -371,8 +371,8 @@ def _convolve_valid(x: np.ndarray, h: np.ndarray) -> np.ndarray:
 
 def _moved(cache):
     """A playback report re-anchors the reference 5 s into the reply while the sound
-    itself did not move (a report delayed on the network by more than the re-anchor
-    threshold): from then on the echo comes 160 ms later after its reference (100 ->
+    itself did not move (a client whose playback reports and microphone audio disagree):
+    from then on the echo comes 160 ms later after its reference (100 ->
     260 ms)."""
     scene = make_scene(1, 100, 0.0, 300, barge_in=False, cache_dir=cache)
     cut, shift = 16000 * 5, 16 * 160
