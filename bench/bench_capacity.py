@@ -129,6 +129,28 @@ class SessionStats:
     reply_first: float | None = None
     reply_ms: float = 0.0
 
+    def reply_audio(self, now: float, b64_chars: int) -> None:
+        """A reply audio chunk (``b64_chars`` of base64 PCM16 at 24 kHz) arrived at ``now``:
+        how late it is against real time since the reply's first chunk."""
+        ms = b64_chars * 3 / 4 / 2 / 24.0
+        if self.reply_first is None:
+            self.reply_first, self.reply_ms = now, 0.0
+        self.chunk_lateness.append(max(0.0, now - self.reply_first - self.reply_ms / 1000))
+        self.reply_ms += ms
+
+    def event(self, event: dict, now: float) -> str | None:
+        """Any other server message; returns its type."""
+        kind = event.get("type")
+        if kind == "turn.ended":
+            self.turns.append((now, event.get("audio_end_ms")))
+        elif kind == "speech.started":
+            self.starts += 1
+        elif kind == "response.started":
+            self.reply_first = None
+        elif kind == "error":
+            self.errors.append(f"{event.get('code')}: {event.get('message')}")
+        return kind
+
 
 @dataclass
 class WorkerResult:
@@ -295,24 +317,10 @@ class RawClient(asyncio.Protocol):
             i = buf.find(_DATA_KEY, start, min(end, start + 120))
             if i < 0:
                 return
-            j = buf.index(b'"', i + 8, end)
-            ms = (j - i - 8) * 3 / 4 / 2 / 24.0  # base64 PCM16 at 24 kHz -> ms
-            if s.reply_first is None:
-                s.reply_first, s.reply_ms = now, 0.0
-            s.chunk_lateness.append(max(0.0, now - s.reply_first - s.reply_ms / 1000))
-            s.reply_ms += ms
+            s.reply_audio(now, buf.index(b'"', i + 8, end) - i - 8)
             return
-        event = json.loads(bytes(buf[start:end]))
-        kind = event.get("type")
-        if kind == "turn.ended":
-            s.turns.append((now, event.get("audio_end_ms")))
-        elif kind == "speech.started":
-            s.starts += 1
-        elif kind == "response.started":
-            s.reply_first = None
-        elif kind == "error":
-            s.errors.append(f"{event.get('code')}: {event.get('message')}")
-        elif kind == "session.created" and not self.created.done():
+        kind = s.event(json.loads(bytes(buf[start:end])), now)
+        if kind == "session.created" and not self.created.done():
             self.created.set_result(None)
 
     def write(self, frame: bytes) -> None:
@@ -355,23 +363,9 @@ async def _reader(ws: ClientConnection, s: SessionStats) -> None:
                 i = raw.find('"data":"', 0, 120)
                 if i < 0:
                     continue
-                j = raw.index('"', i + 8)
-                ms = (j - i - 8) * 3 / 4 / 2 / 24.0  # base64 PCM16 at 24 kHz -> ms
-                if s.reply_first is None:
-                    s.reply_first, s.reply_ms = now, 0.0
-                s.chunk_lateness.append(max(0.0, now - s.reply_first - s.reply_ms / 1000))
-                s.reply_ms += ms
+                s.reply_audio(now, raw.index('"', i + 8) - i - 8)
                 continue
-            event = json.loads(raw)
-            kind = event.get("type")
-            if kind == "turn.ended":
-                s.turns.append((now, event.get("audio_end_ms")))
-            elif kind == "speech.started":
-                s.starts += 1
-            elif kind == "response.started":
-                s.reply_first = None
-            elif kind == "error":
-                s.errors.append(f"{event.get('code')}: {event.get('message')}")
+            s.event(json.loads(raw), now)
     except Exception as exc:  # a dropped connection is a finding, not a crash
         s.errors.append(f"connection: {type(exc).__name__}: {exc}")
 

@@ -84,7 +84,6 @@ class HeapTrimmer:
         self.after_close_s = after_close_s
         self.min_gap_s = min_gap_s
         self.max_wait_s = max_wait_s
-        self.trims = 0
         self._ended = asyncio.Event()
 
     def session_ended(self) -> None:
@@ -125,7 +124,6 @@ class HeapTrimmer:
     async def _trim(self, trim: Callable[[], object]) -> None:
         start = time.perf_counter()
         await asyncio.to_thread(trim)
-        self.trims += 1
         log.debug("malloc_trim took %.1f ms", (time.perf_counter() - start) * 1000)
 
 

@@ -51,6 +51,19 @@ async def stored(base: str, session_id: str, count: int) -> None:
             await asyncio.sleep(0.05)
 
 
+async def take_over(old: Conn, url: str, sid: str, headers: dict[str, str]) -> None:
+    """Continue ``sid`` on another server at ``url``: it greets with the same session, the
+    old connection is closed with 4001, and the new one answers."""
+    async with websockets.connect(url, additional_headers=headers) as ws:
+        conn = Conn(ws)
+        assert (await conn.recv())["session"]["id"] == sid
+        with pytest.raises(websockets.ConnectionClosed) as replaced:
+            while True:
+                await old.recv()
+        assert replaced.value.rcvd is not None and replaced.value.rcvd.code == 4001
+        await conn.ask("still me")
+
+
 def sqlite_url(folder: Path) -> str:
     return f"sqlite:///{folder / 'duplex.db'}"
 
@@ -125,14 +138,7 @@ async def test_a_session_runs_on_one_server_at_a_time(server_factory, redis_url:
         sid = (await c.recv())["session"]["id"]
         await c.ask("hello")
         url = f"{second.ws_url}?session_id={sid}"
-        async with websockets.connect(url, additional_headers=headers) as ws:
-            conn = Conn(ws)
-            assert (await conn.recv())["session"]["id"] == sid
-            with pytest.raises(websockets.ConnectionClosed) as replaced:
-                while True:
-                    await c.recv()
-            assert replaced.value.rcvd is not None and replaced.value.rcvd.code == 4001
-            await conn.ask("still me")
+        await take_over(c, url, sid, headers)
         async with httpx.AsyncClient(base_url=second.base, headers=headers) as http:
             history = await http.get(f"/v1/sessions/{sid}/messages")
         contents = [m["content"] for m in history.json()["messages"] if m["role"] == "user"]
@@ -167,14 +173,7 @@ async def test_one_sqlite_file_one_owner_per_session(tmp_path: Path) -> None:
             await c.ask("hello")
             await stored(f"http://127.0.0.1:{first_port}", sid, 2)
             url_b = f"ws://127.0.0.1:{second_port}/v1/duplex?session_id={sid}"
-            async with websockets.connect(url_b, additional_headers=headers) as ws:
-                conn = Conn(ws)
-                assert (await conn.recv())["session"]["id"] == sid
-                with pytest.raises(websockets.ConnectionClosed) as replaced:
-                    while True:
-                        await c.recv()
-                assert replaced.value.rcvd is not None and replaced.value.rcvd.code == 4001
-                await conn.ask("still me")
+            await take_over(c, url_b, sid, headers)
         async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{first_port}") as http:
             await stored(f"http://127.0.0.1:{first_port}", sid, 4)
             history = await http.get(f"/v1/sessions/{sid}/messages", headers=headers)
