@@ -11,7 +11,7 @@ import sqlite3
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from pathlib import Path
-from typing import NamedTuple, TypeVar
+from typing import Any, NamedTuple, TypeVar
 
 import pytest
 
@@ -174,20 +174,58 @@ async def test_a_takeover_between_check_and_write_is_fenced(
     assert await a.load_messages("s1") == []
 
 
+class Renewals:
+    """A gate on ``manager``'s renewals, to pause them as a stalled process would."""
+
+    def __init__(self, manager: LeaseManager) -> None:
+        self.open = asyncio.Event()
+        self.open.set()
+        self.idle = asyncio.Event()
+        self.idle.set()
+        real = manager.backend.renew
+
+        async def renew(*args: Any, **kwargs: Any) -> int:
+            await self.open.wait()
+            self.idle.clear()
+            try:
+                return await real(*args, **kwargs)
+            finally:
+                self.idle.set()
+
+        manager.backend.renew = renew  # type: ignore[method-assign]
+
+    async def pause(self) -> None:
+        """Hold the next renewals and wait out the one in flight, if any."""
+        self.open.clear()
+        async with asyncio.timeout(5):
+            await self.idle.wait()
+
+    def resume(self) -> None:
+        self.open.set()
+
+
 async def test_renewal_keeps_the_lease_and_sees_a_takeover(pair: Pair) -> None:
     a, b, expire_lease = pair
-    owner = LeaseManager(a, "replica-a", FAST)
-    other = LeaseManager(b, "replica-b", FAST)
+    # Renewed every 60 ms, a TTL of 1 s: a loaded machine that stalls this event loop
+    # for a few hundred ms must not let the lease lapse (a 300 ms TTL did, under CI load).
+    settings = LeaseSettings(ttl_ms=1000, renew_ms=60, wait_ms=0)
+    owner = LeaseManager(a, "replica-a", settings)
+    other = LeaseManager(b, "replica-b", settings)
+    renewals = Renewals(owner)
     lease = await owner.acquire("s1")
     lost = asyncio.Event()
     keeper = asyncio.create_task(owner.keep(lease, lost.set))
     try:
-        await asyncio.sleep(FAST.ttl_ms * 3 / 1000)  # well past one TTL: still renewed
+        await asyncio.sleep(settings.ttl_ms * 1.5 / 1000)  # past one TTL: still renewed
         with pytest.raises(LeaseBusy):
             await other.acquire("s1")
-        # A takeover (e.g. after this process was paused past its TTL) is noticed.
+        # A takeover after this process was paused past its TTL is noticed. The pause is
+        # real: no renewal runs (nor is one in flight) while the lease expires and the
+        # other replica takes it, or that renewal could extend the lease first.
+        await renewals.pause()
         await expire_lease("s1")
         await other.acquire("s1")
+        renewals.resume()
         async with asyncio.timeout(5):
             await lost.wait()
         assert lease.lost.is_set()
