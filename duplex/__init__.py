@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 __all__ = [
     "AuthError",
     "Client",
+    "ConflictError",
     "ConnectionLost",
     "DuplexError",
     "Message",

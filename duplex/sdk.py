@@ -47,12 +47,16 @@ class NotFoundError(DuplexError):
     """404: no such session for this token."""
 
 
+class ConflictError(DuplexError):
+    """409: the session belongs to another endpoint (one opened on ``/v1/realtime``)."""
+
+
 class ConnectionLost(DuplexError):
     """The connection closed while something was waiting for the server."""
 
 
 def error_for(code: int, message: str, *, fatal: bool = False) -> DuplexError:
-    cls = {401: AuthError, 404: NotFoundError}.get(code, DuplexError)
+    cls = {401: AuthError, 404: NotFoundError, 409: ConflictError}.get(code, DuplexError)
     return cls(code, message, fatal=fatal)
 
 

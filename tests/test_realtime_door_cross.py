@@ -13,6 +13,7 @@ import httpx
 import pytest
 import websockets
 
+from duplex import Client, ConflictError
 from server.realtime_door import routes
 from server.resume import CLOSE_REPLACED, _evict
 from server.state.base import SessionRecord
@@ -138,6 +139,20 @@ async def test_duplex_refuses_a_stored_realtime_session(server_factory, store, t
     await again.ws.send(json.dumps({"type": "input.text", "text": "on", "final": True}))
     assert (await again.until(lambda e: e["type"] == "response.done"))["finish_reason"] == "stop"
     await again.ws.close()
+
+
+async def test_the_sdk_raises_a_conflict_error_for_a_realtime_session(server_factory):
+    """The SDK names the 409 (`ConflictError`, fatal: no reconnect), and the Realtime
+    session goes on."""
+    server = server_factory()
+    rt, session_id = await realtime_session(server)
+    async with Client(server.ws_url, TOKEN) as client:
+        with pytest.raises(ConflictError) as info:
+            await client.connect(session_id=session_id)
+    assert info.value.code == CONFLICT and info.value.fatal
+    assert "/v1/realtime" in info.value.message
+    await realtime_turn(rt, "still here")
+    await rt.close()
 
 
 async def test_realtime_never_attaches_to_a_duplex_session(server_factory):
