@@ -924,8 +924,10 @@ class UnarySession(BaseSession):
         session_id: str | None = None,
         config: SessionConfig | None = None,
     ) -> UnarySession:
-        """Create a new session, or continue ``session_id`` (the tenant's own only)."""
-        return cls(*await cls._load(services, tenant, session_id, config), services)
+        """Create a new session, or continue ``session_id`` (the tenant's own, and not one
+        opened on /v1/realtime: 409, as on /v1/duplex)."""
+        record, config = await cls._load(services, tenant, session_id, config, DUPLEX_ENDPOINT)
+        return cls(record, config, services)
 
     async def execute_stream(
         self, role: str, content: str

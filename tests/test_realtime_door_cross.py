@@ -155,6 +155,42 @@ async def test_the_sdk_raises_a_conflict_error_for_a_realtime_session(server_fac
     await rt.close()
 
 
+async def test_completions_and_chat_refuse_a_realtime_session(server_factory):
+    """HTTP completions and /v1/ws/chat do not write into a Realtime session's
+    conversation either (409), and its history stays readable."""
+    server = server_factory()
+    rt, session_id = await realtime_session(server)
+    await realtime_turn(rt, "mine")
+    headers = {"Authorization": f"Bearer {TOKEN}"}
+    async with httpx.AsyncClient(base_url=server.base, headers=headers) as http:
+        for stream in (False, True):
+            answer = await http.post(
+                f"/v1/sessions/{session_id}/completions",
+                json={"question": "from elsewhere", "stream": stream},
+            )
+            assert answer.status_code == CONFLICT, answer.text
+            assert "/v1/realtime" in answer.text
+        chat = await websockets.connect(
+            server.base.replace("http", "ws", 1) + "/v1/ws/chat", additional_headers=headers
+        )
+        chat_req = {"type": "chat", "session_id": session_id, "question": "from chat"}
+        await chat.send(json.dumps(chat_req))
+        reply = json.loads(await asyncio.wait_for(chat.recv(), TIMEOUT))
+        assert reply["code"] == CONFLICT, reply
+        await chat.send(json.dumps({"type": "chat", "question": "a new one"}))  # goes on
+        async with asyncio.timeout(TIMEOUT):
+            while (reply := json.loads(await chat.recv()))["data"] is not True:
+                assert reply["code"] == 0, reply
+        await chat.close()
+        history = (await http.get(f"/v1/sessions/{session_id}/messages")).json()
+    assert [m["content"] for m in history["messages"]][:1] == ["mine"]
+    assert not any(
+        "elsewhere" in m["content"] or "chat" in m["content"] for m in history["messages"]
+    )
+    await realtime_turn(rt, "still mine")
+    await rt.close()
+
+
 async def test_realtime_never_attaches_to_a_duplex_session(server_factory):
     """/v1/realtime has no way to name a session: a `session_id` in its query is not one,
     it opens a new session, and the /v1/duplex one goes on on its socket."""
