@@ -101,6 +101,17 @@ PROTOCOL_ATTRS = (
 )
 #: What it reads or sets on the websockets parser (``conn``), checked the same way.
 PARSER_ATTRS = ("state", "reader", "parser", "current_size", "max_message_size")
+#: What the delivery pings alone need (`DeliveryPingProtocol`, the fallback).
+ACK_PROTOCOL_ATTRS = (
+    "conn",
+    "transport",
+    "writable",
+    "close_sent",
+    "loop",
+    "handle_connect",
+    "handle_pong",
+)
+ACK_PARSER_ATTRS = ("state",)
 
 
 @dataclass(slots=True)
@@ -153,17 +164,20 @@ def _parser_at_frame_boundary(conn: Any) -> bool:
     return getattr(getattr(gen, "gi_code", None), "co_name", "") == "at_eof"
 
 
-class DuplexWebSocketProtocol(_Stock or asyncio.Protocol):  # type: ignore[misc]
+class DeliveryPingProtocol(_Stock or asyncio.Protocol):  # type: ignore[misc]
+    """uvicorn's stock protocol plus the delivery pings (`DirectPath.acks`), nothing else.
+
+    The fallback when the direct path's internals are missing: it needs only what
+    `ACK_PROTOCOL_ATTRS` lists (the keepalive's own machinery: the sans-I/O connection,
+    the transport, ``handle_pong``), and frames nothing itself. Its `DirectPath` carries
+    ``acks`` alone; the app writes through the ASGI send and sets ``written`` after each.
+    """
+
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self._direct = DirectPath(
-            send_text=self._send_text, limit=self._limit, abort=self._abort, acks=self._acks
-        )
+        self._direct = self._make_path()
         #: Called once when the connection is gone (the server's connection count).
         self.on_connection_lost: Callable[[], None] | None = None
-        self._framing = False  # True once this class frames the stream itself
-        self._pending = bytearray()  # an incomplete frame, when framing
-        self._need = 0  # its whole size once its header is in (0: not yet)
         # Delivery acknowledgements (see `_acks`): pings in flight as (payload, seq).
         self._on_ack: Callable[[int], None] | None = None
         self._ack_interval = 0.0
@@ -171,6 +185,9 @@ class DuplexWebSocketProtocol(_Stock or asyncio.Protocol):  # type: ignore[misc]
         self._ack_pings: deque[tuple[bytes, int]] = deque(maxlen=MAX_ACK_PINGS)
         self._ack_count = 0
         self._ack_asked = 0  # the seq the newest ping covers
+
+    def _make_path(self) -> DirectPath:
+        return DirectPath(acks=self._acks)
 
     def handle_connect(self, event: Any) -> None:
         super().handle_connect(event)
@@ -190,6 +207,63 @@ class DuplexWebSocketProtocol(_Stock or asyncio.Protocol):  # type: ignore[misc]
             self._acks(0, None)
             direct = self._direct
             direct.take = direct.send_text = direct.limit = direct.abort = direct.acks = None
+
+    def _acks(self, interval_s: float, on_ack: Callable[[int], None] | None) -> None:
+        if self._ack_timer is not None:
+            self._ack_timer.cancel()
+            self._ack_timer = None
+        self._ack_pings.clear()
+        self._on_ack = on_ack if interval_s > 0 else None
+        self._ack_interval = interval_s
+        if self._on_ack is not None:
+            self._ack_asked = self._direct.written  # a new owner: nothing asked yet on its behalf
+            self._ack_timer = self.loop.call_later(interval_s, self._ack_tick)
+
+    def _ack_tick(self) -> None:
+        """Ping if the app wrote messages since the last ping; never waits for anything."""
+        self._ack_timer = self.loop.call_later(self._ack_interval, self._ack_tick)
+        seq = self._direct.written
+        if (
+            seq <= self._ack_asked
+            or self.close_sent
+            or not self.writable.is_set()  # not reading: a pong would not come anyway
+            or self.conn.state is not OPEN
+            or self.transport.is_closing()
+        ):
+            return
+        self._ack_count = (self._ack_count + 1) & 0xFFFFFFFF
+        payload = _ACK_PREFIX + self._ack_count.to_bytes(4)
+        self._ack_pings.append((payload, seq))  # the oldest goes when full
+        self._ack_asked = seq
+        # uvicorn writes whatever the connection makes at once, so nothing of another
+        # frame is pending in it: a whole frame of our own goes in between.
+        self.transport.write(b"\x89\x08" + payload)  # FIN ping, unmasked, 8 bytes
+
+    def handle_pong(self, event: Frame) -> None:
+        pings = self._ack_pings
+        if pings and len(event.data) == len(_ACK_PREFIX) + 4:
+            data = bytes(event.data)
+            for i, (payload, seq) in enumerate(pings):
+                if payload == data:
+                    for _ in range(i + 1):  # older pings were answered before it (in order)
+                        pings.popleft()
+                    if self._on_ack is not None:
+                        self._on_ack(seq)
+                    return
+        super().handle_pong(event)
+
+
+class DuplexWebSocketProtocol(DeliveryPingProtocol):
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._framing = False  # True once this class frames the stream itself
+        self._pending = bytearray()  # an incomplete frame, when framing
+        self._need = 0  # its whole size once its header is in (0: not yet)
+
+    def _make_path(self) -> DirectPath:
+        return DirectPath(
+            send_text=self._send_text, limit=self._limit, abort=self._abort, acks=self._acks
+        )
 
     def data_received(self, data: bytes) -> None:
         if not self._framing:
@@ -359,48 +433,6 @@ class DuplexWebSocketProtocol(_Stock or asyncio.Protocol):  # type: ignore[misc]
         self.transport.write(text_frame(text.encode()))
         return True
 
-    def _acks(self, interval_s: float, on_ack: Callable[[int], None] | None) -> None:
-        if self._ack_timer is not None:
-            self._ack_timer.cancel()
-            self._ack_timer = None
-        self._ack_pings.clear()
-        self._on_ack = on_ack if interval_s > 0 else None
-        self._ack_interval = interval_s
-        if self._on_ack is not None:
-            self._ack_asked = self._direct.written  # a new owner: nothing asked yet on its behalf
-            self._ack_timer = self.loop.call_later(interval_s, self._ack_tick)
-
-    def _ack_tick(self) -> None:
-        """Ping if the app wrote messages since the last ping; never waits for anything."""
-        self._ack_timer = self.loop.call_later(self._ack_interval, self._ack_tick)
-        seq = self._direct.written
-        if (
-            seq <= self._ack_asked
-            or self.close_sent
-            or not self.writable.is_set()  # not reading: a pong would not come anyway
-            or self.conn.state is not OPEN
-            or self.transport.is_closing()
-        ):
-            return
-        self._ack_count = (self._ack_count + 1) & 0xFFFFFFFF
-        payload = _ACK_PREFIX + self._ack_count.to_bytes(4)
-        self._ack_pings.append((payload, seq))  # the oldest goes when full
-        self._ack_asked = seq
-        self.transport.write(b"\x89\x08" + payload)  # FIN ping, unmasked, 8 bytes
-
-    def handle_pong(self, event: Frame) -> None:
-        pings = self._ack_pings
-        if pings and len(event.data) == len(_ACK_PREFIX) + 4:
-            data = bytes(event.data)
-            for i, (payload, seq) in enumerate(pings):
-                if payload == data:
-                    for _ in range(i + 1):  # older pings were answered before it (in order)
-                        pings.popleft()
-                    if self._on_ack is not None:
-                        self._on_ack(seq)
-                    return
-        super().handle_pong(event)
-
     def _abort(self, last_text: str | None, code: int) -> None:
         if self.transport.is_closing() or self.close_sent or self.conn.state is not OPEN:
             return
@@ -422,6 +454,17 @@ def direct_path_missing() -> str | None:
     runs a handshake and two frames through its websockets parser to see the parser
     come back to the frame boundary the class detects.
     """
+    return _missing(PROTOCOL_ATTRS, PARSER_ATTRS, _parser_probe)
+
+
+def delivery_pings_missing() -> str | None:
+    """What `DeliveryPingProtocol` needs and this uvicorn/websockets lacks; None if nothing."""
+    return _missing(ACK_PROTOCOL_ATTRS, ACK_PARSER_ATTRS, None)
+
+
+def _missing(
+    attrs: tuple[str, ...], parser_attrs: tuple[str, ...], probe: Callable[[Any], str | None] | None
+) -> str | None:
     if _Stock is None:
         return "uvicorn has no sans-I/O WebSocket protocol"
     from uvicorn import Config
@@ -434,11 +477,11 @@ def direct_path_missing() -> str | None:
     loop = asyncio.new_event_loop()
     try:
         proto = _Stock(config=config, server_state=ServerState(), app_state={}, _loop=loop)
-        missing = [a for a in PROTOCOL_ATTRS if not hasattr(proto, a)]
-        missing += [f"conn.{a}" for a in PARSER_ATTRS if not hasattr(proto.conn, a)]
+        missing = [a for a in attrs if not hasattr(proto, a)]
+        missing += [f"conn.{a}" for a in parser_attrs if not hasattr(proto.conn, a)]
         if missing:
             return "missing " + ", ".join(missing)
-        return _parser_probe(proto.conn)
+        return probe(proto.conn) if probe is not None else None
     except Exception as exc:  # any surprise means: not the internals we know
         return f"{type(exc).__name__}: {exc}"
     finally:
@@ -466,10 +509,24 @@ def _parser_probe(conn: Any) -> str | None:
 
 
 def websocket_protocol() -> type[asyncio.Protocol] | str:
-    """The ``ws`` option for uvicorn: our class, or uvicorn's stock protocol (one log line)."""
+    """The ``ws`` option for uvicorn: our class; else uvicorn's stock protocol with the
+    delivery pings only, or plain (one log line either way)."""
     missing = direct_path_missing()
     if missing is None:
         return DuplexWebSocketProtocol
     stock = STOCK_PROTOCOL if _Stock is not None else "auto"
-    log.warning("direct WebSocket path off (%s); using uvicorn's %r protocol", missing, stock)
+    pings_missing = delivery_pings_missing()
+    if pings_missing is None:
+        log.warning(
+            "direct WebSocket path off (%s); using uvicorn's %r protocol with delivery pings",
+            missing,
+            stock,
+        )
+        return DeliveryPingProtocol
+    log.warning(
+        "direct WebSocket path off (%s); using uvicorn's %r protocol, no delivery pings (%s)",
+        missing,
+        stock,
+        pings_missing,
+    )
     return stock

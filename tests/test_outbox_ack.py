@@ -9,7 +9,15 @@ import itertools
 import json
 
 from duplex.protocol import RESUME_GAP
+from server import ws_protocol
+from server.cli import uvicorn_options
+from tests.conftest import make_settings
+from tests.test_realtime_door import append as realtime_append
+from tests.test_realtime_door import connect as realtime_connect
+from tests.test_realtime_door import pcm24 as realtime_pcm24
+from tests.test_realtime_door import until as realtime_until
 from tests.test_resume import Reader, drop, open_ws, tone
+from tests.test_ws_protocol import internals_missing
 
 ACK_S = 0.05  # short, so the tests are quick; every wait below is a bound, not a figure
 
@@ -128,3 +136,48 @@ async def test_uvicorn_keepalive_still_works_beside_the_delivery_pings(server_fa
     outbox = outbox_of(server, session_id)
     await wait_for(lambda: len(outbox) == 0)
     await r.ws.close()
+
+
+async def test_the_stock_fallback_pings_too(server_factory):
+    """The direct path's internals missing (`websocket_protocol` falls back to uvicorn's
+    stock protocol): the delivery pings still let the outbox go, through the ASGI send."""
+    with internals_missing():
+        assert uvicorn_options(make_settings())["ws"] is ws_protocol.DeliveryPingProtocol
+        server = server_factory(outbox_ack_interval_s=ACK_S)
+    r, session_id = await manual_session(server)
+    await ask(r)
+    done = await r.until(lambda e: e["type"] == "response.done")
+    session = server.app.state.duplex.registry.get("tenant-a", session_id)
+    assert session.last_seq == done["seq"]
+    outbox = outbox_of(server, session_id)
+    await wait_for(lambda: len(outbox) == 0)
+    assert outbox.size == 0
+    # A client that stops reading keeps what it did not read (no pong comes).
+    r.ws.transport.pause_reading()
+    await ask(r, 0.5)
+    await wait_for(lambda: holds_done(outbox))
+    await asyncio.sleep(20 * ACK_S)
+    assert outbox.first_seq == done["seq"] + 1
+    r.ws.transport.resume_reading()
+    await wait_for(lambda: len(outbox) == 0)
+    await r.ws.close()
+
+
+async def test_the_realtime_door_pings_too(server_factory):
+    """/v1/realtime (no ``playback`` report in that protocol): the pong to a delivery
+    ping lets the session's outbox go of what the client read."""
+    server = server_factory(outbox_ack_interval_s=ACK_S)
+    async with realtime_connect(server) as conn:
+        await conn.session.update(
+            session={"type": "realtime", "audio": {"input": {"turn_detection": None}}}
+        )
+        await realtime_until(conn, "session.updated", stop_on_error=True)
+        await realtime_append(conn, realtime_pcm24("Thursday works better for me."))
+        await conn.input_audio_buffer.commit()
+        await realtime_until(conn, "conversation.item.done", stop_on_error=True)
+        await conn.response.create()
+        events = await realtime_until(conn, "response.done", stop_on_error=True)
+        assert any(e.type == "response.output_audio.delta" for e in events)
+        outbox = outbox_of(server, conn.session_id)
+        await wait_for(lambda: len(outbox) == 0)
+        assert outbox.size == 0

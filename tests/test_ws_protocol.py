@@ -41,14 +41,17 @@ NO_KEEPALIVE = {"ws_ping_interval": None}  # only the frame at hand can close th
 
 
 @contextlib.contextmanager
-def internals_missing() -> Iterator[None]:
-    """As if uvicorn's protocol had no ``frames`` any more: the startup check must see it."""
+def internals_missing(*names: str) -> Iterator[None]:
+    """As if uvicorn's protocol had no ``frames`` (or ``names``) any more: the startup
+    check must see it."""
     stock = ws_protocol._Stock
+    names = names or ("frames",)
 
     class WithoutFrames(stock):  # type: ignore[misc, valid-type]
         def __init__(self, *args: Any, **kwargs: Any) -> None:
             super().__init__(*args, **kwargs)
-            del self.frames
+            for name in names:
+                delattr(self, name)
 
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(ws_protocol, "_Stock", WithoutFrames)
@@ -219,12 +222,21 @@ def test_the_startup_check_passes_on_the_installed_versions(caplog):
 
 
 def test_missing_internals_fall_back_to_stock_with_one_log_line(caplog):
+    """The direct path's internals missing: uvicorn's stock protocol with the delivery
+    pings only (they need none of what is missing); also theirs missing: plain stock."""
     caplog.set_level(logging.INFO, logger=ws_protocol.__name__)
     with internals_missing():
         assert ws_protocol.direct_path_missing() == "missing frames"
+        assert ws_protocol.delivery_pings_missing() is None
+        assert uvicorn_options(make_settings())["ws"] is ws_protocol.DeliveryPingProtocol
+    with internals_missing("frames", "close_sent"):
+        assert ws_protocol.direct_path_missing() == "missing frames, close_sent"
         assert uvicorn_options(make_settings())["ws"] == STOCK_PROTOCOL
     assert [r.getMessage() for r in caplog.records if r.name == ws_protocol.__name__] == [
-        "direct WebSocket path off (missing frames); using uvicorn's 'websockets-sansio' protocol"
+        "direct WebSocket path off (missing frames); using uvicorn's 'websockets-sansio' "
+        "protocol with delivery pings",
+        "direct WebSocket path off (missing frames, close_sent); using uvicorn's "
+        "'websockets-sansio' protocol, no delivery pings (missing close_sent)",
     ]
 
 

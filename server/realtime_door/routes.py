@@ -178,7 +178,14 @@ async def realtime(ws: WebSocket) -> None:
                 )
             )
             link.writer = tg.create_task(
-                _write(ws, session, bridge, reader, app.settings.output_stall_timeout_s)
+                _write(
+                    ws,
+                    session,
+                    bridge,
+                    reader,
+                    app.settings.output_stall_timeout_s,
+                    app.settings.outbox_ack_interval_s,
+                )
             )
     except* Exception as group:
         session.log.error("realtime connection failed", exc_info=group.exceptions[0])
@@ -275,11 +282,16 @@ class _Frames:
     message becomes its events' JSON, newline-separated: JSON written compactly holds no
     newline), `send_now` its direct writer. A message is translated once: when a direct
     write is cut short by backpressure, the frames not written are kept for the session's
-    queue path, which asks `encode` again for that message."""
+    queue path, which asks `encode` again for that message. A message written whole moves
+    ``direct.written`` (the delivery pings' mark, server/ws_protocol.py) to its ``seq``."""
 
-    def __init__(self, bridge: RealtimeBridge, direct: DirectPath | None) -> None:
+    def __init__(
+        self, bridge: RealtimeBridge, direct: DirectPath | None, session: DuplexSession
+    ) -> None:
         self.bridge = bridge
+        self.direct = direct
         self.direct_send = direct.send_text if direct is not None else None
+        self.session = session
         self._rest: dict[int, str] = {}
         self._last = 0
 
@@ -301,6 +313,8 @@ class _Frames:
             if not send(frame):
                 self._rest[self._last] = "\n".join(frames[i:])
                 return False
+        # `DuplexSession.emit_nowait` numbers this message last_seq + 1 once it is sent.
+        self.direct.written = self.session.last_seq + 1  # type: ignore[union-attr]
         return True
 
 
@@ -310,22 +324,48 @@ async def _write(
     bridge: RealtimeBridge,
     reader: asyncio.Task[None],
     stall_timeout_s: float,
+    ack_interval_s: float = 0.0,
 ) -> None:
     """Write the session's messages as Realtime events. Under Duplex's WebSocket protocol a
     message emitted while this loop waits is translated and written at once (as
-    /v1/duplex does); the rest goes through the session's queue, in order."""
+    /v1/duplex does); the rest goes through the session's queue, in order. Every
+    ``ack_interval_s`` a delivery ping tells which written messages the client read
+    (`DuplexSession.acknowledge`), as on /v1/duplex."""
     direct: DirectPath | None = ws.scope.get("extensions", {}).get(DIRECT)
-    out = _Frames(bridge, direct)
-    session.attach_output(out.send_now if direct is not None else None, out.encode)
+    acks = direct.acks if direct is not None and ack_interval_s > 0 else None
+    if direct is not None:
+        direct.written = 0
+    if acks is not None:
+        acks(ack_interval_s, session.acknowledge)
+    try:
+        await _write_all(ws, session, bridge, reader, direct, stall_timeout_s)
+    finally:
+        if acks is not None and direct is not None and direct.acks is not None:
+            direct.acks(0, None)
+
+
+async def _write_all(
+    ws: WebSocket,
+    session: DuplexSession,
+    bridge: RealtimeBridge,
+    reader: asyncio.Task[None],
+    direct: DirectPath | None,
+    stall_timeout_s: float,
+) -> None:
+    out = _Frames(bridge, direct, session)
+    session.attach_output(out.send_now if out.direct_send is not None else None, out.encode)
     try:
         async for text in session.frames():
             if not text:
                 continue
+            seq = session.last_seq  # this message's (numbered as it was taken)
             for frame in text.split("\n") if "\n" in text else (text,):
                 if out.direct_send is not None and out.direct_send(frame):
                     continue
                 async with asyncio.timeout(stall_timeout_s):
                     await ws.send_text(frame)
+            if direct is not None:
+                direct.written = seq
     except TimeoutError:
         # The client stopped reading: end the session and drop the connection.
         session.log.warning("output stalled for %g s: closing", stall_timeout_s)
