@@ -199,6 +199,9 @@ async def live_part(
 ) -> dict[str, float]:
     await asyncio.sleep(1)
     base = rss_mb(server.pid)
+    if account:
+        os.kill(server.pid, signal.SIGUSR1)  # the account with no session: the heap's base
+        await asyncio.sleep(1)
     if trace:
         os.kill(server.pid, signal.SIGUSR2)  # the snapshot with no session
         await asyncio.sleep(2)
@@ -465,6 +468,7 @@ async def _run(args: argparse.Namespace, loop_messages: list[bytes], turn_messag
     if "live" in parts:
         live_rows = []
         account_rows = []
+        heap_rows = []
         trace_lines: list[str] = []
         for n in (int(x) for x in args.live.split(",")):
             probed = args.account or args.trace
@@ -493,6 +497,7 @@ async def _run(args: argparse.Namespace, loop_messages: list[bytes], turn_messag
             if args.trace:
                 trace_lines += _trace_top(probe_out, n, frames=args.trace_frames)
             if probed:
+                heap_rows.append((n, *_heap_split(probe_out, n)))
                 account_rows.append((n, *_account(probe_out, n)))
         out += ["", "**Live VAD sessions** (paced audio, echo replies at real time):", ""]
         headers = ["sessions", "RSS no session (MB)", "RSS live, median (MB)", "max (MB)"]
@@ -505,6 +510,12 @@ async def _run(args: argparse.Namespace, loop_messages: list[bytes], turn_messag
             headers += ["output queued (messages)", "socket write buffers (KB)"]
             headers += ["frames being received (KB)", "stored messages", "heap trim took (ms)"]
             out.append(md_table(headers, account_rows))
+        if heap_rows:
+            out += ["", "**Where their RSS is** (KB per live session, median minus no session):"]
+            out.append("")
+            headers = ["sessions", "RSS", "glibc heap in use", "glibc heap free"]
+            headers += ["glibc mmapped", "pymalloc blocks in use", "pymalloc arenas' rest"]
+            out.append(md_table([*headers, "outside both"], heap_rows))
         if trace_lines:
             out += ["", "**Where they allocate** (tracemalloc, steady state minus no session):"]
             out += ["", *trace_lines]
@@ -612,6 +623,7 @@ def _account(path: str, n: int) -> tuple[float, ...]:
     trim (ms, with ``DUPLEX_PROBE_TRIM=1``)."""
     rows = [json.loads(line) for line in Path(path).read_text().splitlines()]
     Path(path).unlink()
+    rows = [row for row in rows if row["sessions"]]  # the no-session one: `_heap_split`
     if not rows:
         return (float("nan"),) * 10
 
@@ -632,6 +644,28 @@ def _account(path: str, n: int) -> tuple[float, ...]:
         statistics.median(row.get("stored_messages", 0) for row in rows) / n,
         max(row.get("trim_ms", 0) for row in rows),
     )
+
+
+HEAP_KEYS = ("glibc_in_use", "glibc_free", "glibc_mmap", "pymalloc_used", "pymalloc_free")
+
+
+def _heap_split(path: str, n: int) -> tuple[float, ...]:
+    """Per session (KB), median over the samples minus the account with no session:
+    RSS, then where it is (`bench.memory_probe.heap`): glibc's heap in use, free in it,
+    its mmapped blocks, pymalloc's blocks in use, the rest of its arenas; and RSS minus
+    all those (memory outside both allocators: native libraries' own, thread stacks)."""
+    rows = [json.loads(line) for line in Path(path).read_text().splitlines()]
+    base = next((row for row in rows if not row["sessions"]), None)
+    live = [row for row in rows if row["sessions"]]
+    if base is None or not live or "glibc_in_use" not in base:
+        return (float("nan"),) * 7
+
+    def per(key: str) -> float:
+        return (statistics.median(row[key] for row in live) - base[key]) / n
+
+    rss = per("rss_kb")
+    parts = [per(key) / 1024 for key in HEAP_KEYS]
+    return (rss, *parts, rss - sum(parts))
 
 
 def _short(filename: str) -> str:

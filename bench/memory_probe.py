@@ -17,11 +17,14 @@ that follow, so use it for accounting only).
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import gc
 import json
 import os
 import signal
 import sys
+import tempfile
 import time
 import tracemalloc
 
@@ -32,6 +35,58 @@ def _rss_kb() -> int:
             if line.startswith("VmRSS:"):
                 return int(line.split()[1])
     raise RuntimeError("no VmRSS")
+
+
+class _MallInfo2(ctypes.Structure):
+    _fields_ = [
+        (name, ctypes.c_size_t)
+        for name in (
+            "arena",
+            "ordblks",
+            "smblks",
+            "hblks",
+            "hblkhd",
+            "usmblks",
+            "fsmblks",
+            "uordblks",
+            "fordblks",
+            "keepcost",
+        )
+    ]
+
+
+def heap() -> dict[str, int]:
+    """Where the process's memory is, in bytes: glibc's heap (``mallinfo2``: in use,
+    free in its heap, mmapped blocks) and Python's own allocator (pymalloc: blocks in
+    use, and the rest of its 1 MiB arenas: free blocks, free pools, overhead)."""
+    libc = ctypes.CDLL(ctypes.util.find_library("c"))
+    libc.mallinfo2.restype = _MallInfo2
+    info = libc.mallinfo2()
+    row = {
+        "glibc_in_use": info.uordblks,
+        "glibc_free": info.fordblks,
+        "glibc_mmap": info.hblkhd,
+    }
+    # sys._debugmallocstats() writes to fd 2: read it through a temporary file.
+    with tempfile.TemporaryFile("w+") as f:
+        sys.stderr.flush()
+        saved = os.dup(2)
+        os.dup2(f.fileno(), 2)
+        try:
+            sys._debugmallocstats()
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+        f.seek(0)
+        used = total = 0
+        for line in f:
+            if line.startswith("# bytes in allocated blocks"):
+                used = int(line.split("=")[1].replace(",", ""))
+            elif line.startswith("Total") and not total:
+                total = int(line.split("=")[1].replace(",", ""))
+    row["pymalloc_used"] = used
+    row["pymalloc_free"] = total - used
+    return row
 
 
 def account() -> dict[str, float]:
@@ -76,12 +131,12 @@ def account() -> dict[str, float]:
         if isinstance(store, MemoryStore):
             row["stored_messages"] += sum(len(e.messages) for e in store._entries.values())
     rss = _rss_kb()
+    row.update(heap())
+    if tracemalloc.is_tracing():
+        row["traced"] = tracemalloc.get_traced_memory()[0]
     if os.environ.get("DUPLEX_PROBE_TRIM"):
         # What the allocator holds free in its heap: what malloc_trim gives back now
         # (it perturbs the RSS samples that follow: for accounting runs only).
-        import ctypes
-        import ctypes.util
-
         start = time.perf_counter()
         ctypes.CDLL(ctypes.util.find_library("c")).malloc_trim(0)
         row["trim_ms"] = (time.perf_counter() - start) * 1000  # the allocator lock held
