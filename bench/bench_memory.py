@@ -55,6 +55,7 @@ import base64
 import contextlib
 import json
 import os
+import shutil
 import signal
 import statistics
 import sys
@@ -392,6 +393,13 @@ def main(argv: list[str] | None = None) -> int:
         "frames tell which caller holds it; slower)",
     )
     ap.add_argument(
+        "--keep-account",
+        default="",
+        metavar="PATH",
+        help="with --account: keep the probe's raw accounts (JSON lines) in PATH; with "
+        "--server-env DUPLEX_PROBE_CENSUS=1 they hold a census of objects by type",
+    )
+    ap.add_argument(
         "--playback",
         action="store_true",
         help="live clients report playback every 250 ms as a playing client does (the "
@@ -496,6 +504,8 @@ async def _run(args: argparse.Namespace, loop_messages: list[bytes], turn_messag
             )
             if args.trace:
                 trace_lines += _trace_top(probe_out, n, frames=args.trace_frames)
+            if probed and args.keep_account:
+                shutil.copyfile(probe_out, args.keep_account)
             if probed:
                 heap_rows.append((n, *_heap_split(probe_out, n)))
                 account_rows.append((n, *_account(probe_out, n)))

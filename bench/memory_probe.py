@@ -89,6 +89,22 @@ def heap() -> dict[str, int]:
     return row
 
 
+def census() -> dict[str, list[int]]:
+    """The objects the garbage collector tracks, by type: [count, bytes] (``getsizeof``:
+    the object itself, and a dict's or deque's table, not what they refer to)."""
+    out: dict[str, list[int]] = {}
+    for obj in gc.get_objects():
+        kind = type(obj)
+        name = f"{kind.__module__}.{kind.__qualname__}"
+        entry = out.setdefault(name, [0, 0])
+        entry[0] += 1
+        try:
+            entry[1] += sys.getsizeof(obj)
+        except Exception:
+            pass
+    return out
+
+
 def account() -> dict[str, float]:
     from media.audio import StreamResampler
     from server.outbox import Outbox
@@ -132,6 +148,8 @@ def account() -> dict[str, float]:
             row["stored_messages"] += sum(len(e.messages) for e in store._entries.values())
     rss = _rss_kb()
     row.update(heap())
+    if os.environ.get("DUPLEX_PROBE_CENSUS"):
+        row["census"] = census()
     if tracemalloc.is_tracing():
         row["traced"] = tracemalloc.get_traced_memory()[0]
     if os.environ.get("DUPLEX_PROBE_TRIM"):

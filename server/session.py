@@ -61,6 +61,7 @@ from duplex.protocol import (
     new_id,
 )
 from server.decode_budget import PixelBudget
+from server.fifo import Fifo
 from server.idempotency import TurnLocks
 from server.limits import SessionLimits
 from server.logs import SessionLog
@@ -311,7 +312,7 @@ class DuplexSession(BaseSession):
         input_received: int | None = 0,
     ):
         super().__init__(record, config, services)
-        self._out: asyncio.Queue[Any] = asyncio.Queue(services.limits.output_queue_size)
+        self._out: Fifo[Any] = Fifo(services.limits.output_queue_size)
         self._seq = outbox[-1].seq if outbox else 0
         #: Client messages received (`take_input`); unknown (None) after a reopen whose
         #: previous owner died, until the first message counted from 0 after it.
@@ -580,9 +581,17 @@ class DuplexSession(BaseSession):
             yield item
 
     async def frames(self) -> AsyncIterator[str]:
-        """`response` as JSON text frames (what a connection writes)."""
-        while (item := await self._next_out()) is not _CLOSE:
-            yield self._stamp(item)
+        """`response` as JSON text frames (what a connection writes). Neither the message
+        nor its frame stays referenced here while the next is awaited: with the direct
+        path (`attach_output`) the next may come much later, or never."""
+        while True:
+            item = await self._next_out()
+            if item is _CLOSE:
+                return
+            text = self._stamp(item)
+            del item
+            yield text
+            del text
 
     async def _next_out(self) -> Any:
         """The next message to send, or ``_CLOSE`` once the session has ended."""

@@ -339,26 +339,24 @@ async def _write_all(
     send_now = direct.send_text if direct is not None else None
     if direct is not None and send_now is not None:
         session.attach_output(_counting(session, direct, send_now))
-    stalled = False
-    text = ""
+    stalled: str | None = None  # the frame that could not be written
     async for text in session.frames():
         seq = session.last_seq  # this message's (numbered as it was taken)
-        if send_now is not None and send_now(text):
-            direct.written = seq  # type: ignore[union-attr]
-            continue
-        try:
-            async with asyncio.timeout(stall_timeout_s):
-                await ws.send_text(text)
-        except TimeoutError:
-            stalled = True
-            break
-        except (WebSocketDisconnect, RuntimeError, OSError):
-            break
+        if send_now is None or not send_now(text):
+            try:
+                async with asyncio.timeout(stall_timeout_s):
+                    await ws.send_text(text)
+            except TimeoutError:
+                stalled = text
+                break
+            except (WebSocketDisconnect, RuntimeError, OSError):
+                break
         if direct is not None:
             direct.written = seq
+        del text  # not held while the next message is awaited (it may be long)
     session.attach_output(None)
-    if stalled:
-        await _drop_stalled(session, direct, stall_timeout_s, text)
+    if stalled is not None:
+        await _drop_stalled(session, direct, stall_timeout_s, stalled)
     elif ws.client_state == WebSocketState.CONNECTED:
         code = session.close_code
         if session.error is not None:

@@ -45,13 +45,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 from websockets.frames import Frame, Opcode
 from websockets.protocol import OPEN
+
+from server.fifo import Fifo
 
 try:
     from uvicorn.protocols.websockets.websockets_sansio_impl import (
@@ -182,7 +183,8 @@ class DeliveryPingProtocol(_Stock or asyncio.Protocol):  # type: ignore[misc]
         self._on_ack: Callable[[int], None] | None = None
         self._ack_interval = 0.0
         self._ack_timer: asyncio.TimerHandle | None = None
-        self._ack_pings: deque[tuple[bytes, int]] = deque(maxlen=MAX_ACK_PINGS)
+        # A list, not a deque: at most MAX_ACK_PINGS entries (a deque's first block is 64).
+        self._ack_pings: list[tuple[bytes, int]] = []
         self._ack_count = 0
         self._ack_asked = 0  # the seq the newest ping covers
 
@@ -233,7 +235,10 @@ class DeliveryPingProtocol(_Stock or asyncio.Protocol):  # type: ignore[misc]
             return
         self._ack_count = (self._ack_count + 1) & 0xFFFFFFFF
         payload = _ACK_PREFIX + self._ack_count.to_bytes(4)
-        self._ack_pings.append((payload, seq))  # the oldest goes when full
+        pings = self._ack_pings
+        if len(pings) == MAX_ACK_PINGS:
+            del pings[0]  # the oldest goes when full
+        pings.append((payload, seq))
         self._ack_asked = seq
         # uvicorn writes whatever the connection makes at once, so nothing of another
         # frame is pending in it: a whole frame of our own goes in between.
@@ -245,8 +250,7 @@ class DeliveryPingProtocol(_Stock or asyncio.Protocol):  # type: ignore[misc]
             data = bytes(event.data)
             for i, (payload, seq) in enumerate(pings):
                 if payload == data:
-                    for _ in range(i + 1):  # older pings were answered before it (in order)
-                        pings.popleft()
+                    del pings[: i + 1]  # older pings were answered before it (in order)
                     if self._on_ack is not None:
                         self._on_ack(seq)
                     return
@@ -256,6 +260,10 @@ class DeliveryPingProtocol(_Stock or asyncio.Protocol):  # type: ignore[misc]
 class DuplexWebSocketProtocol(DeliveryPingProtocol):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
+        if type(self.queue) is asyncio.Queue and self.queue.empty():
+            # uvicorn's received events, for the app's receive(): the same FIFO without
+            # asyncio.Queue's four deques (~2.5 KB a connection, server/fifo.py).
+            self.queue = Fifo()
         self._framing = False  # True once this class frames the stream itself
         self._pending = bytearray()  # an incomplete frame, when framing
         self._need = 0  # its whole size once its header is in (0: not yet)

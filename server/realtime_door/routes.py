@@ -366,6 +366,7 @@ async def _write_all(
                     await ws.send_text(frame)
             if direct is not None:
                 direct.written = seq
+            del text, frame  # not held while the next message is awaited
     except TimeoutError:
         # The client stopped reading: end the session and drop the connection.
         session.log.warning("output stalled for %g s: closing", stall_timeout_s)
