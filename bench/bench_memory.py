@@ -78,6 +78,7 @@ from bench.bench_ws import (
 
 PERIOD = 0.02
 TRIM_S = 30.0  # the server's default DUPLEX_MALLOC_TRIM_S
+POST_CLOSE_TRIM_S = 1.0  # its default DUPLEX_MALLOC_TRIM_AFTER_CLOSE_S
 SILENCE_1S = bytes(32000)
 
 
@@ -198,7 +199,10 @@ async def live_part(
     playback: bool = False,
     trace: bool = False,
 ) -> dict[str, float]:
-    await asyncio.sleep(1)
+    # Past the heap trim that follows the warm-up's closes (1 s after the last one,
+    # DUPLEX_MALLOC_TRIM_AFTER_CLOSE_S): sampled 1 s after them, the base RSS could fall
+    # before or after that trim (~2 MB here), moving the figure per session by ~20 KB.
+    await asyncio.sleep(POST_CLOSE_TRIM_S + 2)
     base = rss_mb(server.pid)
     if account:
         os.kill(server.pid, signal.SIGUSR1)  # the account with no session: the heap's base

@@ -30,12 +30,15 @@ remembering the ``seq`` of the last message the app wrote before it (``written``
 and WebSocket keep order end to end (a proxy tunnels the upgraded stream, control frames
 included), so the matching pong proves the client's WebSocket stack has read every
 message written before that ping: the app's outbox lets go of them. uvicorn's keepalive
-pings have 4-byte payloads, ours 8: each side ignores the other's pongs.
+pings have 4-byte payloads, ours 8: each side ignores the other's pongs. The pings need
+little of uvicorn's internals (`DeliveryPingProtocol`), so the fallback below keeps them.
 
 The class reads private state of uvicorn's sans-I/O protocol and of the websockets
 parser. `websocket_protocol()` checks, once at startup, that all of it is there (by
 building one protocol and running a handshake and a frame through its parser) and
-falls back to uvicorn's stock protocol, with one log line, when it is not.
+falls back to uvicorn's stock protocol, with one log line, when it is not: with the
+delivery pings (`DeliveryPingProtocol`, which frames nothing itself) when what they use
+is there, else plain.
 
 Any ASGI server works without this class; the app then receives and sends every
 message through the ASGI interface as usual.
