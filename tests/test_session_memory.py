@@ -8,13 +8,16 @@ import asyncio
 import collections
 import gc
 import sys
+import tracemalloc
 import types
 from typing import Any
 
 import pytest
 
-from duplex.protocol import SessionCreated
+from duplex.protocol import Message, SessionCreated
 from server.fifo import Fifo
+from server.state.base import SessionRecord
+from server.state.memory import MemoryStore
 from server.ws_protocol import MAX_ACK_PINGS, DuplexWebSocketProtocol
 from tests.conftest import TOKEN
 from tests.wsutil import connect
@@ -146,3 +149,32 @@ async def test_a_connection_keeps_no_deque_for_its_receive_queue_and_ping_record
                 continue
             assert held_bytes(proto.queue) < 400
             assert sys.getsizeof(proto._ack_pings) <= sys.getsizeof([0] * MAX_ACK_PINGS)
+
+
+async def test_the_memory_store_keeps_a_message_in_little_more_than_its_text():
+    """The in-memory store held a pydantic copy of each message (its ``__dict__`` and a
+    fields-set: ~600 bytes besides the text); it keeps the values, and gives back equal
+    messages (tracemalloc counts what storing adds; the text is shared either way)."""
+    store = MemoryStore()
+    await store.create_session(SessionRecord(id="sess_mem", tenant="t"))
+    messages = [
+        Message(role="user" if i % 2 else "assistant", content=f"message number {i}")
+        for i in range(200)
+    ]
+    messages.append(Message(role="tool", content="{}", metadata={"call_id": "c1"}))
+    tracemalloc.start()
+    try:
+        before = tracemalloc.take_snapshot()
+        await store.append_messages("sess_mem", messages)
+        after = tracemalloc.take_snapshot()
+    finally:
+        tracemalloc.stop()
+    added = sum(stat.size_diff for stat in after.compare_to(before, "filename"))
+    assert added / len(messages) < 200
+    loaded = await store.load_messages("sess_mem")
+    assert loaded == messages
+    assert loaded[-1].metadata == {"call_id": "c1"} and loaded[0].metadata == {}
+    loaded[0].metadata["x"] = 1  # a caller's change does not reach the store
+    loaded[-1].metadata["x"] = 1
+    again = await store.load_messages("sess_mem")
+    assert again[0].metadata == {} and again[-1].metadata == {"call_id": "c1"}

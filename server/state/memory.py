@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 from collections import OrderedDict, deque
 from dataclasses import dataclass, field, replace
+from typing import Any
 
 from duplex.protocol import Message
 from server.state.base import (
@@ -16,11 +17,39 @@ from server.state.base import (
     StreamEvent,
 )
 
+#: A stored message as its fields' values: (id, role, content, created_at, metadata or
+#: None). A pydantic `Message` holds a ``__dict__`` and a fields-set besides its values:
+#: ~650 bytes for a short message against ~200 as a tuple (tests/test_session_memory.py),
+#: and a store keeps up to ``max_messages`` of them per session, closed sessions too.
+_Stored = tuple[str, str, str, float, dict[str, Any] | None]
+
+
+def _stored(message: Message) -> _Stored:
+    return (
+        message.id,
+        message.role,
+        message.content,
+        message.created_at,
+        message.metadata or None,
+    )
+
+
+def _message(stored: _Stored) -> Message:
+    """A `Message` again, without validating what was valid when it was stored."""
+    msg_id, role, content, created_at, metadata = stored
+    return Message.model_construct(
+        id=msg_id,
+        role=role,
+        content=content,
+        created_at=created_at,
+        metadata=dict(metadata) if metadata is not None else {},  # the caller's own
+    )
+
 
 @dataclass
 class _Entry:
     record: SessionRecord
-    messages: deque[Message]
+    messages: deque[_Stored]
     events: list[StreamEvent] = field(default_factory=list)
     outbox: deque[OutboxEntry] = field(default_factory=deque)
     touched: float = field(default_factory=time.monotonic)
@@ -85,12 +114,12 @@ class MemoryStore(StateStore):
 
     async def load_messages(self, session_id: str) -> list[Message]:
         entry = self._get(session_id)
-        return [m.model_copy() for m in entry.messages] if entry else []
+        return [_message(m) for m in entry.messages] if entry else []
 
     async def append_messages(self, session_id: str, messages: list[Message]) -> None:
         entry = self._get(session_id)
         if entry is not None:
-            entry.messages.extend(m.model_copy() for m in messages)
+            entry.messages.extend(_stored(m) for m in messages)
 
     async def clear_messages(self, session_id: str) -> None:
         entry = self._get(session_id)
@@ -103,10 +132,12 @@ class MemoryStore(StateStore):
         entry = self._get(session_id)
         if entry is None:
             return None
-        edited = edit([m.model_copy(deep=True) for m in entry.messages])
+        edited = edit([_message(m).model_copy(deep=True) for m in entry.messages])
         if edited is None:
             return None
-        entry.messages = deque((m.model_copy(deep=True) for m in edited), maxlen=self._max_messages)
+        entry.messages = deque(
+            (_stored(m.model_copy(deep=True)) for m in edited), maxlen=self._max_messages
+        )
         return edited
 
     async def append_events(self, session_id: str, events: list[StreamEvent]) -> None:
