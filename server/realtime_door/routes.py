@@ -285,13 +285,10 @@ class _Frames:
     queue path, which asks `encode` again for that message. A message written whole moves
     ``direct.written`` (the delivery pings' mark, server/ws_protocol.py) to its ``seq``."""
 
-    def __init__(
-        self, bridge: RealtimeBridge, direct: DirectPath | None, session: DuplexSession
-    ) -> None:
+    def __init__(self, bridge: RealtimeBridge, direct: DirectPath | None) -> None:
         self.bridge = bridge
         self.direct = direct
         self.direct_send = direct.send_text if direct is not None else None
-        self.session = session
         self._rest: dict[int, str] = {}
         self._last = 0
 
@@ -313,8 +310,9 @@ class _Frames:
             if not send(frame):
                 self._rest[self._last] = "\n".join(frames[i:])
                 return False
-        # `DuplexSession.emit_nowait` numbers this message last_seq + 1 once it is sent.
-        self.direct.written = self.session.last_seq + 1  # type: ignore[union-attr]
+        if self.direct is not None:
+            # `DuplexSession.emit_nowait` numbers this message last_seq + 1 once it is sent.
+            self.direct.written = self.bridge.session.last_seq + 1
         return True
 
 
@@ -352,7 +350,7 @@ async def _write_all(
     direct: DirectPath | None,
     stall_timeout_s: float,
 ) -> None:
-    out = _Frames(bridge, direct, session)
+    out = _Frames(bridge, direct)
     session.attach_output(out.send_now if out.direct_send is not None else None, out.encode)
     try:
         async for text in session.frames():
