@@ -268,6 +268,28 @@ class SpeechDetector:
         say little about speech, so turn edges are not moved over them."""
         return bool(self._st[kernel.S_BG_GATE] > 0.0)
 
+    @property
+    def background_peak_db(self) -> float | None:
+        """The background's typical peak (see `background_rough`), in the units of
+        `frame_levels`; None where the background is not rough."""
+        if self._st[kernel.S_BG_GATE] <= 0.0:
+            return None
+        return float(self._st[kernel.S_BG_DB])
+
+    def frame_levels(self, frames: np.ndarray) -> np.ndarray:
+        """Per frame of an (n, frame_samples) int16 array, its full-band level in dB as
+        the per-frame gate measures it (energy less each 10 ms span's level and slope),
+        in the units of `background_peak_db`. For turn edges: one call per turn."""
+        n, span, sub = self._n, self.config.sample_rate // 100, self.config.sample_rate // 400
+        pieces = span // sub
+        x = frames.astype(np.float64).reshape(len(frames), n // span, pieces, sub)
+        full = np.einsum("fspq,fspq->f", x, x)
+        sums = x.sum(axis=3)  # (frames, spans, pieces)
+        ramp = np.arange(pieces) * 2.0 - (pieces - 1)
+        ramp_norm = sub * pieces * (pieces * pieces - 1) / 3.0
+        trend = (sums.sum(axis=2) ** 2 / span + (sums @ ramp) ** 2 / ramp_norm).sum(axis=1)
+        return 10.0 * np.log10(np.maximum(full - trend, 0.0) + n)
+
     def is_speech(self, frame: np.ndarray) -> bool:
         """Classify one frame: `frame_samples` int16 samples, oldest first."""
         if (

@@ -60,6 +60,9 @@ _RESUME_MS = 40  # in *stopping*, a turn resumes on this much speech (one gap al
 _EDGE_MS = 300  # how far a turn edge may move outward
 _NOISE_REF_MS = 200  # audio before that: the noise reference for the edges
 _MIN_NOISE_FRAMES = 5  # fewer make no usable noise statistics for the edges
+import json as _json, os as _os
+P = dict(pct=80.0, frac=0.5, back=4, over=3.0, level_ms=3000, min_gap=6.0, dip=0)
+P.update(_json.loads(_os.environ.get('ONSET_P', '{}')))
 _PREPARE_MAX_MS = 100  # pushes up to this long refine a turn's end one push early
 # Adaptive end of turn (`TurnConfig.adaptive_stop`).
 _PAUSE_MIN_MS = 200  # shorter silences: dips within words and noise, not pauses
@@ -227,6 +230,7 @@ class TurnDetector:
         self._prepare_span = samples(_PREPARE_MAX_MS)
         self._edge_frames = max(1, samples(_EDGE_MS) // fs)
         self._ref_frames = max(1, samples(_NOISE_REF_MS) // fs)
+        self._level_frames = max(1, samples(P['level_ms']) // fs)
         # `_keep` bounds any turn's audio. The buffer also holds the history the turn edges
         # look at, and the block being decided, which is written before its frames step.
         self._keep = self._pre + self._max_turn + fs
@@ -636,6 +640,36 @@ class TurnDetector:
         lookback = hot[max(0, i - self._edge_frames) : i][::-1]  # nearest to the onset first
         self._onset = onset - _run_length(lookback) * fs
 
+    def _redate_onset(self, end: int) -> None:
+        """Re-date a finished turn's onset by its own level (rough backgrounds only).
+
+        Once the turn is over, its level is known (`_LEVEL_PCT` of its frame levels), and
+        so is the background's typical peak: the onset becomes the first frame that
+        reaches `_ONSET_FRAC` of the way from that peak to the turn's level, moved back
+        over up to `_ONSET_BACK_MS` of frames `_ONSET_OVER_DB` over the peak. So
+        background that opened the turn early is dropped. Per turn, not per frame."""
+        bg = self.detector.background_peak_db
+        if bg is None or end <= self._onset:
+            return
+        fs = self._fs
+        n = min((end - self._onset) // fs, self._level_frames)
+        if n <= 0:
+            return
+        levels = self.detector.frame_levels(self._frames(self._onset, n))
+        level = float(np.percentile(levels, P['pct']))
+        if level < bg + P['min_gap']:
+            return
+        strong = bg + P['frac'] * (level - bg)
+        first = int(np.argmax(levels >= strong))
+        before = (levels[max(0, first - P['back']) : first] >= bg + P['over'])[::-1].tolist()
+        if P['dip']:
+            back = _run_length(before)
+        else:
+            back = next((i for i, h in enumerate(before) if not h), len(before))
+        if _os.environ.get('ONSET_DEBUG'):
+            print('REDATE', self._onset * self._ms_per_sample, (first - back) * 20, 'L', round(level - 90.3, 1), 'bg', round(bg - 90.3, 1), 'strong', round(strong - 90.3, 1), [round(x - 90.3) for x in levels[:first + 3]])
+        self._onset += (first - back) * fs
+
     def _refined_end(self, now: int) -> int:
         """End of speech, moved forward over weak speech (a final /s/) the gate missed."""
         end = self._last_voiced_end
@@ -662,6 +696,7 @@ class TurnDetector:
 
     def _end(self, forced: bool, now: int) -> list[TurnEvent]:
         end = self._refined_end(now)
+        self._redate_onset(end)
         start_ms, end_ms = self._onset * self._ms_per_sample, end * self._ms_per_sample
         events: list[TurnEvent] = [SpeechEnd(end_ms)]
         if self._voiced < self._min_speech:
