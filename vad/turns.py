@@ -60,10 +60,17 @@ _RESUME_MS = 40  # in *stopping*, a turn resumes on this much speech (one gap al
 _EDGE_MS = 300  # how far a turn edge may move outward
 _NOISE_REF_MS = 200  # audio before that: the noise reference for the edges
 _MIN_NOISE_FRAMES = 5  # fewer make no usable noise statistics for the edges
-import json as _json, os as _os
-P = dict(pct=80.0, frac=0.5, back=4, over=3.0, level_ms=3000, min_gap=6.0, dip=0)
-P.update(_json.loads(_os.environ.get('ONSET_P', '{}')))
 _PREPARE_MAX_MS = 100  # pushes up to this long refine a turn's end one push early
+# Re-dating a finished turn's onset in a rough background (`_redate_onset`).
+_LEVEL_MS = 3000  # the turn's level: over its first 3 s ...
+_LEVEL_PCT = 90  # ... this percentile of its frame levels
+_LEVEL_OVER_DB = 4.0  # a level less far over the background's peak tells nothing
+_STRONG_FRAC = 0.5  # a strong frame: this fraction of the way from the peak to the level
+_LOOK_MS = 300  # strong frames this far before the onset (at most the pre-roll) ...
+_LOOK_RUN = 2  # ... this many in a row: the user's first syllable, dropped by the gate
+_BACK_MS = 60  # before the first strong frame, this much of frames that reach
+_BACK_UNDER_DB = 3.0  # the background's peak less this (the user's first sounds under
+_BACK_SPAN_DB = 30.0  # its peaks), and the turn's level less this, belong to the turn
 # Adaptive end of turn (`TurnConfig.adaptive_stop`).
 _PAUSE_MIN_MS = 200  # shorter silences: dips within words and noise, not pauses
 _PAUSES_KEPT = 30  # the latest pauses learned from: old habits fade
@@ -230,7 +237,9 @@ class TurnDetector:
         self._prepare_span = samples(_PREPARE_MAX_MS)
         self._edge_frames = max(1, samples(_EDGE_MS) // fs)
         self._ref_frames = max(1, samples(_NOISE_REF_MS) // fs)
-        self._level_frames = max(1, samples(P['level_ms']) // fs)
+        self._level_frames = max(1, samples(_LEVEL_MS) // fs)
+        self._look_frames = min(samples(_LOOK_MS), self._pre) // fs
+        self._back_frames = samples(_BACK_MS) // fs
         # `_keep` bounds any turn's audio. The buffer also holds the history the turn edges
         # look at, and the block being decided, which is written before its frames step.
         self._keep = self._pre + self._max_turn + fs
@@ -641,34 +650,42 @@ class TurnDetector:
         self._onset = onset - _run_length(lookback) * fs
 
     def _redate_onset(self, end: int) -> None:
-        """Re-date a finished turn's onset by its own level (rough backgrounds only).
+        """Re-date a finished turn's onset by the turn's own level (rough backgrounds).
 
-        Once the turn is over, its level is known (`_LEVEL_PCT` of its frame levels), and
-        so is the background's typical peak: the onset becomes the first frame that
-        reaches `_ONSET_FRAC` of the way from that peak to the turn's level, moved back
-        over up to `_ONSET_BACK_MS` of frames `_ONSET_OVER_DB` over the peak. So
-        background that opened the turn early is dropped. Per turn, not per frame."""
+        While a turn opens, the user's level is not known yet: a loud moment of babble
+        or music just before the user opens it early, and the user's first syllable,
+        under the background's peaks or too short to open a turn, opens it late. At its
+        end, the turn's level is known (`_LEVEL_PCT` of its frame levels) and so is the
+        background's typical peak. The onset becomes the first strong frame (`_STRONG_FRAC`
+        of the way from that peak to the level) of the turn, or of `_LOOK_MS` before it
+        (`_LOOK_RUN` in a row), moved back over up to `_BACK_MS` of frames near the
+        peak. One pass over at most `_LOOK_MS + _LEVEL_MS` of audio per turn; nothing
+        per frame."""
         bg = self.detector.background_peak_db
-        if bg is None or end <= self._onset:
-            return
         fs = self._fs
         n = min((end - self._onset) // fs, self._level_frames)
-        if n <= 0:
+        if bg is None or n <= 0:
             return
-        levels = self.detector.frame_levels(self._frames(self._onset, n))
-        level = float(np.percentile(levels, P['pct']))
-        if level < bg + P['min_gap']:
+        earliest = max(self._blocks_start, self._last_audio_end, self._pos - self._cap)
+        look = max(0, min(self._look_frames, (self._onset - earliest) // fs))
+        start = self._onset - look * fs
+        levels = self.detector.frame_levels(self._frames(start, look + n))
+        level = float(np.percentile(levels[look:], _LEVEL_PCT))
+        if level < bg + _LEVEL_OVER_DB:  # the background reaches the user: no telling
             return
-        strong = bg + P['frac'] * (level - bg)
-        first = int(np.argmax(levels >= strong))
-        before = (levels[max(0, first - P['back']) : first] >= bg + P['over'])[::-1].tolist()
-        if P['dip']:
-            back = _run_length(before)
-        else:
-            back = next((i for i, h in enumerate(before) if not h), len(before))
-        if _os.environ.get('ONSET_DEBUG'):
-            print('REDATE', self._onset * self._ms_per_sample, (first - back) * 20, 'L', round(level - 90.3, 1), 'bg', round(bg - 90.3, 1), 'strong', round(strong - 90.3, 1), [round(x - 90.3) for x in levels[:first + 3]])
-        self._onset += (first - back) * fs
+        strong = (levels >= bg + _STRONG_FRAC * (level - bg)).tolist()
+        first = strong.index(True, look)  # the level's own frames are strong
+        run = 0
+        for i in range(look):
+            run = run + 1 if strong[i] else 0
+            if run == _LOOK_RUN:
+                first = i + 1 - run
+                break
+        weak = max(bg - _BACK_UNDER_DB, level - _BACK_SPAN_DB)
+        back = 0
+        while back < self._back_frames and back < first and levels[first - back - 1] >= weak:
+            back += 1
+        self._onset = start + (first - back) * fs
 
     def _refined_end(self, now: int) -> int:
         """End of speech, moved forward over weak speech (a final /s/) the gate missed."""
