@@ -713,13 +713,17 @@ class TurnDetector:
 
     def _end(self, forced: bool, now: int) -> list[TurnEvent]:
         end = self._refined_end(now)
+        opened = self._onset
         self._redate_onset(end)
         start_ms, end_ms = self._onset * self._ms_per_sample, end * self._ms_per_sample
         events: list[TurnEvent] = [SpeechEnd(end_ms)]
         if self._voiced < self._min_speech:
             events.append(TurnDiscard(start_ms, end_ms))
         else:
-            audio_start = max(self._onset - self._pre, self._last_audio_end, now - self._keep, 0)
+            # Re-dated earlier, the onset stays within the pre-roll of the onset first
+            # found, the earliest audio kept (`_seal_tail`) while the turn was open.
+            audio_from = max(self._onset, opened) - self._pre
+            audio_start = max(audio_from, self._last_audio_end, now - self._keep, 0)
             audio_end = min(end + self._pre, now)
             events.append(
                 TurnEnd(
