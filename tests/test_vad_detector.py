@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import math
 from pathlib import Path
 
 import numpy as np
@@ -406,3 +407,33 @@ def test_background_voices_under_the_user_stay_out_of_the_gaps(
     gaps = voiced_mask(len(frames), spans)
     assert not decisions[gaps].any()
     assert decisions[voiced_mask(len(frames), conv.phrases)].mean() > 0.7
+
+
+@pytest.mark.parametrize("sample_rate", [8000, 16000, 48000])
+def test_frame_levels_are_the_gates_own_energies(sample_rate: int) -> None:
+    """`frame_levels` (re-dating a turn's onset) measures frames as the per-frame gate
+    does: the same numbers as the energies the kernel keeps for its block statistics."""
+    detector = SpeechDetector(DetectorConfig(sample_rate=sample_rate))
+    n = detector.frame_samples
+    rng = np.random.default_rng(3)
+    ramp = np.linspace(-8000, 8000, 30 * n)  # a slow trend that the gate leaves out
+    audio = np.round(rng.normal(0, 300, 30 * n) + ramp).astype(np.int16)
+    frames = audio.reshape(30, n)
+    gate = []
+    for frame in frames:
+        k = int(detector._st[kernel.S_FILLED])
+        detector.is_speech(frame)
+        gate.append(10 * math.log10(detector._blk[0, k]))
+    assert np.array_equal(SpeechDetector(detector.config).frame_levels(frames), gate)
+
+
+def test_background_peak_is_known_only_where_the_background_is_rough(
+    speech_cache: Path,
+) -> None:
+    rng = np.random.default_rng(5)
+    for noise, rough in (("pink", False), ("music", True)):
+        detector = SpeechDetector()
+        audio = np.round(make_noise(noise, 3 * SAMPLE_RATE, rng) * 300).astype(np.int16)
+        detector.classify(frames_of(audio, detector.frame_samples))
+        assert detector.background_rough == rough
+        assert (detector.background_peak_db is not None) == rough

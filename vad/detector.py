@@ -280,15 +280,10 @@ class SpeechDetector:
         """Per frame of an (n, frame_samples) int16 array, its full-band level in dB as
         the per-frame gate measures it (energy less each 10 ms span's level and slope),
         in the units of `background_peak_db`. For turn edges: one call per turn."""
-        n, span, sub = self._n, self.config.sample_rate // 100, self.config.sample_rate // 400
-        pieces = span // sub
-        x = frames.astype(np.float64).reshape(len(frames), n // span, pieces, sub)
-        full = np.einsum("fspq,fspq->f", x, x)
-        sums = x.sum(axis=3)  # (frames, spans, pieces)
-        ramp = np.arange(pieces) * 2.0 - (pieces - 1)
-        ramp_norm = sub * pieces * (pieces * pieces - 1) / 3.0
-        trend = (sums.sum(axis=2) ** 2 / span + (sums @ ramp) ** 2 / ramp_norm).sum(axis=1)
-        return 10.0 * np.log10(np.maximum(full - trend, 0.0) + n)
+        out = np.empty(len(frames))
+        rate = self.config.sample_rate
+        kernel.levels(np.ascontiguousarray(frames, np.int16), rate // 100, rate // 400, out)
+        return out
 
     def is_speech(self, frame: np.ndarray) -> bool:
         """Classify one frame: `frame_samples` int16 samples, oldest first."""
