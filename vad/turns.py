@@ -20,7 +20,9 @@ over adjacent frames that stand out from the noise before the turn in some frequ
 (`SpeechDetector.band_levels`, `edge_threshold`). This catches the weak fricatives that
 the per-frame gate loses under noise. In a rough background (babble, music:
 `SpeechDetector.background_rough`) the onset is not moved back: what stands out there
-is as often the noise itself.
+is as often the noise itself. There, when the turn ends, its onset is re-dated by the
+turn's own level instead (`_redate_onset`): `TurnEnd.start_ms` may then differ from
+`SpeechStart.start_ms`, which was sent before the user's level was known.
 
 Time is counted in samples of whole frames. Times are exact (float ms since the first
 frame), and results do not depend on how the caller chunked the audio. At most
@@ -181,6 +183,8 @@ class TurnEnd:
     """A finished turn and its audio.
 
     start_ms/end_ms: onset and end of speech. For `commit`, the committed audio's extent.
+        In a rough background the onset is re-dated at the turn's end, so start_ms may
+        differ from the SpeechStart's.
     pcm: the turn's audio, native-endian int16 at the detector's rate, starting at
         audio_start_ms (`audio` is the same samples as a read-only array). It begins up
         to `pre_roll_ms` before the onset, but never inside the previous turn's audio.
