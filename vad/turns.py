@@ -678,8 +678,8 @@ class TurnDetector:
         frames = self._frames(start, look + n)
         measure = self.detector.frame_levels
         own = measure(np.ascontiguousarray(frames[look::_LEVEL_STRIDE]))
-        k = len(own) * _LEVEL_PCT // 100 - (len(own) * _LEVEL_PCT % 100 == 0)
-        level = float(np.partition(own, k)[k])  # the `_LEVEL_PCT` percentile, near enough
+        k = -(-len(own) * _LEVEL_PCT // 100) - 1  # the `_LEVEL_PCT` percentile, nearest rank
+        level = float(np.partition(own, k)[k])
         if level < bg + _LEVEL_OVER_DB:  # the background reaches the user: no telling
             return
         head = min(look + n, look + _SEARCH_FRAMES)
