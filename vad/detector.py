@@ -268,6 +268,15 @@ class SpeechDetector:
         say little about speech, so turn edges are not moved over them."""
         return bool(self._st[kernel.S_BG_GATE] > 0.0)
 
+    @property
+    def background_peak_db(self) -> float:
+        """Where `background_rough`: the background's typical peak (the lowest block peak
+        of the last 12 s, plus a margin) in dB of a frame's energy, as
+        10 log10(sum of squares). -inf where it is not rough."""
+        if not self.background_rough:
+            return -math.inf
+        return float(self._st[kernel.S_BG_DB])
+
     def is_speech(self, frame: np.ndarray) -> bool:
         """Classify one frame: `frame_samples` int16 samples, oldest first."""
         if (

@@ -68,6 +68,15 @@ _PAUSES_NEEDED = 3  # fewer: the setting may grow, but not shrink
 _PAUSE_MARGIN_MS = 100  # the end-of-turn silence is the longest pause kept, plus a
 _PAUSE_MARGIN = 0.25  # quarter, plus this
 _CAUTIOUS_STOP_MS = 1200  # until pauses are known: slow talkers are not cut off
+# The background, not the user (`_under_turn`): in a rough background, speech that
+# begins this far under the open turn's own level (a quantile of its speech frames) and
+# no more than this over the background's typical peak does not resume the turn; within
+# the reach below after the turn's last speech, it still moves the turn's end.
+_UNDER_DB = 6.5
+_UNDER_BG_DB = 3.0
+_UNDER_QUANTILE = 90
+_UNDER_MIN_FRAMES = 5  # fewer speech frames in the turn: no level to compare with
+_UNDER_TAIL_MS = 300
 
 
 @dataclass(frozen=True)
@@ -264,6 +273,16 @@ class TurnDetector:
         self._end_hot: tuple[int, list[bool]] | None = None  # see `_prepare_end`
         self._runs: list[list[int]] = []
         self._next_id = 1
+        # The open turn's speech (for `_under_turn`): closed spans of frames in *starting*
+        # runs and *speaking*, where the open span began, and their levels measured so far.
+        self._spans: list[tuple[int, int]] = []
+        self._span_start = 0
+        self._levels: list[np.ndarray] = []
+        self._measured = 0  # spans measured into `_levels`
+        self._turn_db = math.nan  # their `_UNDER_QUANTILE`, nan: too few
+        self._under_end = 0  # end of a soft last word (see `_under_turn`)
+        self._under_last = 0  # end of the last frame `_under_turn` took for silence
+        self._under_tail = samples(_UNDER_TAIL_MS)
         # Adaptive end of turn: the latest pauses inside turns, in samples.
         self._adaptive = config.adaptive_stop
         self._pauses: deque[int] = deque(maxlen=_PAUSES_KEPT)
@@ -524,6 +543,8 @@ class TurnDetector:
         """Advance by one frame that starts at sample `start`."""
         end = start + self._fs
         state = self._state
+        if voiced and state is _STOPPING and not self._resume and self._under_turn(start, end):
+            voiced = False  # another voice under the user's: silence for the end of turn
         if voiced and state is _STOPPING:
             if not self._resume:
                 self._resume_start = start
@@ -538,6 +559,7 @@ class TurnDetector:
                 self._learn_pause(pause)
             self._voiced += self._resume - self._fs  # the run's earlier frames; this one below
             self._resume = 0
+            self._span_start = self._resume_start
         if voiced:
             self._silence = 0
             self._last_voiced_end = end
@@ -555,7 +577,9 @@ class TurnDetector:
                 if self._voiced < self._start:
                     return []
                 self._state = _SPEAKING
-                self._refine_onset()
+                self._refine_onset()  # may drop leading blips from `_runs`
+                self._spans = [(a, b) for a, b in self._runs[:-1]]
+                self._span_start = self._runs[-1][0]
                 return [SpeechStart(self._onset * self._ms_per_sample), *self._check_max(end)]
             self._state = _SPEAKING
             return self._check_max(end)
@@ -569,10 +593,47 @@ class TurnDetector:
             if self._silence >= patience:
                 self._reset()
             return []
+        if state is _SPEAKING:
+            self._spans.append((self._span_start, start))
         self._state = _STOPPING
         if self._silence >= self._stop and not self._resume:
             return self._end(forced=False, now=end)
         return self._check_max(end)
+
+    def _under_turn(self, start: int, end: int) -> bool:
+        """Whether speech beginning at frame `start` in *stopping* is the background: in a
+        rough background (babble, music), `_UNDER_DB` under the open turn's own level
+        and within `_UNDER_BG_DB` of the background's typical peak.
+
+        Babble and music that pass the detector in the user's gap otherwise resume the
+        turn again and again, so it does not end (merged turns); the user is nearer the
+        microphone. Such a frame counts as silence for the end of turn; onsets are not
+        affected (a turn opens as before). Both bounds are needed: the user's own
+        speech 8-15 dB softer after a pause (turning away, trailing off) stands over
+        the background's peaks, and must keep the turn open. A run of such frames (as a
+        resumption would need: two, one gap allowed) within `_UNDER_TAIL_MS` of the
+        turn's last speech may be a soft last word: the turn's end moves over it.
+        Cost: only in rough backgrounds, at the first frame of a run after a pause; each
+        frame of the turn is measured once."""
+        if not self.detector.background_rough:
+            return False
+        if self._measured < len(self._spans):
+            fs = self._fs
+            for a, b in self._spans[self._measured :]:
+                x = np.frombuffer(self._read_pcm(a, b), np.int16).reshape(-1, fs)
+                self._levels.append(_frame_db(x))
+            self._measured = len(self._spans)
+            levels = np.concatenate(self._levels)
+            if len(levels) >= _UNDER_MIN_FRAMES:
+                self._turn_db = float(np.percentile(levels, _UNDER_QUANTILE))
+        x = np.frombuffer(self._read_pcm(start, end), np.int16).reshape(1, -1)
+        db = _frame_db(x)[0]
+        if not db < min(self._turn_db - _UNDER_DB, self.detector.background_peak_db + _UNDER_BG_DB):
+            return False  # the user (or, with no level yet, nan: unknown)
+        if start - self._under_last <= self._fs and end - self._last_voiced_end <= self._under_tail:
+            self._under_end = end  # a run, as a resumption would need (one gap allowed)
+        self._under_last = end
+        return True
 
     def _learn_pause(self, silence: int) -> None:
         """A pause inside a turn ended in speech: update the end-of-turn silence.
@@ -637,8 +698,9 @@ class TurnDetector:
         self._onset = onset - _run_length(lookback) * fs
 
     def _refined_end(self, now: int) -> int:
-        """End of speech, moved forward over weak speech (a final /s/) the gate missed."""
-        end = self._last_voiced_end
+        """End of speech, moved forward over weak speech (a final /s/) the gate missed,
+        and over a soft last word `_under_turn` kept."""
+        end = max(self._last_voiced_end, self._under_end)
         n = min(self._edge_frames, (now - end) // self._fs)
         if self._edge_threshold is None or n <= 0:
             return end
@@ -696,6 +758,15 @@ class TurnDetector:
         self._resume = 0
         self._edge_threshold = None
         self._end_hot = None
+        self._spans, self._levels, self._measured = [], [], 0
+        self._turn_db = math.nan
+        self._under_end = self._under_last = 0
+
+
+def _frame_db(frames: np.ndarray) -> np.ndarray:
+    """Level in dB of each row of int16 frames (energy plus one per sample)."""
+    x = frames.astype(np.float64)
+    return 10.0 * np.log10(np.einsum("ij,ij->i", x, x) + x.shape[1])
 
 
 def _run_length(hot: list[bool]) -> int:
