@@ -76,6 +76,7 @@ _UNDER_DB = 6.5
 _UNDER_BG_DB = 3.0
 _UNDER_QUANTILE = 90
 _UNDER_MIN_FRAMES = 5  # fewer speech frames in the turn: no level to compare with
+_UNDER_BATCH_MS = 500  # the turn's level is measured again after this much more speech
 _UNDER_TAIL_MS = 300
 
 
@@ -279,10 +280,13 @@ class TurnDetector:
         self._span_start = 0
         self._levels: list[np.ndarray] = []
         self._measured = 0  # spans measured into `_levels`
+        self._unmeasured = 0  # samples in the spans after those
         self._turn_db = math.nan  # their `_UNDER_QUANTILE`, nan: too few
         self._under_end = 0  # end of a soft last word (see `_under_turn`)
         self._under_last = 0  # end of the last frame `_under_turn` took for silence
         self._under_tail = samples(_UNDER_TAIL_MS)
+        self._stepping = 0, b""  # (first sample, bytes) of the push `_step` is stepping
+        self._under_batch = samples(_UNDER_BATCH_MS)
         # Adaptive end of turn: the latest pauses inside turns, in samples.
         self._adaptive = config.adaptive_stop
         self._pauses: deque[int] = deque(maxlen=_PAUSES_KEPT)
@@ -382,6 +386,7 @@ class TurnDetector:
                 if self._silence + fs >= self._stop:  # the next frame may end the turn
                     self._prepare_end()
                 return []
+        self._stepping = pos, pcm
         return self._step(voiced, pos)
 
     def flush(self) -> list[TurnEvent]:
@@ -468,6 +473,7 @@ class TurnDetector:
             ):
                 self._silence += span
                 return []
+        self._stepping = pos, pcm
         events: list[TurnEvent] = []
         for voiced in decisions:
             end = pos + fs
@@ -579,6 +585,7 @@ class TurnDetector:
                 self._state = _SPEAKING
                 self._refine_onset()  # may drop leading blips from `_runs`
                 self._spans = [(a, b) for a, b in self._runs[:-1]]
+                self._unmeasured = sum(b - a for a, b in self._spans)
                 self._span_start = self._runs[-1][0]
                 return [SpeechStart(self._onset * self._ms_per_sample), *self._check_max(end)]
             self._state = _SPEAKING
@@ -595,6 +602,7 @@ class TurnDetector:
             return []
         if state is _SPEAKING:
             self._spans.append((self._span_start, start))
+            self._unmeasured += start - self._span_start
         self._state = _STOPPING
         if self._silence >= self._stop and not self._resume:
             return self._end(forced=False, now=end)
@@ -617,23 +625,42 @@ class TurnDetector:
         frame of the turn is measured once."""
         if not self.detector.background_rough:
             return False
-        if self._measured < len(self._spans):
-            fs = self._fs
-            for a, b in self._spans[self._measured :]:
-                x = np.frombuffer(self._read_pcm(a, b), np.int16).reshape(-1, fs)
-                self._levels.append(_frame_db(x))
-            self._measured = len(self._spans)
-            levels = np.concatenate(self._levels)
-            if len(levels) >= _UNDER_MIN_FRAMES:
-                self._turn_db = float(np.percentile(levels, _UNDER_QUANTILE))
-        x = np.frombuffer(self._read_pcm(start, end), np.int16).reshape(1, -1)
-        db = _frame_db(x)[0]
-        if not db < min(self._turn_db - _UNDER_DB, self.detector.background_peak_db + _UNDER_BG_DB):
-            return False  # the user (or, with no level yet, nan: unknown)
+        at, pcm = self._stepping  # the push being stepped: no copy out of the buffer
+        pcm = pcm[2 * (start - at) : 2 * (end - at)]
+        x = np.frombuffer(pcm, np.int16).astype(np.float64)
+        db = 10.0 * math.log10(float(x @ x) + self._fs)
+        if db >= self.detector.background_peak_db + _UNDER_BG_DB:
+            return False  # over the background's peaks: the user (the usual case, cheap)
+        if not db < self._turn_level() - _UNDER_DB:  # nan: no level yet
+            return False
         if start - self._under_last <= self._fs and end - self._last_voiced_end <= self._under_tail:
             self._under_end = end  # a run, as a resumption would need (one gap allowed)
         self._under_last = end
         return True
+
+    def _turn_level(self) -> float:
+        """`_UNDER_QUANTILE` of the open turn's speech frames' levels (dB); nan while it
+        has too few. Frames are measured once each, and only once `_UNDER_BATCH` more
+        are in: the quantile of a turn moves slowly, and measuring costs ~10 µs."""
+        spans, fs = self._spans, self._fs
+        if self._unmeasured < self._under_batch and self._turn_db == self._turn_db:  # not nan
+            return self._turn_db
+        self._unmeasured = 0
+        if self._measured < len(spans):  # one read and one pass over the new spans
+            first = spans[self._measured][0]
+            x = np.frombuffer(self._read_pcm(first, spans[-1][1]), np.int16).reshape(-1, fs)
+            keep = np.zeros(len(x), np.bool_)
+            for a, b in spans[self._measured :]:
+                keep[(a - first) // fs : (b - first) // fs] = True
+            self._levels.append(_frame_db(x[keep]))
+            self._measured = len(spans)
+        levels = np.concatenate(self._levels) if self._levels else np.empty(0)
+        self._levels = [levels]
+        n = len(levels)
+        if n >= _UNDER_MIN_FRAMES:  # the quantile, without np.percentile's overhead
+            k = n * _UNDER_QUANTILE // 100
+            self._turn_db = float(np.partition(levels, k)[k])
+        return self._turn_db
 
     def _learn_pause(self, silence: int) -> None:
         """A pause inside a turn ended in speech: update the end-of-turn silence.
@@ -758,7 +785,7 @@ class TurnDetector:
         self._resume = 0
         self._edge_threshold = None
         self._end_hot = None
-        self._spans, self._levels, self._measured = [], [], 0
+        self._spans, self._levels, self._measured, self._unmeasured = [], [], 0, 0
         self._turn_db = math.nan
         self._under_end = self._under_last = 0
 
