@@ -217,6 +217,25 @@ def test_a_voice_under_the_user_in_the_gap_does_not_merge_turns(
     assert abs(turns[1].end_ms - b1) <= END_TOLERANCE_MS
 
 
+@pytest.mark.parametrize("frames_per_push", [5, 50])
+def test_the_background_check_does_not_depend_on_chunking(
+    frames_per_push: int, speech_cache: Path
+) -> None:
+    """The check reads the push being stepped: pushes of 100 ms and 1 s give the events of
+    20 ms pushes (a scene where the check decides: it merged before)."""
+    audio, _ = voice_in_the_gap(4, speech_cache)
+    pcm = frames_of(audio, FRAME).tobytes()
+
+    def events(step: int) -> list[TurnEvent]:
+        td = detector()
+        out = [e for i in range(0, len(pcm), step) for e in td.push_pcm(pcm[i : i + step])]
+        return out + td.flush()
+
+    reference = events(2 * FRAME)
+    assert len(ended(reference)) == 2
+    assert events(2 * FRAME * frames_per_push) == reference
+
+
 def softer_continuation(seed: int, soft_db: float, cache: Path) -> tuple[np.ndarray, float]:
     """One turn in babble at 20 dB SNR: a phrase, then after 250 ms pauses two more
     `soft_db` softer (the user turned away). Returns the audio and the turn's end (ms)."""
