@@ -281,13 +281,13 @@ class TurnDetector:
         self._end_hot: tuple[int, list[bool]] | None = None  # see `_prepare_end`
         self._runs: list[list[int]] = []
         self._next_id = 1
-        # The open turn's speech (for `_under_turn`): closed spans of frames in *starting*
-        # runs and *speaking*, where the open span began, and their levels measured so far.
+        # The open turn's speech (for `_under_turn`; kept in rough backgrounds only, and
+        # only while the turn is open): closed spans of frames in *starting* runs and
+        # *speaking* not measured yet, where the open span began, the levels measured.
         self._spans: list[tuple[int, int]] = []
         self._span_start = 0
         self._levels: list[np.ndarray] = []
-        self._measured = 0  # spans measured into `_levels`
-        self._unmeasured = 0  # samples in the spans after those
+        self._unmeasured = 0  # samples in `_spans`
         self._turn_db = math.nan  # their `_UNDER_QUANTILE`, nan: too few
         self._under_end = 0  # end of a soft last word (see `_under_turn`)
         self._under_last = 0  # end of the last frame `_under_turn` took for silence
@@ -608,7 +608,7 @@ class TurnDetector:
             if self._silence >= patience:
                 self._reset()
             return []
-        if state is _SPEAKING:
+        if state is _SPEAKING and self.detector.background_rough:
             self._spans.append((self._span_start, start))
             self._unmeasured += start - self._span_start
         self._state = _STOPPING
@@ -630,7 +630,8 @@ class TurnDetector:
         resumption would need: two, one gap allowed) within `_UNDER_TAIL_MS` of the
         turn's last speech may be a soft last word: the turn's end moves over it.
         Cost: only in rough backgrounds, at the first frame of a run after a pause; each
-        frame of the turn is measured once."""
+        frame of the turn is measured once. Memory: the open turn's levels, 8 bytes a
+        speech frame (at most ~12 KB at `max_turn_ms` 30 s), returned when it ends."""
         if not self.detector.background_rough:
             return False
         at, pcm = self._stepping  # the push being stepped: no copy out of the buffer
@@ -653,17 +654,16 @@ class TurnDetector:
         spans, fs = self._spans, self._fs
         if self._unmeasured < self._under_batch and self._turn_db == self._turn_db:  # not nan
             return self._turn_db
-        self._unmeasured = 0
-        if self._measured < len(spans):  # one read and one pass over the new spans
-            first = spans[self._measured][0]
+        if spans:  # one read and one pass over the new spans
+            first = spans[0][0]
             pcm = self._read_pcm(first, spans[-1][1])
             energy = np.empty(len(pcm) // (2 * fs))
             _energies(pcm, energy)
             keep = np.zeros(len(energy), np.bool_)
-            for a, b in spans[self._measured :]:
+            for a, b in spans:
                 keep[(a - first) // fs : (b - first) // fs] = True
             self._levels.append(10.0 * np.log10(energy[keep] + fs))
-            self._measured = len(spans)
+            self._spans, self._unmeasured = [], 0
         levels = np.concatenate(self._levels) if self._levels else np.empty(0)
         self._levels = [levels]
         n = len(levels)
@@ -795,7 +795,7 @@ class TurnDetector:
         self._resume = 0
         self._edge_threshold = None
         self._end_hot = None
-        self._spans, self._levels, self._measured, self._unmeasured = [], [], 0, 0
+        self._spans, self._levels, self._unmeasured = [], [], 0
         self._turn_db = math.nan
         self._under_end = self._under_last = 0
 
