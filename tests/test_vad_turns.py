@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 from tests.speech import (
     ENGLISH_VOICES,
     NOISES,
+    PHRASES_EN,
     SAMPLE_RATE,
     VOICES,
     WIDE_NOISES,
@@ -21,6 +22,7 @@ from tests.speech import (
     frames_of,
     make_conversation,
     make_noise,
+    mix_at_snr,
     rms,
     synth,
 )
@@ -233,6 +235,107 @@ def test_gaps_over_1300_ms_end_a_turn(speech_cache: Path) -> None:
         22, n_turns=4, gap_ms=(1310.0, 1350.0), noise="pink", snr_db=10.0, cache_dir=speech_cache
     )
     assert_turns_match(conv, run(detector(), conv.audio))
+
+
+# -- the background in the user's gap ----------------------------------------------------
+
+TARGET_RMS = 32768 * 10 ** (-26 / 20)
+
+
+def voice_in_the_gap(seed: int, cache: Path) -> tuple[np.ndarray, Conversation]:
+    """Two turns in babble at 10 dB SNR, 2 s apart. In the gap another talker (another
+    voice, 10 dB under the user) speaks without a break, from 100 ms after the first
+    turn to 100 ms before the second: as loud as the babble's louder moments."""
+    conv = make_conversation(
+        seed,
+        n_turns=2,
+        voices=("en",),
+        noise="babble",
+        snr_db=10.0,
+        gap_ms=(2000.0, 2000.0),
+        cache_dir=cache,
+    )
+    (a0, a1), (b0, _) = conv.turns
+    user_rms = rms(conv.audio[int(a0 * 16) : int(a1 * 16)].astype(np.float64))
+    out = conv.audio.astype(np.float64)
+    pos, stop, k = int((a1 + 100) * 16), int((b0 - 100) * 16), seed
+    while pos < stop:
+        clip = synth(PHRASES_EN[k % len(PHRASES_EN)], "en-us+m3", 165, cache).astype(np.float64)
+        clip *= user_rms * 10 ** (-10 / 20) / rms(clip)
+        n = min(len(clip), stop - pos)
+        out[pos : pos + n] += clip[:n]
+        pos, k = pos + n + 1600, k + 1  # 100 ms between phrases
+    return np.clip(np.round(out), -32768, 32767).astype(np.int16), conv
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_a_voice_under_the_user_in_the_gap_does_not_merge_turns(
+    seed: int, speech_cache: Path
+) -> None:
+    """Before the turn machine compared a resumption with the turn's own level, the
+    talker resumed the first turn again and again, and both turns came out as one
+    (4 of these 8 scenes). Now what stands under the turn's level and near the
+    background's peaks is silence for the end of turn. (Its onset is not judged: the
+    talker may open the next turn early, which is the onset's business.)"""
+    audio, conv = voice_in_the_gap(seed, speech_cache)
+    turns = ended(run(detector(), audio))
+    _, (b0, b1) = conv.turns
+    assert len(turns) == 2, [(t.start_ms, t.end_ms) for t in turns]
+    assert turns[0].end_ms < b0 - 100  # the first turn ended in the gap
+    assert abs(turns[1].end_ms - b1) <= END_TOLERANCE_MS
+
+
+@pytest.mark.parametrize("frames_per_push", [5, 50])
+def test_the_background_check_does_not_depend_on_chunking(
+    frames_per_push: int, speech_cache: Path
+) -> None:
+    """The check reads the push being stepped: pushes of 100 ms and 1 s give the events of
+    20 ms pushes (a scene where the check decides: it merged before)."""
+    audio, _ = voice_in_the_gap(4, speech_cache)
+    pcm = frames_of(audio, FRAME).tobytes()
+
+    def events(step: int) -> list[TurnEvent]:
+        td = detector()
+        out = [e for i in range(0, len(pcm), step) for e in td.push_pcm(pcm[i : i + step])]
+        return out + td.flush()
+
+    reference = events(2 * FRAME)
+    assert len(ended(reference)) == 2
+    assert events(2 * FRAME * frames_per_push) == reference
+
+
+def softer_continuation(seed: int, soft_db: float, cache: Path) -> tuple[np.ndarray, float]:
+    """One turn in babble at 20 dB SNR: a phrase, then after 250 ms pauses two more
+    `soft_db` softer (the user turned away). Returns the audio and the turn's end (ms)."""
+    rng = np.random.default_rng(seed)
+    clips = [
+        synth(PHRASES_EN[(3 * seed + j) % len(PHRASES_EN)], "en", 165, cache) for j in range(3)
+    ]
+    gains = [1.0, 10 ** (-soft_db / 20), 10 ** (-soft_db / 20)]
+    parts, spans, pos = [ms(1500).astype(np.float64)], [], 24000
+    for j, (clip, gain) in enumerate(zip(clips, gains, strict=True)):
+        if j:
+            parts.append(ms(250).astype(np.float64))
+            pos += 4000
+        parts.append(clip * TARGET_RMS * gain / rms(clip))
+        spans.append((pos, pos + len(clip)))
+        pos += len(clip)
+    parts.append(ms(2000).astype(np.float64))
+    speech = np.concatenate(parts)
+    return mix_at_snr(speech, make_noise("babble", len(speech), rng, cache), 20.0, spans), pos / 16
+
+
+@pytest.mark.parametrize("seed", range(4))
+@pytest.mark.parametrize("soft_db", [9.0, 12.0])
+def test_the_users_softer_continuation_keeps_the_turn_open(
+    seed: int, soft_db: float, speech_cache: Path
+) -> None:
+    """Under the turn's own level, but over the background's peaks: the user. A bound
+    on the turn's level alone split every one of these 8 scenes."""
+    audio, end_ms = softer_continuation(seed, soft_db, speech_cache)
+    turns = ended(run(detector(), audio))
+    assert len(turns) == 1, [(t.start_ms, t.end_ms) for t in turns]
+    assert abs(turns[0].end_ms - end_ms) <= END_TOLERANCE_MS
 
 
 # -- chunking ---------------------------------------------------------------------------

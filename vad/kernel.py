@@ -371,6 +371,21 @@ _LEVELS = types.float64[:, ::1]
 _VECTOR = types.float64[::1]
 
 
+@_compile(types.void(_PCM, types.float64[::1]))
+def energies(pcm, out):  # type: ignore[no-untyped-def]
+    """out[i] = sum of squares of frame i of the int16 samples given as bytes, split into
+    out.size frames (exact: integers under 2^53). For the turn machine's level checks in
+    rough backgrounds (`vad.turns`), where numpy's calls cost ~5-10x this."""
+    x = np.frombuffer(pcm, np.int16)
+    n = x.size // out.size
+    for f in range(out.size):
+        total = np.int64(0)
+        for i in range(f * n, (f + 1) * n):
+            v = np.int64(x[i])
+            total += v * v
+        out[f] = float(total)
+
+
 @_compile(
     types.void(types.complex128[:, ::1], types.Array(types.int64, 1, "C", readonly=True), _LEVELS)
 )
