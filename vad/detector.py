@@ -268,6 +268,17 @@ class SpeechDetector:
         say little about speech, so turn edges are not moved over them."""
         return bool(self._st[kernel.S_BG_GATE] > 0.0)
 
+    def frames_in_state(self) -> int:
+        """How many frames the next classification may take while `background_rough` and
+        `background_peak_db` stay what they will be after its last frame: the frames up
+        to (not including) the one that closes the current block, or, when the next frame
+        closes it, a whole block. A caller that reads those between frames (the turn
+        machine, at turn edges) classifies pushes in such runs, so it reads what it would
+        read frame by frame: the same events however the audio was chunked."""
+        block = int(self._st[kernel.S_BLOCK_LEN])
+        before = block - 1 - int(self._st[kernel.S_FILLED])
+        return before or block
+
     @property
     def background_peak_db(self) -> float | None:
         """The background's typical peak (see `background_rough`), in the units of

@@ -459,12 +459,16 @@ class TurnDetector:
             raise ValueError(
                 f"pcm must hold whole frames of {self._fs} int16 samples, got {size} bytes"
             )
-        step = _BLOCK_FRAMES * self._frame_bytes
-        if size <= step:
-            return self._push_block(pcm) if size else []
+        # Runs over which the detector's background state stays what a frame-by-frame
+        # push would read (`frames_in_state`), of at most `_BLOCK_FRAMES`.
+        fb = self._frame_bytes
+        frames_in_state = self.detector.frames_in_state
         events: list[TurnEvent] = []
-        for i in range(0, size, step):
+        i = 0
+        while i < size:
+            step = min(frames_in_state(), _BLOCK_FRAMES) * fb
             events += self._push_block(pcm[i : i + step])
+            i += step
         return events
 
     def _push_block(self, pcm: bytes) -> list[TurnEvent]:
