@@ -129,7 +129,11 @@ def barge_in_ms(scene: Scene, echo_aware: bool, min_barge_in_ms: int = 300) -> f
             return None
         if now <= scene.reply_start_ms:
             continue  # the question (if any): the user's own turn
-        if detector.state in ("speaking", "stopping") and detector.speech_ms >= min_barge_in_ms:
+        if detector.state not in ("speaking", "stopping"):
+            continue
+        # As VAD mode decides: the user's onset the echo hid counts too.
+        credit = echo.onset_credit_ms if echo is not None else 0.0
+        if detector.speech_ms + credit >= min_barge_in_ms:
             return now
     return None
 

@@ -70,6 +70,10 @@ _HOLD_AFTER = 5  # the user's frames in a row before they hold (100 ms)
 _HOLD_DB = 1.0  # ...while a frame stands this far over the typical echo (dB, band mean)
 _FREEZE_FRAMES = 10  # frames this soon after the user's teach no echo gain (200 ms)
 _EXCESS_MIN_BANDS = 4  # bands with echo the excess is measured over, at least
+_CREDIT_MAX = 6  # frames over the typical echo counted back before the user's (120 ms)
+_EPISODE_GAP = 25  # frames without the user's that end their credit (500 ms)
+_SHORT_MS = 500  # the quick delay check looks at the newest half second alone...
+_QUICK_MARGIN = 0.35  # ...and raises a second lag that fits it this much better
 
 
 @dataclass(frozen=True)
@@ -164,9 +168,15 @@ class EchoSuppressor:
         self._idle_after = self._lags + 2 * max(config.tail_ms, fms) // fms
         self._idle = self._idle_after  # frames since the reference was last active
         self._since_delay = 0
+        self._short = max(_SHORT_MS // fms, 2)  # frames of the quick delay check
+        self._candidate: int | None = None  # a second lag the echo may sit at (frames)
+        self._candidate_left = 0  # frames it is still predicted at
+        self._since_move = self._hist  # frames since the reference was moved
         self._loud = self._user = False
-        self._since_user = _FREEZE_FRAMES  # frames since the last user frame
+        self._since_user = max(_FREEZE_FRAMES, _EPISODE_GAP)  # frames since a user frame
         self._run = 0  # user frames in a row
+        self._weak_run = 0  # frames in a row over the echo estimate, short of the user's
+        self._credit = 0  # see `onset_credit_ms`
         self.excess_db = 0.0  # the last frame's microphone over its typical echo (dB)
         self.delay_ms: float | None = None  # the trusted echo delay, if any
         self.correlation = 0.0  # its envelope correlation
@@ -186,6 +196,34 @@ class EchoSuppressor:
     def gain_db(self) -> np.ndarray:
         """Per-band echo gain in dB (reference to microphone) currently assumed."""
         return self._gain_db.copy()
+
+    @property
+    def onset_credit_ms(self) -> float:
+        """The user's speech the echo hid at their onset (0-120 ms): while the user talks
+        over the echo, the frames just before each run of theirs that stood over the
+        typical echo (but not out of the cautious estimate), counted back. A barge-in
+        decision adds it to the turn detector's speech (VAD mode does); 0 once the user
+        has been quiet for 500 ms."""
+        return float(self._credit * self.config.frame_ms)
+
+    @property
+    def candidate_ms(self) -> float | None:
+        """A second delay the echo is also predicted at, until the delay estimate settles
+        between it and `delay_ms` (after the reference moved, or the echo did)."""
+        if self._candidate is None:
+            return None
+        return float(self._candidate * self.config.frame_ms)
+
+    def reference_moved(self, ms: float) -> None:
+        """The caller laid the reference `ms` later on the microphone clock than before
+        (negative: earlier), e.g. on a playback report. If the sound moved with it, the
+        echo delay is unchanged; if the report was wrong, the echo now comes `ms` earlier
+        after its reference. Both are predicted until the delay estimate tells them apart
+        (at most `window_ms`), so neither can pass the echo off as the user."""
+        if self.delay_ms is None:  # the cautious prior covers every lag
+            return
+        if self._raise_candidate(round((self.delay_ms - ms) / self.config.frame_ms)):
+            self._since_move = 0  # the delay is estimated anew on the frames from now on
 
     def process(self, mic: bytes, ref: bytes | None) -> bytes:
         """Microphone frames (whole frames of native-endian int16) and the reference played
@@ -228,6 +266,7 @@ class EchoSuppressor:
                 return mic
             self._wake(bands)  # waking up: the past holds no reference
         self._idle = 0 if ref_on else self._idle + 1
+        self._since_move += 1
         self.frames += 1
         # Histories, newest last.
         for arr, row in (
@@ -251,9 +290,14 @@ class EchoSuppressor:
             self._tail = direct + self._rho * self._tail
             echo = self._tail
         else:
-            lag = round(self.delay_ms / self.config.frame_ms)
-            lo, hi = max(0, lag - 1), min(self._lags - 1, lag + 1)
-            direct = self._ref[self._hist - 1 - hi : self._hist - lo].max(axis=0)
+            direct = self._at(round(self.delay_ms / self.config.frame_ms))
+            if self._candidate is not None:
+                # The echo may have moved: predicted at both lags until the estimate
+                # settles (the path did not change, so the gains hold at either).
+                direct = np.maximum(direct, self._at(self._candidate))
+                self._candidate_left -= 1
+                if self._candidate_left <= 0:
+                    self._candidate = None
             self._tail = direct + self._rho * self._tail
             echo = self._tail * 10 ** (self._gain_db / 10)
         near = bands > self._margin * echo
@@ -276,6 +320,16 @@ class EchoSuppressor:
             user = True
             near = bands > echo * 10 ** ((self._typical_db - self._gain_db) / 10)
         self._loud, self._user = loud, user
+        # Onset credit: the frames just before a run of the user's that stood over the
+        # typical echo, but not out of the cautious estimate, were most likely the
+        # word's attack (the first user frame comes a median 80 ms after the onset).
+        if user and self._run == 0:
+            back = min(self._weak_run, _CREDIT_MAX)
+            fresh = self._since_user >= _EPISODE_GAP
+            self._credit = back if fresh else max(self._credit, back)
+        elif not user and self._since_user >= _EPISODE_GAP:
+            self._credit = 0
+        self._weak_run = self._weak_run + 1 if excess > 0 and not user else 0
         self._since_user = 0 if user else self._since_user + 1
         self._run = self._run + 1 if user else 0
         if user:
@@ -286,7 +340,12 @@ class EchoSuppressor:
             near[:] = False
             # Gains learn from echo alone: not in double talk, where the user would lift
             # them and hide the rest of the barge-in.
-            if self.delay_ms is not None and not loud and self._since_user >= _FREEZE_FRAMES:
+            if (
+                self.delay_ms is not None
+                and self._candidate is None  # two lags' prediction is no echo's ratio
+                and not loud
+                and self._since_user >= _FREEZE_FRAMES
+            ):
                 self._learn_gain(bands, above_floor)
         # Echo bands become comfort noise at the floor: scaled echo would keep the reply's
         # harmonics, and a quiet voice is still a voice to the detector after us.
@@ -296,6 +355,20 @@ class EchoSuppressor:
         comfort = (noise[0] + 1j * noise[1]) * (level * math.sqrt(0.5))
         out = np.fft.irfft(np.where(keep, spec, comfort), self._n)
         return np.clip(np.round(out), -32768, 32767).astype(np.int16)
+
+    def _at(self, lag: int) -> np.ndarray:
+        """Reference band energies `lag` frames back: the largest of lag-1..lag+1."""
+        lo, hi = max(0, lag - 1), min(self._lags - 1, lag + 1)
+        return self._ref[self._hist - 1 - hi : self._hist - lo].max(axis=0)
+
+    def _raise_candidate(self, lag: int) -> bool:
+        if self.delay_ms is None or not 0 <= lag < self._lags:
+            return False
+        if abs(lag - round(self.delay_ms / self.config.frame_ms)) <= 1:
+            return False
+        self._candidate = lag
+        self._candidate_left = self._window
+        return True
 
     def _excess(self, bands: np.ndarray) -> float:
         typical = self._tail * 10 ** (self._typical_db / 10)
@@ -315,6 +388,9 @@ class EchoSuppressor:
         self._ref_log[:] = math.log10(_TINY)
         self._ref_active[:] = False
         self._tail[:] = 0.0
+        self._candidate = None
+        self._since_move = self._hist
+        self._weak_run = self._credit = 0
         self._run = 0  # a hold is earned anew in each reply
 
     def _observe(self, frames: np.ndarray) -> None:
@@ -378,7 +454,7 @@ class EchoSuppressor:
             self._typical_db[idx] = np.minimum(mid, self._gain_db[idx])
 
     def _estimate_delay(self) -> None:
-        w, lags = self._window, self._lags
+        w, lags, ws = self._window, self._lags, self._short
         active = self._ref_active
         min_frames = 1000 // self.config.frame_ms
         if np.count_nonzero(active) < min_frames:
@@ -388,43 +464,94 @@ class EchoSuppressor:
         # would otherwise line up with any step in the microphone, wrong lags included.
         mic = self._mic_log[-w:]  # (w, bands)
         on = active.astype(np.float64)
+        moved = self._since_move < w
+        if moved:  # after a move, the frames before it fit the old lag: left out
+            on[: self._hist - self._since_move] = 0.0
         ref = self._ref_log * on[:, None]  # silent frames count as nothing
         # Window sums from running sums, newest window (lag 0) first: frames, sum, sum
         # of squares of the active reference.
         run = np.zeros((len(ref) + 1, ref.shape[1], 3))
         np.cumsum(np.stack([np.broadcast_to(on[:, None], ref.shape), ref, ref * ref], 2),
                   axis=0, out=run[1:])  # fmt: skip
-        span = (run[w:] - run[:-w])[::-1][:lags]  # (lags, bands, 3)
-        n = span[:, 0, 0]
-        usable = n >= min_frames
-        if not usable.any():
-            return
-        n = np.maximum(n, 1.0)[:, None]
-        s_r, s_rr = span[:, :, 1], span[:, :, 2]
         mask = np.lib.stride_tricks.sliding_window_view(on, w)[::-1][:lags]  # (lags, w)
-        s_m = mask @ mic  # (lags, bands)
-        s_mm = mask @ (mic * mic)
         windows = np.lib.stride_tricks.sliding_window_view(ref, w, axis=0)[::-1][:lags]
-        s_mr = np.einsum("wb,lbw->lb", mic, windows)
-        cov = (s_mr - s_m * s_r / n).sum(axis=1)
-        var_m = (s_mm - s_m * s_m / n).sum(axis=1)
-        var_r = (s_rr - s_r * s_r / n).sum(axis=1)
-        flat = ~usable | (var_m < 1e-6) | (var_r < 1e-6)  # nothing to fit
-        corr = np.where(flat, -1.0, cov / np.sqrt(np.where(flat, 1.0, var_m * var_r)))
+        # The window's newest `ws` frames apart (the same work, split): the quick check
+        # below looks at them alone.
+        old, new = slice(0, w - ws), slice(w - ws, w)
+        parts = []
+        for part in (old, new):
+            m = mic[part]
+            parts.append(
+                (
+                    mask[:, part] @ m,  # (lags, bands)
+                    mask[:, part] @ (m * m),
+                    np.einsum("wb,lbw->lb", m, windows[:, :, part]),
+                )
+            )
+        recent = tuple(parts[1])
+        whole = tuple(a + b for a, b in zip(parts[0], parts[1], strict=True))
+        corr = _correlation(run, w, lags, min_frames, whole)
         best_lag = int(np.argmax(corr))
         best = float(corr[best_lag])
         self.correlation = best
-        if best < self.config.min_correlation:
+        if best >= self.config.min_correlation:
+            new_ms = best_lag * self.config.frame_ms
+            if self.delay_ms is not None and abs(new_ms - self.delay_ms) > self.config.frame_ms:
+                if self._candidate is not None and abs(best_lag - self._candidate) <= 1:
+                    self._candidate = None  # the move foreseen: the path, and gains, hold
+                else:
+                    self._reset_gains()  # ratios measured at the old lag no longer hold
+            elif moved:
+                self._candidate = None  # the old delay confirmed on the frames since
+            if moved:
+                self._since_move = self._hist  # settled
+            self.delay_ms = float(new_ms)
+        if self.delay_ms is None or moved:
             return
-        new = best_lag * self.config.frame_ms
-        if self.delay_ms is not None and abs(new - self.delay_ms) > self.config.frame_ms:
-            self._gain_count[:] = 0  # ratios measured at the old lag no longer hold
-            self._gains_db[:] = np.nan
-            self._bound_count[:] = 0
-            self._bounds_db[:] = np.nan
-            self._gain_db[:] = self.config.prior_gain_db
-            self._typical_db[:] = self.config.prior_gain_db
-        self.delay_ms = float(new)
+        # Quick check: the echo can move (a client's playout stalled, or its reference was
+        # laid elsewhere), and the whole window takes 1.5-2 s to follow while the echo
+        # passes as the user at the old lag. If the newest second alone fits another lag
+        # clearly better, the echo is predicted there too until the window decides.
+        quick = _correlation(run, ws, lags, ws // 2, recent)
+        lag = round(self.delay_ms / self.config.frame_ms)
+        other = int(np.argmax(quick))
+        if (
+            abs(other - lag) > 1
+            and quick[other] >= self.config.min_correlation
+            and quick[other] - quick[lag] >= _QUICK_MARGIN
+        ):
+            self._raise_candidate(other)
+
+    def _reset_gains(self) -> None:
+        self._gain_count[:] = 0
+        self._gains_db[:] = np.nan
+        self._bound_count[:] = 0
+        self._bounds_db[:] = np.nan
+        self._gain_db[:] = self.config.prior_gain_db
+        self._typical_db[:] = self.config.prior_gain_db
+
+
+def _correlation(
+    run: np.ndarray,
+    w: int,
+    lags: int,
+    min_frames: int,
+    sums: tuple[np.ndarray, np.ndarray, np.ndarray],
+) -> np.ndarray:
+    """Per lag: the envelope correlation over the newest `w` frames (-1 where fewer than
+    `min_frames` of them had the reference active, or nothing varies). `run` holds the
+    reference's running sums, `sums` the microphone's (sum, sum of squares, product)."""
+    span = (run[w:] - run[:-w])[::-1][:lags]  # (lags, bands, 3)
+    n = span[:, 0, 0]
+    usable = n >= min_frames
+    n = np.maximum(n, 1.0)[:, None]
+    s_r, s_rr = span[:, :, 1], span[:, :, 2]
+    s_m, s_mm, s_mr = sums
+    cov = (s_mr - s_m * s_r / n).sum(axis=1)
+    var_m = (s_mm - s_m * s_m / n).sum(axis=1)
+    var_r = (s_rr - s_r * s_r / n).sum(axis=1)
+    flat = ~usable | (var_m < 1e-6) | (var_r < 1e-6)  # nothing to fit
+    return np.where(flat, -1.0, cov / np.sqrt(np.where(flat, 1.0, var_m * var_r)))
 
 
 def _percentiles(history: np.ndarray, count: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -6,7 +6,9 @@ clock is an estimate: its first sample is taken to play when it was sent (the mi
 clock then), and each ``playback`` report moves that anchor (the client has played
 ``played_ms`` of the reply by the time the report arrives). Whatever is left over
 (network, playout buffer, the acoustic path: up to `EchoConfig.max_delay_ms`) the
-suppressor measures itself.
+suppressor measures itself, and its measured delay stays the authority: a report that
+moves the anchor is only a hint (`EchoSuppressor.reference_moved`), since a report can
+be wrong while the sound did not move.
 """
 
 from __future__ import annotations
@@ -79,7 +81,13 @@ class EchoGuard:
     def played(self, played_ms: float) -> None:
         """The client reports it has played ``played_ms`` of the reply by now."""
         anchor = self._mic - round(played_ms * self._rate / 1000)
-        if self._anchor is None or abs(anchor - self._anchor) > _REANCHOR_MS * self._rate / 1000:
+        if self._anchor is None:
+            self._anchor = anchor
+        elif abs(anchor - self._anchor) > _REANCHOR_MS * self._rate / 1000:
+            # The report may be right (the client's playout stalled or skipped, and the
+            # echo moved with it) or not (the sound did not move): the suppressor
+            # predicts the echo at both delays until its own estimate tells them apart.
+            self._suppressor.reference_moved((anchor - self._anchor) * 1000 / self._rate)
             self._anchor = anchor
 
     def reply_cut(self) -> None:

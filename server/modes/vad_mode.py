@@ -257,13 +257,17 @@ class VadMode(Mode):
     def _barge_in_due(self) -> bool:
         td = self.session.config.turn_detection
         ingest = self._ingest
-        return (
+        if not (
             td.interrupt
             and td.type == "vad"
             and ingest is not None
             and ingest.detector.state in ("speaking", "stopping")
-            and ingest.detector.speech_ms >= td.min_barge_in_ms
-        )
+        ):
+            return False
+        speech = ingest.detector.speech_ms
+        if self._echo is not None:  # the user's onset the echo hid, counted back
+            speech += self._echo.suppressor.onset_credit_ms
+        return speech >= td.min_barge_in_ms
 
     async def _on_turn_event(self, event: vt.TurnEvent) -> None:
         if isinstance(event, vt.TurnEnd):
