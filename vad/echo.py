@@ -222,8 +222,8 @@ class EchoSuppressor:
         (at most `window_ms`), so neither can pass the echo off as the user."""
         if self.delay_ms is None:  # the cautious prior covers every lag
             return
-        if self._raise_candidate(round((self.delay_ms - ms) / self.config.frame_ms)):
-            self._since_move = 0  # the delay is estimated anew on the frames from now on
+        self._raise_candidate(round((self.delay_ms - ms) / self.config.frame_ms))
+        self._since_move = 0  # the delay is estimated anew on the frames from now on
 
     def process(self, mic: bytes, ref: bytes | None) -> bytes:
         """Microphone frames (whole frames of native-endian int16) and the reference played
@@ -323,13 +323,18 @@ class EchoSuppressor:
         # Onset credit: the frames just before a run of the user's that stood over the
         # typical echo, but not out of the cautious estimate, were most likely the
         # word's attack (the first user frame comes a median 80 ms after the onset).
-        if user and self._run == 0:
+        doubt = self._candidate is not None or self._since_move < self._lags
+        if doubt:
+            # Not while the delay is in doubt: for up to a second after a move the echo
+            # comes from reference laid before it, and its misses would earn credit.
+            self._credit = 0
+        elif user and self._run == 0:
             back = min(self._weak_run, _CREDIT_MAX)
             fresh = self._since_user >= _EPISODE_GAP
             self._credit = back if fresh else max(self._credit, back)
         elif not user and self._since_user >= _EPISODE_GAP:
             self._credit = 0
-        self._weak_run = self._weak_run + 1 if excess > 0 and not user else 0
+        self._weak_run = self._weak_run + 1 if excess > 0 and not (user or doubt) else 0
         self._since_user = 0 if user else self._since_user + 1
         self._run = self._run + 1 if user else 0
         if user:
