@@ -38,6 +38,20 @@ piece, and a speaker, a codec or the client's resampler are not linear):
   needs 300 ms of their speech counted; the echo's own excursions over the estimate come
   in short runs that do not reach the hold. The user's frames, and the 200 ms after
   them, teach no gain: a 95th percentile of 100 ratios moves with five of double talk.
+* Onset credit: the user's first frame over loud echo comes a median 80 ms after their
+  onset (the attack is under the estimate), which leaves the first word short of the
+  barge-in's 300 ms. When a run of the user's frames starts, the frames just before it
+  that stood over the typical echo (up to 120 ms) are counted back as
+  `onset_credit_ms`; the caller adds it to the detector's speech for the barge-in
+  decision. None while the delay is in doubt (below).
+* Moves: the echo can move against the reference (the caller re-anchors it on a
+  playback report that may be wrong, or the client's playout stalls unreported). The
+  estimate at the old lag then misses the echo, which passes as the user's. After
+  `reference_moved` (the caller's hint) the echo is predicted at both the old delay and
+  the one the move implies, with the same gains (the room did not change), until the
+  delay search run on the frames after the move alone settles; the newest half second
+  of the search is also checked alone every 100 ms, and a lag that fits it clearly
+  better is predicted too until the whole window follows.
 
 Cost: two 320-point FFTs, one inverse FFT and a few dozen small numpy operations per
 20 ms frame while a reply (or its echo tail) is playing, and the delay search every
@@ -73,7 +87,8 @@ _EXCESS_MIN_BANDS = 4  # bands with echo the excess is measured over, at least
 _CREDIT_MAX = 6  # frames over the typical echo counted back before the user's (120 ms)
 _EPISODE_GAP = 25  # frames without the user's that end their credit (500 ms)
 _SHORT_MS = 500  # the quick delay check looks at the newest half second alone...
-_QUICK_MARGIN = 0.35  # ...and raises a second lag that fits it this much better
+_QUICK_MARGIN = 0.35  # ...and raises a second lag that fits it this much better...
+_QUICK_AFTER_USER = 50  # ...while frames passed as the user's within a second
 
 
 @dataclass(frozen=True)
@@ -511,12 +526,12 @@ class EchoSuppressor:
             if moved:
                 self._since_move = self._hist  # settled
             self.delay_ms = float(new_ms)
-        if self.delay_ms is None or moved:
-            return
+        if self.delay_ms is None or moved or self._since_user > _QUICK_AFTER_USER:
+            return  # while the echo is predicted well, nothing passes as the user's
         # Quick check: the echo can move (a client's playout stalled, or its reference was
         # laid elsewhere), and the whole window takes 1.5-2 s to follow while the echo
-        # passes as the user at the old lag. If the newest second alone fits another lag
-        # clearly better, the echo is predicted there too until the window decides.
+        # passes as the user at the old lag. If the newest half second alone fits another
+        # lag clearly better, the echo is predicted there too until the window decides.
         quick = _correlation(run, ws, lags, ws // 2, recent)
         lag = round(self.delay_ms / self.config.frame_ms)
         other = int(np.argmax(quick))
@@ -546,7 +561,8 @@ def _correlation(
     """Per lag: the envelope correlation over the newest `w` frames (-1 where fewer than
     `min_frames` of them had the reference active, or nothing varies). `run` holds the
     reference's running sums, `sums` the microphone's (sum, sum of squares, product)."""
-    span = (run[w:] - run[:-w])[::-1][:lags]  # (lags, bands, 3)
+    end = len(run) - 1  # sums over frames [end - w - lag, end - lag), lag 0 first
+    span = (run[end - lags + 1 :] - run[end - w - lags + 1 : end - w + 1])[::-1]
     n = span[:, 0, 0]
     usable = n >= min_frames
     n = np.maximum(n, 1.0)[:, None]
