@@ -88,7 +88,7 @@ _CREDIT_MAX = 6  # frames over the typical echo counted back before the user's (
 _EPISODE_GAP = 25  # frames without the user's that end their credit (500 ms)
 _SHORT_MS = 500  # the quick delay check looks at the newest half second alone...
 _QUICK_MARGIN = 0.35  # ...and raises a second lag that fits it this much better...
-_QUICK_AFTER_USER = 50  # ...while frames passed as the user's within a second
+_QUICK_EPISODE = 50  # ...in the first second of the user's frames after a quiet spell
 
 
 @dataclass(frozen=True)
@@ -192,6 +192,7 @@ class EchoSuppressor:
         self._run = 0  # user frames in a row
         self._weak_run = 0  # frames in a row over the echo estimate, short of the user's
         self._credit = 0  # see `onset_credit_ms`
+        self._episode = _QUICK_EPISODE + 1  # frames since the user's frames began anew
         self.excess_db = 0.0  # the last frame's microphone over its typical echo (dB)
         self.delay_ms: float | None = None  # the trusted echo delay, if any
         self.correlation = 0.0  # its envelope correlation
@@ -338,6 +339,8 @@ class EchoSuppressor:
         # Onset credit: the frames just before a run of the user's that stood over the
         # typical echo, but not out of the cautious estimate, were most likely the
         # word's attack (the first user frame comes a median 80 ms after the onset).
+        fresh = self._since_user >= _EPISODE_GAP  # the user's first frame in a while
+        self._episode = 0 if user and fresh else self._episode + 1
         doubt = self._candidate is not None or self._since_move < self._lags
         if doubt:
             # Not while the delay is in doubt: for up to a second after a move the echo
@@ -345,7 +348,6 @@ class EchoSuppressor:
             self._credit = 0
         elif user and self._run == 0:
             back = min(self._weak_run, _CREDIT_MAX)
-            fresh = self._since_user >= _EPISODE_GAP
             self._credit = back if fresh else max(self._credit, back)
         elif not user and self._since_user >= _EPISODE_GAP:
             self._credit = 0
@@ -526,8 +528,10 @@ class EchoSuppressor:
             if moved:
                 self._since_move = self._hist  # settled
             self.delay_ms = float(new_ms)
-        if self.delay_ms is None or moved or self._since_user > _QUICK_AFTER_USER:
-            return  # while the echo is predicted well, nothing passes as the user's
+        if self.delay_ms is None or moved or self._episode > _QUICK_EPISODE:
+            # A moved echo shows as frames passing as the user's after a quiet spell;
+            # otherwise (or a second into such a spell of theirs) the check is skipped.
+            return
         # Quick check: the echo can move (a client's playout stalled, or its reference was
         # laid elsewhere), and the whole window takes 1.5-2 s to follow while the echo
         # passes as the user at the old lag. If the newest half second alone fits another
