@@ -497,11 +497,12 @@ class EchoSuppressor:
                   axis=0, out=run[1:])  # fmt: skip
         mask = np.lib.stride_tricks.sliding_window_view(on, w)[::-1][:lags]  # (lags, w)
         windows = np.lib.stride_tricks.sliding_window_view(ref, w, axis=0)[::-1][:lags]
-        # The window's newest `ws` frames apart (the same work, split): the quick check
-        # below looks at them alone.
-        old, new = slice(0, w - ws), slice(w - ws, w)
+        # A moved echo shows as frames passing as the user's after a quiet spell: in the
+        # first second of such a spell the quick check below runs too, on the window's
+        # newest `ws` frames apart (the same work, split).
+        quick = not moved and self._episode <= _QUICK_EPISODE
         parts = []
-        for part in (old, new):
+        for part in (slice(0, w - ws), slice(w - ws, w)) if quick else (slice(0, w),):
             m = mic[part]
             parts.append(
                 (
@@ -510,8 +511,8 @@ class EchoSuppressor:
                     np.einsum("wb,lbw->lb", m, windows[:, :, part]),
                 )
             )
-        recent = tuple(parts[1])
-        whole = tuple(a + b for a, b in zip(parts[0], parts[1], strict=True))
+        recent = parts[-1]
+        whole = tuple(sum(sums) for sums in zip(*parts, strict=True)) if quick else parts[0]
         corr = _correlation(run, w, lags, min_frames, whole)
         best_lag = int(np.argmax(corr))
         best = float(corr[best_lag])
@@ -528,9 +529,7 @@ class EchoSuppressor:
             if moved:
                 self._since_move = self._hist  # settled
             self.delay_ms = float(new_ms)
-        if self.delay_ms is None or moved or self._episode > _QUICK_EPISODE:
-            # A moved echo shows as frames passing as the user's after a quiet spell;
-            # otherwise (or a second into such a spell of theirs) the check is skipped.
+        if self.delay_ms is None or not quick:
             return
         # Quick check: the echo can move (a client's playout stalled, or its reference was
         # laid elsewhere), and the whole window takes 1.5-2 s to follow while the echo
