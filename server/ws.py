@@ -39,7 +39,7 @@ from server.ws_input import (
     pace_message,
     receive_frame,
 )
-from server.ws_protocol import DIRECT, DirectPath
+from server.ws_protocol import DIRECT, DirectPath, delivery_pings
 
 log = logging.getLogger(__name__)
 router = APIRouter()
@@ -310,16 +310,8 @@ async def _write(
     the connection. Under `DuplexWebSocketProtocol`, every ``ack_interval_s`` a ping
     tells which written messages the client read (`DuplexSession.acknowledge`)."""
     direct: DirectPath | None = ws.scope.get("extensions", {}).get(DIRECT)
-    acks = direct.acks if direct is not None and ack_interval_s > 0 else None
-    if direct is not None:
-        direct.written = 0  # this session's seq from here (a connection may change sessions)
-    if acks is not None:
-        acks(ack_interval_s, session.acknowledge)
-    try:
+    with delivery_pings(direct, ack_interval_s, session.acknowledge):
         await _write_all(ws, session, greeting, stop_reader, stall_timeout_s, direct)
-    finally:
-        if acks is not None and direct is not None and direct.acks is not None:
-            direct.acks(0, None)  # a pong from now on acknowledges nothing of this session
 
 
 async def _write_all(

@@ -47,8 +47,9 @@ message through the ASGI interface as usual.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -146,6 +147,25 @@ class DirectPath:
     #: of what was acknowledged, and call ``on_ack(seq)`` when the client's pong shows it
     #: read every message up to ``seq``; ``acks(0, None)`` stops.
     acks: Callable[[float, Callable[[int], None] | None], None] | None = None
+
+
+@contextlib.contextmanager
+def delivery_pings(
+    direct: DirectPath | None, interval_s: float, on_ack: Callable[[int], None]
+) -> Iterator[None]:
+    """While a writer runs: count its writes from 0 (this connection's session, which a
+    connection may change) and, every ``interval_s`` (0: never), ping to learn what the
+    client read (``on_ack(seq)``); afterwards a pong acknowledges nothing of it."""
+    acks = direct.acks if direct is not None and interval_s > 0 else None
+    if direct is not None:
+        direct.written = 0
+    if acks is not None:
+        acks(interval_s, on_ack)
+    try:
+        yield
+    finally:
+        if acks is not None and direct is not None and direct.acks is not None:
+            direct.acks(0, None)
 
 
 def text_frame(payload: bytes) -> bytes:

@@ -14,6 +14,7 @@ from server.cli import uvicorn_options
 from tests.conftest import make_settings
 from tests.test_realtime_door import append as realtime_append
 from tests.test_realtime_door import connect as realtime_connect
+from tests.test_realtime_door import manual_turns
 from tests.test_realtime_door import pcm24 as realtime_pcm24
 from tests.test_realtime_door import until as realtime_until
 from tests.test_resume import Reader, drop, open_ws, tone
@@ -168,10 +169,7 @@ async def test_the_realtime_door_pings_too(server_factory):
     ping lets the session's outbox go of what the client read."""
     server = server_factory(outbox_ack_interval_s=ACK_S)
     async with realtime_connect(server) as conn:
-        await conn.session.update(
-            session={"type": "realtime", "audio": {"input": {"turn_detection": None}}}
-        )
-        await realtime_until(conn, "session.updated", stop_on_error=True)
+        await manual_turns(conn)
         await realtime_append(conn, realtime_pcm24("Thursday works better for me."))
         await conn.input_audio_buffer.commit()
         await realtime_until(conn, "conversation.item.done", stop_on_error=True)

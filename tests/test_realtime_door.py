@@ -282,12 +282,17 @@ async def test_spoken_turn_with_server_vad(live_server):
     assert events[-1].response.status == "completed"
 
 
+async def manual_turns(conn: Any) -> None:
+    """Turn detection off: the client commits its audio turns itself."""
+    await conn.session.update(
+        session={"type": "realtime", "audio": {"input": {"turn_detection": None}}}
+    )
+    await until(conn, "session.updated", stop_on_error=True)
+
+
 async def test_manual_commit_clear_and_response_create(live_server):
     async with connect(live_server) as conn:
-        await conn.session.update(
-            session={"type": "realtime", "audio": {"input": {"turn_detection": None}}}
-        )
-        await until(conn, "session.updated", stop_on_error=True)
+        await manual_turns(conn)
         await append(conn, pcm24("Seven thirty would be perfect."))
         await conn.input_audio_buffer.clear()
         assert types(await until(conn, "input_audio_buffer.cleared")) == [
@@ -431,10 +436,7 @@ async def test_function_call_round_trip(server_factory):
 async def test_response_cancel(server_factory):
     server = server_factory(echo_pace=1.0)
     async with connect(server) as conn:
-        await conn.session.update(
-            session={"type": "realtime", "audio": {"input": {"turn_detection": None}}}
-        )
-        await until(conn, "session.updated", stop_on_error=True)
+        await manual_turns(conn)
         await append(conn, pcm24("Send the report to the whole team.") + silence24(2000))
         await conn.input_audio_buffer.commit()
         await conn.response.create()

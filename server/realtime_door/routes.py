@@ -38,7 +38,7 @@ from server.ws_input import (
     pace_message,
     receive_frame,
 )
-from server.ws_protocol import DIRECT, DirectPath
+from server.ws_protocol import DIRECT, DirectPath, delivery_pings
 
 router = APIRouter()
 
@@ -330,16 +330,8 @@ async def _write(
     ``ack_interval_s`` a delivery ping tells which written messages the client read
     (`DuplexSession.acknowledge`), as on /v1/duplex."""
     direct: DirectPath | None = ws.scope.get("extensions", {}).get(DIRECT)
-    acks = direct.acks if direct is not None and ack_interval_s > 0 else None
-    if direct is not None:
-        direct.written = 0
-    if acks is not None:
-        acks(ack_interval_s, session.acknowledge)
-    try:
+    with delivery_pings(direct, ack_interval_s, session.acknowledge):
         await _write_all(ws, session, bridge, reader, direct, stall_timeout_s)
-    finally:
-        if acks is not None and direct is not None and direct.acks is not None:
-            direct.acks(0, None)
 
 
 async def _write_all(
