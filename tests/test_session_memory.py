@@ -178,3 +178,15 @@ async def test_the_memory_store_keeps_a_message_in_little_more_than_its_text():
     loaded[-1].metadata["x"] = 1
     again = await store.load_messages("sess_mem")
     assert again[0].metadata == {} and again[-1].metadata == {"call_id": "c1"}
+
+
+async def test_the_memory_store_keeps_every_field_of_a_message():
+    """The in-memory store keeps a message as a tuple of its fields' values: a field
+    added to `Message` must be added there too, or it would be lost."""
+    store = MemoryStore(ttl_s=60, max_sessions=10, max_messages=10)
+    await store.create_session(SessionRecord(id="s", tenant="t"))
+    sent = Message(role="user", content="hi", metadata={"k": [1]})
+    await store.append_messages("s", [sent])
+    (got,) = await store.load_messages("s")
+    assert got.model_dump() == sent.model_dump()
+    assert set(Message.model_fields) == {"id", "role", "content", "created_at", "metadata"}
