@@ -12,6 +12,8 @@ from av.error import BlockingIOError as _AvAgain
 from av.error import EOFError as _AvEOF
 from av.filter import Graph
 
+from media.resample import StreamResampler
+
 _LAYOUTS = {1: "mono", 2: "stereo"}
 #: At most this much audio per filter-graph frame: the graph keeps buffers sized for the
 #: largest frame it was given, for as long as it lives.
@@ -97,12 +99,7 @@ class PyavResampler:
         graph.configure()
         self._graph = graph
 
-    def push(self, pcm: np.ndarray) -> np.ndarray:
-        """Convert int16 interleaved samples; returns what is ready (int16 interleaved)."""
-        if pcm.dtype != np.int16:
-            raise ValueError(f"expected int16 PCM, got {pcm.dtype}")
-        data = memoryview(np.ascontiguousarray(pcm)).cast("B")
-        return np.frombuffer(self.push_bytes(data), dtype=np.int16)
+    push = StreamResampler.push  # the same array wrapper around `push_bytes`
 
     def push_bytes(self, data: bytes | bytearray | memoryview) -> bytes:
         """Like :meth:`push` on raw s16le bytes (saves array round-trips on the ingest path)."""
